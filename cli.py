@@ -1,0 +1,166 @@
+"""Photo-identification of individual animals: match new photos against a labelled gallery.
+
+  python cli.py train-siamese --catalog gallery.csv --out runs/r1   build (and train) a run folder
+  python cli.py match photos/ --run runs/r1 --out predictions.csv   top-5 IDs or new_individual
+  python cli.py evaluate --catalog labelled.csv --run runs/r1       MAP@5, top-1, top-5, new-individual P/R
+  python cli.py demo                                                the whole path on a built-in sample
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from engine.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__,
+                  context_settings={"help_option_names": ["-h", "--help"]}, pretty_exceptions_enable=False)
+log = logging.getLogger("cli")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(message)s",
+                        stream=sys.stderr, force=True)
+    for noisy in ("PIL", "h5py", "timm", "matplotlib", "faiss", "faiss.loader"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def user_errors(fn):
+    """A user's mistake ends in one sentence on stderr and exit code 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
+        except KeyboardInterrupt:
+            typer.echo("interrupted: completed steps are saved in the run folder", err=True)
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+CatalogOpt = Annotated[Path, typer.Option("--catalog", help="CSV with columns image,individual_id "
+                                          "(optional: viewpoint, bbox x,y,w,h, species).")]
+ImagesOpt = Annotated[Optional[Path], typer.Option("--images", help="Folder the catalog's image paths are "
+                                                   "relative to. Default: the catalog's own folder.")]
+RunOpt = Annotated[Path, typer.Option("--run", help="Run folder made by train-siamese.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise UserError(f"--input-size {text!r} is not HEIGHTxWIDTH, e.g. 224x224") from None
+    if not (32 <= h <= 2048 and 32 <= w <= 2048):
+        raise UserError(f"--input-size {text!r}: each side must be 32 to 2048 pixels")
+    return h, w
+
+
+@app.command("train-siamese")
+@user_errors
+def train_siamese_cmd(
+    catalog: CatalogOpt,
+    out: Annotated[Path, typer.Option("--out", help="Run folder to create (or resume).")],
+    images: ImagesOpt = None,
+    backbone: Annotated[str, typer.Option(help="timm backbone name.")] = "mobilenetv2_100",
+    weights: Annotated[Optional[Path], typer.Option(help="Local backbone weights file (default: the bundled "
+                                                    "ImageNet mobilenetv2_100).")] = None,
+    input_size: Annotated[str, typer.Option(help="Network input HEIGHTxWIDTH in pixels.")] = "224x224",
+    epochs: Annotated[int, typer.Option(min=0, help="Training epochs; 0 = pretrained retrieval only.")] = 0,
+    max_minutes: Annotated[Optional[float], typer.Option(help="Stop training after this many minutes.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for splits, mining and initialisation.")] = 0,
+    batch_size: Annotated[int, typer.Option(min=2, help="Images per training/embedding batch.")] = 32,
+    resume: Annotated[bool, typer.Option(help="Continue from the run folder's last checkpoint.")] = False,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False,
+):
+    """Build a run folder from a labelled catalog: the network, the gallery embeddings, the settings."""
+    _setup_logging(verbose)
+    from siamese.model import ModelConfig
+    from siamese.train import TrainConfig, train_siamese
+
+    cfg = TrainConfig(model=ModelConfig(backbone=backbone, weights=str(weights) if weights else None,
+                                        input_size=_parse_size(input_size)),
+                      epochs=epochs, max_minutes=max_minutes, seed=seed, batch_size=batch_size, threads=threads)
+    s = train_siamese(catalog, out, cfg, images, resume=resume, progress=not quiet)
+    skipped = f", {len(s['skipped'])} unreadable photo(s) skipped" if s["skipped"] else ""
+    typer.echo(f"run {out}: {s['epochs_trained']} epoch(s) trained, gallery {s['gallery_photos']} photos of "
+               f"{s['gallery_individuals']} individuals{skipped}, {s['seconds']:.0f} s")
+
+
+@app.command()
+@user_errors
+def match(
+    test_dir: Annotated[Path, typer.Argument(help="Folder of new photos (searched recursively).")],
+    run: RunOpt,
+    out: Annotated[Path, typer.Option("--out", help="Predictions CSV to write (image,predictions); a JSON "
+                                      "with the same stem gets the per-candidate evidence.")],
+    queries: Annotated[Optional[Path], typer.Option(help="CSV image,viewpoint (paths relative to TEST_DIR): "
+                                                    "compare each photo only with gallery photos of its "
+                                                    "viewpoint.")] = None,
+    shortlist: Annotated[int, typer.Option(min=1, help="Gallery photos proposed per query by the embedding.")] = 50,
+    tau: Annotated[Optional[float], typer.Option(help="new_individual threshold (default: the calibrated "
+                                                 "one).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False,
+):
+    """Rank the known individuals for every photo in TEST_DIR and write the top-5 of each."""
+    _setup_logging(verbose)
+    from engine.matching import run_match
+
+    s = run_match(test_dir, run, out, queries_csv=queries, shortlist=shortlist, tau=tau, threads=threads,
+                  progress=not quiet)
+    typer.echo(s)
+
+
+@app.command()
+@user_errors
+def evaluate(
+    catalog: CatalogOpt, run: RunOpt, images: ImagesOpt = None,
+    shortlist: Annotated[int, typer.Option(min=1, help="Gallery photos proposed per query.")] = 50,
+    tau: Annotated[Optional[float], typer.Option(help="new_individual threshold (default: calibrated).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False,
+):
+    """Score the engine on labelled queries: MAP@5, top-1, top-5, new-individual precision/recall/F1.
+
+    A query whose individual is not in the run's gallery counts as `new_individual`. A query photo
+    that is itself in the gallery is never matched with itself.
+    """
+    _setup_logging(verbose)
+    from engine.matching import run_evaluate
+
+    typer.echo(run_evaluate(catalog, run, images, shortlist=shortlist, tau=tau, threads=threads,
+                            progress=not quiet))
+
+
+@app.command()
+@user_errors
+def demo(
+    catalog: Annotated[Optional[Path], typer.Option(help="Run on your own labelled photos instead of the "
+                                                    "built-in synthetic sample.")] = None,
+    images: ImagesOpt = None,
+    out: Annotated[Path, typer.Option(help="Folder for the sample, the run and the outputs.")] = Path("demo_output"),
+    seed: Annotated[int, typer.Option(help="Seed of the sample and the split.")] = 0,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False,
+):
+    """Run the whole path on a sample: split it open-set, build a run, match held-out photos, score."""
+    _setup_logging(verbose)
+    from engine.demo import run_demo
+
+    typer.echo(run_demo(out, catalog, images, seed=seed, threads=threads, progress=not quiet))
+
+
+if __name__ == "__main__":
+    app()

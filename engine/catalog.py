@@ -1,0 +1,129 @@
+"""The catalog CSV: `image,individual_id` plus optional `species`, `viewpoint`, `bbox`.
+
+`image` is a path relative to the images folder (default: the CSV's own folder). `bbox` is
+`x,y,w,h` in pixels and crops the photo before anything else. Other columns are kept and ignored.
+Every problem is reported with the file and line it comes from.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.errors import UserError
+
+log = logging.getLogger(__name__)
+
+REQUIRED = ("image", "individual_id")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+@dataclass(frozen=True)
+class Record:
+    image: str  # as written in the CSV
+    path: Path  # resolved file
+    individual_id: str | None  # None for unlabelled queries
+    viewpoint: str | None = None
+    bbox: tuple[int, int, int, int] | None = None
+    line: int = 0  # 1-based line in the CSV (the header is line 1)
+
+
+@dataclass
+class Catalog:
+    source: Path | None
+    records: list[Record] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def ids(self) -> list[str]:
+        return [r.individual_id for r in self.records]
+
+    @property
+    def has_viewpoint(self) -> bool:
+        return any(r.viewpoint for r in self.records)
+
+    def individuals(self) -> list[str]:
+        return sorted({r.individual_id for r in self.records if r.individual_id is not None})
+
+    def summary(self) -> str:
+        n_ind = len(self.individuals())
+        return f"{len(self.records)} photos of {n_ind} individuals"
+
+
+def _parse_bbox(text: str, where: str) -> tuple[int, int, int, int] | None:
+    text = text.strip().strip('"').strip("[]()")
+    if not text:
+        return None
+    parts = [p for p in text.replace(";", ",").replace(" ", ",").split(",") if p]
+    try:
+        x, y, w, h = (int(round(float(p))) for p in parts)
+    except ValueError:
+        raise UserError(f"{where}: bbox {text!r} is not four numbers x,y,w,h") from None
+    if w <= 0 or h <= 0 or x < 0 or y < 0:
+        raise UserError(f"{where}: bbox {text!r} needs x,y >= 0 and w,h > 0")
+    return x, y, w, h
+
+
+def load_catalog(csv_path: Path, images_dir: Path | None = None, require_labels: bool = True,
+                 check_files: bool = True) -> Catalog:
+    """Read and validate a catalog. Raises UserError naming the file and line of the first problem."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise UserError(f"catalog {csv_path} does not exist")
+    root = Path(images_dir) if images_dir is not None else csv_path.parent
+    if not root.is_dir():
+        raise UserError(f"images folder {root} does not exist")
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            rows = list(reader)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{csv_path}: not a UTF-8 text CSV ({e.reason})") from None
+    except csv.Error as e:
+        raise UserError(f"{csv_path}: malformed CSV ({e})") from None
+    required = REQUIRED if require_labels else ("image",)
+    missing = [c for c in required if c not in columns]
+    if missing:
+        found = ", ".join(columns) if columns else "none (empty file?)"
+        raise UserError(f"{csv_path}: missing column(s) {', '.join(missing)}; columns found: {found}")
+    if not rows:
+        raise UserError(f"{csv_path}: no rows after the header")
+    records = []
+    for k, raw in enumerate(rows):
+        row = {(key or "").strip(): (val or "").strip() if isinstance(val, str) else "" for key, val in raw.items()}
+        line = k + 2
+        where = f"{csv_path}:{line}"
+        image = row.get("image", "")
+        if not image:
+            raise UserError(f"{where}: empty image path")
+        ind = row.get("individual_id", "") or None
+        if require_labels and ind is None:
+            raise UserError(f"{where}: empty individual_id for image {image}")
+        path = root / image
+        if check_files and not path.is_file():
+            raise UserError(f"{where}: image {image} not found (looked for {path})")
+        records.append(Record(image=image, path=path, individual_id=ind,
+                              viewpoint=row.get("viewpoint") or None,
+                              bbox=_parse_bbox(row.get("bbox", ""), where), line=line))
+    dup = [img for img, n in Counter(r.image for r in records).items() if n > 1]
+    if dup:
+        raise UserError(f"{csv_path}: image {dup[0]} is listed more than once "
+                        f"({len(dup)} duplicated path(s)); one row per photo")
+    return Catalog(source=csv_path, records=records)
+
+
+def catalog_from_folder(folder: Path) -> Catalog:
+    """Unlabelled queries: every image file below `folder` (sorted, recursive)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"test folder {folder} does not exist")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise UserError(f"test folder {folder} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return Catalog(source=None, records=[Record(image=p.relative_to(folder).as_posix(), path=p,
+                                                individual_id=None) for p in files])

@@ -1,0 +1,70 @@
+"""The gallery of a run: its photos, their individual IDs and viewpoints, and their embeddings.
+
+Stored in `gallery.h5` in gallery order so a run folder carries its gallery to another machine.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from engine.catalog import Record
+from engine.errors import UserError
+
+_STR = h5py.string_dtype("utf-8")
+
+
+@dataclass
+class Gallery:
+    paths: list[str]  # resolved file paths
+    ids: list[str]
+    viewpoints: list[str]  # "" where unknown
+    bboxes: np.ndarray  # (n, 4) int, -1 where none
+    embeddings: np.ndarray  # (n, D) float32, L2-normalised
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @classmethod
+    def from_records(cls, records: list[Record], embeddings: np.ndarray) -> "Gallery":
+        return cls(paths=[str(Path(r.path).resolve()) for r in records],
+                   ids=[str(r.individual_id) for r in records],
+                   viewpoints=[r.viewpoint or "" for r in records],
+                   bboxes=np.array([r.bbox or (-1, -1, -1, -1) for r in records], dtype=np.int64).reshape(-1, 4),
+                   embeddings=np.asarray(embeddings, dtype=np.float32))
+
+    def record(self, i: int) -> Record:
+        bbox = tuple(int(v) for v in self.bboxes[i]) if self.bboxes[i][0] >= 0 else None
+        return Record(image=self.paths[i], path=Path(self.paths[i]), individual_id=self.ids[i],
+                      viewpoint=self.viewpoints[i] or None, bbox=bbox)
+
+    def records(self) -> list[Record]:
+        return [self.record(i) for i in range(len(self))]
+
+    def extend(self, other: "Gallery") -> "Gallery":
+        return Gallery(self.paths + other.paths, self.ids + other.ids, self.viewpoints + other.viewpoints,
+                       np.concatenate([self.bboxes, other.bboxes]),
+                       np.concatenate([self.embeddings, other.embeddings]))
+
+    def save(self, path: Path) -> None:
+        path = Path(path)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("embeddings", data=self.embeddings)
+            f.create_dataset("bboxes", data=self.bboxes)
+            for name in ("paths", "ids", "viewpoints"):
+                f.create_dataset(name, data=np.array(getattr(self, name), dtype=object), dtype=_STR)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> "Gallery":
+        if not Path(path).is_file():
+            raise UserError(f"{path} not found: the run folder has no gallery (run `cli.py train-siamese`)")
+        with h5py.File(path, "r") as f:
+            return cls(paths=[s.decode() if isinstance(s, bytes) else s for s in f["paths"][()]],
+                       ids=[s.decode() if isinstance(s, bytes) else s for s in f["ids"][()]],
+                       viewpoints=[s.decode() if isinstance(s, bytes) else s for s in f["viewpoints"][()]],
+                       bboxes=f["bboxes"][()], embeddings=f["embeddings"][()])

@@ -1,0 +1,82 @@
+"""The match and evaluate commands: read the inputs, run the engine, write the outputs, summarise."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from engine.catalog import Record, catalog_from_folder, load_catalog
+from engine.errors import UserError
+from engine.metrics import NEW_INDIVIDUAL, score_predictions
+from engine.pipeline import Engine, MatchConfig, QueryResult, write_predictions
+from engine.runtime import set_threads
+
+METRIC_ROWS = (("MAP@5", "map5"), ("top-1", "top1"), ("top-5", "top5"), ("known top-1", "known_top1"),
+               ("new precision", "new_precision"), ("new recall", "new_recall"), ("new F1", "new_f1"))
+
+
+def query_records(test_dir: Path, queries_csv: Path | None) -> list[Record]:
+    if queries_csv is None:
+        return catalog_from_folder(test_dir).records
+    if not Path(test_dir).is_dir():
+        raise UserError(f"test folder {test_dir} does not exist")
+    return load_catalog(queries_csv, test_dir, require_labels=False).records
+
+
+def match_records(engine: Engine, records: list[Record], cfg: MatchConfig, progress: bool):
+    emb = engine.embed(records, cfg, progress)
+    if len(emb.ok) == 0:
+        raise UserError(f"none of the {len(records)} query photos could be read (first: {emb.skipped[0][1]})")
+    return engine.score(records, emb, cfg), emb
+
+
+def _skipped_note(emb) -> str:
+    return f", {len(emb.skipped)} unreadable photo(s) skipped" if emb.skipped else ""
+
+
+def run_match(test_dir: Path, run: Path, out: Path, queries_csv: Path | None = None, shortlist: int = 50,
+              tau: float | None = None, threads: int | None = None, progress: bool = True) -> str:
+    t0 = time.perf_counter()
+    set_threads(threads)
+    records = query_records(test_dir, queries_csv)
+    engine = Engine.load(run)
+    cfg = MatchConfig(shortlist=shortlist, tau=tau)
+    results, emb = match_records(engine, records, cfg, progress)
+    json_path = write_predictions(results, out, {"run": str(run), "tau": engine.tau(cfg),
+                                                 "skipped": [{"image": r.image, "reason": m} for r, m in emb.skipped]})
+    n_new = sum(1 for r in results if r.predictions[:1] == [NEW_INDIVIDUAL])
+    dt = time.perf_counter() - t0
+    return (f"matched {len(results)} photos ({n_new} new_individual first{_skipped_note(emb)}) in {dt:.1f} s "
+            f"-> {out}, {json_path}")
+
+
+def format_metrics(rows: dict[str, dict]) -> str:
+    """A table with one column per method (e.g. {"embedding": metrics, "fused": metrics})."""
+    names = list(rows)
+    width = max(12, *(len(n) + 2 for n in names))
+    lines = ["metric".ljust(14) + "".join(n.rjust(width) for n in names)]
+    for label, key in METRIC_ROWS:
+        lines.append(label.ljust(14) + "".join(f"{rows[n][key]:.3f}".rjust(width) for n in names))
+    return "\n".join(lines)
+
+
+def evaluate_results(results: list[QueryResult], truth: dict[str, str]) -> dict:
+    return score_predictions(truth, {r.name: r.predictions for r in results})
+
+
+def run_evaluate(catalog_csv: Path, run: Path, images: Path | None = None, shortlist: int = 50,
+                 tau: float | None = None, threads: int | None = None, progress: bool = True) -> str:
+    t0 = time.perf_counter()
+    set_threads(threads)
+    catalog = load_catalog(catalog_csv, images)
+    engine = Engine.load(run)
+    known = set(engine.gallery.ids)
+    truth = {r.image: (r.individual_id if r.individual_id in known else NEW_INDIVIDUAL) for r in catalog.records}
+    cfg = MatchConfig(shortlist=shortlist, tau=tau)
+    results, emb = match_records(engine, catalog.records, cfg, progress)
+    metrics = evaluate_results(results, truth)
+    engine.run.update_metrics("evaluate", {"catalog": str(catalog_csv), "tau": engine.tau(cfg), **metrics})
+    n_new = sum(1 for t in truth.values() if t == NEW_INDIVIDUAL)
+    dt = time.perf_counter() - t0
+    return (format_metrics({"engine": metrics}) +
+            f"\nevaluated {len(truth)} labelled photos ({n_new} of individuals absent from the gallery"
+            f"{_skipped_note(emb)}) in {dt:.1f} s; figures saved in {engine.run.metrics_path}")

@@ -1,0 +1,74 @@
+"""Scoring of predictions: MAP@5 as in the Kaggle humpback/Happywhale competitions, top-k,
+new-individual precision/recall/F1, and ROC AUC for pair classifiers."""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+NEW_INDIVIDUAL = "new_individual"
+
+
+def average_precision_at_5(truth: str, predictions: Sequence[str]) -> float:
+    """1/rank of the true ID within the first five predictions, 0 if absent."""
+    top = list(predictions)[:5]
+    return 1.0 / (top.index(truth) + 1) if truth in top else 0.0
+
+
+def score_predictions(truth: Mapping[str, str], predictions: Mapping[str, Sequence[str]]) -> dict:
+    """Same figures as ../shared/protocol/score.py. A query with no prediction counts as wrong."""
+    n = len(truth)
+    if n == 0:
+        raise ValueError("no labelled queries to score")
+    ap = top1 = top5 = 0.0
+    tp = fp = fn = 0
+    missing = 0
+    known = known_top1 = 0
+    for image, tid in truth.items():
+        pred = predictions.get(image)
+        if pred is None:
+            missing += 1
+            pred = []
+        pred = list(pred)[:5]
+        ap += average_precision_at_5(tid, pred)
+        top5 += tid in pred
+        top1 += bool(pred) and pred[0] == tid
+        said_new = bool(pred) and pred[0] == NEW_INDIVIDUAL
+        if tid == NEW_INDIVIDUAL:
+            tp += said_new
+            fn += not said_new
+        else:
+            fp += said_new
+            known += 1
+            known_top1 += bool(pred) and pred[0] == tid
+    prec = tp / (tp + fp) if tp + fp else 0.0
+    rec = tp / (tp + fn) if tp + fn else 0.0
+    return {
+        "queries": n,
+        "missing": missing,
+        "map5": ap / n,
+        "top1": top1 / n,
+        "top5": top5 / n,
+        "known_top1": known_top1 / known if known else 0.0,
+        "new_precision": prec,
+        "new_recall": rec,
+        "new_f1": 2 * prec * rec / (prec + rec) if prec + rec else 0.0,
+        "new_share_truth": (tp + fn) / n,
+    }
+
+
+def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> float:
+    """Area under the ROC curve (Mann-Whitney U with average ranks for ties)."""
+    y = np.asarray(labels, dtype=bool)
+    s = np.asarray(scores, dtype=np.float64)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("AUC needs both positive and negative pairs")
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s), dtype=np.float64)
+    sorted_s = s[order]
+    # average ranks over ties so that a constant score gets AUC 0.5
+    _, first, counts = np.unique(sorted_s, return_index=True, return_counts=True)
+    avg = first + (counts - 1) / 2.0 + 1.0
+    ranks[order] = np.repeat(avg, counts)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))

@@ -1,0 +1,97 @@
+"""The run folder: everything one trained engine needs, so it can be copied to another machine.
+
+  config.json       resolved settings, package versions, seed, format version
+  siamese.pt        backbone + pair head weights
+  gallery.h5        gallery embeddings (matrix in gallery order) with image paths, IDs, viewpoints
+  heldout.json      individuals held out of Siamese training (calibration data)
+  verifier.json     XGBoost validator            calibration.json  calibrators, fusion, tau
+  metrics.json      figures of the last train/evaluate
+  cache/            per-image HDF5 caches (embeddings, keypoints), reused across runs
+Every file is written to a temporary name and renamed, so a killed command never leaves half a file.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+from engine.errors import UserError
+
+FORMAT_VERSION = 1
+_PACKAGES = ("torch", "timm", "faiss-cpu", "faiss-gpu", "opencv-contrib-python-headless", "xgboost",
+             "xgboost-cpu", "numpy", "lap", "h5py")
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode("utf-8"))
+
+
+def read_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+class RunFolder:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    config_path = property(lambda self: self.path / "config.json")
+    weights_path = property(lambda self: self.path / "siamese.pt")
+    gallery_path = property(lambda self: self.path / "gallery.h5")
+    heldout_path = property(lambda self: self.path / "heldout.json")
+    verifier_path = property(lambda self: self.path / "verifier.json")
+    calibration_path = property(lambda self: self.path / "calibration.json")
+    metrics_path = property(lambda self: self.path / "metrics.json")
+    checkpoint_path = property(lambda self: self.path / "checkpoint.pt")
+    cache_dir = property(lambda self: self.path / "cache")
+
+    def create(self, config: dict) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.write_config(config)
+
+    def write_config(self, config: dict) -> None:
+        full = {"format_version": FORMAT_VERSION, "versions": package_versions(), **config}
+        atomic_write_json(self.config_path, full)
+
+    def config(self) -> dict:
+        """Read config.json, refusing run folders this engine cannot read."""
+        if not self.path.is_dir():
+            raise UserError(f"run folder {self.path} does not exist (make one with `cli.py train-siamese`)")
+        if not self.config_path.is_file():
+            raise UserError(f"{self.path} is not a run folder: no config.json (make one with `cli.py train-siamese`)")
+        cfg = read_json(self.config_path)
+        version = cfg.get("format_version") if isinstance(cfg, dict) else None
+        if version != FORMAT_VERSION:
+            raise UserError(f"run folder {self.path} has format version {version}, this engine reads version "
+                            f"{FORMAT_VERSION}: rebuild it with `cli.py train-siamese`")
+        return cfg
+
+    def update_metrics(self, section: str, values: dict) -> None:
+        metrics = read_json(self.metrics_path) if self.metrics_path.exists() else {}
+        metrics[section] = values
+        atomic_write_json(self.metrics_path, metrics)

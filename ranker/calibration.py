@@ -1,0 +1,255 @@
+"""Score calibrators: map one stage's raw score (cosine, pair-head probability, validator
+probability) to P(same individual), monotone non-decreasing and in [0, 1].
+
+NaN means "this stage did not run for this pair" (e.g. keypoints only verify the top-V): it is
+dropped when fitting and passed through as NaN by `predict`, so that fusion decides what a missing
+stage means instead of a calibrator silently inventing a probability.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from scipy.special import expit
+
+from engine.metrics import roc_auc
+
+log = logging.getLogger(__name__)
+
+
+class Calibrator(Protocol):
+    kind: str
+
+    def fit(self, scores, labels) -> "Calibrator": ...
+    def predict(self, scores) -> np.ndarray: ...
+    def to_dict(self) -> dict: ...
+
+
+def _finite_pairs(scores, labels) -> tuple[np.ndarray, np.ndarray]:
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    y = np.asarray(labels, dtype=np.float64).ravel()
+    if s.shape != y.shape:
+        raise ValueError(f"scores and labels differ in length: {s.size} vs {y.size}")
+    if np.any((y != 0) & (y != 1)):
+        raise ValueError("labels must be 0 or 1")
+    keep = ~np.isnan(s)
+    if np.any(np.isinf(s[keep])):
+        raise ValueError("scores must be finite or NaN (NaN = stage not run)")
+    if not keep.any():
+        raise ValueError("no non-NaN score to fit a calibrator on")
+    return s[keep], y[keep]
+
+
+def write_json_atomic(path: str | os.PathLike, obj: dict) -> None:
+    # Written to a temporary name then renamed, so a killed run never leaves half a file.
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def pool_adjacent_violators(y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Weighted least-squares non-decreasing fit of `y` (already ordered by x).
+
+    Returns (block_start, block_end_exclusive, block_value): the fitted sequence is constant
+    on each block."""
+    starts: list[int] = []
+    ends: list[int] = []
+    vals: list[float] = []
+    wts: list[float] = []
+    for i in range(len(y)):
+        starts.append(i)
+        ends.append(i + 1)
+        vals.append(float(y[i]))
+        wts.append(float(w[i]))
+        # merge backwards while the last two blocks violate monotonicity
+        while len(vals) > 1 and vals[-2] > vals[-1]:
+            wsum = wts[-2] + wts[-1]
+            vals[-2] = (vals[-2] * wts[-2] + vals[-1] * wts[-1]) / wsum
+            wts[-2] = wsum
+            ends[-2] = ends[-1]
+            del starts[-1], ends[-1], vals[-1], wts[-1]
+    return np.array(starts), np.array(ends), np.array(vals)
+
+
+class IsotonicCalibrator:
+    """Isotonic regression (pool-adjacent-violators); predicts by linear interpolation between
+    the fitted steps, constant beyond the fitted range."""
+
+    kind = "isotonic"
+
+    def __init__(self) -> None:
+        self.x_: np.ndarray | None = None
+        self.y_: np.ndarray | None = None
+
+    def fit(self, scores, labels) -> "IsotonicCalibrator":
+        s, y = _finite_pairs(scores, labels)
+        # Equal scores must get one value: pool them first (mean label, weight = count).
+        ux, inv, counts = np.unique(s, return_inverse=True, return_counts=True)
+        ymean = np.bincount(inv, weights=y) / counts
+        starts, ends, vals = pool_adjacent_violators(ymean, counts.astype(np.float64))
+        # Keep both ends of every block: interpolation then rises only between blocks.
+        xs, ys = [], []
+        for a, b, v in zip(starts, ends, vals):
+            xs.append(ux[a])
+            ys.append(v)
+            if b - 1 > a:
+                xs.append(ux[b - 1])
+                ys.append(v)
+        self.x_ = np.asarray(xs, dtype=np.float64)
+        self.y_ = np.clip(np.asarray(ys, dtype=np.float64), 0.0, 1.0)
+        return self
+
+    def predict(self, scores) -> np.ndarray:
+        if self.x_ is None:
+            raise RuntimeError("IsotonicCalibrator is not fitted")
+        s = np.asarray(scores, dtype=np.float64)
+        out = np.interp(s, self.x_, self.y_)  # np.interp clamps beyond the ends
+        out = np.clip(out, 0.0, 1.0)
+        out[np.isnan(s)] = np.nan
+        return out
+
+    def to_dict(self) -> dict:
+        if self.x_ is None:
+            raise RuntimeError("IsotonicCalibrator is not fitted")
+        return {"kind": self.kind, "x": self.x_.tolist(), "y": self.y_.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "IsotonicCalibrator":
+        c = cls()
+        c.x_ = np.asarray(d["x"], dtype=np.float64)
+        c.y_ = np.asarray(d["y"], dtype=np.float64)
+        return c
+
+    def save(self, path) -> None:
+        write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path) -> "IsotonicCalibrator":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def fit_logistic(X: np.ndarray, y: np.ndarray, l2: float = 1e-3, max_iter: int = 100,
+                 tol: float = 1e-10, sample_weight: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """L2-penalised logistic regression by Newton's method (IRLS).
+
+    Minimises mean weighted log-loss + l2/2 * |w|^2 on standardised columns (the intercept is not
+    penalised), which keeps perfectly separable data finite. Returns (w, b) on the raw scale."""
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim == 1:
+        X = X[:, None]
+    y = np.asarray(y, dtype=np.float64)
+    n, k = X.shape
+    sw = np.ones(n) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    sw = sw / sw.sum()
+    mu = sw @ X
+    sd = np.sqrt(sw @ (X - mu) ** 2)
+    sd[sd < 1e-12] = 1.0  # constant column: its weight is pinned to 0 by the penalty
+    Z = np.hstack([(X - mu) / sd, np.ones((n, 1))])
+    theta = np.zeros(k + 1)
+    pbar = float(np.clip(sw @ y, 1e-6, 1 - 1e-6))
+    theta[-1] = np.log(pbar / (1 - pbar))
+    reg = np.full(k + 1, l2)
+    reg[-1] = 0.0
+
+    def loss(t):
+        z = Z @ t
+        return float(sw @ (np.logaddexp(0.0, z) - y * z) + 0.5 * np.sum(reg * t * t))
+
+    cur = loss(theta)
+    for _ in range(max_iter):
+        p = expit(Z @ theta)
+        grad = Z.T @ (sw * (p - y)) + reg * theta
+        H = (Z * (sw * p * (1 - p))[:, None]).T @ Z + np.diag(reg) + 1e-12 * np.eye(k + 1)
+        step = np.linalg.solve(H, grad)
+        # Backtracking keeps Newton monotone when the curvature is tiny (near separation).
+        t = 1.0
+        while True:
+            cand = theta - t * step
+            new = loss(cand)
+            if new <= cur + 1e-15 or t < 1e-8:
+                break
+            t *= 0.5
+        theta, prev, cur = cand, cur, new
+        if abs(prev - cur) < tol and np.max(np.abs(t * step)) < 1e-8:
+            break
+    w = theta[:k] / sd
+    b = float(theta[-1] - w @ mu)
+    return w, b
+
+
+class LogisticCalibrator:
+    """Platt scaling: P = sigmoid(a * score + b), fitted by penalised Newton.
+
+    The slope is constrained to a >= 0 so the map stays monotone non-decreasing: a stage whose
+    score falls when pairs are more alike is a bug upstream, and a calibrator that quietly
+    inverted it would hide the bug. Such a fit falls back to the base rate (a = 0) with a warning."""
+
+    kind = "logistic"
+
+    def __init__(self, l2: float = 1e-3) -> None:
+        self.l2 = l2
+        self.a: float | None = None
+        self.b: float | None = None
+
+    def fit(self, scores, labels) -> "LogisticCalibrator":
+        s, y = _finite_pairs(scores, labels)
+        w, b = fit_logistic(s, y, l2=self.l2)
+        a = float(w[0])
+        if a < 0:
+            # a slightly negative slope is noise on an uninformative stage; a strong one is a bug
+            strong = 0 < y.sum() < y.size and roc_auc(y, s) < 0.4
+            log.log(logging.WARNING if strong else logging.INFO,
+                    "logistic calibrator: score anti-correlates with labels (slope %.3g); "
+                    "using the base rate instead", a)
+            pbar = float(np.clip(y.mean(), 1e-6, 1 - 1e-6))
+            a, b = 0.0, float(np.log(pbar / (1 - pbar)))
+        self.a, self.b = a, float(b)
+        return self
+
+    def predict(self, scores) -> np.ndarray:
+        if self.a is None:
+            raise RuntimeError("LogisticCalibrator is not fitted")
+        s = np.asarray(scores, dtype=np.float64)
+        return expit(self.a * s + self.b)  # expit(NaN) is NaN
+
+    def to_dict(self) -> dict:
+        if self.a is None:
+            raise RuntimeError("LogisticCalibrator is not fitted")
+        return {"kind": self.kind, "a": self.a, "b": self.b, "l2": self.l2}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LogisticCalibrator":
+        c = cls(l2=float(d.get("l2", 1e-3)))
+        c.a, c.b = float(d["a"]), float(d["b"])
+        return c
+
+    def save(self, path) -> None:
+        write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path) -> "LogisticCalibrator":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+CALIBRATORS = {"isotonic": IsotonicCalibrator, "logistic": LogisticCalibrator}
+
+
+def make_calibrator(kind: str) -> IsotonicCalibrator | LogisticCalibrator:
+    """A fresh, unfitted calibrator of the named kind ("isotonic" or "logistic")."""
+    try:
+        return CALIBRATORS[kind]()
+    except KeyError:
+        raise ValueError(f"unknown calibrator {kind!r}; choose from {sorted(CALIBRATORS)}") from None
+
+
+def calibrator_from_dict(d: dict) -> IsotonicCalibrator | LogisticCalibrator:
+    """Rebuild a fitted calibrator from its `to_dict()`."""
+    kind = d.get("kind")
+    if kind not in CALIBRATORS:
+        raise ValueError(f"unknown calibrator kind {kind!r} in saved calibration")
+    return CALIBRATORS[kind].from_dict(d)

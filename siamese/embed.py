@@ -1,0 +1,144 @@
+"""Images -> L2-normalised embeddings, through the per-image HDF5 cache.
+
+Decoding runs in a thread pool one batch ahead of the network. On CPU the network runs in
+bf16 autocast with channels_last memory (measured here for mobilenetv2_100 at 224 px on 2 cores:
+23 -> 121 images/s); on CUDA in fp16 autocast.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from engine.cache import FeatureCache, image_key
+from engine.catalog import Record
+from engine.errors import ImageError
+from engine.images import load_image
+from siamese.model import ModelConfig, SiameseNet
+
+log = logging.getLogger(__name__)
+
+
+def preprocess(rgb: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    """HxWx3 uint8 -> 3xhxw float32 normalised, resized to the model's input size."""
+    h, w = cfg.input_size
+    interp = cv2.INTER_AREA if rgb.shape[0] > h or rgb.shape[1] > w else cv2.INTER_CUBIC
+    x = cv2.resize(rgb, (w, h), interpolation=interp).astype(np.float32) / 255.0
+    x = (x - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def model_fingerprint(model: SiameseNet) -> str:
+    """Identifies the embedding function: settings and backbone + pooling weights."""
+    h = hashlib.sha1(repr(sorted(model.config.to_dict().items())).encode())
+    for name, t in list(model.backbone.state_dict().items()) + [("gem_p", model.pool.p.detach())]:
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class EmbedResult:
+    embeddings: np.ndarray  # (n_ok, D) float32, rows in the order of `ok`
+    ok: np.ndarray  # indices into the input records that were embedded
+    skipped: list[tuple[Record, str]] = field(default_factory=list)
+    computed: int = 0  # how many were computed (not read from the cache)
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.computed / self.seconds if self.seconds > 0 else 0.0
+
+
+def _load(rec: Record, cfg: ModelConfig):
+    try:
+        return preprocess(load_image(rec.path, rec.bbox), cfg), None
+    except ImageError as e:
+        return None, str(e)
+
+
+@torch.no_grad()
+def embed_batch(model: SiameseNet, batch: np.ndarray) -> np.ndarray:
+    device = next(model.parameters()).device
+    x = torch.from_numpy(batch).to(device)
+    if device.type == "cpu":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(device):
+        e = model.embed(x)
+    return e.float().cpu().numpy()
+
+
+def embed_records(model: SiameseNet, records: Sequence[Record], cache_path: Path | None = None,
+                  batch_size: int = 32, workers: int = 2, progress: bool = True,
+                  desc: str = "embedding") -> EmbedResult:
+    """Embed every record, reading what the cache has and adding what it lacks.
+
+    A photo that cannot be decoded is skipped with a warning naming it; the others go on.
+    """
+    model.eval()
+    cache = FeatureCache(cache_path, model_fingerprint(model)) if cache_path else None
+    keys = []
+    for r in records:
+        try:
+            keys.append(image_key(r.path) + (f"|bbox={r.bbox}" if r.bbox else ""))
+        except OSError:
+            keys.append(None)
+    cached = cache.get([k for k in keys if k]) if cache else {}
+    vectors: dict[int, np.ndarray] = {i: cached[k]["embedding"] for i, k in enumerate(keys) if k in cached}
+    todo = [i for i in range(len(records)) if i not in vectors]
+    skipped: list[tuple[Record, str]] = []
+    new: dict[str, dict[str, np.ndarray]] = {}
+    t0 = time.perf_counter()
+    if todo:
+        if next(model.parameters()).device.type == "cpu":
+            model.to(memory_format=torch.channels_last)
+        batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+        bar = tqdm(total=len(todo), desc=desc, unit="img", disable=not progress, leave=False)
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            pending = [pool.map(lambda i: _load(records[i], model.config), batches[0])]
+            for bi, batch in enumerate(batches):
+                loaded = list(pending.pop())
+                if bi + 1 < len(batches):
+                    pending.append(pool.map(lambda i: _load(records[i], model.config), batches[bi + 1]))
+                good = []
+                for i, (arr, err) in zip(batch, loaded):
+                    if err is not None:
+                        log.warning("skipped %s", err)
+                        skipped.append((records[i], err))
+                    else:
+                        good.append((i, arr))
+                if good:
+                    emb = embed_batch(model, np.stack([a for _, a in good]))
+                    for (i, _), e in zip(good, emb):
+                        vectors[i] = e
+                        if keys[i]:
+                            new[keys[i]] = {"embedding": e}
+                bar.update(len(batch))
+                if cache and len(new) >= 1024:  # bounded loss if killed mid-way
+                    cache.add(new)
+                    new = {}
+        bar.close()
+        if cache and new:
+            cache.add(new)
+    seconds = time.perf_counter() - t0
+    ok = np.array(sorted(vectors), dtype=np.int64)
+    dim = model.dim
+    emb = np.stack([vectors[i] for i in ok]).astype(np.float32) if len(ok) else np.zeros((0, dim), np.float32)
+    computed = len(todo) - len(skipped)
+    return EmbedResult(emb, ok, skipped, computed, seconds)

@@ -1,0 +1,129 @@
+"""The Siamese network: one timm backbone, GeM pooling, L2-normalised embeddings, and a pair head.
+
+The pair head reads `[a*b, a+b, |a-b|, (a-b)^2]` for each embedding dimension through a small
+layer shared by all dimensions, then a linear layer over dimensions gives one logit for
+P(same individual). Each of the four features is symmetric in a and b, so the head is too.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import siamese.torchvision_schemas  # noqa: F401  must precede timm
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Named presets: the weights file, the padding the weights were trained with and their normalisation.
+BACKBONES = {
+    "mobilenetv2_100": dict(weights=str(REPO / "weights" / "mobilenetv2_100_tf1qat_from_tflite.pth"),
+                            pad_type="same", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = "mobilenetv2_100"
+    weights: str | None = None  # local file; None: the preset's file
+    input_size: tuple[int, int] = (224, 224)  # (height, width) fed to the backbone
+    mean: tuple[float, float, float] | None = None  # None: the preset's or timm's
+    std: tuple[float, float, float] | None = None
+    pad_type: str | None = None
+    gem_p: float = 3.0
+    head_hidden: int = 16
+
+    def resolved(self) -> "ModelConfig":
+        preset = BACKBONES.get(self.backbone, {})
+        weights = self.weights or preset.get("weights")
+        if weights is None:
+            raise UserError(f"backbone {self.backbone} has no bundled weights: pass --weights FILE "
+                            f"(bundled: {', '.join(BACKBONES)})")
+        pad = self.pad_type if self.pad_type is not None else preset.get("pad_type", "")
+        mean, std = self.mean or preset.get("mean"), self.std or preset.get("std")
+        if mean is None or std is None:
+            cfg = timm.create_model(self.backbone, pretrained=False, num_classes=0).pretrained_cfg
+            mean, std = mean or tuple(cfg["mean"]), std or tuple(cfg["std"])
+        return ModelConfig(self.backbone, str(weights), tuple(self.input_size), tuple(mean), tuple(std), pad,
+                           self.gem_p, self.head_hidden)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        d = dict(d)
+        for k in ("input_size", "mean", "std"):
+            if d.get(k) is not None:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+class GeM(nn.Module):
+    """Generalised-mean pooling: between average (p=1) and max (p->inf) pooling, p learned."""
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6):
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor(float(p)))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.p.clamp(min=1.0)
+        return x.float().clamp(min=self.eps).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
+
+
+class PairHead(nn.Module):
+    def __init__(self, dim: int, hidden: int = 16):
+        super().__init__()
+        self.per_feature = nn.Sequential(nn.Linear(4, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        self.over_dims = nn.Linear(dim, 1)
+        self.scale = dim ** 0.5  # unit-norm inputs have per-dimension values ~1/sqrt(dim)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        a, b = a.float() * self.scale, b.float() * self.scale
+        d = a - b
+        x = torch.stack([a * b, a + b, d.abs(), d * d], dim=-1)  # (B, D, 4)
+        return self.over_dims(self.per_feature(x).squeeze(-1)).squeeze(-1)
+
+
+class SiameseNet(nn.Module):
+    def __init__(self, config: ModelConfig, load_pretrained: bool = True):
+        super().__init__()
+        self.config = config = config.resolved()
+        try:
+            self.backbone = timm.create_model(config.backbone, pretrained=False, num_classes=0, global_pool="",
+                                              **({"pad_type": config.pad_type} if config.pad_type else {}))
+        except RuntimeError as e:  # timm's "Unknown model"
+            raise UserError(f"unknown backbone {config.backbone!r} ({e})") from None
+        if load_pretrained:
+            load_backbone_weights(self.backbone, Path(config.weights))
+        self.pool = GeM(config.gem_p)
+        self.dim = self.backbone.num_features
+        self.head = PairHead(self.dim, config.head_hidden)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.pool(self.backbone.forward_features(x)), dim=-1)
+
+    def pair_logit(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.head(a, b)
+
+
+def load_backbone_weights(backbone: nn.Module, path: Path) -> None:
+    if not path.is_file():
+        raise UserError(f"backbone weights {path} not found")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read backbone weights {path} ({e.__class__.__name__})") from None
+    if isinstance(sd, dict) and "state_dict" in sd:
+        sd = sd["state_dict"]
+    sd = {k: v for k, v in sd.items() if not k.startswith(("classifier.", "fc.", "head.fc."))}
+    missing, unexpected = backbone.load_state_dict(sd, strict=False)
+    if missing:
+        raise UserError(f"backbone weights {path} do not fit {backbone.__class__.__name__}: "
+                        f"{len(missing)} missing keys, e.g. {missing[0]}")

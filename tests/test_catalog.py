@@ -1,0 +1,69 @@
+import pytest
+
+from engine.catalog import catalog_from_folder, load_catalog
+from engine.errors import UserError
+
+
+def write(tmp_path, text, images=("a.jpg", "b.jpg")):
+    for name in images:
+        (tmp_path / name).write_bytes(b"x")
+    p = tmp_path / "catalog.csv"
+    p.write_text(text)
+    return p
+
+
+def test_valid_catalog_with_optional_columns(tmp_path):
+    p = write(tmp_path, "image,individual_id,viewpoint,bbox,notes\na.jpg,w1,left,\"1,2,30,40\",x\nb.jpg,w2,,,\n")
+    cat = load_catalog(p)
+    assert [r.individual_id for r in cat.records] == ["w1", "w2"]
+    assert cat.records[0].viewpoint == "left" and cat.records[1].viewpoint is None
+    assert cat.records[0].bbox == (1, 2, 30, 40) and cat.records[1].bbox is None
+    assert cat.records[1].line == 3 and cat.records[0].path == tmp_path / "a.jpg"
+    assert cat.individuals() == ["w1", "w2"]
+
+
+def test_missing_column_names_the_columns_found(tmp_path):
+    p = write(tmp_path, "image,animal\na.jpg,w1\n")
+    with pytest.raises(UserError, match=r"missing column\(s\) individual_id; columns found: image, animal"):
+        load_catalog(p)
+
+
+def test_empty_individual_id_names_the_line(tmp_path):
+    p = write(tmp_path, "image,individual_id\na.jpg,w1\nb.jpg,\n")
+    with pytest.raises(UserError, match=r"catalog.csv:3: empty individual_id for image b.jpg"):
+        load_catalog(p)
+
+
+def test_missing_image_names_the_line_and_path(tmp_path):
+    p = write(tmp_path, "image,individual_id\na.jpg,w1\nnope.jpg,w2\n")
+    with pytest.raises(UserError, match=r"catalog.csv:3: image nope.jpg not found"):
+        load_catalog(p)
+
+
+def test_bad_bbox_and_duplicates(tmp_path):
+    p = write(tmp_path, "image,individual_id,bbox\na.jpg,w1,\"1,2,x,4\"\n")
+    with pytest.raises(UserError, match=r":2: bbox .* is not four numbers"):
+        load_catalog(p)
+    p = write(tmp_path, "image,individual_id\na.jpg,w1\na.jpg,w2\n")
+    with pytest.raises(UserError, match="listed more than once"):
+        load_catalog(p)
+
+
+def test_images_folder_option_and_missing_catalog(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.jpg").write_bytes(b"x")
+    p = tmp_path / "c.csv"
+    p.write_text("image,individual_id\na.jpg,w1\n")
+    assert load_catalog(p, tmp_path / "imgs").records[0].path == tmp_path / "imgs" / "a.jpg"
+    with pytest.raises(UserError, match="does not exist"):
+        load_catalog(tmp_path / "absent.csv")
+
+
+def test_query_folder(tmp_path):
+    with pytest.raises(UserError, match="has no images"):
+        catalog_from_folder(tmp_path)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.PNG").write_bytes(b"x")
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    (tmp_path / "notes.txt").write_text("x")
+    assert [r.image for r in catalog_from_folder(tmp_path).records] == ["a.jpg", "sub/b.PNG"]

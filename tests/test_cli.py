@@ -1,0 +1,167 @@
+"""The CLI end to end on the synthetic sample, including the exit-code-2 cases."""
+import csv
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+from engine.metrics import NEW_INDIVIDUAL
+from tests.conftest import ROOT
+
+runner = CliRunner()
+SIZE = "64x96"
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def run_dir(sample, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "run"
+    r = invoke("train-siamese", "--catalog", sample, "--out", out, "--epochs", 0, "--input-size", SIZE, "-q")
+    assert r.exit_code == 0, r.output
+    assert "gallery 32 photos of 8 individuals" in r.output
+    return out
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_run_folder_contents(run_dir):
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert cfg["format_version"] == 1 and cfg["train"]["seed"] == 0 and "torch" in cfg["versions"]
+    assert cfg["train"]["model"]["input_size"] == [64, 96]
+    for name in ("siamese.pt", "gallery.h5", "heldout.json", "metrics.json", "cache/embeddings.h5"):
+        assert (run_dir / name).is_file(), name
+
+
+def test_match_exact_copies_finds_their_individual(sample, run_dir, tmp_path):
+    rows = read_csv(sample)[::4]
+    test_dir = tmp_path / "new"
+    test_dir.mkdir()
+    for k, row in enumerate(rows):
+        shutil.copyfile(sample.parent / row["image"], test_dir / f"photo{k}.jpg")
+    (test_dir / "broken.jpg").write_bytes(b"\x00" * 10)
+    out = tmp_path / "pred.csv"
+    r = invoke("match", test_dir, "--run", run_dir, "--out", out, "-q")
+    assert r.exit_code == 0, r.output
+    assert "1 unreadable photo(s) skipped" in r.output
+    pred = {p["image"]: p["predictions"].split() for p in read_csv(out)}
+    assert set(pred) == {f"photo{k}.jpg" for k in range(len(rows))}
+    for k, row in enumerate(rows):
+        assert pred[f"photo{k}.jpg"][0] == row["individual_id"]
+        assert len(pred[f"photo{k}.jpg"]) == 5
+    evidence = json.loads(out.with_suffix(".json").read_text())
+    first = evidence["queries"][0]["candidates"][0]
+    assert first["embedding_score"] == pytest.approx(1.0, abs=1e-3)
+    assert evidence["skipped"][0]["image"] == "broken.jpg"
+
+
+def test_match_with_viewpoints(sample, run_dir, tmp_path):
+    rows = [r for r in read_csv(sample) if r["viewpoint"] == "right"][:3]
+    test_dir = tmp_path / "q"
+    test_dir.mkdir()
+    with open(tmp_path / "queries.csv", "w") as f:
+        f.write("image,viewpoint\n")
+        for k, row in enumerate(rows):
+            shutil.copyfile(sample.parent / row["image"], test_dir / f"{k}.jpg")
+            f.write(f"{k}.jpg,right\n")
+    out = tmp_path / "p.csv"
+    r = invoke("match", test_dir, "--run", run_dir, "--out", out, "--queries", tmp_path / "queries.csv", "-q")
+    assert r.exit_code == 0, r.output
+    ev = json.loads(out.with_suffix(".json").read_text())
+    gallery_rows = {str((sample.parent / g["image"]).resolve()): g["viewpoint"] for g in read_csv(sample)}
+    for q in ev["queries"]:
+        assert all(gallery_rows[c["gallery_image"]] == "right" for c in q["candidates"])
+
+
+def test_evaluate_open_set(sample, run_dir, tmp_path):
+    # labelled queries: two gallery individuals (their own photos are excluded from matching) and one
+    # individual the gallery has never seen
+    rows = read_csv(sample)
+    extra = tmp_path / "extra"
+    from engine.synthetic import make_dataset
+
+    new_cat = make_dataset(extra, n_individuals=1, photos_per_individual=2, seed=99, size=(96, 128))
+    lab = tmp_path / "labelled.csv"
+    with open(lab, "w") as f:
+        f.write("image,individual_id\n")
+        for row in rows[:2]:
+            f.write(f"{(sample.parent / row['image']).resolve()},{row['individual_id']}\n")
+        for row in read_csv(new_cat):
+            f.write(f"{(extra / row['image']).resolve()},brand_new\n")
+    r = invoke("evaluate", "--catalog", lab, "--run", run_dir, "-q")
+    assert r.exit_code == 0, r.output
+    assert "MAP@5" in r.output and "evaluated 4 labelled photos (2 of individuals absent" in r.output
+    metrics = json.loads((run_dir / "metrics.json").read_text())["evaluate"]
+    assert metrics["queries"] == 4 and metrics["new_share_truth"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("case", ["bad_column", "empty_id", "missing_image", "empty_test_dir",
+                                  "old_run", "no_run", "bad_size"])
+def test_bad_input_exits_2_with_one_sentence(case, sample, run_dir, tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    if case == "bad_column":
+        (tmp_path / "c.csv").write_text("photo,individual_id\na.jpg,x\n")
+        args = ["train-siamese", "--catalog", tmp_path / "c.csv", "--out", tmp_path / "r"]
+        expect = "columns found: photo, individual_id"
+    elif case == "empty_id":
+        (tmp_path / "c.csv").write_text("image,individual_id\na.jpg,\n")
+        args = ["train-siamese", "--catalog", tmp_path / "c.csv", "--out", tmp_path / "r"]
+        expect = "c.csv:2: empty individual_id"
+    elif case == "missing_image":
+        (tmp_path / "c.csv").write_text("image,individual_id\na.jpg,x\nb.jpg,y\n")
+        args = ["evaluate", "--catalog", tmp_path / "c.csv", "--run", run_dir]
+        expect = "c.csv:3: image b.jpg not found"
+    elif case == "empty_test_dir":
+        (tmp_path / "empty").mkdir()
+        args = ["match", tmp_path / "empty", "--run", run_dir, "--out", tmp_path / "p.csv"]
+        expect = "has no images"
+    elif case == "old_run":
+        old = tmp_path / "old"
+        shutil.copytree(run_dir, old)
+        cfg = json.loads((old / "config.json").read_text())
+        cfg["format_version"] = 0
+        (old / "config.json").write_text(json.dumps(cfg))
+        args = ["match", tmp_path, "--run", old, "--out", tmp_path / "p.csv"]
+        expect = "format version 0"
+    elif case == "no_run":
+        args = ["match", tmp_path, "--run", tmp_path / "nowhere", "--out", tmp_path / "p.csv"]
+        expect = "does not exist"
+    else:
+        args = ["train-siamese", "--catalog", sample, "--out", tmp_path / "r", "--input-size", "big"]
+        expect = "is not HEIGHTxWIDTH"
+    r = runner.invoke(app, [str(a) for a in args])
+    assert r.exit_code == 2, r.output
+    assert expect in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_help_explains_every_command():
+    r = invoke("--help")
+    assert r.exit_code == 0
+    for cmd in ("train-siamese", "match", "evaluate", "demo"):
+        assert cmd in r.output
+        sub = invoke(cmd, "--help")
+        assert sub.exit_code == 0 and "--" in sub.output
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path):
+    """The README's first command, as a user runs it."""
+    proc = subprocess.run([sys.executable, "cli.py", "demo", "--out", str(tmp_path / "demo"), "-q"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "MAP@5" in proc.stdout and "demo finished" in proc.stdout
+    rows = read_csv(tmp_path / "demo" / "predictions.csv")
+    truth = read_csv(tmp_path / "demo" / "split" / "truth.csv")
+    assert len(rows) == len(truth) and any(t["individual_id"] == NEW_INDIVIDUAL for t in truth)
+    map5 = float(next(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("MAP@5")))
+    assert map5 > 0.3  # chance on 20 known + new_individual is far below

@@ -1,0 +1,73 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine.errors import ImageError
+from engine.images import load_image
+
+
+def _gradient(h=20, w=30):
+    return (np.arange(h * w).reshape(h, w) % 256).astype(np.uint8)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "CMYK", "LA"])
+def test_colour_modes_become_rgb(tmp_path, mode):
+    img = Image.fromarray(_gradient()).convert(mode)
+    path = tmp_path / ("x.tif" if mode == "CMYK" else "x.png")
+    img.save(path)
+    arr = load_image(path)
+    assert arr.shape == (20, 30, 3) and arr.dtype == np.uint8
+
+
+def test_grayscale_values_are_kept(tmp_path):
+    Image.fromarray(_gradient()).save(tmp_path / "g.png")
+    arr = load_image(tmp_path / "g.png")
+    assert np.array_equal(arr[:, :, 0], _gradient()) and np.array_equal(arr[:, :, 1], arr[:, :, 2])
+
+
+def test_rgba_transparent_pixels_are_composited_on_grey(tmp_path):
+    rgba = np.zeros((10, 10, 4), np.uint8)
+    rgba[:, :5] = (255, 0, 0, 255)  # opaque red, transparent rest
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    arr = load_image(tmp_path / "a.png")
+    assert tuple(arr[0, 0]) == (255, 0, 0) and tuple(arr[0, 9]) == (128, 128, 128)
+
+
+def test_16_bit_is_stretched_to_8_bit(tmp_path):
+    a16 = (np.linspace(1000, 60000, 20 * 30).reshape(20, 30)).astype(np.uint16)
+    Image.fromarray(a16).save(tmp_path / "d.png")  # saved as mode I;16
+    arr = load_image(tmp_path / "d.png")
+    assert arr.dtype == np.uint8 and arr.min() <= 2 and arr.max() >= 253
+    assert np.all(np.diff(arr[:, :, 0].ravel().astype(int)) >= 0)  # monotone ramp survives
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    img = Image.fromarray(np.zeros((20, 30, 3), np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    img.save(tmp_path / "o.jpg", exif=exif)
+    assert load_image(tmp_path / "o.jpg").shape == (30, 20, 3)
+
+
+def test_bbox_crop(tmp_path):
+    rgb = np.zeros((40, 50, 3), np.uint8)
+    rgb[10:20, 5:15] = 255
+    Image.fromarray(rgb).save(tmp_path / "c.png")
+    arr = load_image(tmp_path / "c.png", bbox=(5, 10, 10, 10))
+    assert arr.shape == (10, 10, 3) and arr.min() == 255
+    with pytest.raises(ImageError, match="outside"):
+        load_image(tmp_path / "c.png", bbox=(100, 100, 5, 5))
+
+
+def test_corrupt_and_empty_files_name_the_file(tmp_path):
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    with pytest.raises(ImageError, match=r"empty.jpg: empty file"):
+        load_image(tmp_path / "empty.jpg")
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    with pytest.raises(ImageError, match=r"bad.jpg: cannot decode"):
+        load_image(tmp_path / "bad.jpg")
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "t.jpg")
+    data = (tmp_path / "t.jpg").read_bytes()
+    (tmp_path / "trunc.jpg").write_bytes(data[: len(data) // 3])
+    with pytest.raises(ImageError, match="trunc.jpg"):
+        load_image(tmp_path / "trunc.jpg")
