@@ -133,7 +133,7 @@ def _make_pattern(rng: np.random.Generator) -> Pattern:
                 # stripes fan out towards the rump
                 tilt=float(0.3 * u + style_tilt + drift[j] - drift.mean() + rng.normal(0, 0.05)),
                 curve=float(style_curve + rng.normal(0, 0.07)),
-                width=float(rng.uniform(1.6, 3.0)),
+                width=float(rng.uniform(2.2, 3.8)),
                 gap_at=float(rng.uniform(-0.5, 0.5)) if gap else 0.0,
                 gap_len=float(rng.uniform(0.12, 0.3)) if gap else 0.0,
             ))
@@ -142,7 +142,7 @@ def _make_pattern(rng: np.random.Generator) -> Pattern:
     # spots mostly in a loose row along the lower flank, a few on the haunch
     n_spots = int(rng.integers(2, 10))
     spots = tuple(
-        (float(rng.uniform(-0.7, 0.95)), float(np.clip(rng.normal(0.45, 0.25), -0.2, 0.85)), float(rng.uniform(1.4, 3.0)))
+        (float(rng.uniform(-0.7, 0.95)), float(np.clip(rng.normal(0.45, 0.25), -0.2, 0.85)), float(rng.uniform(1.8, 3.4)))
         for _ in range(n_spots)
     )
     return Pattern(stripes=tuple(stripes), spots=spots)
@@ -200,7 +200,13 @@ class _Frame:
 
 
 def _fixed(p: np.ndarray) -> np.ndarray:
+    """Points for cv2 polygon calls with `shift=_SHIFT` (sub-pixel precision)."""
     return np.round(np.asarray(p) * (1 << _SHIFT)).astype(np.int32).reshape(-1, 1, 2)
+
+
+def _fx(*values: float) -> tuple[int, ...]:
+    """Scalars for cv2 circle/ellipse calls with `shift=_SHIFT`."""
+    return tuple(int(round(float(v) * (1 << _SHIFT))) for v in values)
 
 
 def _ribbon(center: np.ndarray, widths) -> np.ndarray:
@@ -221,20 +227,17 @@ class _Canvas:
         self.alpha = np.zeros((h, w), np.uint8)
         self.f = frame
 
-    def poly(self, ref_pts, colour, extra: list[np.ndarray] | None = None) -> None:
+    def poly(self, ref_pts, colour) -> None:
         pts = _fixed(self.f.pts(ref_pts))
         cv2.fillPoly(self.rgb, [pts], tuple(int(c) for c in colour), cv2.LINE_AA, _SHIFT)
         cv2.fillPoly(self.alpha, [pts], 255, cv2.LINE_AA, _SHIFT)
-        if extra is not None:
-            cv2.fillPoly(extra[0], [pts], 255, cv2.LINE_AA, _SHIFT)
 
     def ribbon(self, center, widths, colour) -> None:
         self.poly(_ribbon(np.asarray(center, float), np.asarray(widths, float)), colour)
 
     def ellipse(self, c, axes, angle, colour, target=None) -> None:
-        cx, cy = self.f.pts(c)[0]
-        ax = (int(round(axes[0] * self.f.k * (1 << _SHIFT))), int(round(axes[1] * self.f.k * (1 << _SHIFT))))
-        ctr = (int(round(cx * (1 << _SHIFT))), int(round(cy * (1 << _SHIFT))))
+        ctr = _fx(*self.f.pts(c)[0])
+        ax = _fx(axes[0] * self.f.k, axes[1] * self.f.k)
         for img, col in ((self.rgb, colour), (self.alpha, 255)) if target is None else ((target, 255),):
             cv2.ellipse(img, ctr, ax, angle, 0, 360, col if np.isscalar(col) else tuple(int(x) for x in col),
                         -1, cv2.LINE_AA, _SHIFT)
@@ -293,8 +296,7 @@ def _draw_pattern(cv: _Canvas, target: np.ndarray, pat: Pattern, g: dict) -> Non
             # rounded ends: stripe ends are the corners a keypoint detector locks onto
             for end, wd in ((c[0], w[0]), (c[-1], w[-1])):
                 e = cv.f.pts(end)[0]
-                cv2.circle(target, (int(round(e[0] * 16)), int(round(e[1] * 16))),
-                           int(round(wd / 2 * cv.f.k * 16)), 255, -1, cv2.LINE_AA, _SHIFT)
+                cv2.circle(target, _fx(*e), _fx(wd / 2 * cv.f.k)[0], 255, -1, cv2.LINE_AA, _SHIFT)
     for u, v, r in pat.spots:
         cv.ellipse((g["cx"] + u * g["a"], g["cy"] + v * g["b"]), (r, r * 0.85), 0, 255, target=target)
 
@@ -476,7 +478,7 @@ def _grass(img: np.ndarray, rng: np.random.Generator, n: int, y_lo: float, y_hi:
         sel = groups == gi
         if sel.any():
             col = _pick(rng, (_GRASS[gi // 2],), 12)
-            thick = max(1, int(round((1.0 + gi % 2 * 0.8) * k)))
+            thick = max(1, int(round((0.8 + gi % 2 * 0.5) * k)))
             cv2.polylines(img, list(seg[sel]), False, col, thick, cv2.LINE_AA, _SHIFT)
 
 
@@ -495,8 +497,7 @@ def _foliage(img: np.ndarray, rng: np.random.Generator, n_clumps: int, y_max: fl
         angles = rng.uniform(0, 180, m)
         shades = rng.uniform(0.75, 1.2, m)
         for p, ax, an, sh in zip(pts, axes, angles, shades):
-            cv2.ellipse(img, (int(p[0] * 16), int(p[1] * 16)), (int(ax[0] * 16), int(ax[1] * 16)), float(an),
-                        0, 360, _shade(base, sh), -1, cv2.LINE_AA, _SHIFT)
+            cv2.ellipse(img, _fx(*p), _fx(*ax), float(an), 0, 360, _shade(base, sh), -1, cv2.LINE_AA, _SHIFT)
 
 
 def _background(rng: np.random.Generator, size: tuple[int, int], d: float) -> np.ndarray:
@@ -532,11 +533,10 @@ def _background(rng: np.random.Generator, size: tuple[int, int], d: float) -> np
         ax = np.array([rng.uniform(8, 26), rng.uniform(4, 12)]) * k
         grey = rng.uniform(95, 175)
         col = tuple(int(grey + v) for v in rng.normal(0, 6, 3))
-        cv2.ellipse(img, tuple(int(v * 16) for v in c), tuple(int(v * 16) for v in ax), 0, 180, 360,
-                    col, -1, cv2.LINE_AA, _SHIFT)
-        cv2.ellipse(img, tuple(int(v * 16) for v in c - (0, ax[1] * 0.4)), tuple(int(v * 8) for v in ax), 0, 200,
-                    340, _shade(col, 1.18), -1, cv2.LINE_AA, _SHIFT)
-    _grass(img, rng, int(rng.poisson(150 * d)), horizon, h * 1.05, k)
+        cv2.ellipse(img, _fx(*c), _fx(*ax), 0, 180, 360, col, -1, cv2.LINE_AA, _SHIFT)
+        cv2.ellipse(img, _fx(*(c - (0, ax[1] * 0.4))), _fx(*(ax / 2)), 0, 200, 340, _shade(col, 1.18), -1,
+                    cv2.LINE_AA, _SHIFT)
+    _grass(img, rng, int(rng.poisson(220 * d)), horizon, h * 1.05, k)
 
     out = img.astype(np.float32) / 255.0
     # the background is out of focus behind the animal
@@ -549,9 +549,10 @@ def _view_homography(rng: np.random.Generator, size: tuple[int, int], d: float) 
     """Canonical -> photo: keystone and corner jitter (out-of-plane view), then scale, rotation, shift."""
     h, w = size
     src = np.float32([[0, 0], [w, 0], [w, h], [0, h]])
-    key = float(np.clip(rng.uniform(-0.14, 0.14) * d, -0.3, 0.3))  # one side nearer the camera
+    # keystone: one end of the animal nearer the camera looks taller than the other
+    key = float(np.clip(rng.uniform(-0.12, 0.12) * d, -0.3, 0.3))
     dst = src.copy()
-    dst[:, 1] += np.float32([-key, key, -key, key]) * h * 0.5 * np.float32([1, 1, -1, -1])
+    dst[:, 1] += np.float32([-key, key, -key, key]) * h * 0.5  # TL, TR, BR, BL
     dst += rng.normal(0, 0.03 * d, (4, 2)).astype(np.float32) * np.float32([w, h])
     P = cv2.getPerspectiveTransform(src, dst).astype(np.float64)
     s = float(np.exp(np.clip(rng.normal(-0.05 * d, 0.14 * d), -0.6, 0.35)))
@@ -583,8 +584,8 @@ def _occlude(img: np.ndarray, rng: np.random.Generator, box: np.ndarray, d: floa
             tpos = rng.uniform(0, 1)
             p = (line[0] * (1 - tpos) + line[2] * tpos) + rng.normal(0, 5 * k, 2)
             ax = (rng.uniform(4, 9) * k, rng.uniform(1.8, 3.5) * k)
-            cv2.ellipse(img, (int(p[0] * 16), int(p[1] * 16)), (int(ax[0] * 16), int(ax[1] * 16)),
-                        rng.uniform(0, 180), 0, 360, _pick(rng, _LEAF, 14), -1, cv2.LINE_AA, 4)
+            cv2.ellipse(img, _fx(*p), _fx(*ax), rng.uniform(0, 180), 0, 360, _pick(rng, _LEAF, 14), -1,
+                        cv2.LINE_AA, _SHIFT)
     else:
         # bush: rises from the ground in front of the belly, chest or rump
         cxb = rng.uniform(x0 - 0.1 * bw, x1 + 0.1 * bw)
@@ -595,7 +596,7 @@ def _occlude(img: np.ndarray, rng: np.random.Generator, box: np.ndarray, d: floa
             a = rng.uniform(0, 2 * math.pi)
             p = (cxb + 1.3 * r * math.cos(a), cyb + r * math.sin(a))
             rr = rng.uniform(2.5, 7) * k
-            cv2.circle(img, (int(p[0] * 16), int(p[1] * 16)), int(rr * 16), _pick(rng, _LEAF, 14), -1, cv2.LINE_AA, 4)
+            cv2.circle(img, _fx(*p), _fx(rr)[0], _pick(rng, _LEAF, 14), -1, cv2.LINE_AA, _SHIFT)
 
 
 def _light(u8: np.ndarray, rng: np.random.Generator, d: float) -> np.ndarray:
@@ -613,7 +614,7 @@ def _light(u8: np.ndarray, rng: np.random.Generator, d: float) -> np.ndarray:
         shade = np.clip(_noise_field(rng, h, w, 22 * min(w / _REF_W, h / _REF_H)) * 2.0, 0, 1)
         light = light * (1.0 - rng.uniform(0.15, 0.4) * min(d, 1.5) * cv2.GaussianBlur(shade, (0, 0), 2.0))
     cast = np.exp(rng.normal(0, 0.03 * d, 3)).astype(np.float32)
-    out = lut[u8] * ((gain * light)[..., None] * cast)
+    out = cv2.LUT(u8, lut) * ((gain * light)[..., None] * cast)
     return np.clip(out, 0, 1, out=out)
 
 
@@ -650,7 +651,7 @@ def render_photo(ind: Individual, rng: np.random.Generator, viewpoint: str = "le
         _occlude(u8, rng, box, d, k)
     img = _light(u8, rng, d)
 
-    sigma = rng.uniform(0, 1.1) * d * k
+    sigma = rng.uniform(0, 0.8) * d * k
     if sigma > 0.3:
         img = cv2.GaussianBlur(img, (0, 0), sigma)
     img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(rng.uniform(0.5, 4.0) * d / 255.0)
