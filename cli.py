@@ -26,7 +26,8 @@ log = logging.getLogger("cli")
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(message)s",
                         stream=sys.stderr, force=True)
-    for noisy in ("PIL", "h5py", "timm", "matplotlib", "faiss", "faiss.loader"):
+    quiet_modules = ("PIL", "h5py", "timm", "matplotlib", "faiss", "faiss.loader", "ranker", "keypoints.validator")
+    for noisy in quiet_modules if not verbose else quiet_modules[:5]:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -96,6 +97,71 @@ def train_siamese_cmd(
     skipped = f", {len(s['skipped'])} unreadable photo(s) skipped" if s["skipped"] else ""
     typer.echo(f"run {out}: {s['epochs_trained']} epoch(s) trained, gallery {s['gallery_photos']} photos of "
                f"{s['gallery_individuals']} individuals{skipped}, {s['seconds']:.0f} s")
+
+
+@app.command("train-verifier")
+@user_errors
+def train_verifier_cmd(
+    run: RunOpt,
+    keypoints: Annotated[str, typer.Option(help="Keypoint preset: default, fast or dense.")] = "default",
+    max_queries: Annotated[int, typer.Option(min=10, help="Training photos used as queries to build pairs.")] = 600,
+    seed: Annotated[int, typer.Option(help="Seed for sampling and the validator.")] = 0,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False,
+):
+    """Fit the keypoint verifier: SIFT/RootSIFT matches, double homography, XGBoost on the geometry.
+
+    True pairs and hard false pairs (from the retrieval shortlist) come from the run's training
+    photos; prints the held-out AUC (folds by individual) beside the raw inlier count's.
+    """
+    _setup_logging(verbose)
+    from keypoints.features import PRESETS
+    from keypoints.training import VerifierTrainConfig, train_verifier
+
+    if keypoints not in PRESETS:
+        raise UserError(f"--keypoints {keypoints!r}: choose one of {', '.join(PRESETS)}")
+    cfg = VerifierTrainConfig(keypoints=keypoints, verify=keypoints if keypoints == "fast" else "default",
+                              max_queries=max_queries, seed=seed)
+    s = train_verifier(run, cfg, threads, progress=not quiet)
+    typer.echo(f"verifier {run / 'verifier.json'}: {s['pairs']} pairs ({s['positives']} true), held-out AUC "
+               f"{s['heldout_auc_validator']:.3f} (raw inlier count {s['heldout_auc_inlier_count']:.3f}), "
+               f"{s['ms_per_pair']:.1f} ms/pair, {s['seconds']:.0f} s")
+
+
+@app.command()
+@user_errors
+def calibrate(
+    run: RunOpt,
+    folds: Annotated[int, typer.Option(min=2, help="Open-set folds over the held-out individuals.")] = 3,
+    calibrator: Annotated[str, typer.Option(help="isotonic or logistic.")] = "isotonic",
+    new_rate: Annotated[Optional[float], typer.Option(help="Choose the threshold so that about this share "
+                                                      "of queries is answered new_individual (default: "
+                                                      "maximise MAP@5).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the folds.")] = 0,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False,
+):
+    """Calibrate each stage's score, fit their fusion and the new_individual threshold.
+
+    Uses the individuals held out of training, in open-set folds (some query individuals absent from
+    the gallery); prints per-fold MAP@5 and its spread, then refits on all folds (calibration.json).
+    """
+    _setup_logging(verbose)
+    from ranker.calibrate import CalibrateConfig, run_calibrate
+
+    if calibrator not in ("isotonic", "logistic"):
+        raise UserError(f"--calibrator {calibrator!r}: choose isotonic or logistic")
+    if new_rate is not None and not 0 < new_rate < 1:
+        raise UserError("--new-rate must be between 0 and 1")
+    c = run_calibrate(run, CalibrateConfig(folds=folds, calibrator=calibrator, target_new_rate=new_rate, seed=seed),
+                      threads, progress=not quiet)
+    lines = ["score".ljust(12) + "MAP@5 (mean ± sd over folds)".rjust(30) + "new F1".rjust(10) + "tau".rjust(10)]
+    for name, s in c["summary"].items():
+        lines.append(name.ljust(12) + f"{s['map5_mean']:.3f} ± {s['map5_std']:.3f}".rjust(30)
+                     + f"{s['new_f1_mean']:.3f}".rjust(10) + f"{c['tau'][name]:.3f}".rjust(10))
+    typer.echo("\n".join(lines))
+    typer.echo(f"calibrated on {c['queries']} held-out queries ({c['new_queries']} new) in {len(c['per_fold'])} "
+               f"folds -> {run / 'calibration.json'} ({c['seconds']:.0f} s)")
 
 
 @app.command()

@@ -24,6 +24,15 @@ def image_key(path: Path) -> str:
     return f"{path}|{st.st_size}|{st.st_mtime_ns}"
 
 
+def record_key(record) -> str | None:
+    """Cache key of a catalog record (its photo, and its crop if any); None if the file is gone."""
+    try:
+        key = image_key(record.path)
+    except OSError:
+        return None
+    return key + (f"|bbox={record.bbox}" if record.bbox else "")
+
+
 def _group_name(key: str) -> str:
     return hashlib.sha1(key.encode("utf-8")).hexdigest()
 

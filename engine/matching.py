@@ -22,11 +22,17 @@ def query_records(test_dir: Path, queries_csv: Path | None) -> list[Record]:
     return load_catalog(queries_csv, test_dir, require_labels=False).records
 
 
-def match_records(engine: Engine, records: list[Record], cfg: MatchConfig, progress: bool):
+def match_pairs(engine: Engine, records: list[Record], cfg: MatchConfig, progress: bool):
+    """Every stage's scores on each query's shortlist (not yet ranked)."""
     emb = engine.embed(records, cfg, progress)
     if len(emb.ok) == 0:
         raise UserError(f"none of the {len(records)} query photos could be read (first: {emb.skipped[0][1]})")
-    return engine.score(records, emb, cfg), emb
+    return engine.pair_scores(records, emb, cfg, progress=progress), emb
+
+
+def match_records(engine: Engine, records: list[Record], cfg: MatchConfig, progress: bool):
+    pairs, emb = match_pairs(engine, records, cfg, progress)
+    return engine.rank(pairs, engine.tau(cfg)), emb
 
 
 def _skipped_note(emb) -> str:
@@ -72,11 +78,15 @@ def run_evaluate(catalog_csv: Path, run: Path, images: Path | None = None, short
     known = set(engine.gallery.ids)
     truth = {r.image: (r.individual_id if r.individual_id in known else NEW_INDIVIDUAL) for r in catalog.records}
     cfg = MatchConfig(shortlist=shortlist, tau=tau)
-    results, emb = match_records(engine, catalog.records, cfg, progress)
-    metrics = evaluate_results(results, truth)
-    engine.run.update_metrics("evaluate", {"catalog": str(catalog_csv), "tau": engine.tau(cfg), **metrics})
+    pairs, emb = match_pairs(engine, catalog.records, cfg, progress)
+    table = {name: evaluate_results(engine.rank(pairs, t, scorer), truth)
+             for name, scorer, t in engine.ablation_scorers(cfg)}
+    metrics = evaluate_results(engine.rank(pairs, engine.tau(cfg)), truth)
+    engine.run.update_metrics("evaluate", {"catalog": str(catalog_csv), "tau": engine.tau(cfg), **metrics,
+                                           "ablation": table})
     n_new = sum(1 for t in truth.values() if t == NEW_INDIVIDUAL)
     dt = time.perf_counter() - t0
-    return (format_metrics({"engine": metrics}) +
+    answer = "fused" if engine.calibration is not None else list(table)[-1]
+    return (format_metrics(table) + f"\nthe engine answers with: {answer}"
             f"\nevaluated {len(truth)} labelled photos ({n_new} of individuals absent from the gallery"
             f"{_skipped_note(emb)}) in {dt:.1f} s; figures saved in {engine.run.metrics_path}")

@@ -91,6 +91,16 @@ class RunFolder:
                             f"{FORMAT_VERSION}: rebuild it with `cli.py train-siamese`")
         return cfg
 
+    def update_config(self, **entries) -> dict:
+        cfg = self.config()
+        cfg.update(entries)
+        atomic_write_json(self.config_path, cfg)
+        return cfg
+
+    def heldout(self) -> set[str]:
+        """Individuals kept out of Siamese training (and of verifier training): calibration data."""
+        return set(read_json(self.heldout_path)["individuals"]) if self.heldout_path.is_file() else set()
+
     def update_metrics(self, section: str, values: dict) -> None:
         metrics = read_json(self.metrics_path) if self.metrics_path.exists() else {}
         metrics[section] = values

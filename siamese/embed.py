@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from engine.cache import FeatureCache, image_key
+from engine.cache import FeatureCache, record_key
 from engine.catalog import Record
 from engine.errors import ImageError
 from engine.images import load_image
@@ -45,7 +45,8 @@ def autocast(device: torch.device):
 
 
 def model_fingerprint(model: SiameseNet) -> str:
-    """Identifies the embedding function: settings and backbone + pooling weights."""
+    """Identifies the feature function: settings and backbone + pooling weights (not the centre,
+    which is applied after the cache)."""
     h = hashlib.sha1(repr(sorted(model.config.to_dict().items())).encode())
     for name, t in list(model.backbone.state_dict().items()) + [("gem_p", model.pool.p.detach())]:
         h.update(name.encode())
@@ -60,6 +61,7 @@ class EmbedResult:
     skipped: list[tuple[Record, str]] = field(default_factory=list)
     computed: int = 0  # how many were computed (not read from the cache)
     seconds: float = 0.0
+    features: np.ndarray | None = None  # (n_ok, D) raw pooled features, before centring
 
     @property
     def images_per_second(self) -> float:
@@ -74,14 +76,24 @@ def _load(rec: Record, cfg: ModelConfig):
 
 
 @torch.no_grad()
-def embed_batch(model: SiameseNet, batch: np.ndarray) -> np.ndarray:
+def features_batch(model: SiameseNet, batch: np.ndarray, batch_size: int) -> np.ndarray:
+    """Raw pooled features. A short batch is padded to batch_size: on CPU every new input shape
+    costs seconds of kernel re-compilation, more than the padding."""
     device = next(model.parameters()).device
+    n = len(batch)
+    if n < batch_size:
+        batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - n, axis=0)])
     x = torch.from_numpy(batch).to(device)
     if device.type == "cpu":
         x = x.contiguous(memory_format=torch.channels_last)
     with autocast(device):
-        e = model.embed(x)
-    return e.float().cpu().numpy()
+        f = model.features(x)
+    return f.float().cpu().numpy()[:n]
+
+
+def normalize_features(model: SiameseNet, feats: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model.normalize(torch.from_numpy(feats).to(model.center.device)).cpu().numpy()
 
 
 def embed_records(model: SiameseNet, records: Sequence[Record], cache_path: Path | None = None,
@@ -93,14 +105,9 @@ def embed_records(model: SiameseNet, records: Sequence[Record], cache_path: Path
     """
     model.eval()
     cache = FeatureCache(cache_path, model_fingerprint(model)) if cache_path else None
-    keys = []
-    for r in records:
-        try:
-            keys.append(image_key(r.path) + (f"|bbox={r.bbox}" if r.bbox else ""))
-        except OSError:
-            keys.append(None)
+    keys = [record_key(r) for r in records]
     cached = cache.get([k for k in keys if k]) if cache else {}
-    vectors: dict[int, np.ndarray] = {i: cached[k]["embedding"] for i, k in enumerate(keys) if k in cached}
+    vectors: dict[int, np.ndarray] = {i: cached[k]["features"] for i, k in enumerate(keys) if k in cached}
     todo = [i for i in range(len(records)) if i not in vectors]
     skipped: list[tuple[Record, str]] = []
     new: dict[str, dict[str, np.ndarray]] = {}
@@ -124,11 +131,11 @@ def embed_records(model: SiameseNet, records: Sequence[Record], cache_path: Path
                     else:
                         good.append((i, arr))
                 if good:
-                    emb = embed_batch(model, np.stack([a for _, a in good]))
-                    for (i, _), e in zip(good, emb):
-                        vectors[i] = e
+                    feats = features_batch(model, np.stack([a for _, a in good]), batch_size)
+                    for (i, _), f in zip(good, feats):
+                        vectors[i] = f
                         if keys[i]:
-                            new[keys[i]] = {"embedding": e}
+                            new[keys[i]] = {"features": f}
                 bar.update(len(batch))
                 if cache and len(new) >= 1024:  # bounded loss if killed mid-way
                     cache.add(new)
@@ -139,6 +146,6 @@ def embed_records(model: SiameseNet, records: Sequence[Record], cache_path: Path
     seconds = time.perf_counter() - t0
     ok = np.array(sorted(vectors), dtype=np.int64)
     dim = model.dim
-    emb = np.stack([vectors[i] for i in ok]).astype(np.float32) if len(ok) else np.zeros((0, dim), np.float32)
+    feats = np.stack([vectors[i] for i in ok]).astype(np.float32) if len(ok) else np.zeros((0, dim), np.float32)
     computed = len(todo) - len(skipped)
-    return EmbedResult(emb, ok, skipped, computed, seconds)
+    return EmbedResult(normalize_features(model, feats), ok, skipped, computed, seconds, feats)

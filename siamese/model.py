@@ -105,9 +105,19 @@ class SiameseNet(nn.Module):
         self.pool = GeM(config.gem_p)
         self.dim = self.backbone.num_features
         self.head = PairHead(self.dim, config.head_hidden)
+        # Pooled features after ReLU are all positive, so raw cosines crowd near 1; subtracting their
+        # mean spreads them out (set from the gallery, or tracked during training).
+        self.register_buffer("center", torch.zeros(self.dim))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features, before centring and normalisation (what the caches store)."""
+        return self.pool(self.backbone.forward_features(x))
+
+    def normalize(self, f: torch.Tensor) -> torch.Tensor:
+        return F.normalize(f.float() - self.center, dim=-1)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.pool(self.backbone.forward_features(x)), dim=-1)
+        return self.normalize(self.features(x))
 
     def pair_logit(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return self.head(a, b)

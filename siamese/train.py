@@ -45,7 +45,7 @@ class TrainConfig:
 PRESETS = {
     "default": TrainConfig(),
     # the built-in sample's photos are 256x192: a smaller input keeps the demo under two minutes
-    "demo": TrainConfig(model=ModelConfig(input_size=(144, 192)), epochs=0, max_minutes=1.0, batch_size=24),
+    "demo": TrainConfig(model=ModelConfig(input_size=(144, 192)), epochs=4, max_minutes=1.0, batch_size=24),
 }
 
 
@@ -80,8 +80,9 @@ def train_siamese(catalog_csv: Path, out: Path, cfg: TrainConfig, images_dir: Pa
         from siamese.trainer import fit
 
         summary = fit(model, catalog, set(heldout), cfg, run, resume=resume, progress=progress)
+    gallery, emb = build_gallery(run, model, catalog.records, MatchConfig(batch_size=cfg.batch_size), progress,
+                                 set_center=cfg.epochs == 0)
     save_model(model, run.weights_path)
-    gallery, emb = build_gallery(run, model, catalog.records, MatchConfig(batch_size=cfg.batch_size), progress)
     summary.update({
         "gallery_photos": len(gallery), "gallery_individuals": len(set(gallery.ids)),
         "skipped": [{"image": r.image, "line": r.line, "reason": msg} for r, msg in emb.skipped],

@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""Accuracy on the development set (../shared/data/nyala), following ../shared/protocol.
+
+One seeded open-set split (the protocol's split.py: sightings kept together, ~20% of individuals
+unseen), then side by side in one run:
+  baseline   pretrained mobilenetv2_100 embedding, epochs 0 (the retrieval baseline)
+  trained    the engine after train-siamese (budget --train-minutes) [+ train-verifier + calibrate]
+with each stage's ranking (embedding, siamese, keypoints, fused) scored by the protocol's metrics.
+The flank side from metadata.csv is given as `viewpoint` to the gallery and the queries: a
+researcher knows which flank a photo shows.
+Prints a table and writes bench/results/accuracy.json.
+
+  python bench/accuracy.py [--train-minutes 20] [--work /tmp/bench-accuracy] [--seed 0]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from engine.catalog import load_catalog  # noqa: E402
+from engine.matching import format_metrics  # noqa: E402
+from engine.metrics import score_predictions  # noqa: E402
+from engine.pipeline import Engine, MatchConfig, write_predictions  # noqa: E402
+from engine.runtime import set_threads  # noqa: E402
+from siamese.model import ModelConfig  # noqa: E402
+from siamese.train import TrainConfig, train_siamese  # noqa: E402
+
+SHARED = ROOT.parent / "shared"
+DATA = SHARED / "data" / "nyala"
+log = logging.getLogger("bench.accuracy")
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def make_split(work: Path, seed: int) -> tuple[Path, Path, Path, Path]:
+    """The protocol's split, plus viewpoint columns recovered from metadata.csv."""
+    split = work / "split"
+    if not (split / "truth.csv").is_file():
+        subprocess.run([sys.executable, str(SHARED / "protocol" / "split.py"), str(DATA), str(split), str(seed)],
+                       check=True)
+    with open(DATA / "metadata.csv", newline="") as f:
+        meta = list(csv.DictReader(f))
+    side = {r["image"]: r["side"] for r in meta}
+    by_hash = {md5(DATA / r["image"]): r["image"] for r in meta}
+    gallery_vp = split / "gallery_viewpoint.csv"
+    with open(split / "gallery.csv", newline="") as f, open(gallery_vp, "w", newline="") as g:
+        w = csv.writer(g)
+        w.writerow(["image", "individual_id", "viewpoint"])
+        for r in csv.DictReader(f):
+            w.writerow([r["image"], r["individual_id"], side[r["image"]]])
+    queries_vp = split / "queries_viewpoint.csv"
+    with open(split / "truth.csv", newline="") as f, open(queries_vp, "w", newline="") as g:
+        w = csv.writer(g)
+        w.writerow(["image", "viewpoint"])
+        for r in csv.DictReader(f):
+            w.writerow([r["image"], side[by_hash[md5(split / "queries" / r["image"])]]])
+    return gallery_vp, split / "queries", queries_vp, split / "truth.csv"
+
+
+def read_truth(path: Path) -> dict[str, str]:
+    with open(path, newline="") as f:
+        return {r["image"]: r["individual_id"] for r in csv.DictReader(f)}
+
+
+def evaluate_run(run: Path, queries_dir: Path, queries_csv: Path, truth: dict, out_dir: Path,
+                 label: str) -> tuple[dict, dict]:
+    """Each stage's ranking of the same shortlists, scored; the engine's full answer is written."""
+    engine = Engine.load(run)
+    cfg = MatchConfig()
+    records = load_catalog(queries_csv, queries_dir, require_labels=False).records
+    t0 = time.perf_counter()
+    emb = engine.embed(records, cfg, progress=False)
+    pairs = engine.pair_scores(records, emb, cfg)
+    seconds = time.perf_counter() - t0
+    rows = {}
+    for name, scorer, tau in engine.ablation_scorers(cfg):
+        results = engine.rank(pairs, tau, scorer)
+        rows[f"{label}:{name}"] = score_predictions(truth, {r.name: r.predictions for r in results})
+    results = engine.rank(pairs, engine.tau(cfg))  # the engine's own answer
+    pred = out_dir / f"predictions_{label}.csv"
+    write_predictions(results, pred, {"run": str(run)})
+    timing = {"query_seconds": seconds / len(records), "embed_images_per_s": emb.images_per_second}
+    return rows, {"predictions": str(pred), **timing}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/bench-accuracy"), help="runs and splits go here")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train-minutes", type=float, default=20.0)
+    ap.add_argument("--epochs", type=int, default=40, help="upper bound; the time budget usually stops first")
+    ap.add_argument("--input-size", default="224x224")
+    ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--reuse", action="store_true", help="reuse run folders already in --work")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    if not (DATA / "catalog.csv").is_file():
+        sys.exit(f"development set not found at {DATA}: nothing to measure")
+    set_threads()
+    args.work.mkdir(parents=True, exist_ok=True)
+    gallery, qdir, qcsv, truth_csv = make_split(args.work, args.seed)
+    truth = read_truth(truth_csv)
+    size = tuple(int(v) for v in args.input_size.split("x"))
+    table, info = {}, {}
+    runs = []
+    if not args.skip_baseline:
+        runs.append(("baseline", TrainConfig(model=ModelConfig(input_size=size), epochs=0, seed=args.seed)))
+    runs.append(("trained", TrainConfig(model=ModelConfig(input_size=size), epochs=args.epochs,
+                                        max_minutes=args.train_minutes, seed=args.seed)))
+    for label, cfg in runs:
+        run = args.work / f"run_{label}"
+        t0 = time.perf_counter()
+        if not (args.reuse and (run / "gallery.h5").is_file()):
+            train_siamese(gallery, run, cfg, DATA, progress=False)
+        for step in post_training_steps(run):
+            step()
+        info[label] = {"build_seconds": round(time.perf_counter() - t0, 1)}
+        rows, timing = evaluate_run(run, qdir, qcsv, truth, args.work, label)
+        table.update(rows)
+        info[label].update(timing)
+        proto = subprocess.run([sys.executable, str(SHARED / "protocol" / "score.py"), str(truth_csv),
+                                timing["predictions"]], capture_output=True, text=True, check=True)
+        info[label]["protocol_score"] = json.loads(proto.stdout)
+    print(format_metrics(table))
+    for label, d in info.items():
+        print(f"{label}: engine answer MAP@5 {d['protocol_score']['map5']:.3f} (protocol score.py), "
+              f"{d['query_seconds']:.3f} s/query, embedding {d['embed_images_per_s']:.1f} img/s, "
+              f"built in {d['build_seconds']:.0f} s")
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "accuracy.json").write_text(json.dumps({"table": table, "runs": info, "args": {
+        k: str(v) for k, v in vars(args).items()}}, indent=1))
+    print(f"wrote {out / 'accuracy.json'}")
+
+
+def post_training_steps(run: Path) -> list:
+    """After train-siamese: the keypoint verifier, then calibration on the held-out individuals."""
+    from keypoints.training import train_verifier
+    from ranker.calibrate import run_calibrate
+
+    def verifier():
+        s = train_verifier(run, progress=False)
+        print(f"{run.name}: verifier held-out AUC {s['heldout_auc_validator']:.3f} "
+              f"(raw inlier count {s['heldout_auc_inlier_count']:.3f}), {s['ms_per_pair']:.1f} ms/pair", flush=True)
+
+    def calibrate():
+        c = run_calibrate(run, progress=False)
+        print(f"{run.name}: calibration " + ", ".join(
+            f"{k} {v['map5_mean']:.3f}±{v['map5_std']:.3f}" for k, v in c["summary"].items()), flush=True)
+
+    return [verifier, calibrate]
+
+
+if __name__ == "__main__":
+    main()

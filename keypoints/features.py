@@ -1,0 +1,190 @@
+"""Local features of one photo: resize, CLAHE, SIFT, RootSIFT.
+
+Keypoint positions are returned in the ORIGINAL image's pixel coordinates, so the matches can be
+drawn on the photo a person looks at and the geometry does not depend on the working resolution.
+"""
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import cv2
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+DESC_DIM = 128
+
+
+@dataclass(frozen=True)
+class KeypointConfig:
+    """Settings of the extraction. Changing any of them invalidates a keypoint cache."""
+
+    max_side: int = 512  # long side of the working image, in pixels
+    upscale: bool = False  # enlarge photos smaller than max_side (adds interpolation, not detail)
+    clahe_clip: float = 2.0  # 0 disables CLAHE
+    clahe_grid: int = 8  # tiles per side
+    max_keypoints: int = 1500  # strongest by SIFT response; bounds the matching cost per pair
+    contrast_threshold: float = 0.03  # SIFT; a little below OpenCV's 0.04 to keep faint spots
+    edge_threshold: float = 10.0
+    n_octave_layers: int = 3
+    sigma: float = 1.6
+
+
+PRESETS: dict[str, KeypointConfig] = {
+    "default": KeypointConfig(),
+    # about 3x cheaper to match: for large galleries or slow machines
+    "fast": KeypointConfig(max_side=384, max_keypoints=700),
+    # for large, sharp photos where patterns are small relative to the frame
+    "dense": KeypointConfig(max_side=768, max_keypoints=3000),
+}
+
+
+@dataclass(frozen=True)
+class Keypoints:
+    """Keypoints of one image: positions in original pixels (x, y), RootSIFT descriptors, size.
+    Rows are ordered by decreasing SIFT response."""
+
+    xy: np.ndarray  # float32 (n, 2)
+    desc: np.ndarray  # float32 (n, 128), each row L2-norm 1 (RootSIFT)
+    image_size: tuple[int, int]  # (h, w) of the original image
+
+    def __post_init__(self) -> None:
+        if self.xy.ndim != 2 or self.xy.shape[1] != 2:
+            raise ValueError(f"xy must be (n, 2), got {self.xy.shape}")
+        if self.desc.ndim != 2 or self.desc.shape[1] != DESC_DIM or len(self.desc) != len(self.xy):
+            raise ValueError(f"desc must be ({len(self.xy)}, {DESC_DIM}), got {self.desc.shape}")
+
+    def __len__(self) -> int:
+        return len(self.xy)
+
+    def top(self, n: int) -> "Keypoints":
+        """The n strongest keypoints (extraction stores them strongest first)."""
+        return Keypoints(self.xy[:n], self.desc[:n], self.image_size)
+
+    def to_arrays(self, desc_dtype: str = "float32") -> dict[str, np.ndarray]:
+        """Plain arrays for a cache. `desc_dtype="float16"` halves storage; matching results then
+        differ only in the last digits of the distances (RootSIFT values lie in [0, 1])."""
+        return {
+            "xy": np.ascontiguousarray(self.xy, dtype=np.float32),
+            "desc": np.ascontiguousarray(self.desc, dtype=np.dtype(desc_dtype)),
+            "image_size": np.asarray(self.image_size, dtype=np.int64),
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays) -> "Keypoints":
+        """Inverse of `to_arrays`; takes any mapping of arrays (dict, h5py group, npz file)."""
+        h, w = (int(v) for v in np.asarray(arrays["image_size"]).reshape(2))
+        return cls(
+            xy=np.asarray(arrays["xy"], dtype=np.float32).reshape(-1, 2),
+            desc=np.asarray(arrays["desc"], dtype=np.float32).reshape(-1, DESC_DIM),
+            image_size=(h, w),
+        )
+
+    @classmethod
+    def empty(cls, image_size: tuple[int, int]) -> "Keypoints":
+        return cls(np.zeros((0, 2), np.float32), np.zeros((0, DESC_DIM), np.float32),
+                   (int(image_size[0]), int(image_size[1])))
+
+
+def set_cv2_threads(n: int) -> None:
+    """OpenCV's own thread pool. Use 1 when the caller already runs images/pairs in parallel
+    threads: nested pools on a small machine only add contention."""
+    cv2.setNumThreads(int(n))
+
+
+def root_sift(desc: np.ndarray) -> np.ndarray:
+    """RootSIFT (Arandjelovic & Zisserman 2012): L1-normalise, then square root. The result has
+    unit L2 norm, so L2 distance between RootSIFT vectors is the Hellinger distance of the SIFTs."""
+    d = np.asarray(desc, dtype=np.float32)
+    s = d.sum(axis=1, keepdims=True)
+    out = np.sqrt(d / np.maximum(s, 1e-12))
+    return out.astype(np.float32, copy=False)
+
+
+def to_gray(image: np.ndarray) -> np.ndarray:
+    """uint8 HxW or HxWx{1,3,4} (RGB[A]) to uint8 HxW."""
+    img = np.asarray(image)
+    if img.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image, got {img.dtype}")
+    if img.ndim == 2:
+        return img
+    if img.ndim == 3 and img.shape[2] == 1:
+        return img[:, :, 0]
+    if img.ndim == 3 and img.shape[2] == 3:
+        return cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
+    if img.ndim == 3 and img.shape[2] == 4:
+        return cv2.cvtColor(img, cv2.COLOR_RGBA2GRAY)
+    raise ValueError(f"expected HxW or HxWx3 image, got shape {img.shape}")
+
+
+def _working_image(gray: np.ndarray, cfg: KeypointConfig) -> np.ndarray:
+    h, w = gray.shape
+    s = cfg.max_side / max(h, w)
+    if s < 1.0 or (s > 1.0 and cfg.upscale):
+        nw, nh = max(1, round(w * s)), max(1, round(h * s))
+        interp = cv2.INTER_AREA if s < 1.0 else cv2.INTER_CUBIC
+        gray = cv2.resize(gray, (nw, nh), interpolation=interp)
+    if cfg.clahe_clip > 0 and min(gray.shape) >= 2 * cfg.clahe_grid:
+        clahe = cv2.createCLAHE(clipLimit=cfg.clahe_clip, tileGridSize=(cfg.clahe_grid, cfg.clahe_grid))
+        gray = clahe.apply(gray)
+    return gray
+
+
+def extract_keypoints(image: np.ndarray, cfg: KeypointConfig = PRESETS["default"]) -> Keypoints:
+    """SIFT keypoints + RootSIFT descriptors of one uint8 image (HxW gray or HxWx3 RGB).
+
+    Never fails on content: a blank or tiny image gives zero keypoints."""
+    gray = to_gray(image)
+    h, w = gray.shape
+    if h == 0 or w == 0:
+        return Keypoints.empty((h, w))
+    work = _working_image(gray, cfg)
+    wh, ww = work.shape
+    # SIFT_create's nfeatures already keeps the strongest by response before computing
+    # descriptors (cheaper); the explicit cut below makes the cap exact when responses tie.
+    sift = cv2.SIFT_create(nfeatures=max(0, int(cfg.max_keypoints)), nOctaveLayers=cfg.n_octave_layers,
+                           contrastThreshold=cfg.contrast_threshold, edgeThreshold=cfg.edge_threshold,
+                           sigma=cfg.sigma)
+    kps, desc = sift.detectAndCompute(work, None)
+    if desc is None or len(kps) == 0:
+        return Keypoints.empty((h, w))
+    # strongest first, so that kp.top(n) of a cached set is what a cap of n would have kept
+    response = np.array([k.response for k in kps], dtype=np.float32)
+    keep = np.argsort(-response, kind="stable")
+    if cfg.max_keypoints > 0:
+        keep = keep[: cfg.max_keypoints]
+    pts = np.array([kps[i].pt for i in keep], dtype=np.float64).reshape(-1, 2)
+    # pixel centres: x_orig + 0.5 = (x_work + 0.5) * (w / ww)
+    xy = np.empty_like(pts)
+    xy[:, 0] = (pts[:, 0] + 0.5) * (w / ww) - 0.5
+    xy[:, 1] = (pts[:, 1] + 0.5) * (h / wh) - 0.5
+    return Keypoints(xy=xy.astype(np.float32), desc=root_sift(desc[keep]), image_size=(h, w))
+
+
+def extract_many(images: Iterable[np.ndarray], cfg: KeypointConfig = PRESETS["default"],
+                 workers: int = 1) -> list[Keypoints]:
+    """`extract_keypoints` over several images, in order, on a thread pool (SIFT releases the GIL).
+
+    OpenCV's internal threads are set to 1 meanwhile so the two pools do not fight, then restored."""
+    images = list(images)
+    if workers <= 1 or len(images) <= 1:
+        return [extract_keypoints(im, cfg) for im in images]
+    before = cv2.getNumThreads()
+    set_cv2_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return list(pool.map(lambda im: extract_keypoints(im, cfg), images))
+    finally:
+        set_cv2_threads(before)
+
+
+def config_from_dict(d: dict) -> KeypointConfig:
+    """Rebuild a config saved with dataclasses.asdict (unknown keys are an error, not ignored)."""
+    return KeypointConfig(**d)
+
+
+__all__: Sequence[str] = ["KeypointConfig", "Keypoints", "PRESETS", "extract_keypoints", "extract_many",
+                          "root_sift", "set_cv2_threads", "to_gray", "config_from_dict"]

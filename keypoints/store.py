@@ -1,0 +1,65 @@
+"""Keypoints of catalog photos through the run folder's HDF5 cache (cache/keypoints.h5).
+
+Extraction runs on a thread pool (SIFT releases the GIL); what is cached is never recomputed.
+The cache fingerprint is the extraction config, so changing a setting starts a fresh cache.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+from tqdm.auto import tqdm
+
+from engine.cache import FeatureCache, record_key
+from engine.catalog import Record
+from engine.errors import ImageError
+from engine.images import load_image
+from keypoints.features import KeypointConfig, Keypoints, extract_keypoints
+
+log = logging.getLogger(__name__)
+
+
+class KeypointStore:
+    def __init__(self, cache_path: Path, cfg: KeypointConfig):
+        self.cfg = cfg
+        self.cache = FeatureCache(cache_path, "keypoints:" + json.dumps(asdict(cfg), sort_keys=True))
+
+    def get(self, records: Sequence[Record], workers: int = 2, progress: bool = True,
+            desc: str = "keypoints") -> dict[str, Keypoints]:
+        """Keypoints by record key; an unreadable photo gets none (and is logged once)."""
+        keys = {record_key(r): r for r in records}
+        keys.pop(None, None)
+        out = {k: Keypoints.from_arrays(v) for k, v in self.cache.get(keys).items()}
+        todo = [(k, r) for k, r in keys.items() if k not in out]
+        if not todo:
+            return out
+
+        def one(item):
+            key, rec = item
+            try:
+                return key, extract_keypoints(load_image(rec.path, rec.bbox), self.cfg)
+            except ImageError as e:
+                log.warning("no keypoints: %s", e)
+                return key, None
+
+        before = cv2.getNumThreads()
+        cv2.setNumThreads(1)  # one image per thread instead: the pools would fight otherwise
+        new = {}
+        try:
+            with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+                for key, kp in tqdm(pool.map(one, todo), total=len(todo), desc=desc, unit="img",
+                                    disable=not progress, leave=False):
+                    if kp is not None:
+                        out[key] = new[key] = kp
+                    if len(new) >= 512:  # bounded loss if killed mid-way
+                        self.cache.add({k: v.to_arrays() for k, v in new.items()})
+                        new = {}
+        finally:
+            cv2.setNumThreads(before)
+        self.cache.add({k: v.to_arrays() for k, v in new.items()})
+        return out

@@ -1,0 +1,104 @@
+"""train-verifier: true pairs and hard false pairs from the run's training photos, keypoint-verified,
+then the XGBoost validator fitted on their geometry.
+
+Pairs come from what `match` will see: each sampled training photo is a query against the other
+training photos (held-out individuals stay out: they are calibration data), its retrieval shortlist
+gives hard false pairs, and true pairs are the same individual's photos in the shortlist (or, if the
+shortlist has none, its best-scoring photo of the same individual). The held-out AUC uses folds by
+individual, so no test individual is seen in training.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from engine.cache import record_key
+from engine.errors import UserError
+from engine.pipeline import Engine, MatchConfig
+from engine.runtime import set_threads
+from keypoints.features import PRESETS as KEYPOINT_PRESETS, Keypoints
+from keypoints.validator import VALIDATOR_PRESETS, Validator, heldout_auc
+from keypoints.verify import FEATURE_NAMES, VERIFY_PRESETS, feature_matrix, verify_pairs
+from siamese.embed import EmbedResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VerifierTrainConfig:
+    keypoints: str = "default"  # keypoints.features.PRESETS
+    verify: str = "default"  # keypoints.verify.VERIFY_PRESETS
+    validator: str = "default"  # keypoints.validator.VALIDATOR_PRESETS
+    negatives_per_query: int = 8  # hard false pairs from the top of each query's shortlist
+    max_queries: int = 600
+    seed: int = 0
+    workers: int = 2
+
+
+def build_training_pairs(engine: Engine, cfg: VerifierTrainConfig):
+    """(query gallery index, gallery index, same?) from shortlists among the training photos."""
+    heldout = engine.run.heldout()
+    g = engine.gallery
+    ids = np.array(g.ids)
+    train_idx = np.array([i for i in range(len(g)) if g.ids[i] not in heldout], dtype=np.int64)
+    counts = {i: n for i, n in zip(*np.unique(ids[train_idx], return_counts=True))}
+    eligible = np.array([i for i in train_idx if counts[g.ids[i]] >= 2], dtype=np.int64)
+    if len(eligible) < 4 or len(set(ids[eligible])) < 2:
+        raise UserError("train-verifier needs at least 2 training individuals with 2 or more photos")
+    rng = np.random.default_rng(cfg.seed)
+    queries = np.sort(rng.choice(eligible, min(cfg.max_queries, len(eligible)), replace=False))
+    emb = EmbedResult(g.embeddings[queries], np.arange(len(queries)))
+    records = [g.record(int(i)) for i in queries]
+    shortlists = engine.pair_scores(records, emb, MatchConfig(shortlist=50, verify_top=0), gallery_subset=train_idx)
+    triples = []
+    for q, qp in zip(queries, shortlists):
+        scores = engine.default_scores(qp.stages)
+        order = np.argsort(-scores, kind="stable")
+        same = ids[qp.gallery_idx] == g.ids[q]
+        pos = [int(qp.gallery_idx[j]) for j in order if same[j]][:2]
+        neg = [int(qp.gallery_idx[j]) for j in order if not same[j]][: cfg.negatives_per_query]
+        if not pos:  # the shortlist missed it: its best photo of the same individual and viewpoint
+            cand = [i for i in train_idx if g.ids[i] == g.ids[q] and i != q and
+                    (not g.viewpoints[q] or g.viewpoints[i] in ("", g.viewpoints[q]))]
+            if cand:
+                pos = [int(max(cand, key=lambda i: float(g.embeddings[i] @ g.embeddings[q])))]
+        triples += [(int(q), p, 1) for p in pos] + [(int(q), n, 0) for n in neg]
+    return triples
+
+
+def train_verifier(run_path: Path, cfg: VerifierTrainConfig = VerifierTrainConfig(), threads: int | None = None,
+                   progress: bool = True) -> dict:
+    t0 = time.perf_counter()
+    set_threads(threads)
+    engine = Engine.load(run_path)
+    engine.verifier = None  # shortlists by the embedding stages only
+    kcfg, vcfg = KEYPOINT_PRESETS[cfg.keypoints], VERIFY_PRESETS[cfg.verify]
+    engine.config = engine.run.update_config(keypoints=asdict(kcfg), verify=vcfg.to_dict())
+    triples = build_training_pairs(engine, cfg)
+    g = engine.gallery
+    needed = sorted({i for q, p, _ in triples for i in (q, p)})
+    kps = engine.keypoint_store().get([g.record(i) for i in needed], cfg.workers, progress, "keypoints")
+    empty = Keypoints.empty((1, 1))
+    key = {i: record_key(g.record(i)) for i in needed}
+    lookup = {key[i]: kps.get(key[i], empty) for i in needed}
+    tv = time.perf_counter()
+    results = verify_pairs([(key[q], key[p]) for q, p, _ in triples], lookup, vcfg, cfg.workers)
+    ms_per_pair = 1000 * (time.perf_counter() - tv) / max(1, len(triples))
+    X = feature_matrix(results)
+    y = np.array([t[2] for t in triples])
+    groups = np.array([[g.ids[q], g.ids[p]] for q, p, _ in triples])
+    vconf = VALIDATOR_PRESETS[cfg.validator]
+    auc = heldout_auc(X, y, groups, seed=cfg.seed, cfg=vconf, feature_names=list(FEATURE_NAMES))
+    validator = Validator(vconf, list(FEATURE_NAMES)).fit(X, y, seed=cfg.seed)
+    validator.save(engine.run.verifier_path)
+    summary = {"pairs": len(triples), "positives": int(y.sum()), "negatives": int((1 - y).sum()),
+               "heldout_auc_validator": round(float(auc["auc_validator"]), 4),
+               "heldout_auc_inlier_count": round(float(auc["auc_inliers"]), 4),
+               "ms_per_pair": round(ms_per_pair, 2), "seconds": round(time.perf_counter() - t0, 1),
+               "config": asdict(cfg)}
+    engine.run.update_metrics("train_verifier", summary)
+    return summary

@@ -1,0 +1,222 @@
+"""Geometric verification of (query, gallery) pairs: match, double homography, feature vector.
+
+The feature vector (`FEATURE_NAMES`) is what the XGBoost validator reads. Every pair gets one, the
+degenerate ones included (zeros plus flags), so a batch is always a dense (n, F) float32 array.
+"""
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Hashable, Mapping, Sequence
+
+import cv2
+import faiss
+import numpy as np
+
+from keypoints.features import Keypoints
+from keypoints.homography import (
+    Geometry,
+    HomographyConfig,
+    double_homography,
+    frame_transform,
+    to_unit,
+)
+from keypoints.matching import match_descriptors
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    """Settings of matching + homography (the extraction has its own KeypointConfig)."""
+
+    ratio: float = 0.8  # Lowe's ratio on L2 distances of RootSIFT
+    mutual: bool = True
+    homography: HomographyConfig = field(default_factory=HomographyConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VerifyConfig":
+        d = dict(d)
+        h = HomographyConfig(**d.pop("homography", {}))
+        return cls(homography=h, **d)
+
+
+VERIFY_PRESETS: dict[str, VerifyConfig] = {
+    "default": VerifyConfig(),
+    # fewer iterations; for the "fast" keypoint preset
+    "fast": VerifyConfig(homography=HomographyConfig(first_max_iters=1000, second_max_iters=500)),
+}
+
+FEATURE_NAMES: tuple[str, ...] = (
+    "n_matches",  # putative matches after ratio + mutual test
+    "n_inliers_first",  # inliers of the loose pass
+    "n_inliers",  # inliers of the strict pass (counted even when the geometry is rejected)
+    "n_inliers_accepted",  # n_inliers if the geometry passed the checks, else 0
+    "inlier_ratio",  # n_inliers / n_matches
+    "match_frac",  # n_matches / min(n_kp_query, n_kp_gallery)
+    "inlier_frac",  # n_inliers / min(n_kp_query, n_kp_gallery)
+    "log_kp_query",
+    "log_kp_gallery",
+    "h00", "h01", "h02", "h10", "h11", "h12", "h20", "h21",  # unit frame, h22 = 1
+    "det",  # of the 2x2 part (unit frame)
+    "log_scale",  # 0.5 * log|det|
+    "aniso",  # smaller / larger singular value of the 2x2 part
+    "shear",
+    "rotation",  # radians
+    "perspective",  # |(h20, h21)|
+    "flip",  # 1 if the determinant is negative: mirrored pattern
+    "has_h",  # 1 if a homography with enough inliers was found
+    "rejected",  # 1 if that homography failed a check (mirrored, singular, scale, shear, collinear...)
+    "reproj_mean",  # reference-frame px (long side 512) over the final inliers
+    "reproj_median",
+    "hull_query",  # convex hull area of the inliers / image area
+    "hull_gallery",
+    "std_x_query",  # std of inlier x / image width
+    "std_y_query",
+    "std_x_gallery",
+    "std_y_gallery",
+    "dist_inliers",  # mean RootSIFT L2 distance over the inliers
+    "dist_matches",  # mean over all putative matches
+    "ratio_inliers",  # mean Lowe ratio over the inliers
+)
+N_FEATURES = len(FEATURE_NAMES)
+_F = {name: i for i, name in enumerate(FEATURE_NAMES)}
+
+
+@dataclass(frozen=True)
+class PairResult:
+    features: np.ndarray  # float32 (N_FEATURES,)
+    H: np.ndarray | None  # 3x3, query pixels -> gallery pixels (original images); None if rejected
+    inliers_xy: np.ndarray  # float32 (m, 4): x_q, y_q, x_g, y_g in original pixels (accepted only)
+    n_inliers: int  # accepted inliers (0 when the geometry was rejected)
+    n_matches: int
+    reject: str = ""  # "" when accepted, else the reason (too_few_matches, mirrored, scale, ...)
+
+    @property
+    def score(self) -> float:
+        """Raw geometric score before any learning: accepted inlier count."""
+        return float(self.n_inliers)
+
+
+def _hull_fraction(pts_unit: np.ndarray, area: float) -> float:
+    if len(pts_unit) < 3 or area <= 0:
+        return 0.0
+    hull = cv2.convexHull(pts_unit.astype(np.float32).reshape(-1, 1, 2))
+    return float(cv2.contourArea(hull) / area)
+
+
+def _spread(xy: np.ndarray, size: tuple[int, int]) -> tuple[float, float, float]:
+    """Hull area fraction, std x / w, std y / h of original-pixel points."""
+    h, w = size
+    if len(xy) == 0 or h == 0 or w == 0:
+        return 0.0, 0.0, 0.0
+    u = xy / np.array([w, h], dtype=np.float64)
+    return _hull_fraction(u, 1.0), float(u[:, 0].std()), float(u[:, 1].std())
+
+
+def _to_ref(kp: Keypoints, idx: np.ndarray) -> np.ndarray:
+    T = frame_transform(kp.image_size)
+    p = kp.xy[idx].astype(np.float64)
+    return p * T[0, 0] + T[:2, 2]
+
+
+def verify_pair(kp_query: Keypoints, kp_gallery: Keypoints,
+                cfg: VerifyConfig = VERIFY_PRESETS["default"]) -> PairResult:
+    """Match the query's keypoints to the gallery's, fit the double homography, build the features.
+
+    Never raises on content: empty keypoint sets and degenerate geometry give low features."""
+    f = np.zeros(N_FEATURES, dtype=np.float64)
+    nq, ng = len(kp_query), len(kp_gallery)
+    f[_F["log_kp_query"]] = np.log1p(nq)
+    f[_F["log_kp_gallery"]] = np.log1p(ng)
+    m = match_descriptors(kp_query.desc, kp_gallery.desc, ratio=cfg.ratio, mutual=cfg.mutual)
+    n_matches = len(m)
+    f[_F["n_matches"]] = n_matches
+    f[_F["match_frac"]] = n_matches / max(1, min(nq, ng))
+    none_xy = np.zeros((0, 4), dtype=np.float32)
+    if n_matches == 0:
+        return PairResult(f.astype(np.float32), None, none_xy, 0, 0, "too_few_matches")
+    f[_F["dist_matches"]] = float(m.dist.mean())
+
+    src = _to_ref(kp_query, m.idx[:, 0])
+    dst = _to_ref(kp_gallery, m.idx[:, 1])
+    g: Geometry = double_homography(src, dst, kp_query.image_size, cfg.homography)
+    n_in = g.n_inliers
+    f[_F["n_inliers_first"]] = g.n_first
+    f[_F["n_inliers"]] = n_in
+    f[_F["inlier_ratio"]] = n_in / n_matches
+    f[_F["inlier_frac"]] = n_in / max(1, min(nq, ng))
+    if g.H is None:
+        return PairResult(f.astype(np.float32), None, none_xy, 0, n_matches, g.reject)
+
+    Hu = to_unit(g.H)
+    for name, (r, c) in zip(("h00", "h01", "h02", "h10", "h11", "h12", "h20", "h21"),
+                            ((0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 0), (2, 1))):
+        f[_F[name]] = Hu[r, c]
+    st = g.stats
+    f[_F["det"]] = st["det"]
+    f[_F["log_scale"]] = 0.5 * np.log(max(abs(st["det"]), 1e-12))
+    for name in ("aniso", "shear", "rotation", "perspective"):
+        f[_F[name]] = st[name]
+    f[_F["flip"]] = float(st["flip"])
+    f[_F["has_h"]] = 1.0
+    f[_F["rejected"]] = float(bool(g.reject))
+    accepted = not g.reject
+    f[_F["n_inliers_accepted"]] = n_in if accepted else 0
+    sel = np.flatnonzero(g.inliers)
+    if n_in:
+        f[_F["reproj_mean"]] = float(g.errors.mean())
+        f[_F["reproj_median"]] = float(np.median(g.errors))
+        f[_F["dist_inliers"]] = float(m.dist[sel].mean())
+        f[_F["ratio_inliers"]] = float(m.ratio[sel].mean())
+    xy_q = kp_query.xy[m.idx[sel, 0]].astype(np.float64)
+    xy_g = kp_gallery.xy[m.idx[sel, 1]].astype(np.float64)
+    (f[_F["hull_query"]], f[_F["std_x_query"]], f[_F["std_y_query"]]) = _spread(xy_q, kp_query.image_size)
+    (f[_F["hull_gallery"]], f[_F["std_x_gallery"]], f[_F["std_y_gallery"]]) = _spread(xy_g, kp_gallery.image_size)
+    f = np.nan_to_num(f, nan=0.0, posinf=0.0, neginf=0.0)
+    if not accepted:
+        return PairResult(f.astype(np.float32), None, none_xy, 0, n_matches, g.reject)
+    H_pix = np.linalg.inv(frame_transform(kp_gallery.image_size)) @ g.H @ frame_transform(kp_query.image_size)
+    H_pix /= H_pix[2, 2]
+    inl = np.concatenate([xy_q, xy_g], axis=1).astype(np.float32)
+    return PairResult(f.astype(np.float32), H_pix, inl, n_in, n_matches, "")
+
+
+def verify_pairs(pairs: Sequence[tuple[Hashable, Hashable]],
+                 kp_lookup: Mapping[Hashable, Keypoints] | Callable[[Hashable], Keypoints],
+                 cfg: VerifyConfig = VERIFY_PRESETS["default"], workers: int = 1) -> list[PairResult]:
+    """`verify_pair` over (query_key, gallery_key) pairs, results in the order of `pairs`.
+
+    `kp_lookup` maps a key to its Keypoints (a dict, or a function such as a cache reader; with
+    workers > 1 a function must be thread-safe). Pairs run on a thread pool: OpenCV and faiss
+    release the GIL. faiss's OpenMP threads and OpenCV's pool are set to 1 meanwhile (both are
+    process-wide) so the pools do not oversubscribe the cores, and restored afterwards."""
+    get = kp_lookup if callable(kp_lookup) else kp_lookup.__getitem__
+    pairs = list(pairs)
+
+    def one(pair):
+        return verify_pair(get(pair[0]), get(pair[1]), cfg)
+
+    faiss_before = faiss.omp_get_max_threads()
+    cv2_before = cv2.getNumThreads()
+    faiss.omp_set_num_threads(1)
+    cv2.setNumThreads(1)
+    try:
+        if workers <= 1 or len(pairs) <= 1:
+            return [one(p) for p in pairs]
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return list(pool.map(one, pairs))
+    finally:
+        faiss.omp_set_num_threads(faiss_before)
+        cv2.setNumThreads(cv2_before)
+
+
+def feature_matrix(results: Sequence[PairResult]) -> np.ndarray:
+    """(n, N_FEATURES) float32 matrix of the results' feature vectors."""
+    if not results:
+        return np.zeros((0, N_FEATURES), dtype=np.float32)
+    return np.stack([r.features for r in results]).astype(np.float32, copy=False)

@@ -1,0 +1,141 @@
+"""calibrate: fit score calibrators, the fusion and the new_individual threshold on open-set folds.
+
+Data: the held-out individuals of the run (neither the Siamese network nor the verifier trained on
+them). They are split by individual into folds; in fold f the fold's individuals are "new" (all their
+photos leave the gallery) and one photo of each other held-out individual is a query against the
+rest of the gallery, which keeps every training individual as a distractor, as in real use.
+For each fold, the calibrators + fusion and tau are fitted on the other folds and scored on this
+one (per-fold figures and their spread); then everything is refitted on all folds and saved in
+calibration.json, with a tau per single stage too (for the ablation table of `evaluate`).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from engine.errors import UserError
+from engine.metrics import NEW_INDIVIDUAL, score_predictions
+from engine.pipeline import Engine, MatchConfig, QueryPairs
+from engine.runfolder import atomic_write_json
+from engine.runtime import set_threads
+from ranker.aggregate import aggregate_per_individual
+from ranker.fusion import FusionConfig, ScoreFusion
+from ranker.threshold import open_set_folds, search_threshold, split_fold_images
+from siamese.embed import EmbedResult
+
+log = logging.getLogger(__name__)
+FUSED = "fused"
+
+
+@dataclass(frozen=True)
+class CalibrateConfig:
+    folds: int = 3  # with one query per individual, about 1/folds of the queries are new animals
+    calibrator: str = "isotonic"
+    target_new_rate: float | None = None  # choose tau to answer new_individual this often instead
+    seed: int = 0
+
+
+def fold_pairs(engine: Engine, cfg: CalibrateConfig, mcfg: MatchConfig, progress: bool):
+    """Per fold: the query shortlists (all stages scored) and the truths."""
+    g = engine.gallery
+    heldout = engine.run.heldout()
+    h_idx = np.array([i for i in range(len(g)) if g.ids[i] in heldout], dtype=np.int64)
+    if len(set(g.ids[i] for i in h_idx)) < max(2, cfg.folds):
+        raise UserError(f"calibrate needs at least {max(2, cfg.folds)} held-out individuals; this run has "
+                        f"{len(set(g.ids[i] for i in h_idx))} (train-siamese holds out 20% of the individuals)")
+    folds = open_set_folds([g.ids[i] for i in h_idx], cfg.folds, cfg.seed)
+    out = []
+    for fold in folds:
+        split = split_fold_images([g.ids[i] for i in h_idx], fold, cfg.seed)
+        queries = h_idx[split.queries]
+        hidden = set(queries.tolist()) | {int(i) for i in h_idx if g.ids[i] in set(fold.unseen)}
+        subset = np.array([i for i in range(len(g)) if i not in hidden], dtype=np.int64)
+        emb = EmbedResult(g.embeddings[queries], np.arange(len(queries)))
+        pairs = engine.pair_scores([g.record(int(i)) for i in queries], emb, mcfg, gallery_subset=subset,
+                                   progress=progress)
+        out.append((pairs, list(split.truths)))
+    return out
+
+
+def _stage_arrays(pairs: list[QueryPairs], stages: list[str]):
+    scores = {s: np.concatenate([qp.stages.get(s, np.full(len(qp.gallery_idx), np.nan)) for qp in pairs])
+              for s in stages}
+    return scores
+
+
+def _labels_groups(engine: Engine, pairs: list[QueryPairs]):
+    y = np.concatenate([[engine.gallery.ids[g] == qp.record.individual_id for g in qp.gallery_idx] for qp in pairs])
+    groups = np.concatenate([[k] * len(qp.gallery_idx) for k, qp in enumerate(pairs)])
+    return y.astype(float), groups
+
+
+def _ranked(engine: Engine, pairs: list[QueryPairs], scorer) -> list[list[tuple[str, float]]]:
+    return [[(r[0], r[1]) for r in aggregate_per_individual([engine.gallery.ids[g] for g in qp.gallery_idx],
+                                                             np.asarray(scorer(qp.stages), float))]
+            for qp in pairs]
+
+
+def fit_scorers(engine: Engine, pairs: list[QueryPairs], truths: list[str], stages: list[str],
+                cfg: CalibrateConfig) -> tuple[ScoreFusion, dict[str, float]]:
+    """Calibrators + fusion on these pairs, and a tau for the fused score and each single stage."""
+    y, groups = _labels_groups(engine, pairs)
+    fusion = ScoreFusion(FusionConfig(calibrator=cfg.calibrator, seed=cfg.seed)).fit(
+        _stage_arrays(pairs, stages), y, groups)
+    taus = {}
+    for name, scorer in calibrated_scorers(fusion).items():
+        res = search_threshold(_ranked(engine, pairs, scorer), truths, target_new_rate=cfg.target_new_rate)
+        taus[name] = float(res.tau)
+    return fusion, taus
+
+
+def calibrated_scorers(fusion: ScoreFusion) -> dict:
+    """name -> function(stages dict) -> per-pair score: each calibrated stage, and the fused one."""
+    def single(stage):
+        return lambda st: fusion.calibrators[stage].predict(st[stage]) if stage in st else np.full(
+            len(next(iter(st.values()))), np.nan)
+
+    def fused(st):
+        return fusion.predict({s: v for s, v in st.items() if s in fusion.stages})
+
+    return {**{s: single(s) for s in fusion.stages}, FUSED: fused}
+
+
+def run_calibrate(run: Path, cfg: CalibrateConfig = CalibrateConfig(), threads: int | None = None,
+                  progress: bool = True) -> dict:
+    t0 = time.perf_counter()
+    set_threads(threads)
+    engine = Engine.load(run)
+    mcfg = MatchConfig()
+    data = fold_pairs(engine, cfg, mcfg, progress)
+    stages = engine.stage_order() + (["keypoints"] if engine.verifier is not None else [])
+    per_fold = []
+    for f, (pairs, truths) in enumerate(data):
+        train_pairs = [qp for k, (p, _) in enumerate(data) if k != f for qp in p]
+        train_truths = [t for k, (_, ts) in enumerate(data) if k != f for t in ts]
+        fusion, taus = fit_scorers(engine, train_pairs, train_truths, stages, cfg)
+        row = {}
+        for name, scorer in calibrated_scorers(fusion).items():
+            results = engine.rank(pairs, taus[name], scorer)
+            m = score_predictions({str(k): t for k, t in enumerate(truths)},
+                                  {str(k): r.predictions for k, r in enumerate(results)})
+            row[name] = {"map5": m["map5"], "top1": m["top1"], "new_f1": m["new_f1"], "tau": taus[name]}
+        per_fold.append(row)
+    all_pairs = [qp for p, _ in data for qp in p]
+    all_truths = [t for _, ts in data for t in ts]
+    fusion, taus = fit_scorers(engine, all_pairs, all_truths, stages, cfg)
+    names = list(per_fold[0])
+    summary = {name: {"map5_mean": float(np.mean([r[name]["map5"] for r in per_fold])),
+                      "map5_std": float(np.std([r[name]["map5"] for r in per_fold])),
+                      "new_f1_mean": float(np.mean([r[name]["new_f1"] for r in per_fold]))} for name in names}
+    calibration = {"kind": "calibration", "version": 1, "stages": stages, "fusion": fusion.to_dict(),
+                   "tau": taus, "config": asdict(cfg), "per_fold": per_fold, "summary": summary,
+                   "queries": len(all_truths), "new_queries": sum(t == NEW_INDIVIDUAL for t in all_truths)}
+    atomic_write_json(engine.run.calibration_path, calibration)
+    engine.run.update_metrics("calibrate", {"summary": summary, "tau": taus,
+                                            "seconds": round(time.perf_counter() - t0, 1)})
+    calibration["seconds"] = time.perf_counter() - t0
+    return calibration

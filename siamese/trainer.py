@@ -1,0 +1,333 @@
+"""The Siamese training loop: BCE on LAP-mined positive and negative pairs.
+
+Every epoch:
+1. positives: a derangement inside each individual; negatives: one hard, distinct negative per image
+   from the LAP miner on the score matrix (cosine similarity of the embeddings of the previous
+   epoch's forward passes, refreshed every `refresh_every` epochs), with the noise scale K going from
+   `noise_start` (near-random negatives while the network is untrained) to `noise_end` (hardest);
+2. batches are built so that each image is embedded ONCE per epoch and its pairs are formed from
+   embeddings in the same batch: whole individuals go into a batch (so its positive is there), and
+   batches are grown along the mined negative edges (so most mined negatives are there too); an
+   anchor whose mined negative landed in another batch takes the hardest other-individual image of
+   its own batch instead;
+3. the loss is BCE on the pair head's logit plus BCE on a learned affine map of the embeddings'
+   cosine, so the embedding itself (which proposes the faiss shortlist) learns too.
+The backbone is fine-tuned with a lower learning rate than the head. Checkpoints at epoch ends.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from engine.catalog import Catalog, Record
+from engine.errors import ImageError, UserError
+from engine.images import load_image
+from engine.metrics import average_precision_at_5
+from engine.runfolder import RunFolder
+from ranker.aggregate import aggregate_per_individual
+from siamese.embed import autocast, embed_records, preprocess
+from siamese.lap_miner import LapMiner, derangement_positives, noise_schedule
+from siamese.model import SiameseNet
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- data
+def _load_resized(rec: Record, size: tuple[int, int]) -> np.ndarray | None:
+    """Decode once, keep at a little more than the input size: augmentation crops from it."""
+    try:
+        rgb = load_image(rec.path, rec.bbox)
+    except ImageError as e:
+        log.warning("skipped %s", e)
+        return None
+    h, w = size
+    return cv2.resize(rgb, (int(w * 1.15), int(h * 1.15)), interpolation=cv2.INTER_AREA)
+
+
+def augment(rgb: np.ndarray, cfg, rng: np.random.Generator) -> np.ndarray:
+    """Mild: crop 75-100% of the area, aspect +-10%, rotation +-8 degrees, light and contrast
+    +-20%. No horizontal flip unless asked: a mirrored flank is another pattern."""
+    mc = cfg.model
+    h, w = mc.input_size
+    H, W = rgb.shape[:2]
+    area = rng.uniform(0.75, 1.0)
+    aspect = math.exp(rng.uniform(-0.1, 0.1))
+    cw, ch = W * math.sqrt(area * aspect), H * math.sqrt(area / aspect)
+    cx = rng.uniform(cw / 2, max(cw / 2, W - cw / 2))
+    cy = rng.uniform(ch / 2, max(ch / 2, H - ch / 2))
+    angle = rng.uniform(-8, 8)
+    flip = cfg.hflip and rng.random() < 0.5
+    # affine map from source to output: centre the crop, rotate, scale to the output size
+    m = cv2.getRotationMatrix2D((cx, cy), angle, 1.0)
+    m[:, 2] += (w / 2 * cw / w - cx, h / 2 * ch / h - cy)
+    s = np.diag([w / cw, h / ch])
+    m = s @ m
+    if flip:
+        m = np.array([[-1, 0, w], [0, 1, 0]], np.float64) @ np.vstack([m, [0, 0, 1]])
+    out = cv2.warpAffine(rgb, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT101)
+    out = out.astype(np.float32) * rng.uniform(0.8, 1.2) + rng.uniform(-20, 20)
+    mean = out.mean()
+    out = (out - mean) * rng.uniform(0.8, 1.2) + mean
+    out = np.clip(out, 0, 255).astype(np.uint8)
+    return preprocess(out, mc)
+
+
+# ---------------------------------------------------------------- batches
+def build_batches(labels: np.ndarray, neg_a: np.ndarray, neg_b: np.ndarray, batch_size: int,
+                  rng: np.random.Generator) -> list[np.ndarray]:
+    """Partition images into batches of at most batch_size: whole individuals (split only when one
+    has more photos than a batch holds), grown along mined negative edges so most mined pairs are
+    inside a batch. Each image is in exactly one batch."""
+    groups: dict = defaultdict(list)
+    for i, lab in enumerate(labels):
+        groups[lab].append(i)
+    units = []
+    for members in groups.values():
+        members = list(rng.permutation(members))
+        units += [members[k:k + batch_size] for k in range(0, len(members), batch_size)]
+    unit_of = np.empty(len(labels), np.int64)
+    for u, members in enumerate(units):
+        unit_of[members] = u
+    parent = list(range(len(units)))
+    size = [len(m) for m in units]
+
+    def find(u):
+        while parent[u] != u:
+            parent[u] = parent[parent[u]]
+            u = parent[u]
+        return u
+
+    for e in rng.permutation(len(neg_a)):
+        ra, rb = find(unit_of[neg_a[e]]), find(unit_of[neg_b[e]])
+        if ra != rb and size[ra] + size[rb] <= batch_size:
+            parent[rb] = ra
+            size[ra] += size[rb]
+    comps: dict = defaultdict(list)
+    for u in range(len(units)):
+        comps[find(u)] += units[u]
+    # first-fit packing of the leftover small components
+    batches: list[list[int]] = []
+    for comp in sorted(comps.values(), key=len, reverse=True):
+        for b in batches:
+            if len(b) + len(comp) <= batch_size:
+                b += comp
+                break
+        else:
+            batches.append(list(comp))
+    order = rng.permutation(len(batches))
+    return [np.array(batches[k], np.int64) for k in order if len(batches[k]) >= 2]
+
+
+def batch_pairs(batch: np.ndarray, labels: np.ndarray, pos: np.ndarray, neg: np.ndarray,
+                scores: np.ndarray, noise: float, rng: np.random.Generator):
+    """Local (a, b, y) pairs for one batch: each anchor's positive and its negative."""
+    local = {int(g): k for k, g in enumerate(batch)}
+    a, b, y = [], [], []
+    lab = labels[batch]
+    sub = scores[np.ix_(batch, batch)] + noise * rng.standard_normal((len(batch), len(batch)))
+    sub[lab[:, None] == lab[None, :]] = -np.inf
+    for k, g in enumerate(batch):
+        if pos[g] >= 0 and int(pos[g]) in local:
+            a.append(k), b.append(local[int(pos[g])]), y.append(1.0)
+        n = local.get(int(neg[g]), -1) if neg[g] >= 0 else -1
+        if n < 0 and np.isfinite(sub[k]).any():
+            n = int(np.argmax(sub[k]))  # hardest other individual inside the batch
+        if n >= 0:
+            a.append(k), b.append(n), y.append(0.0)
+    return np.array(a), np.array(b), np.array(y, np.float32)
+
+
+# ---------------------------------------------------------------- validation
+def validation_map5(model: SiameseNet, records: list[Record], batch_size: int, rerank: int = 20) -> dict:
+    """Leave-one-out MAP@5 among held-out individuals (never trained on): by embedding cosine,
+    and with the top `rerank` gallery photos re-scored by the pair head."""
+    if len(records) < 3:
+        return {}
+    emb = embed_records(model, records, None, batch_size, progress=False)
+    recs = [records[i] for i in emb.ok]
+    ids = [r.individual_id for r in recs]
+    views = np.array([r.viewpoint or "" for r in recs])
+    e = emb.embeddings
+    sims = e @ e.T
+    np.fill_diagonal(sims, -np.inf)
+    same_view = (views[:, None] == views[None, :]) | (views[:, None] == "") | (views[None, :] == "")
+    sims[~same_view] = -np.inf
+    device = next(model.parameters()).device
+    ap_emb, ap_head = [], []
+    counts = defaultdict(int)
+    for i in ids:
+        counts[i] += 1
+    et = torch.from_numpy(e).to(device)
+    for q in range(len(recs)):
+        if counts[ids[q]] < 2:
+            continue
+        order = np.argsort(-sims[q])
+        order = order[np.isfinite(sims[q][order])]
+        ranked = aggregate_per_individual([ids[g] for g in order], sims[q][order])
+        ap_emb.append(average_precision_at_5(ids[q], [r[0] for r in ranked]))
+        top = order[:rerank]
+        with torch.no_grad():
+            logit = model.pair_logit(et[q].expand(len(top), -1), et[top]).float().cpu().numpy()
+        ranked = aggregate_per_individual([ids[g] for g in top], logit)
+        ap_head.append(average_precision_at_5(ids[q], [r[0] for r in ranked]))
+    if not ap_emb:
+        return {}
+    return {"val_map5_embedding": float(np.mean(ap_emb)), "val_map5_head": float(np.mean(ap_head)),
+            "val_queries": len(ap_emb)}
+
+
+# ---------------------------------------------------------------- training
+@dataclass
+class _State:
+    epoch: int = 0
+    best: float = -1.0
+    best_state: dict | None = None
+    history: list | None = None
+
+
+def fit(model: SiameseNet, catalog: Catalog, heldout: set, cfg, run: RunFolder, resume: bool = False,
+        progress: bool = True) -> dict:
+    device = next(model.parameters()).device
+    train_recs = [r for r in catalog.records if r.individual_id not in heldout]
+    val_recs = [r for r in catalog.records if r.individual_id in heldout]
+    t0 = time.perf_counter()
+    images, labels_list = [], []
+    for r in tqdm(train_recs, desc="loading training photos", unit="img", disable=not progress, leave=False):
+        img = _load_resized(r, cfg.model.input_size)
+        if img is not None:
+            images.append(img)
+            labels_list.append(r.individual_id)
+    labels = np.array(labels_list)
+    _, counts = np.unique(labels, return_counts=True)
+    if (counts >= 2).sum() < 2:
+        raise UserError("training needs at least 2 individuals with 2 or more readable photos outside the "
+                        f"held-out ones (found {(counts >= 2).sum()}); use --epochs 0 for retrieval only")
+    n = len(images)
+    cos_map = nn.Parameter(torch.tensor([10.0, -5.0], device=device))  # logit = a * cos + b
+    head_params = list(model.head.parameters()) + list(model.pool.parameters()) + [cos_map]
+    opt = torch.optim.AdamW([{"params": model.backbone.parameters(), "lr": cfg.lr_backbone},
+                             {"params": head_params, "lr": cfg.lr_head}], weight_decay=cfg.weight_decay)
+    miner = LapMiner()
+    rng = np.random.default_rng(cfg.seed)
+    state = _State(history=[])
+    embeddings = None  # (n, D) from the last epoch's forward passes
+    if resume and run.checkpoint_path.is_file():
+        ck = torch.load(run.checkpoint_path, map_location=device, weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        cos_map.data.copy_(ck["cos_map"])
+        rng.bit_generator.state = ck["rng"]
+        embeddings = ck.get("embeddings")
+        state = _State(epoch=ck["epoch"], best=ck["best"], best_state=ck["best_state"], history=ck["history"])
+        log.info("resumed from %s at epoch %d", run.checkpoint_path, state.epoch)
+    if device.type == "cpu":
+        model.to(memory_format=torch.channels_last)
+    deadline = t0 + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
+    stopped_by_budget = False
+    scores = None
+    bsz = min(cfg.batch_size, n)
+    centered = cos_initialised = resume and run.checkpoint_path.is_file()
+    while state.epoch < cfg.epochs and not stopped_by_budget:
+        epoch = state.epoch
+        noise = noise_schedule(epoch, cfg.epochs, cfg.noise_start, cfg.noise_end)
+        tm = time.perf_counter()
+        if embeddings is None:
+            scores = np.zeros((n, n), np.float32)  # untrained: the noise makes the negatives random
+            miner_noise = max(noise, 1.0)
+        else:
+            if scores is None or epoch % cfg.refresh_every == 0:
+                scores = embeddings @ embeddings.T
+            miner_noise = noise
+        pa, pb = derangement_positives(labels, rng)
+        pos = np.full(n, -1, np.int64)
+        pos[pa] = pb
+        na, nb = miner.mine_negatives(scores, labels, miner_noise, rng)
+        neg = np.full(n, -1, np.int64)
+        neg[na] = nb
+        batches = build_batches(labels, na, nb, bsz, rng)
+        mining_s = time.perf_counter() - tm
+        std = float(scores.std()) or 1.0
+        model.train()
+        new_emb = np.zeros((n, model.dim), np.float32) if embeddings is None else embeddings.copy()
+        losses, n_img, kept_neg, n_pairs = [], 0, 0, 0
+        te = time.perf_counter()
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not progress,
+                   leave=False)
+        for batch in bar:
+            if len(batch) < bsz:  # fixed shapes: a new input shape costs seconds of re-compilation on CPU
+                others = np.setdiff1d(np.arange(n), batch)
+                batch = np.concatenate([batch, rng.choice(others, bsz - len(batch), replace=False)])
+            a, b, y = batch_pairs(batch, labels, pos, neg, scores, noise * std, rng)
+            if len(a) == 0:
+                continue
+            kept_neg += int(sum(neg[batch[i]] == batch[j] for i, j, t in zip(a, b, y) if t == 0))
+            x = torch.from_numpy(np.stack([augment(images[i], cfg, rng) for i in batch])).to(device)
+            if device.type == "cpu":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(device):
+                f = model.features(x)
+            f = f.float()
+            with torch.no_grad():  # running mean of the features, as BatchNorm tracks its statistics
+                mean_f = f.mean(0)
+                model.center.copy_(mean_f if not centered else 0.9 * model.center + 0.1 * mean_f)
+                centered = True
+            e = model.normalize(f)
+            logit = model.pair_logit(e[a], e[b])
+            cos = (e[a] * e[b]).sum(-1)
+            if not cos_initialised:  # start the cosine's logistic map at the data's mean cosine
+                cos_map.data[1] = -cos_map.data[0] * cos.detach().mean()
+                cos_initialised = True
+            target = torch.from_numpy(y).to(device)
+            loss = (F.binary_cross_entropy_with_logits(logit.float(), target)
+                    + F.binary_cross_entropy_with_logits(cos_map[0] * cos + cos_map[1], target))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            new_emb[batch] = e.detach().cpu().numpy()
+            losses.append(loss.item())
+            n_img += len(batch)
+            n_pairs += len(a)
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+            if time.perf_counter() > deadline:
+                stopped_by_budget = True
+                break
+        bar.close()
+        train_s = time.perf_counter() - te
+        embeddings = new_emb
+        val = validation_map5(model, val_recs, cfg.batch_size)
+        model.train()
+        state.epoch += 1
+        line = {"epoch": state.epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
+                "noise": round(noise, 3), "mining_s": round(mining_s, 2), "train_s": round(train_s, 1),
+                "images_per_s": round(n_img / train_s, 1) if train_s > 0 else 0.0,
+                "pairs": n_pairs, "mined_negatives_in_batch": round(kept_neg / max(1, n), 3), **val}
+        state.history.append(line)
+        log.info("epoch %d/%d loss %.4f  mining %.1f s  %.1f img/s  val MAP@5 emb %s head %s%s", state.epoch,
+                 cfg.epochs, line["loss"], mining_s, line["images_per_s"],
+                 f"{val['val_map5_embedding']:.3f}" if val else "-", f"{val['val_map5_head']:.3f}" if val else "-",
+                 "  (time budget reached)" if stopped_by_budget else "")
+        score = max(val.get("val_map5_head", -1.0), val.get("val_map5_embedding", -1.0)) if val else float(state.epoch)
+        if score >= state.best:
+            state.best = score
+            state.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "cos_map": cos_map.data,
+                    "rng": rng.bit_generator.state, "embeddings": embeddings, "epoch": state.epoch,
+                    "best": state.best, "best_state": state.best_state, "history": state.history},
+                   run.checkpoint_path.with_suffix(".tmp"))
+        run.checkpoint_path.with_suffix(".tmp").replace(run.checkpoint_path)
+    if state.best_state is not None:
+        model.load_state_dict(state.best_state)
+    model.eval()
+    return {"epochs_trained": state.epoch, "stopped_by_budget": stopped_by_budget, "best_val": state.best,
+            "train_photos": n, "heldout_individuals": len(heldout), "history": state.history,
+            "train_seconds": round(time.perf_counter() - t0, 1)}
