@@ -80,6 +80,9 @@ def train_siamese_cmd(
     epochs: Annotated[int, typer.Option(min=0, help="Training epochs; 0 = pretrained retrieval only.")] = 0,
     max_minutes: Annotated[Optional[float], typer.Option(help="Stop training after this many minutes.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for splits, mining and initialisation.")] = 0,
+    heldout_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of individuals (with 2+ "
+                                                    "photos) kept out of training, for validation and "
+                                                    "calibrate.")] = 0.2,
     batch_size: Annotated[int, typer.Option(min=2, help="Images per training/embedding batch.")] = 32,
     resume: Annotated[bool, typer.Option(help="Continue from the run folder's last checkpoint.")] = False,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
@@ -92,7 +95,8 @@ def train_siamese_cmd(
 
     cfg = TrainConfig(model=ModelConfig(backbone=backbone, weights=str(weights) if weights else None,
                                         input_size=_parse_size(input_size)),
-                      epochs=epochs, max_minutes=max_minutes, seed=seed, batch_size=batch_size, threads=threads)
+                      epochs=epochs, max_minutes=max_minutes, seed=seed, batch_size=batch_size, threads=threads,
+                      heldout_fraction=heldout_fraction)
     s = train_siamese(catalog, out, cfg, images, resume=resume, progress=not quiet)
     skipped = f", {len(s['skipped'])} unreadable photo(s) skipped" if s["skipped"] else ""
     typer.echo(f"run {out}: {s['epochs_trained']} epoch(s) trained, gallery {s['gallery_photos']} photos of "
@@ -174,7 +178,12 @@ def match(
     queries: Annotated[Optional[Path], typer.Option(help="CSV image,viewpoint (paths relative to TEST_DIR): "
                                                     "compare each photo only with gallery photos of its "
                                                     "viewpoint.")] = None,
+    report: Annotated[Optional[Path], typer.Option(help="Also write a self-contained HTML review page: each "
+                                                   "photo beside its top-5 with scores and keypoint "
+                                                   "matches, least certain first.")] = None,
     shortlist: Annotated[int, typer.Option(min=1, help="Gallery photos proposed per query by the embedding.")] = 50,
+    verify_top: Annotated[int, typer.Option(min=0, help="Gallery photos per query checked by the keypoint "
+                                            "verifier (if the run has one).")] = 20,
     tau: Annotated[Optional[float], typer.Option(help="new_individual threshold (default: the calibrated "
                                                  "one).")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
@@ -185,7 +194,7 @@ def match(
     from engine.matching import run_match
 
     s = run_match(test_dir, run, out, queries_csv=queries, shortlist=shortlist, tau=tau, threads=threads,
-                  progress=not quiet)
+                  progress=not quiet, report=report, verify_top=verify_top)
     typer.echo(s)
 
 
@@ -208,6 +217,24 @@ def evaluate(
 
     typer.echo(run_evaluate(catalog, run, images, shortlist=shortlist, tau=tau, threads=threads,
                             progress=not quiet))
+
+
+@app.command()
+@user_errors
+def enroll(
+    catalog: CatalogOpt, run: RunOpt, images: ImagesOpt = None,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False,
+):
+    """Add newly confirmed photos (and new individuals) to the run's gallery, without retraining.
+
+    Their embeddings (and keypoints, if the run has a verifier) are computed and the index updated;
+    the next `match` sees them. Photos already in the gallery are left as they are.
+    """
+    _setup_logging(verbose)
+    from engine.matching import run_enroll
+
+    typer.echo(run_enroll(catalog, run, images, threads=threads, progress=not quiet))
 
 
 @app.command()

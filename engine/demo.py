@@ -1,22 +1,27 @@
 """demo: the whole path on a sample that needs nothing outside the repo (or on the user's photos)."""
 from __future__ import annotations
 
+import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from engine.catalog import load_catalog
 from engine.errors import UserError
-from engine.matching import evaluate_results, format_metrics, match_records
+from engine.matching import evaluate_results, format_metrics, match_pairs
+from engine.review import write_review
+from keypoints.training import VerifierTrainConfig, train_verifier
+from ranker.calibrate import CalibrateConfig, run_calibrate
 from engine.metrics import NEW_INDIVIDUAL
 from engine.pipeline import Engine, MatchConfig, write_predictions
 from engine.runfolder import read_json
 from engine.synthetic import make_dataset, split_open_set
-from siamese.model import ModelConfig
 from siamese.train import PRESETS, train_siamese
 
 # The built-in sample: small enough to run end to end in under two minutes on 2 CPU cores.
-SAMPLE = dict(n_individuals=24, photos_per_individual=6, size=(192, 256))
-SAMPLE_UNSEEN = 4
+SAMPLE = dict(n_individuals=30, photos_per_individual=6, size=(192, 256))
+SAMPLE_UNSEEN = 5
+log = logging.getLogger(__name__)
 
 
 def _read_truth(path: Path) -> dict[str, str]:
@@ -45,22 +50,36 @@ def run_demo(out: Path, catalog: Path | None = None, images: Path | None = None,
     gallery_csv, queries_dir, truth_csv = split_open_set(Path(catalog), out / "split", n_unseen=n_unseen, seed=seed)
     run = out / "run"
     preset = PRESETS["demo"]
-    from dataclasses import replace
-
-    cfg = replace(preset, seed=seed, threads=threads, model=ModelConfig(input_size=preset.model.input_size))
+    cfg = replace(preset, seed=seed, threads=threads)
+    log.info("1/5 train-siamese (%d epochs at most, %.0f min budget)", cfg.epochs, cfg.max_minutes)
     summary = train_siamese(gallery_csv, run, cfg, progress=progress)
+    log.info("2/5 train-verifier")
+    verifier = train_verifier(run, VerifierTrainConfig(seed=seed), threads, progress)
+    log.info("3/5 calibrate")
+    calibration = run_calibrate(run, CalibrateConfig(seed=seed), threads, progress)
+    log.info("4/5 match the held-out photos")
     engine = Engine.load(run)
     queries = load_catalog(truth_csv, queries_dir)  # truth.csv lists the query photos with their answer
-    results, emb = match_records(engine, queries.records, MatchConfig(), progress)
+    mcfg = MatchConfig()
+    pairs, emb = match_pairs(engine, queries.records, mcfg, progress)
+    tau = engine.tau(mcfg)
+    results = engine.rank(pairs, tau)
     predictions = out / "predictions.csv"
-    write_predictions(results, predictions, {"run": str(run)})
+    write_predictions(results, predictions, {"run": str(run), "tau": tau})
     truth = _read_truth(truth_csv)
-    metrics = evaluate_results(results, truth)
+    report = write_review(engine, results, out / "report.html", tau, truth)
+    log.info("5/5 evaluate")
+    table = {name: evaluate_results(engine.rank(pairs, t, scorer), truth)
+             for name, scorer, t in engine.ablation_scorers(mcfg)}
     n_new = sum(1 for t in truth.values() if t == NEW_INDIVIDUAL)
     return "\n".join([
         f"demo on the {source}: gallery {summary['gallery_photos']} photos of "
         f"{summary['gallery_individuals']} individuals, {len(truth)} query photos ({n_new} of unseen individuals)",
-        format_metrics({"engine": metrics}),
-        f"outputs: run folder {run}, predictions {predictions} (+ .json), truth {truth_csv}",
+        f"siamese: {summary['epochs_trained']} epoch(s); verifier held-out AUC {verifier['heldout_auc_validator']:.3f}"
+        f" (inlier count {verifier['heldout_auc_inlier_count']:.3f}); calibrated tau {tau:.3f} on "
+        f"{calibration['queries']} held-out queries",
+        format_metrics(table),
+        "the engine answers with: fused",
+        f"outputs: run folder {run}, predictions {predictions} (+ .json), review page {report}, truth {truth_csv}",
         f"demo finished in {time.perf_counter() - t0:.0f} s",
     ])

@@ -40,15 +40,20 @@ def _skipped_note(emb) -> str:
 
 
 def run_match(test_dir: Path, run: Path, out: Path, queries_csv: Path | None = None, shortlist: int = 50,
-              tau: float | None = None, threads: int | None = None, progress: bool = True) -> str:
+              tau: float | None = None, threads: int | None = None, progress: bool = True,
+              report: Path | None = None, verify_top: int = 20) -> str:
     t0 = time.perf_counter()
     set_threads(threads)
     records = query_records(test_dir, queries_csv)
     engine = Engine.load(run)
-    cfg = MatchConfig(shortlist=shortlist, tau=tau)
+    cfg = MatchConfig(shortlist=shortlist, tau=tau, verify_top=verify_top)
     results, emb = match_records(engine, records, cfg, progress)
     json_path = write_predictions(results, out, {"run": str(run), "tau": engine.tau(cfg),
                                                  "skipped": [{"image": r.image, "reason": m} for r, m in emb.skipped]})
+    if report is not None:
+        from engine.review import write_review
+
+        json_path = f"{json_path}, {write_review(engine, results, report, engine.tau(cfg))}"
     n_new = sum(1 for r in results if r.predictions[:1] == [NEW_INDIVIDUAL])
     dt = time.perf_counter() - t0
     return (f"matched {len(results)} photos ({n_new} new_individual first{_skipped_note(emb)}) in {dt:.1f} s "
@@ -90,3 +95,32 @@ def run_evaluate(catalog_csv: Path, run: Path, images: Path | None = None, short
     return (format_metrics(table) + f"\nthe engine answers with: {answer}"
             f"\nevaluated {len(truth)} labelled photos ({n_new} of individuals absent from the gallery"
             f"{_skipped_note(emb)}) in {dt:.1f} s; figures saved in {engine.run.metrics_path}")
+
+
+def run_enroll(catalog_csv: Path, run: Path, images: Path | None = None, threads: int | None = None,
+               progress: bool = True) -> str:
+    """Add confirmed photos to the gallery (embeddings, keypoints, index) without retraining."""
+    from engine.gallery import Gallery
+
+    t0 = time.perf_counter()
+    set_threads(threads)
+    catalog = load_catalog(catalog_csv, images)
+    engine = Engine.load(run)
+    present = set(engine.gallery.paths)
+    records = [r for r in catalog.records if str(Path(r.path).resolve()) not in present]
+    already = len(catalog.records) - len(records)
+    if not records:
+        return f"nothing to enroll: all {already} photos of {catalog_csv} are already in the gallery"
+    emb = engine.embed(records, MatchConfig(), progress, "embedding new photos")
+    if len(emb.ok) == 0:
+        raise UserError(f"none of the {len(records)} photos could be read (first: {emb.skipped[0][1]})")
+    added = [records[i] for i in emb.ok]
+    before = set(engine.gallery.ids)
+    gallery = engine.gallery.extend(Gallery.from_records(added, emb.embeddings))
+    if engine.verifier is not None:  # keypoints now, so the first match does not pay for them
+        engine.keypoint_store().get(added, progress=progress, desc="keypoints of new photos")
+    gallery.save(engine.run.gallery_path)
+    new_ids = {r.individual_id for r in added} - before
+    skipped = _skipped_note(emb) + (f", {already} already in the gallery" if already else "")
+    return (f"enrolled {len(added)} photos ({len(new_ids)} new individuals{skipped}); gallery now "
+            f"{len(gallery)} photos of {len(set(gallery.ids))} individuals ({time.perf_counter() - t0:.1f} s)")

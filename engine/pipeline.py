@@ -113,7 +113,7 @@ class Engine:
         from keypoints.features import config_from_dict
         from keypoints.store import KeypointStore
 
-        return KeypointStore(self.run.cache_dir / "keypoints.h5", config_from_dict(self.config["keypoints"]))
+        return KeypointStore(self.run.cache_dir / "keypoints", config_from_dict(self.config["keypoints"]))
 
     def verify_config(self):
         from keypoints.verify import VerifyConfig
@@ -165,7 +165,7 @@ class Engine:
 
     def embed(self, records: Sequence[Record], cfg: MatchConfig, progress: bool = True,
               desc: str = "embedding queries") -> EmbedResult:
-        return embed_records(self.model, records, self.run.cache_dir / "embeddings.h5", cfg.batch_size,
+        return embed_records(self.model, records, self.run.cache_dir / "embeddings", cfg.batch_size,
                              cfg.workers, progress, desc)
 
     @property
@@ -289,7 +289,7 @@ def build_gallery(run: RunFolder, model: SiameseNet, records: Sequence[Record], 
     """Embed the gallery photos and save gallery.h5; unreadable photos are left out and reported.
 
     With `set_center`, the embedding centre becomes the mean of the gallery's features."""
-    emb = embed_records(model, records, run.cache_dir / "embeddings.h5", cfg.batch_size, cfg.workers,
+    emb = embed_records(model, records, run.cache_dir / "embeddings", cfg.batch_size, cfg.workers,
                         progress, "embedding gallery")
     if len(emb.ok) == 0:
         raise UserError("no gallery photo could be read: nothing to match against")

@@ -1,4 +1,4 @@
-"""Keypoints of catalog photos through the run folder's HDF5 cache (cache/keypoints.h5).
+"""Keypoints of catalog photos through the run folder's HDF5 cache (cache/keypoints/, float16 descriptors).
 
 Extraction runs on a thread pool (SIFT releases the GIL); what is cached is never recomputed.
 The cache fingerprint is the extraction config, so changing a setting starts a fresh cache.
@@ -57,9 +57,9 @@ class KeypointStore:
                     if kp is not None:
                         out[key] = new[key] = kp
                     if len(new) >= 512:  # bounded loss if killed mid-way
-                        self.cache.add({k: v.to_arrays() for k, v in new.items()})
+                        self.cache.add({k: v.to_arrays("float16") for k, v in new.items()})
                         new = {}
         finally:
             cv2.setNumThreads(before)
-        self.cache.add({k: v.to_arrays() for k, v in new.items()})
+        self.cache.add({k: v.to_arrays("float16") for k, v in new.items()})
         return out

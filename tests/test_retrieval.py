@@ -19,7 +19,7 @@ def model():
 
 def test_embeddings_are_unit_norm_and_cache_is_reused(sample, model, tmp_path):
     records = load_catalog(sample).records[:6]
-    cache = tmp_path / "emb.h5"
+    cache = tmp_path / "emb"
     first = embed_records(model, records, cache, batch_size=4, progress=False)
     assert first.computed == 6 and first.embeddings.shape == (6, model.dim)
     assert np.allclose(np.linalg.norm(first.embeddings, axis=1), 1.0, atol=1e-4)
@@ -33,14 +33,23 @@ def test_embeddings_are_unit_norm_and_cache_is_reused(sample, model, tmp_path):
 
 
 def test_cache_with_another_fingerprint_is_stale(tmp_path):
-    c1 = FeatureCache(tmp_path / "c.h5", "model-a")
+    c1 = FeatureCache(tmp_path / "c", "model-a")
     c1.add({"k1": {"embedding": np.ones(3, np.float32)}})
-    assert set(c1.get(["k1", "k2"])) == {"k1"}
-    c2 = FeatureCache(tmp_path / "c.h5", "model-b")
+    c1.add({"k3": {"embedding": np.full(3, 3, np.float32)}})  # a second shard
+    got = c1.get(["k1", "k2", "k3"])
+    assert set(got) == {"k1", "k3"} and got["k3"]["embedding"][0] == 3
+    c2 = FeatureCache(tmp_path / "c", "model-b")
     assert c2.get(["k1"]) == {}
     c2.add({"k2": {"embedding": np.zeros(3, np.float32)}})
-    assert c2.keys() == {"k2"} and c1.keys() == set()
-    assert not list(tmp_path.glob("*.tmp*"))  # the atomic write left no temporary file
+    assert c2.keys() == {"k2"} and c1.keys() == set()  # the stale shards were removed
+    assert len(list((tmp_path / "c").iterdir())) == 1  # the atomic write left no temporary file
+
+
+def test_cache_ignores_a_half_written_shard(tmp_path):
+    c = FeatureCache(tmp_path / "c", "m")
+    c.add({"k1": {"x": np.ones(2)}})
+    (tmp_path / "c" / "shard-99999999999999999999-1.h5").write_bytes(b"truncated")
+    assert set(c.get(["k1"])) == {"k1"}
 
 
 def test_unreadable_photo_is_skipped_and_named(sample, model, tmp_path):

@@ -1,0 +1,42 @@
+"""The HTML review page of `match --report`: each query beside its top-5 with the evidence."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from engine.errors import ImageError
+from engine.images import load_image
+from engine.pipeline import Engine, QueryResult
+from ranker.report import ReportCandidate, ReportQuery, write_report
+
+
+def _image(record):
+    """The photo as the stages saw it (after the bbox crop), so inlier coordinates line up."""
+    try:
+        return load_image(record.path, record.bbox)
+    except ImageError:
+        return None  # the report shows a placeholder
+
+
+def write_review(engine: Engine, results: Sequence[QueryResult], path: Path, tau: float,
+                 truth: dict[str, str] | None = None) -> Path:
+    """Queries are ordered by how close their best score is to the threshold: the answers a
+    person should check first are those the engine was least sure of, either way."""
+    entries = []
+    for r in results:
+        cands = []
+        for c in r.candidates:
+            xy = c.evidence.get("inliers_xy")
+            cands.append(ReportCandidate(
+                individual_id=c.individual_id, fused=c.score, stage_scores=dict(c.stages),
+                gallery_image=_image(engine.gallery.record(c.gallery_index)),
+                gallery_name=Path(c.gallery_image).name,
+                inliers_xy=np.asarray(xy, np.float32).reshape(-1, 4) if xy else None))
+        top = r.candidates[0].score if r.candidates else 0.0
+        entries.append(ReportQuery(query_image=_image(r.record), query_name=r.name,
+                                   truth=(truth or {}).get(r.name), confidence=abs(top - tau),
+                                   candidates=cands, predictions=r.predictions))
+    return write_report(path, entries, title=f"Matches against {engine.run.path.name} "
+                                            f"(new_individual below {tau:.3f})")
