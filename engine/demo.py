@@ -14,7 +14,6 @@ from keypoints.training import VerifierTrainConfig, train_verifier
 from ranker.calibrate import CalibrateConfig, run_calibrate
 from engine.metrics import NEW_INDIVIDUAL
 from engine.pipeline import Engine, MatchConfig, write_predictions
-from engine.runfolder import read_json
 from engine.synthetic import make_dataset, split_open_set
 from siamese.train import PRESETS, train_siamese
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Protocol
 
@@ -17,6 +16,7 @@ import numpy as np
 from scipy.special import expit
 
 from engine.metrics import roc_auc
+from engine.runfolder import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +42,6 @@ def _finite_pairs(scores, labels) -> tuple[np.ndarray, np.ndarray]:
     if not keep.any():
         raise ValueError("no non-NaN score to fit a calibrator on")
     return s[keep], y[keep]
-
-
-def write_json_atomic(path: str | os.PathLike, obj: dict) -> None:
-    # Written to a temporary name then renamed, so a killed run never leaves half a file.
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def pool_adjacent_violators(y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -126,7 +118,7 @@ class IsotonicCalibrator:
         return c
 
     def save(self, path) -> None:
-        write_json_atomic(path, self.to_dict())
+        atomic_write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path) -> "IsotonicCalibrator":
@@ -229,7 +221,7 @@ class LogisticCalibrator:
         return c
 
     def save(self, path) -> None:
-        write_json_atomic(path, self.to_dict())
+        atomic_write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path) -> "LogisticCalibrator":

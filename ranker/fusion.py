@@ -21,7 +21,8 @@ from typing import Mapping, Sequence
 import numpy as np
 from scipy.special import expit, logit
 
-from ranker.calibration import calibrator_from_dict, fit_logistic, make_calibrator, write_json_atomic
+from engine.runfolder import atomic_write_json
+from ranker.calibration import calibrator_from_dict, fit_logistic, make_calibrator
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ class LogisticStack:
         return s
 
     def save(self, path) -> None:
-        write_json_atomic(path, self.to_dict())
+        atomic_write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path) -> "LogisticStack":
@@ -129,7 +130,7 @@ class MeanFusion:
         return cls()
 
     def save(self, path) -> None:
-        write_json_atomic(path, self.to_dict())
+        atomic_write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path) -> "MeanFusion":
@@ -276,7 +277,7 @@ class ScoreFusion:
         return f
 
     def save(self, path) -> None:
-        write_json_atomic(path, self.to_dict())
+        atomic_write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path) -> "ScoreFusion":

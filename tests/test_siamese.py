@@ -88,3 +88,18 @@ def test_short_training_lowers_the_pair_loss(sample, tmp_path):
     assert all(np.isfinite(h["loss"]) for h in summary["history"])
     assert after < before - 0.01, (before, after)
     assert run.checkpoint_path.is_file()
+
+
+@pytest.mark.slow
+def test_resume_continues_from_the_checkpoint(sample, tmp_path):
+    catalog = load_catalog(sample)
+    base = dict(model=ModelConfig(input_size=TINY_INPUT).resolved(), batch_size=16, seed=3)
+    run = RunFolder(tmp_path / "run")
+    run.create({})
+    first = fit(SiameseNet(base["model"]), catalog, set(), TrainConfig(epochs=1, **base), run, progress=False)
+    assert first["epochs_trained"] == 1
+    model = SiameseNet(base["model"])
+    second = fit(model, catalog, set(), TrainConfig(epochs=2, **base), run, resume=True, progress=False)
+    assert second["epochs_trained"] == 2
+    assert [h["epoch"] for h in second["history"]] == [1, 2]  # epoch 1 came from the checkpoint
+    assert second["history"][0] == first["history"][0]
