@@ -27,12 +27,15 @@ FORMAT_VERSION = 1
 
 @dataclass(frozen=True)
 class ValidatorConfig:
+    # Shallow, regularised trees: the geometry signal is weak on hard photos and training sets are
+    # a few hundred to a few thousand pairs. On 400 real nyala pairs (folds by individual, 3 seeds)
+    # the held-out AUC was 0.57 with depth 4 / min_child_weight 2, 0.62 with these settings.
     n_estimators: int = 300
-    max_depth: int = 4
+    max_depth: int = 2
     learning_rate: float = 0.05
     subsample: float = 0.8
-    colsample_bytree: float = 0.8
-    min_child_weight: float = 2.0
+    colsample_bytree: float = 0.6
+    min_child_weight: float = 5.0
     reg_lambda: float = 1.0
     n_jobs: int = 1  # explicit: XGBoost would otherwise take every core of a shared machine
     device: str = "auto"  # "auto": cuda when XGBoost was built with it and torch sees a GPU
@@ -40,7 +43,9 @@ class ValidatorConfig:
 
 VALIDATOR_PRESETS: dict[str, ValidatorConfig] = {
     "default": ValidatorConfig(),
-    "small": ValidatorConfig(n_estimators=100, max_depth=3, learning_rate=0.1),
+    "small": ValidatorConfig(n_estimators=100, max_depth=2, learning_rate=0.1),
+    # for tens of thousands of pairs, where interactions between features can be learned
+    "large": ValidatorConfig(n_estimators=500, max_depth=4, colsample_bytree=0.8, min_child_weight=2.0),
 }
 
 

@@ -69,8 +69,8 @@ FEATURE_NAMES: tuple[str, ...] = (
     "rotation",  # radians
     "perspective",  # |(h20, h21)|
     "flip",  # 1 if the determinant is negative: mirrored pattern
-    "has_h",  # 1 if a homography with enough inliers was found
-    "rejected",  # 1 if that homography failed a check (mirrored, singular, scale, shear, collinear...)
+    "has_h",  # 1 if the strict pass produced a homography
+    "rejected",  # 1 if it failed a check (too few inliers, mirrored, singular, scale, shear, collinear...)
     "reproj_mean",  # reference-frame px (long side 512) over the final inliers
     "reproj_median",
     "hull_query",  # convex hull area of the inliers / image area
@@ -102,11 +102,10 @@ class PairResult:
         return float(self.n_inliers)
 
 
-def _hull_fraction(pts_unit: np.ndarray, area: float) -> float:
-    if len(pts_unit) < 3 or area <= 0:
+def _hull_area(pts: np.ndarray) -> float:
+    if len(pts) < 3:
         return 0.0
-    hull = cv2.convexHull(pts_unit.astype(np.float32).reshape(-1, 1, 2))
-    return float(cv2.contourArea(hull) / area)
+    return float(cv2.contourArea(cv2.convexHull(pts.astype(np.float32).reshape(-1, 1, 2))))
 
 
 def _spread(xy: np.ndarray, size: tuple[int, int]) -> tuple[float, float, float]:
@@ -115,10 +114,11 @@ def _spread(xy: np.ndarray, size: tuple[int, int]) -> tuple[float, float, float]
     if len(xy) == 0 or h == 0 or w == 0:
         return 0.0, 0.0, 0.0
     u = xy / np.array([w, h], dtype=np.float64)
-    return _hull_fraction(u, 1.0), float(u[:, 0].std()), float(u[:, 1].std())
+    return _hull_area(u), float(u[:, 0].std()), float(u[:, 1].std())
 
 
-def _to_ref(kp: Keypoints, idx: np.ndarray) -> np.ndarray:
+def reference_points(kp: Keypoints, idx: np.ndarray) -> np.ndarray:
+    """Keypoints `idx` of `kp` in its reference frame (centred, long side REF_SIDE px)."""
     T = frame_transform(kp.image_size)
     p = kp.xy[idx].astype(np.float64)
     return p * T[0, 0] + T[:2, 2]
@@ -142,8 +142,8 @@ def verify_pair(kp_query: Keypoints, kp_gallery: Keypoints,
         return PairResult(f.astype(np.float32), None, none_xy, 0, 0, "too_few_matches")
     f[_F["dist_matches"]] = float(m.dist.mean())
 
-    src = _to_ref(kp_query, m.idx[:, 0])
-    dst = _to_ref(kp_gallery, m.idx[:, 1])
+    src = reference_points(kp_query, m.idx[:, 0])
+    dst = reference_points(kp_gallery, m.idx[:, 1])
     g: Geometry = double_homography(src, dst, kp_query.image_size, cfg.homography)
     n_in = g.n_inliers
     f[_F["n_inliers_first"]] = g.n_first
@@ -177,7 +177,8 @@ def verify_pair(kp_query: Keypoints, kp_gallery: Keypoints,
     xy_g = kp_gallery.xy[m.idx[sel, 1]].astype(np.float64)
     (f[_F["hull_query"]], f[_F["std_x_query"]], f[_F["std_y_query"]]) = _spread(xy_q, kp_query.image_size)
     (f[_F["hull_gallery"]], f[_F["std_x_gallery"]], f[_F["std_y_gallery"]]) = _spread(xy_g, kp_gallery.image_size)
-    f = np.nan_to_num(f, nan=0.0, posinf=0.0, neginf=0.0)
+    # a wild H (rejected anyway) must not put inf into float32 features
+    f = np.clip(np.nan_to_num(f, nan=0.0, posinf=0.0, neginf=0.0), -1e6, 1e6)
     if not accepted:
         return PairResult(f.astype(np.float32), None, none_xy, 0, n_matches, g.reject)
     H_pix = np.linalg.inv(frame_transform(kp_gallery.image_size)) @ g.H @ frame_transform(kp_query.image_size)
@@ -193,8 +194,10 @@ def verify_pairs(pairs: Sequence[tuple[Hashable, Hashable]],
 
     `kp_lookup` maps a key to its Keypoints (a dict, or a function such as a cache reader; with
     workers > 1 a function must be thread-safe). Pairs run on a thread pool: OpenCV and faiss
-    release the GIL. faiss's OpenMP threads and OpenCV's pool are set to 1 meanwhile (both are
-    process-wide) so the pools do not oversubscribe the cores, and restored afterwards."""
+    release the GIL. Each pair then runs single-threaded inside: OpenCV's pool is set to 1 (it is
+    process-wide; restored afterwards) and faiss's OpenMP to 1 *in every worker thread* (OpenMP's
+    thread count is a per-thread setting: set only in the caller, each worker would start its own
+    team of all cores, and the spinning teams make two workers slower than one)."""
     get = kp_lookup if callable(kp_lookup) else kp_lookup.__getitem__
     pairs = list(pairs)
 
@@ -203,12 +206,13 @@ def verify_pairs(pairs: Sequence[tuple[Hashable, Hashable]],
 
     faiss_before = faiss.omp_get_max_threads()
     cv2_before = cv2.getNumThreads()
-    faiss.omp_set_num_threads(1)
     cv2.setNumThreads(1)
     try:
         if workers <= 1 or len(pairs) <= 1:
+            faiss.omp_set_num_threads(1)
             return [one(p) for p in pairs]
-        with ThreadPoolExecutor(max_workers=workers) as pool:
+        with ThreadPoolExecutor(max_workers=workers, initializer=faiss.omp_set_num_threads,
+                                initargs=(1,)) as pool:
             return list(pool.map(one, pairs))
     finally:
         faiss.omp_set_num_threads(faiss_before)
