@@ -129,11 +129,16 @@ def noise_schedule(epoch: int, n_epochs: int, start: float = 4.0, end: float = 0
     at the last, geometric in between when both are positive (each epoch divides K by the same
     factor, which spends more epochs on hard negatives), linear otherwise. Monotone; epochs outside
     the range are clipped."""
+    if n_epochs <= 1:
+        return noise_at(0.0, start, end)
+    return noise_at(min(max(epoch, 0), n_epochs - 1) / (n_epochs - 1), start, end)
+
+
+def noise_at(progress: float, start: float = 4.0, end: float = 0.25) -> float:
+    """K at a fraction ``progress`` in [0, 1] of training (of the epochs, or of a time budget)."""
     if start < 0 or end < 0:
         raise ValueError("noise scales must be >= 0")
-    if n_epochs <= 1:
-        return float(start)
-    t = min(max(epoch, 0), n_epochs - 1) / (n_epochs - 1)
+    t = min(max(float(progress), 0.0), 1.0)
     if start > 0 and end > 0:
         return float(start * (end / start) ** t)
     return float(start + (end - start) * t)

@@ -36,7 +36,7 @@ from engine.metrics import average_precision_at_5
 from engine.runfolder import RunFolder
 from ranker.aggregate import aggregate_per_individual
 from siamese.embed import autocast, embed_records, preprocess
-from siamese.lap_miner import LapMiner, derangement_positives, noise_schedule
+from siamese.lap_miner import LapMiner, derangement_positives, noise_at
 from siamese.model import SiameseNet
 
 log = logging.getLogger(__name__)
@@ -187,6 +187,15 @@ def validation_map5(model: SiameseNet, records: list[Record], batch_size: int, r
 
 
 # ---------------------------------------------------------------- training
+def training_progress(epoch: int, cfg, elapsed_s: float) -> float:
+    """How far training is, in [0, 1]: by epochs, or by the time budget when that runs out first.
+    The LAP noise and the learning rate follow it, so a run stopped by --max-minutes still ends on
+    hard negatives and a small learning rate."""
+    by_epoch = epoch / max(1, cfg.epochs - 1)
+    by_time = elapsed_s / (cfg.max_minutes * 60) if cfg.max_minutes else 0.0
+    return min(1.0, max(by_epoch, by_time))
+
+
 @dataclass
 class _State:
     epoch: int = 0
@@ -232,14 +241,18 @@ def fit(model: SiameseNet, catalog: Catalog, heldout: set, cfg, run: RunFolder, 
         log.info("resumed from %s at epoch %d", run.checkpoint_path, state.epoch)
     if device.type == "cpu":
         model.to(memory_format=torch.channels_last)
-    deadline = t0 + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
+    t_start = time.perf_counter()
+    deadline = t_start + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
     stopped_by_budget = False
     scores = None
     bsz = min(cfg.batch_size, n)
     centered = cos_initialised = resume and run.checkpoint_path.is_file()
     while state.epoch < cfg.epochs and not stopped_by_budget:
         epoch = state.epoch
-        noise = noise_schedule(epoch, cfg.epochs, cfg.noise_start, cfg.noise_end)
+        progress_frac = training_progress(epoch, cfg, time.perf_counter() - t_start)
+        noise = noise_at(progress_frac, cfg.noise_start, cfg.noise_end)
+        for group, base in zip(opt.param_groups, (cfg.lr_backbone, cfg.lr_head)):
+            group["lr"] = base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_frac)))
         tm = time.perf_counter()
         if embeddings is None:
             scores = np.zeros((n, n), np.float32)  # untrained: the noise makes the negatives random
