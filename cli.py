@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import logging
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -40,6 +39,9 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except UserError as e:
             typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
+        except OSError as e:  # an unwritable output, a full disk, an unreadable run file
+            typer.echo(f"error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), err=True)
             raise typer.Exit(2)
         except KeyboardInterrupt:
             typer.echo("interrupted: completed steps are saved in the run folder", err=True)

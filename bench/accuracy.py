@@ -28,8 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from engine.catalog import load_catalog  # noqa: E402
-from engine.matching import format_metrics  # noqa: E402
-from engine.metrics import score_predictions  # noqa: E402
+from engine.matching import evaluate_pairs, format_metrics  # noqa: E402
 from engine.pipeline import Engine, MatchConfig, write_predictions  # noqa: E402
 from engine.runtime import set_threads  # noqa: E402
 from siamese.model import ModelConfig  # noqa: E402
@@ -84,10 +83,7 @@ def evaluate_run(run: Path, queries_dir: Path, queries_csv: Path, truth: dict, o
     emb = engine.embed(records, cfg, progress=False)
     pairs = engine.pair_scores(records, emb, cfg)
     seconds = time.perf_counter() - t0
-    rows = {}
-    for name, scorer, tau in engine.ablation_scorers(cfg):
-        results = engine.rank(pairs, tau, scorer)
-        rows[f"{label}:{name}"] = score_predictions(truth, {r.name: r.predictions for r in results})
+    rows = {f"{label}:{name}": m for name, m in evaluate_pairs(engine, pairs, truth, cfg).items()}
     results = engine.rank(pairs, engine.tau(cfg))  # the engine's own answer
     pred = out_dir / f"predictions_{label}.csv"
     write_predictions(results, pred, {"run": str(run)})

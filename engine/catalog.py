@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.errors import UserError
+from engine.metrics import NEW_INDIVIDUAL
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,8 @@ def _parse_bbox(text: str, where: str) -> tuple[int, int, int, int] | None:
 
 
 def load_catalog(csv_path: Path, images_dir: Path | None = None, require_labels: bool = True,
-                 check_files: bool = True) -> Catalog:
-    """Read and validate a catalog. Raises UserError naming the file and line of the first problem."""
+                 check_files: bool = True, allow_new: bool = False) -> Catalog:
+    """`allow_new`: labelled queries (evaluate) may carry the truth `new_individual`."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise UserError(f"catalog {csv_path} does not exist")
@@ -81,7 +82,10 @@ def load_catalog(csv_path: Path, images_dir: Path | None = None, require_labels:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             columns = [c.strip() for c in (reader.fieldnames or [])]
-            rows = list(reader)
+            rows, lines = [], []
+            for row in reader:  # line_num counts physical lines: right after blank or multi-line cells
+                rows.append(row)
+                lines.append(reader.line_num)
     except UnicodeDecodeError as e:
         raise UserError(f"{csv_path}: not a UTF-8 text CSV ({e.reason})") from None
     except csv.Error as e:
@@ -96,7 +100,7 @@ def load_catalog(csv_path: Path, images_dir: Path | None = None, require_labels:
     records = []
     for k, raw in enumerate(rows):
         row = {(key or "").strip(): (val or "").strip() if isinstance(val, str) else "" for key, val in raw.items()}
-        line = k + 2
+        line = lines[k]
         where = f"{csv_path}:{line}"
         image = row.get("image", "")
         if not image:
@@ -104,11 +108,14 @@ def load_catalog(csv_path: Path, images_dir: Path | None = None, require_labels:
         ind = row.get("individual_id", "") or None
         if require_labels and ind is None:
             raise UserError(f"{where}: empty individual_id for image {image}")
+        if require_labels and ind == NEW_INDIVIDUAL and not allow_new:
+            raise UserError(f"{where}: {NEW_INDIVIDUAL!r} is the answer token for unseen animals, "
+                            f"not an individual ID")
         path = root / image
         if check_files and not path.is_file():
             raise UserError(f"{where}: image {image} not found (looked for {path})")
         records.append(Record(image=image, path=path, individual_id=ind,
-                              viewpoint=row.get("viewpoint") or None,
+                              viewpoint=(row.get("viewpoint") or "").lower() or None,
                               bbox=_parse_bbox(row.get("bbox", ""), where), line=line))
     dup = [img for img, n in Counter(r.image for r in records).items() if n > 1]
     if dup:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from engine.catalog import load_catalog
 from engine.errors import UserError
-from engine.matching import evaluate_results, format_metrics, match_pairs
+from engine.matching import evaluate_pairs, format_metrics, match_pairs
 from engine.review import write_review
 from keypoints.training import VerifierTrainConfig, train_verifier
 from ranker.calibrate import CalibrateConfig, run_calibrate
@@ -21,13 +21,6 @@ from siamese.train import PRESETS, train_siamese
 SAMPLE = dict(n_individuals=30, photos_per_individual=6, size=(192, 256))
 SAMPLE_UNSEEN = 5
 log = logging.getLogger(__name__)
-
-
-def _read_truth(path: Path) -> dict[str, str]:
-    import csv
-
-    with open(path, newline="") as f:
-        return {r["image"]: r["individual_id"] for r in csv.DictReader(f)}
 
 
 def run_demo(out: Path, catalog: Path | None = None, images: Path | None = None, seed: int = 0,
@@ -58,18 +51,17 @@ def run_demo(out: Path, catalog: Path | None = None, images: Path | None = None,
     calibration = run_calibrate(run, CalibrateConfig(seed=seed), threads, progress)
     log.info("4/5 match the held-out photos")
     engine = Engine.load(run)
-    queries = load_catalog(truth_csv, queries_dir)  # truth.csv lists the query photos with their answer
+    queries = load_catalog(truth_csv, queries_dir, allow_new=True)  # truth.csv lists the query photos with their answer
     mcfg = MatchConfig()
     pairs, emb = match_pairs(engine, queries.records, mcfg, progress)
     tau = engine.tau(mcfg)
     results = engine.rank(pairs, tau)
     predictions = out / "predictions.csv"
     write_predictions(results, predictions, {"run": str(run), "tau": tau})
-    truth = _read_truth(truth_csv)
+    truth = {r.image: r.individual_id for r in queries.records}
     report = write_review(engine, results, out / "report.html", tau, truth)
     log.info("5/5 evaluate")
-    table = {name: evaluate_results(engine.rank(pairs, t, scorer), truth)
-             for name, scorer, t in engine.ablation_scorers(mcfg)}
+    table = evaluate_pairs(engine, pairs, truth, mcfg)
     n_new = sum(1 for t in truth.values() if t == NEW_INDIVIDUAL)
     return "\n".join([
         f"demo on the {source}: gallery {summary['gallery_photos']} photos of "

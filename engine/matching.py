@@ -46,6 +46,8 @@ def run_match(test_dir: Path, run: Path, out: Path, queries_csv: Path | None = N
     set_threads(threads)
     records = query_records(test_dir, queries_csv)
     engine = Engine.load(run)
+    if Path(out).suffix.lower() == ".json":
+        raise UserError(f"--out {out}: the predictions are a CSV; the evidence JSON goes beside it")
     cfg = MatchConfig(shortlist=shortlist, tau=tau, verify_top=verify_top)
     results, emb = match_records(engine, records, cfg, progress)
     json_path = write_predictions(results, out, {"run": str(run), "tau": engine.tau(cfg),
@@ -74,18 +76,32 @@ def evaluate_results(results: list[QueryResult], truth: dict[str, str]) -> dict:
     return score_predictions(truth, {r.name: r.predictions for r in results})
 
 
+def evaluate_pairs(engine: Engine, pairs, truth: dict[str, str], cfg: MatchConfig) -> dict[str, dict]:
+    """The ablation: each stage's ranking of the same shortlists (and the fusion), scored."""
+    return {name: evaluate_results(engine.rank(pairs, tau, scorer), truth)
+            for name, scorer, tau in engine.ablation_scorers(cfg)}
+
+
+def truths_in_gallery(gallery, records: list[Record]) -> dict[str, str]:
+    """The right answer for each labelled query: its individual if the gallery holds a photo of it
+    other than the query itself (which is never matched with itself), else new_individual."""
+    photos: dict[str, set[str]] = {}
+    for path, ind in zip(gallery.paths, gallery.ids):
+        photos.setdefault(ind, set()).add(path)
+    return {r.image: r.individual_id if photos.get(r.individual_id, set()) - {str(Path(r.path).resolve())}
+            else NEW_INDIVIDUAL for r in records}
+
+
 def run_evaluate(catalog_csv: Path, run: Path, images: Path | None = None, shortlist: int = 50,
                  tau: float | None = None, threads: int | None = None, progress: bool = True) -> str:
     t0 = time.perf_counter()
     set_threads(threads)
-    catalog = load_catalog(catalog_csv, images)
+    catalog = load_catalog(catalog_csv, images, allow_new=True)
     engine = Engine.load(run)
-    known = set(engine.gallery.ids)
-    truth = {r.image: (r.individual_id if r.individual_id in known else NEW_INDIVIDUAL) for r in catalog.records}
+    truth = truths_in_gallery(engine.gallery, catalog.records)
     cfg = MatchConfig(shortlist=shortlist, tau=tau)
     pairs, emb = match_pairs(engine, catalog.records, cfg, progress)
-    table = {name: evaluate_results(engine.rank(pairs, t, scorer), truth)
-             for name, scorer, t in engine.ablation_scorers(cfg)}
+    table = evaluate_pairs(engine, pairs, truth, cfg)
     metrics = evaluate_results(engine.rank(pairs, engine.tau(cfg)), truth)
     engine.run.update_metrics("evaluate", {"catalog": str(catalog_csv), "tau": engine.tau(cfg), **metrics,
                                            "ablation": table})

@@ -95,6 +95,10 @@ def train_verifier(run_path: Path, cfg: VerifierTrainConfig = VerifierTrainConfi
     auc = heldout_auc(X, y, groups, seed=cfg.seed, cfg=vconf, feature_names=list(FEATURE_NAMES))
     validator = Validator(vconf, list(FEATURE_NAMES)).fit(X, y, seed=cfg.seed)
     validator.save(engine.run.verifier_path)
+    if engine.run.calibration_path.exists():
+        log.warning("removing %s: it was fitted with the previous verifier (run calibrate again)",
+                    engine.run.calibration_path)
+        engine.run.calibration_path.unlink()
     summary = {"pairs": len(triples), "positives": int(y.sum()), "negatives": int((1 - y).sum()),
                "heldout_auc_validator": round(float(auc["auc_validator"]), 4),
                "heldout_auc_inlier_count": round(float(auc["auc_inliers"]), 4),

@@ -36,11 +36,15 @@ class EmbeddingIndex:
         self.device = "gpu" if gpu is not None else "cpu"
         self._all = _flat_ip(self.embeddings, gpu)
         self._by_view: dict[str, tuple[object, np.ndarray]] = {}
+        self._unknown_view = np.arange(self.n)
         if viewpoints is not None and any(viewpoints):
             views = np.array([v or "" for v in viewpoints])
+            self._unknown_view = np.flatnonzero(views == "")
+            # a gallery photo of unknown viewpoint may show either side: every query meets it
             for v in sorted(set(views) - {""}):
-                members = np.flatnonzero(views == v)
+                members = np.flatnonzero((views == v) | (views == ""))
                 self._by_view[v] = (_flat_ip(self.embeddings[members], gpu), members)
+        self._gpu = gpu
 
     def search(self, queries: np.ndarray, k: int, viewpoints: Sequence[str | None] | None = None):
         """Top-k (scores, gallery indices) per query; -1 pads where fewer than k exist."""
@@ -49,10 +53,22 @@ class EmbeddingIndex:
         scores = np.full((len(q), k), -np.inf, dtype=np.float32)
         idx = np.full((len(q), k), -1, dtype=np.int64)
         views = np.array([(v or "") for v in viewpoints]) if viewpoints is not None else np.full(len(q), "")
-        plain = np.array([v not in self._by_view for v in views], dtype=bool)
+        plain = views == ""
         if plain.any():
             s, i = self._all.search(q[plain], k)
             scores[plain], idx[plain] = s, i
+        # a known viewpoint the gallery lacks meets only the gallery photos of unknown viewpoint
+        absent = ~plain & np.array([v not in self._by_view for v in views], dtype=bool)
+        if absent.any():
+            log.warning("%d queries have a viewpoint the gallery does not have (%s): they meet only gallery "
+                        "photos of unknown viewpoint", int(absent.sum()), ", ".join(sorted(set(views[absent]))))
+            if self._by_view and len(self._unknown_view):
+                members = self._unknown_view
+                kk = min(k, len(members))
+                s, i = _flat_ip(self.embeddings[members], self._gpu).search(q[absent], kk)
+                rows = np.flatnonzero(absent)
+                scores[rows, :kk] = s
+                idx[rows, :kk] = np.where(i >= 0, members[np.maximum(i, 0)], -1)
         for v, (index, members) in self._by_view.items():
             rows = np.flatnonzero(views == v)
             if len(rows):

@@ -78,17 +78,31 @@ class GeM(nn.Module):
 
 
 class PairHead(nn.Module):
+    """logit = w * cos(a, b) + c + over_dims(per_feature([a*b, a+b, |a-b|, (a-b)^2])).
+
+    The cosine term is the sum of the a*b feature over dimensions: keeping it as an explicit skip
+    path, and starting the learned part at zero, makes an untrained head rank exactly like the
+    embedding, so training only has to learn corrections to it."""
+
     def __init__(self, dim: int, hidden: int = 16):
         super().__init__()
         self.per_feature = nn.Sequential(nn.Linear(4, hidden), nn.ReLU(), nn.Linear(hidden, 1))
         self.over_dims = nn.Linear(dim, 1)
+        nn.init.zeros_(self.over_dims.weight)
+        nn.init.zeros_(self.over_dims.bias)
+        self.cos_weight = nn.Parameter(torch.tensor(10.0))
+        self.cos_bias = nn.Parameter(torch.tensor(0.0))
         self.scale = dim ** 0.5  # unit-norm inputs have per-dimension values ~1/sqrt(dim)
 
+    def cosine_logit(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.cos_weight * (a.float() * b.float()).sum(-1) + self.cos_bias
+
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        cos_part = self.cosine_logit(a, b)
         a, b = a.float() * self.scale, b.float() * self.scale
         d = a - b
         x = torch.stack([a * b, a + b, d.abs(), d * d], dim=-1)  # (B, D, 4)
-        return self.over_dims(self.per_feature(x).squeeze(-1)).squeeze(-1)
+        return cos_part + self.over_dims(self.per_feature(x).squeeze(-1)).squeeze(-1)
 
 
 class SiameseNet(nn.Module):

@@ -27,7 +27,7 @@ class TrainConfig:
     seed: int = 0
     batch_size: int = 32
     lr_head: float = 1e-3
-    lr_backbone: float = 1e-4
+    lr_backbone: float = 2e-4
     weight_decay: float = 1e-4
     heldout_fraction: float = 0.2  # individuals kept out of training for validation and calibration
     refresh_every: int = 2  # epochs between score-matrix refreshes for the LAP miner
@@ -67,6 +67,11 @@ def train_siamese(catalog_csv: Path, out: Path, cfg: TrainConfig, images_dir: Pa
     seed_everything(cfg.seed)
     catalog = load_catalog(catalog_csv, images_dir)
     run = RunFolder(out)
+    for stale in (run.verifier_path, run.calibration_path):
+        if stale.exists():  # fitted on the previous network's scores
+            log.warning("removing %s: it was fitted for the previous network (run train-verifier and "
+                        "calibrate again)", stale)
+            stale.unlink()
     model_cfg = cfg.model.resolved()
     cfg = replace(cfg, model=model_cfg)
     run.create({"catalog": str(Path(catalog_csv).resolve()),

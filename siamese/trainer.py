@@ -26,7 +26,6 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 from tqdm.auto import tqdm
 
 from engine.catalog import Catalog, Record
@@ -187,6 +186,15 @@ def validation_map5(model: SiameseNet, records: list[Record], batch_size: int, r
 
 
 # ---------------------------------------------------------------- training
+def train_mode(model: SiameseNet) -> None:
+    """Train mode with BatchNorm frozen: batches hold a few look-alike individuals, so their
+    statistics are far from the population's; the pretrained running statistics stay in use."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
 def training_progress(epoch: int, cfg, elapsed_s: float) -> float:
     """How far training is, in [0, 1]: by epochs, or by the time budget when that runs out first.
     The LAP noise and the learning rate follow it, so a run stopped by --max-minutes still ends on
@@ -210,20 +218,23 @@ def fit(model: SiameseNet, catalog: Catalog, heldout: set, cfg, run: RunFolder, 
     train_recs = [r for r in catalog.records if r.individual_id not in heldout]
     val_recs = [r for r in catalog.records if r.individual_id in heldout]
     t0 = time.perf_counter()
-    images, labels_list = [], []
+    images, labels_list, views_list = [], [], []
     for r in tqdm(train_recs, desc="loading training photos", unit="img", disable=not progress, leave=False):
         img = _load_resized(r, cfg.model.input_size)
         if img is not None:
             images.append(img)
             labels_list.append(r.individual_id)
+            views_list.append(r.viewpoint or "")
     labels = np.array(labels_list)
+    # positives pair photos of one individual AND one viewpoint: a left and a right flank carry
+    # different patterns, so pairing them would teach the network noise
+    pos_groups = np.array([f"{lab}\x1f{v}" for lab, v in zip(labels_list, views_list)])
     _, counts = np.unique(labels, return_counts=True)
     if (counts >= 2).sum() < 2:
         raise UserError("training needs at least 2 individuals with 2 or more readable photos outside the "
                         f"held-out ones (found {(counts >= 2).sum()}); use --epochs 0 for retrieval only")
     n = len(images)
-    cos_map = nn.Parameter(torch.tensor([10.0, -5.0], device=device))  # logit = a * cos + b
-    head_params = list(model.head.parameters()) + list(model.pool.parameters()) + [cos_map]
+    head_params = list(model.head.parameters()) + list(model.pool.parameters())
     opt = torch.optim.AdamW([{"params": model.backbone.parameters(), "lr": cfg.lr_backbone},
                              {"params": head_params, "lr": cfg.lr_head}], weight_decay=cfg.weight_decay)
     miner = LapMiner()
@@ -234,7 +245,6 @@ def fit(model: SiameseNet, catalog: Catalog, heldout: set, cfg, run: RunFolder, 
         ck = torch.load(run.checkpoint_path, map_location=device, weights_only=False)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
-        cos_map.data.copy_(ck["cos_map"])
         rng.bit_generator.state = ck["rng"]
         embeddings = ck.get("embeddings")
         state = _State(epoch=ck["epoch"], best=ck["best"], best_state=ck["best_state"], history=ck["history"])
@@ -246,6 +256,7 @@ def fit(model: SiameseNet, catalog: Catalog, heldout: set, cfg, run: RunFolder, 
     stopped_by_budget = False
     scores = None
     bsz = min(cfg.batch_size, n)
+    scores_from_embeddings = False
     centered = cos_initialised = resume and run.checkpoint_path.is_file()
     while state.epoch < cfg.epochs and not stopped_by_budget:
         epoch = state.epoch
@@ -258,10 +269,11 @@ def fit(model: SiameseNet, catalog: Catalog, heldout: set, cfg, run: RunFolder, 
             scores = np.zeros((n, n), np.float32)  # untrained: the noise makes the negatives random
             miner_noise = max(noise, 1.0)
         else:
-            if scores is None or epoch % cfg.refresh_every == 0:
+            if scores is None or not scores_from_embeddings or epoch % cfg.refresh_every == 0:
                 scores = embeddings @ embeddings.T
+                scores_from_embeddings = True
             miner_noise = noise
-        pa, pb = derangement_positives(labels, rng)
+        pa, pb = derangement_positives(pos_groups, rng)
         pos = np.full(n, -1, np.int64)
         pos[pa] = pb
         na, nb = miner.mine_negatives(scores, labels, miner_noise, rng)
@@ -270,7 +282,7 @@ def fit(model: SiameseNet, catalog: Catalog, heldout: set, cfg, run: RunFolder, 
         batches = build_batches(labels, na, nb, bsz, rng)
         mining_s = time.perf_counter() - tm
         std = float(scores.std()) or 1.0
-        model.train()
+        train_mode(model)
         new_emb = np.zeros((n, model.dim), np.float32) if embeddings is None else embeddings.copy()
         losses, n_img, kept_neg, n_pairs = [], 0, 0, 0
         te = time.perf_counter()
@@ -295,14 +307,14 @@ def fit(model: SiameseNet, catalog: Catalog, heldout: set, cfg, run: RunFolder, 
                 model.center.copy_(mean_f if not centered else 0.9 * model.center + 0.1 * mean_f)
                 centered = True
             e = model.normalize(f)
-            logit = model.pair_logit(e[a], e[b])
-            cos = (e[a] * e[b]).sum(-1)
             if not cos_initialised:  # start the cosine's logistic map at the data's mean cosine
-                cos_map.data[1] = -cos_map.data[0] * cos.detach().mean()
+                cos = (e[a] * e[b]).sum(-1).detach()
+                model.head.cos_bias.data.fill_(float(-model.head.cos_weight.data * cos.mean()))
                 cos_initialised = True
+            logit = model.pair_logit(e[a], e[b])
             target = torch.from_numpy(y).to(device)
             loss = (F.binary_cross_entropy_with_logits(logit.float(), target)
-                    + F.binary_cross_entropy_with_logits(cos_map[0] * cos + cos_map[1], target))
+                    + F.binary_cross_entropy_with_logits(model.head.cosine_logit(e[a], e[b]), target))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -318,7 +330,7 @@ def fit(model: SiameseNet, catalog: Catalog, heldout: set, cfg, run: RunFolder, 
         train_s = time.perf_counter() - te
         embeddings = new_emb
         val = validation_map5(model, val_recs, cfg.batch_size)
-        model.train()
+        train_mode(model)
         state.epoch += 1
         line = {"epoch": state.epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
                 "noise": round(noise, 3), "mining_s": round(mining_s, 2), "train_s": round(train_s, 1),
@@ -329,11 +341,12 @@ def fit(model: SiameseNet, catalog: Catalog, heldout: set, cfg, run: RunFolder, 
                  cfg.epochs, line["loss"], mining_s, line["images_per_s"],
                  f"{val['val_map5_embedding']:.3f}" if val else "-", f"{val['val_map5_head']:.3f}" if val else "-",
                  "  (time budget reached)" if stopped_by_budget else "")
-        score = max(val.get("val_map5_head", -1.0), val.get("val_map5_embedding", -1.0)) if val else float(state.epoch)
+        # the checkpoint kept is the best by the score the engine ranks with (the pair head)
+        score = val.get("val_map5_head", -1.0) if val else float(state.epoch)
         if score >= state.best:
             state.best = score
             state.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "cos_map": cos_map.data,
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                     "rng": rng.bit_generator.state, "embeddings": embeddings, "epoch": state.epoch,
                     "best": state.best, "best_state": state.best_state, "history": state.history},
                    run.checkpoint_path.with_suffix(".tmp"))

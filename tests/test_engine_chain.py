@@ -68,6 +68,20 @@ def test_verifier_calibrate_match_evaluate(chain):
     assert fused_map > 0.4
 
 
+def test_retraining_drops_the_stale_verifier_and_calibration(chain, tmp_path):
+    root, run, qdir, truth = chain
+    rerun = tmp_path / "rerun"
+    shutil.copytree(run, rerun)
+    if not (rerun / "verifier.json").exists():
+        invoke("train-verifier", "--run", rerun, "-q")
+    (rerun / "calibration.json").write_text("{}")
+    invoke("train-siamese", "--catalog", root / "sample" / "gallery.csv", "--out", rerun, "--epochs", 0,
+           "--input-size", "64x96", "--heldout-fraction", 0.4, "-q")
+    assert not (rerun / "verifier.json").exists() and not (rerun / "calibration.json").exists()
+    out = invoke("match", qdir, "--run", rerun, "--out", tmp_path / "p.csv", "-q")
+    assert out.startswith("matched")
+
+
 def test_enroll_makes_a_new_individual_matchable(chain, tmp_path):
     root, run, qdir, truth = chain
     newcat = make_dataset(tmp_path / "new", n_individuals=1, photos_per_individual=3, seed=77, size=(96, 128))
