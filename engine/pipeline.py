@@ -13,6 +13,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from engine.catalog import Record
 from engine.errors import UserError
@@ -158,7 +159,12 @@ class Engine:
             gk = record_key(self.gallery.record(int(pairs[qi].gallery_idx[j])))
             lookup[qk], lookup[gk] = kps.get(qk, empty), kps.get(gk, empty)
             keyed.append((qk, gk))
-        results = verify_pairs(keyed, lookup, self.verify_config(), cfg.workers)
+        results = []
+        vcfg = self.verify_config()
+        with tqdm(total=len(keyed), desc="verifying", unit="pair", disable=not progress, leave=False) as bar:
+            for start in range(0, len(keyed), 256):
+                results += verify_pairs(keyed[start:start + 256], lookup, vcfg, cfg.workers)
+                bar.update(len(keyed[start:start + 256]))
         probs = self.verifier.predict(feature_matrix(results))
         for (qi, j), res, p in zip(todo, results, probs):
             qp = pairs[qi]
@@ -190,6 +196,10 @@ class Engine:
         if cfg.tau is not None:
             return cfg.tau
         if self.calibration is not None:
+            fitted = self.calibration.get("match", {})
+            if fitted and (fitted.get("shortlist"), fitted.get("verify_top")) != (cfg.shortlist, cfg.verify_top):
+                log.warning("calibrated with --shortlist %s --verify-top %s; these settings differ, so the "
+                            "calibrated threshold may not fit", fitted.get("shortlist"), fitted.get("verify_top"))
             return float(self.calibration["tau"]["fused"])
         return DEFAULT_TAU if not self.trained else DEFAULT_TAU_PROBABILITY
 

@@ -132,7 +132,8 @@ def run_calibrate(run: Path, cfg: CalibrateConfig = CalibrateConfig(), threads: 
                       "map5_std": float(np.std([r[name]["map5"] for r in per_fold])),
                       "new_f1_mean": float(np.mean([r[name]["new_f1"] for r in per_fold]))} for name in names}
     calibration = {"kind": "calibration", "version": 1, "stages": stages, "fusion": fusion.to_dict(),
-                   "tau": taus, "config": asdict(cfg), "per_fold": per_fold, "summary": summary,
+                   "tau": taus, "config": asdict(cfg),
+                   "match": {"shortlist": mcfg.shortlist, "verify_top": mcfg.verify_top}, "per_fold": per_fold, "summary": summary,
                    "queries": len(all_truths), "new_queries": sum(t == NEW_INDIVIDUAL for t in all_truths)}
     atomic_write_json(engine.run.calibration_path, calibration)
     engine.run.update_metrics("calibrate", {"summary": summary, "tau": taus,
