@@ -21,6 +21,17 @@ from engine.runfolder import atomic_write_json
 log = logging.getLogger(__name__)
 
 
+class JsonFile:
+    """save/load through to_dict/from_dict, in plain JSON written atomically."""
+
+    def save(self, path) -> None:
+        atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path):
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
 class Calibrator(Protocol):
     kind: str
 
@@ -68,7 +79,7 @@ def pool_adjacent_violators(y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, n
     return np.array(starts), np.array(ends), np.array(vals)
 
 
-class IsotonicCalibrator:
+class IsotonicCalibrator(JsonFile):
     """Isotonic regression (pool-adjacent-violators); predicts by linear interpolation between
     the fitted steps, constant beyond the fitted range."""
 
@@ -117,12 +128,6 @@ class IsotonicCalibrator:
         c.y_ = np.asarray(d["y"], dtype=np.float64)
         return c
 
-    def save(self, path) -> None:
-        atomic_write_json(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path) -> "IsotonicCalibrator":
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
 
 def fit_logistic(X: np.ndarray, y: np.ndarray, l2: float = 1e-3, max_iter: int = 100,
@@ -174,7 +179,7 @@ def fit_logistic(X: np.ndarray, y: np.ndarray, l2: float = 1e-3, max_iter: int =
     return w, b
 
 
-class LogisticCalibrator:
+class LogisticCalibrator(JsonFile):
     """Platt scaling: P = sigmoid(a * score + b), fitted by penalised Newton.
 
     The slope is constrained to a >= 0 so the map stays monotone non-decreasing: a stage whose
@@ -220,12 +225,6 @@ class LogisticCalibrator:
         c.a, c.b = float(d["a"]), float(d["b"])
         return c
 
-    def save(self, path) -> None:
-        atomic_write_json(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path) -> "LogisticCalibrator":
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
 
 CALIBRATORS = {"isotonic": IsotonicCalibrator, "logistic": LogisticCalibrator}

@@ -12,17 +12,14 @@ A pair for which no stage produced a score has no fused probability: NaN.
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 from scipy.special import expit, logit
 
-from engine.runfolder import atomic_write_json
-from ranker.calibration import calibrator_from_dict, fit_logistic, make_calibrator
+from ranker.calibration import JsonFile, calibrator_from_dict, fit_logistic, make_calibrator
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +37,7 @@ class FusionConfig:
     seed: int = 0
 
 
-class LogisticStack:
+class LogisticStack(JsonFile):
     """Logistic regression over k calibrated probabilities (NaN = stage not run).
 
     Features: logit(clip(p, eps, 1-eps)) with 0 where missing, then one missing indicator per
@@ -99,15 +96,9 @@ class LogisticStack:
         s.w, s.b = np.asarray(d["w"], dtype=np.float64), float(d["b"])
         return s
 
-    def save(self, path) -> None:
-        atomic_write_json(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path) -> "LogisticStack":
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
 
-class MeanFusion:
+class MeanFusion(JsonFile):
     """Mean of the calibrated scores that exist for a pair; nothing to fit."""
 
     kind = "mean"
@@ -127,13 +118,6 @@ class MeanFusion:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MeanFusion":
-        return cls()
-
-    def save(self, path) -> None:
-        atomic_write_json(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path) -> "MeanFusion":
         return cls()
 
 
@@ -156,7 +140,7 @@ def _fold_of(labels: np.ndarray, groups, n_folds: int, seed: int) -> np.ndarray:
     return fold
 
 
-class ScoreFusion:
+class ScoreFusion(JsonFile):
     """Per-stage calibrators + a combiner: stage scores in, fused P(same) out.
 
     `fit(stage_scores, labels)` takes a dict stage name -> raw scores (one per pair, NaN where the
@@ -276,9 +260,3 @@ class ScoreFusion:
         f.train_counts = d.get("train_counts", {})
         return f
 
-    def save(self, path) -> None:
-        atomic_write_json(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path) -> "ScoreFusion":
-        return cls.from_dict(json.loads(Path(path).read_text()))
