@@ -99,7 +99,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=40, help="upper bound; the time budget usually stops first")
     ap.add_argument("--input-size", default="224x224")
     ap.add_argument("--skip-baseline", action="store_true")
-    ap.add_argument("--reuse", action="store_true", help="reuse run folders already in --work")
+    ap.add_argument("--reuse", action="store_true", help="reuse finished (calibrated) run folders in --work")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
@@ -119,10 +119,11 @@ def main() -> None:
     for label, cfg in runs:
         run = args.work / f"run_{label}"
         t0 = time.perf_counter()
-        if not (args.reuse and (run / "gallery.h5").is_file()):
+        reuse = args.reuse and (run / "calibration.json").is_file()
+        if not reuse:
             train_siamese(gallery, run, cfg, DATA, progress=False)
-        for step in post_training_steps(run):
-            step()
+            for step in post_training_steps(run):
+                step()
         info[label] = {"build_seconds": round(time.perf_counter() - t0, 1)}
         rows, timing = evaluate_run(run, qdir, qcsv, truth, args.work, label)
         table.update(rows)

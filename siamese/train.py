@@ -27,7 +27,7 @@ class TrainConfig:
     seed: int = 0
     batch_size: int = 32
     lr_head: float = 1e-3
-    lr_backbone: float = 2e-4
+    lr_backbone: float = 1e-4
     weight_decay: float = 1e-4
     heldout_fraction: float = 0.2  # individuals kept out of training for validation and calibration
     refresh_every: int = 2  # epochs between score-matrix refreshes for the LAP miner

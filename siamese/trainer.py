@@ -262,8 +262,11 @@ def fit(model: SiameseNet, catalog: Catalog, heldout: set, cfg, run: RunFolder, 
         epoch = state.epoch
         progress_frac = training_progress(epoch, cfg, time.perf_counter() - t_start)
         noise = noise_at(progress_frac, cfg.noise_start, cfg.noise_end)
-        for group, base in zip(opt.param_groups, (cfg.lr_backbone, cfg.lr_head)):
-            group["lr"] = base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_frac)))
+        # the backbone warms up over the first epoch (the head starts from the cosine, but Adam's first
+        # steps on a pretrained network are large), then both decay along a cosine
+        decay = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_frac))
+        opt.param_groups[0]["lr"] = cfg.lr_backbone * decay * (0.1 if epoch == 0 else 1.0)
+        opt.param_groups[1]["lr"] = cfg.lr_head * decay
         tm = time.perf_counter()
         if embeddings is None:
             scores = np.zeros((n, n), np.float32)  # untrained: the noise makes the negatives random
