@@ -87,7 +87,8 @@ def evaluate_run(run: Path, queries_dir: Path, queries_csv: Path, truth: dict, o
     results = engine.rank(pairs, engine.tau(cfg))  # the engine's own answer
     pred = out_dir / f"predictions_{label}.csv"
     write_predictions(results, pred, {"run": str(run)})
-    timing = {"query_seconds": seconds / len(records), "embed_images_per_s": emb.images_per_second}
+    timing = {"query_seconds": seconds / len(records),
+              "embed_images_per_s": emb.images_per_second if emb.computed else None}  # None: all cached
     return rows, {"predictions": str(pred), **timing}
 
 
@@ -133,9 +134,10 @@ def main() -> None:
         info[label]["protocol_score"] = json.loads(proto.stdout)
     print(format_metrics(table))
     for label, d in info.items():
+        ips = d["embed_images_per_s"]
         print(f"{label}: engine answer MAP@5 {d['protocol_score']['map5']:.3f} (protocol score.py), "
-              f"{d['query_seconds']:.3f} s/query, embedding {d['embed_images_per_s']:.1f} img/s, "
-              f"built in {d['build_seconds']:.0f} s")
+              f"{d['query_seconds']:.3f} s/query, embedding "
+              f"{'(cached)' if ips is None else f'{ips:.1f} img/s'}, built in {d['build_seconds']:.0f} s")
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "accuracy.json").write_text(json.dumps({"table": table, "runs": info, "args": {
