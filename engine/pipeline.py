@@ -13,7 +13,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from engine.catalog import Record
 from engine.errors import UserError
@@ -134,7 +133,8 @@ class Engine:
     def verify(self, pairs: list[QueryPairs], emb: EmbedResult, cfg: MatchConfig, progress: bool = False) -> None:
         """Keypoint-verify each query's top-V gallery photos (by the score so far); adds the
         validator's P(same | geometry) as stage "keypoints" and the inliers as evidence."""
-        from keypoints.verify import feature_matrix, verify_pairs
+        from keypoints.store import verify_record_pairs
+        from keypoints.verify import feature_matrix
 
         todo = []
         for qi, qp in enumerate(pairs):
@@ -143,28 +143,9 @@ class Engine:
             qp.stages["keypoints"] = np.full(len(qp.gallery_idx), np.nan)
         if not todo:
             return
-        records = {qp.record.path: qp.record for qp in pairs}
-        for qi, j in todo:
-            g = int(pairs[qi].gallery_idx[j])
-            records.setdefault(Path(self.gallery.paths[g]), self.gallery.record(g))
-        kps = self.keypoint_store().get(list(records.values()), cfg.workers, progress, "keypoints")
-        from engine.cache import record_key
-        from keypoints.features import Keypoints
-
-        empty = Keypoints.empty((1, 1))
-        lookup = {}
-        keyed = []
-        for qi, j in todo:
-            qk = record_key(pairs[qi].record)
-            gk = record_key(self.gallery.record(int(pairs[qi].gallery_idx[j])))
-            lookup[qk], lookup[gk] = kps.get(qk, empty), kps.get(gk, empty)
-            keyed.append((qk, gk))
-        results = []
-        vcfg = self.verify_config()
-        with tqdm(total=len(keyed), desc="verifying", unit="pair", disable=not progress, leave=False) as bar:
-            for start in range(0, len(keyed), 256):
-                results += verify_pairs(keyed[start:start + 256], lookup, vcfg, cfg.workers)
-                bar.update(len(keyed[start:start + 256]))
+        record_pairs = [(pairs[qi].record, self.gallery.record(int(pairs[qi].gallery_idx[j]))) for qi, j in todo]
+        results = verify_record_pairs(self.keypoint_store(), record_pairs, self.verify_config(), cfg.workers,
+                                      progress)
         probs = self.verifier.predict(feature_matrix(results))
         for (qi, j), res, p in zip(todo, results, probs):
             qp = pairs[qi]

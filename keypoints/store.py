@@ -63,3 +63,27 @@ class KeypointStore:
             cv2.setNumThreads(before)
         self.cache.add({k: v.to_arrays("float16") for k, v in new.items()})
         return out
+
+
+def verify_record_pairs(store: KeypointStore, pairs: Sequence[tuple[Record, Record]], cfg, workers: int = 2,
+                        progress: bool = True) -> list:
+    """Keypoint-verify (query record, gallery record) pairs: keypoints through the cache, then
+    `verify_pairs` in chunks under a progress bar. A photo without keypoints (unreadable) scores
+    as an empty one: low, never an error. Results in the order of `pairs`."""
+    from keypoints.verify import verify_pairs
+
+    unique = {}
+    for rec in (r for pair in pairs for r in pair):
+        unique.setdefault(record_key(rec), rec)
+    unique.pop(None, None)
+    kps = store.get(list(unique.values()), workers, progress, "keypoints")
+    empty = Keypoints.empty((1, 1))
+    keyed = [(record_key(q), record_key(g)) for q, g in pairs]
+    lookup = {k: kps.get(k, empty) for pair in keyed for k in pair}
+    results = []
+    with tqdm(total=len(keyed), desc="verifying", unit="pair", disable=not progress, leave=False) as bar:
+        for start in range(0, len(keyed), 256):
+            chunk = keyed[start:start + 256]
+            results += verify_pairs(chunk, lookup, cfg, workers)
+            bar.update(len(chunk))
+    return results

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.cache import record_key
 from engine.errors import UserError
 from engine.pipeline import Engine, MatchConfig
 from engine.runtime import set_threads
-from keypoints.features import PRESETS as KEYPOINT_PRESETS, Keypoints
+from keypoints.features import PRESETS as KEYPOINT_PRESETS
+from keypoints.store import verify_record_pairs
 from keypoints.validator import VALIDATOR_PRESETS, Validator, heldout_auc
-from keypoints.verify import FEATURE_NAMES, VERIFY_PRESETS, feature_matrix, verify_pairs
+from keypoints.verify import FEATURE_NAMES, VERIFY_PRESETS, feature_matrix
 from siamese.embed import EmbedResult
 
 log = logging.getLogger(__name__)
@@ -80,13 +80,11 @@ def train_verifier(run_path: Path, cfg: VerifierTrainConfig = VerifierTrainConfi
     engine.config = engine.run.update_config(keypoints=asdict(kcfg), verify=vcfg.to_dict())
     triples = build_training_pairs(engine, cfg)
     g = engine.gallery
-    needed = sorted({i for q, p, _ in triples for i in (q, p)})
-    kps = engine.keypoint_store().get([g.record(i) for i in needed], cfg.workers, progress, "keypoints")
-    empty = Keypoints.empty((1, 1))
-    key = {i: record_key(g.record(i)) for i in needed}
-    lookup = {key[i]: kps.get(key[i], empty) for i in needed}
-    tv = time.perf_counter()
-    results = verify_pairs([(key[q], key[p]) for q, p, _ in triples], lookup, vcfg, cfg.workers)
+    store = engine.keypoint_store()
+    store.get([g.record(i) for i in sorted({i for q, p, _ in triples for i in (q, p)})], cfg.workers, progress)
+    tv = time.perf_counter()  # keypoints are cached now: this times matching and geometry alone
+    results = verify_record_pairs(store, [(g.record(q), g.record(p)) for q, p, _ in triples], vcfg, cfg.workers,
+                                  progress)
     ms_per_pair = 1000 * (time.perf_counter() - tv) / max(1, len(triples))
     X = feature_matrix(results)
     y = np.array([t[2] for t in triples])
