@@ -29,6 +29,7 @@ class Record:
     viewpoint: str | None = None
     bbox: tuple[int, int, int, int] | None = None
     line: int = 0  # 1-based line in the CSV (the header is line 1)
+    key: str | None = None  # cache key recorded when the photo entered a gallery (see engine/cache.py)
 
 
 @dataclass

@@ -11,6 +11,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from engine.cache import record_key
 from engine.catalog import Record
 from engine.errors import UserError
 
@@ -24,6 +25,7 @@ class Gallery:
     viewpoints: list[str]  # "" where unknown
     bboxes: np.ndarray  # (n, 4) int, -1 where none
     embeddings: np.ndarray  # (n, D) float32, L2-normalised
+    keys: list[str] | None = None  # cache key of each photo when it was added ("" if unknown)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -34,12 +36,16 @@ class Gallery:
                    ids=[str(r.individual_id) for r in records],
                    viewpoints=[r.viewpoint or "" for r in records],
                    bboxes=np.array([r.bbox or (-1, -1, -1, -1) for r in records], dtype=np.int64).reshape(-1, 4),
-                   embeddings=np.asarray(embeddings, dtype=np.float32))
+                   embeddings=np.asarray(embeddings, dtype=np.float32),
+                   keys=[record_key(r) or "" for r in records])
 
     def record(self, i: int) -> Record:
         bbox = tuple(int(v) for v in self.bboxes[i]) if self.bboxes[i][0] >= 0 else None
         return Record(image=self.paths[i], path=Path(self.paths[i]), individual_id=self.ids[i],
-                      viewpoint=self.viewpoints[i] or None, bbox=bbox)
+                      viewpoint=self.viewpoints[i] or None, bbox=bbox, key=self.key(i))
+
+    def key(self, i: int) -> str | None:
+        return (self.keys[i] or None) if self.keys else None
 
     def records(self) -> list[Record]:
         return [self.record(i) for i in range(len(self))]
@@ -47,7 +53,8 @@ class Gallery:
     def extend(self, other: "Gallery") -> "Gallery":
         return Gallery(self.paths + other.paths, self.ids + other.ids, self.viewpoints + other.viewpoints,
                        np.concatenate([self.bboxes, other.bboxes]),
-                       np.concatenate([self.embeddings, other.embeddings]))
+                       np.concatenate([self.embeddings, other.embeddings]),
+                       [self.key(i) or "" for i in range(len(self))] + [other.key(i) or "" for i in range(len(other))])
 
     def save(self, path: Path) -> None:
         path = Path(path)
@@ -55,16 +62,19 @@ class Gallery:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("embeddings", data=self.embeddings)
             f.create_dataset("bboxes", data=self.bboxes)
-            for name in ("paths", "ids", "viewpoints"):
-                f.create_dataset(name, data=np.array(getattr(self, name), dtype=object), dtype=_STR)
+            for name in ("paths", "ids", "viewpoints", "keys"):
+                values = getattr(self, name)
+                if values is not None:
+                    f.create_dataset(name, data=np.array(values, dtype=object), dtype=_STR)
         os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: Path) -> "Gallery":
         if not Path(path).is_file():
             raise UserError(f"{path} not found: the run folder has no gallery (run `cli.py train-siamese`)")
+        def strings(f, name):
+            return [s.decode() if isinstance(s, bytes) else s for s in f[name][()]] if name in f else None
+
         with h5py.File(path, "r") as f:
-            return cls(paths=[s.decode() if isinstance(s, bytes) else s for s in f["paths"][()]],
-                       ids=[s.decode() if isinstance(s, bytes) else s for s in f["ids"][()]],
-                       viewpoints=[s.decode() if isinstance(s, bytes) else s for s in f["viewpoints"][()]],
-                       bboxes=f["bboxes"][()], embeddings=f["embeddings"][()])
+            return cls(paths=strings(f, "paths"), ids=strings(f, "ids"), viewpoints=strings(f, "viewpoints"),
+                       bboxes=f["bboxes"][()], embeddings=f["embeddings"][()], keys=strings(f, "keys"))

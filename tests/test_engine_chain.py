@@ -100,3 +100,28 @@ def test_enroll_makes_a_new_individual_matchable(chain, tmp_path):
     invoke("match", qd, "--run", run, "--out", tmp_path / "p.csv", "-q")
     ev = json.loads((tmp_path / "p.json").read_text())
     assert ev["queries"][0]["candidates"][0]["individual_id"] == "zebra_77"
+
+
+def test_run_folder_copied_without_the_gallery_photos_matches_the_same(chain, tmp_path):
+    """A run folder carries its gallery: moved elsewhere, with the gallery photos gone, match gives
+    the same answer with the same keypoint evidence (read from the run's cache by recorded key)."""
+    root, run, qdir, truth = chain
+    if not (run / "verifier.json").exists():
+        invoke("train-verifier", "--run", run, "-q")
+    before = tmp_path / "before.csv"
+    invoke("match", qdir, "--run", run, "--out", before, "-q")
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.copytree(run, moved)
+    photos = root / "sample"
+    photos.rename(root / "sample_away")
+    try:
+        after = tmp_path / "after.csv"
+        invoke("match", qdir, "--run", moved, "--out", after, "-q")
+    finally:
+        (root / "sample_away").rename(photos)
+    assert before.read_text() == after.read_text()
+    ev_before = json.loads(before.with_suffix(".json").read_text())["queries"]
+    ev_after = json.loads(after.with_suffix(".json").read_text())["queries"]
+    scores = [[c["keypoints_score"] for c in q["candidates"]] for q in ev_after]
+    assert scores == [[c["keypoints_score"] for c in q["candidates"]] for q in ev_before]
+    assert any(s is not None and s > 0 for q in scores for s in q)

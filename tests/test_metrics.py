@@ -32,3 +32,33 @@ def test_roc_auc_known_values():
     assert roc_auc([1, 1, 0], [3, 2, 1]) == pytest.approx(1.0)
     with pytest.raises(ValueError):
         roc_auc([1, 1], [0.2, 0.3])
+
+
+def test_closed_set_figures_ignore_new_individuals_and_tau():
+    """The ablation's closed_* rows rank known queries with new_individual never proposed."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from engine.catalog import Record
+    from engine.matching import evaluate_pairs
+    from engine.pipeline import Engine, MatchConfig, QueryPairs
+
+    gallery = SimpleNamespace(ids=["a", "b", "c"], paths=["ga", "gb", "gc"])
+    engine = SimpleNamespace(gallery=gallery, default_scores=lambda st: st["embedding"],
+                             ablation_scorers=lambda cfg: [("embedding", lambda st: st["embedding"], 0.9)])
+    engine.rank = Engine.rank.__get__(engine)
+
+    def query(name, scores):
+        return QueryPairs(Record(name, Path(name), None), np.arange(3), {"embedding": np.array(scores)})
+
+    # q1 (truth a) ranks a second, q2 (truth b) first; q3 is a new individual. Every score is under
+    # tau = 0.9, so the open-set answer is new_individual first for all three.
+    pairs = [query("q1", [0.5, 0.6, 0.1]), query("q2", [0.2, 0.8, 0.3]), query("q3", [0.4, 0.3, 0.2])]
+    rows = evaluate_pairs(engine, pairs, {"q1": "a", "q2": "b", "q3": NEW}, MatchConfig())
+    emb = rows["embedding"]
+    assert emb["map5"] == pytest.approx((1 / 3 + 1 / 2 + 1) / 3)  # a and b in third and second place
+    assert emb["known_top1"] == 0
+    assert emb["closed_map5"] == pytest.approx((1 / 2 + 1) / 2)
+    assert emb["closed_top1"] == pytest.approx(1 / 2)

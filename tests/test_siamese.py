@@ -9,7 +9,7 @@ from engine.runfolder import RunFolder
 from siamese.embed import embed_records
 from siamese.model import ModelConfig, PairHead, SiameseNet
 from siamese.train import TrainConfig
-from siamese.trainer import augment, batch_pairs, build_batches, fit
+from siamese.trainer import augment, batch_pair_weights, build_batches, fit
 from tests.conftest import TINY_INPUT
 
 
@@ -37,17 +37,28 @@ def test_build_batches_partitions_and_keeps_individuals_whole():
             assert (labels[b] == lab).sum() == 5  # an individual is never split across batches
 
 
-def test_batch_pairs_labels_are_right():
-    rng = np.random.default_rng(1)
-    labels = np.repeat(np.arange(6), 3)
-    pos = np.array([i + 1 if i % 3 < 2 else i - 2 for i in range(18)])
-    neg = (np.arange(18) + 3) % 18
-    batch = np.arange(18)
-    scores = rng.standard_normal((18, 18)).astype(np.float32)
-    a, b, y = batch_pairs(batch, labels, pos, neg, scores, 0.0, rng)
-    assert len(a) == 36 and y.sum() == 18
-    assert np.all((labels[batch[a]] == labels[batch[b]]) == (y == 1))
-    assert np.all(a != b)
+def test_batch_pair_weights_known_answer():
+    # individuals x (left, left, right) and y (left, right): one positive each side at most
+    labels = np.array(["x", "x", "x", "y", "y"])
+    groups = np.array(["x|l", "x|l", "x|r", "y|l", "y|r"])
+    mined = np.array([3, -1, 4, -1, -1])  # photo 0's mined negative is photo 3, photo 2's is photo 4
+    a, b, w, target = batch_pair_weights(groups, labels, mined, 0.5, torch.device("cpu"))
+    pairs = {(int(i), int(j)): (float(t), float(v)) for i, j, t, v in zip(a, b, target, w)}
+    # (0,1) is the only positive; (0,2) and (3,4) are one individual seen from two sides: left out
+    assert {k for k, (t, _) in pairs.items() if t == 1} == {(0, 1)}
+    assert (0, 2) not in pairs and (3, 4) not in pairs and len(pairs) == 7
+    assert sum(v for _, v in pairs.values()) == pytest.approx(1.0)
+    assert pairs[(0, 1)][1] == pytest.approx(0.5)  # positives: half the loss
+    assert pairs[(0, 3)][1] == pytest.approx(0.125) and pairs[(2, 4)][1] == pytest.approx(0.125)  # mined
+    assert pairs[(1, 3)][1] == pytest.approx(0.25 / 4)  # the other 4 negatives share the rest
+
+
+def test_batch_pair_weights_without_mined_pairs_share_evenly():
+    labels = np.repeat(np.arange(4), 2)
+    a, b, w, target = batch_pair_weights(labels.astype(str), labels, np.full(8, -1), 0.5, torch.device("cpu"))
+    assert int(target.sum()) == 4 and len(a) == 28
+    assert torch.allclose(w[target == 1], torch.tensor(0.5 / 4))
+    assert torch.allclose(w[target == 0], torch.tensor(0.5 / 24))  # no mined pair: its share goes to the rest
 
 
 def test_augment_shape_and_no_flip(sample):
