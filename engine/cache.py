@@ -30,7 +30,7 @@ def record_key(record) -> str | None:
     """Cache key of a catalog record (its photo, and its crop if any); None if the file is gone.
     A gallery record carries the key its photo had when it was added, so a run folder copied to
     another machine (without the photos, or with them elsewhere) still finds its cached features."""
-    if getattr(record, "key", None):
+    if record.key:
         return record.key
     try:
         key = image_key(record.path)

@@ -54,7 +54,7 @@ class Gallery:
         return Gallery(self.paths + other.paths, self.ids + other.ids, self.viewpoints + other.viewpoints,
                        np.concatenate([self.bboxes, other.bboxes]),
                        np.concatenate([self.embeddings, other.embeddings]),
-                       [self.key(i) or "" for i in range(len(self))] + [other.key(i) or "" for i in range(len(other))])
+                       (self.keys or [""] * len(self)) + (other.keys or [""] * len(other)))
 
     def save(self, path: Path) -> None:
         path = Path(path)

@@ -1,12 +1,13 @@
 """The Siamese training loop: BCE on the pairs of batches built from LAP-mined hard negatives.
 
 Every epoch:
-1. positives: a derangement inside each individual; negatives: one hard, distinct negative per image
-   from the LAP miner on the score matrix (cosine similarity of the embeddings of the previous
-   epoch's forward passes, refreshed every `refresh_every` epochs), with the noise scale K going from
-   `noise_start` (near-random negatives while the network is untrained) to `noise_end` (hardest);
+1. negatives: one hard, distinct negative per image from the LAP miner on the score matrix (cosine
+   similarity of the embeddings of the previous epoch's forward passes, refreshed every
+   `refresh_every` epochs), with the noise scale K going from `noise_start` (near-random negatives
+   while the network is untrained) to `noise_end` (hardest);
 2. batches are built so that each image is embedded ONCE per epoch and its pairs are formed from
-   embeddings in the same batch: whole individuals go into a batch (so its positives are there), and
+   embeddings in the same batch: whole individuals go into a batch (so all its positives are there,
+   the miner's derangement among them: `derangement_positives` is not needed here), and
    batches are grown along the mined negative edges (so the individuals an image is most easily
    confused with are there too);
 3. the loss is BCE over every pair of the batch: positives (same individual and viewpoint) carry
@@ -15,7 +16,8 @@ Every epoch:
    so the embedding itself (which proposes the faiss shortlist) learns too.
    Why every pair and not only each image's mined pair: on the nyala development set (held-out
    validation MAP@5 over 14 minutes, one core), the mined pair alone drove the network BELOW the
-   pretrained one (0.31 -> 0.26-0.29); every pair of the LAP-built batch lifted it to 0.34-0.37.
+   pretrained one (0.31 -> 0.26-0.29); every pair of the LAP-built batch lifted it to 0.34-0.37
+   (0.47 at TrainConfig's learning rates).
 The backbone is fine-tuned with a lower learning rate than the head. Checkpoints at epoch ends; the
 network kept is the best by held-out validation, the untrained one included.
 """
@@ -40,7 +42,7 @@ from engine.metrics import average_precision_at_5
 from engine.runfolder import RunFolder
 from ranker.aggregate import aggregate_per_individual
 from siamese.embed import autocast, embed_records, normalize_features, preprocess
-from siamese.lap_miner import LapMiner, derangement_positives, noise_at
+from siamese.lap_miner import LapMiner, noise_at
 from siamese.model import SiameseNet
 
 log = logging.getLogger(__name__)
@@ -296,9 +298,6 @@ def fit(model: SiameseNet, catalog: Catalog, heldout: set, cfg, run: RunFolder, 
                 scores = embeddings @ embeddings.T
                 scores_from_embeddings = True
             miner_noise = noise
-        pa, pb = derangement_positives(pos_groups, rng)
-        pos = np.full(n, -1, np.int64)
-        pos[pa] = pb
         na, nb = miner.mine_negatives(scores, labels, miner_noise, rng)
         neg = np.full(n, -1, np.int64)
         neg[na] = nb
