@@ -57,6 +57,9 @@ ImagesOpt = Annotated[Optional[Path], typer.Option("--images", help="Folder the 
 RunOpt = Annotated[Path, typer.Option("--run", help="Run folder made by train-siamese.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
+PrecisionOpt = Annotated[str, typer.Option(help="Network precision: auto (fp32, unless the CPU computes bf16 "
+                                           "natively and bf16 measures faster; bf16 or fp16 on a GPU), fp32, "
+                                           "bf16, or fp16 (GPU only).")]
 
 
 def _parse_size(text: str) -> tuple[int, int]:
@@ -88,6 +91,7 @@ def train_siamese_cmd(
     batch_size: Annotated[int, typer.Option(min=2, help="Images per training/embedding batch.")] = 32,
     resume: Annotated[bool, typer.Option(help="Continue from the run folder's last checkpoint.")] = False,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
+    precision: PrecisionOpt = "auto",
     quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ):
     """Build a run folder from a labelled catalog: the network, the gallery embeddings, the settings."""
@@ -98,7 +102,7 @@ def train_siamese_cmd(
     cfg = TrainConfig(model=ModelConfig(backbone=backbone, weights=str(weights) if weights else None,
                                         input_size=_parse_size(input_size)),
                       epochs=epochs, max_minutes=max_minutes, seed=seed, batch_size=batch_size, threads=threads,
-                      heldout_fraction=heldout_fraction)
+                      heldout_fraction=heldout_fraction, precision=precision)
     s = train_siamese(catalog, out, cfg, images, resume=resume, progress=not quiet)
     skipped = f", {len(s['skipped'])} unreadable photo(s) skipped" if s["skipped"] else ""
     typer.echo(f"run {out}: {s['epochs_trained']} epoch(s) trained, gallery {s['gallery_photos']} photos of "
@@ -113,6 +117,7 @@ def train_verifier_cmd(
     max_queries: Annotated[int, typer.Option(min=10, help="Training photos used as queries to build pairs.")] = 600,
     seed: Annotated[int, typer.Option(help="Seed for sampling and the validator.")] = 0,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
+    precision: PrecisionOpt = "auto",
     quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ):
     """Fit the keypoint verifier: SIFT/RootSIFT matches, double homography, XGBoost on the geometry.
@@ -128,7 +133,7 @@ def train_verifier_cmd(
         raise UserError(f"--keypoints {keypoints!r}: choose one of {', '.join(PRESETS)}")
     cfg = VerifierTrainConfig(keypoints=keypoints, verify=keypoints if keypoints == "fast" else "default",
                               max_queries=max_queries, seed=seed)
-    s = train_verifier(run, cfg, threads, progress=not quiet)
+    s = train_verifier(run, cfg, threads, progress=not quiet, precision=precision)
     typer.echo(f"verifier {run / 'verifier.json'}: {s['pairs']} pairs ({s['positives']} true), held-out AUC "
                f"{s['heldout_auc_validator']:.3f} (raw inlier count {s['heldout_auc_inlier_count']:.3f}), "
                f"{s['ms_per_pair']:.1f} ms/pair, {s['seconds']:.0f} s")
@@ -145,6 +150,7 @@ def calibrate(
                                                       "maximise MAP@5).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the folds.")] = 0,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
+    precision: PrecisionOpt = "auto",
     quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ):
     """Calibrate each stage's score, fit their fusion and the new_individual threshold.
@@ -160,7 +166,7 @@ def calibrate(
     if new_rate is not None and not 0 < new_rate < 1:
         raise UserError("--new-rate must be between 0 and 1")
     c = run_calibrate(run, CalibrateConfig(folds=folds, calibrator=calibrator, target_new_rate=new_rate, seed=seed),
-                      threads, progress=not quiet)
+                      threads, progress=not quiet, precision=precision)
     lines = ["score".ljust(12) + "MAP@5 (mean ± sd over folds)".rjust(30) + "new F1".rjust(10) + "tau".rjust(10)]
     for name, s in c["summary"].items():
         lines.append(name.ljust(12) + f"{s['map5_mean']:.3f} ± {s['map5_std']:.3f}".rjust(30)
@@ -189,6 +195,7 @@ def match(
     tau: Annotated[Optional[float], typer.Option(help="new_individual threshold (default: the calibrated "
                                                  "one).")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
+    precision: PrecisionOpt = "auto",
     quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ):
     """Rank the known individuals for every photo in TEST_DIR and write the top-5 of each."""
@@ -196,7 +203,7 @@ def match(
     from engine.matching import run_match
 
     s = run_match(test_dir, run, out, queries_csv=queries, shortlist=shortlist, tau=tau, threads=threads,
-                  progress=not quiet, report=report, verify_top=verify_top)
+                  progress=not quiet, report=report, verify_top=verify_top, precision=precision)
     typer.echo(s)
 
 
@@ -207,6 +214,7 @@ def evaluate(
     shortlist: Annotated[int, typer.Option(min=1, help="Gallery photos proposed per query.")] = 50,
     tau: Annotated[Optional[float], typer.Option(help="new_individual threshold (default: calibrated).")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
+    precision: PrecisionOpt = "auto",
     quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ):
     """Score the engine on labelled queries: MAP@5, top-1, top-5, new-individual precision/recall/F1.
@@ -218,7 +226,7 @@ def evaluate(
     from engine.matching import run_evaluate
 
     typer.echo(run_evaluate(catalog, run, images, shortlist=shortlist, tau=tau, threads=threads,
-                            progress=not quiet))
+                            progress=not quiet, precision=precision))
 
 
 @app.command()
@@ -226,6 +234,7 @@ def evaluate(
 def enroll(
     catalog: CatalogOpt, run: RunOpt, images: ImagesOpt = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
+    precision: PrecisionOpt = "auto",
     quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ):
     """Add newly confirmed photos (and new individuals) to the run's gallery, without retraining.
@@ -236,7 +245,7 @@ def enroll(
     _setup_logging(verbose)
     from engine.matching import run_enroll
 
-    typer.echo(run_enroll(catalog, run, images, threads=threads, progress=not quiet))
+    typer.echo(run_enroll(catalog, run, images, threads=threads, progress=not quiet, precision=precision))
 
 
 @app.command()
@@ -248,13 +257,15 @@ def demo(
     out: Annotated[Path, typer.Option(help="Folder for the sample, the run and the outputs.")] = Path("demo_output"),
     seed: Annotated[int, typer.Option(help="Seed of the sample and the split.")] = 0,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
+    precision: PrecisionOpt = "auto",
     quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ):
     """Run the whole path on a sample: split it open-set, build a run, match held-out photos, score."""
     _setup_logging(verbose)
     from engine.demo import run_demo
 
-    typer.echo(run_demo(out, catalog, images, seed=seed, threads=threads, progress=not quiet))
+    typer.echo(run_demo(out, catalog, images, seed=seed, threads=threads, progress=not quiet,
+                        precision=precision))
 
 
 if __name__ == "__main__":

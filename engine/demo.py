@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 def run_demo(out: Path, catalog: Path | None = None, images: Path | None = None, seed: int = 0,
-             threads: int | None = None, progress: bool = True) -> str:
+             threads: int | None = None, progress: bool = True, precision: str = "auto") -> str:
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -42,15 +42,15 @@ def run_demo(out: Path, catalog: Path | None = None, images: Path | None = None,
     gallery_csv, queries_dir, truth_csv = split_open_set(Path(catalog), out / "split", n_unseen=n_unseen, seed=seed)
     run = out / "run"
     preset = PRESETS["demo"]
-    cfg = replace(preset, seed=seed, threads=threads)
+    cfg = replace(preset, seed=seed, threads=threads, precision=precision)
     log.info("1/5 train-siamese (%d epochs at most, %.0f min budget)", cfg.epochs, cfg.max_minutes)
     summary = train_siamese(gallery_csv, run, cfg, progress=progress)
     log.info("2/5 train-verifier")
-    verifier = train_verifier(run, VerifierTrainConfig(seed=seed), threads, progress)
+    verifier = train_verifier(run, VerifierTrainConfig(seed=seed), threads, progress, precision)
     log.info("3/5 calibrate")
-    calibration = run_calibrate(run, CalibrateConfig(seed=seed), threads, progress)
+    calibration = run_calibrate(run, CalibrateConfig(seed=seed), threads, progress, precision)
     log.info("4/5 match the held-out photos")
-    engine = Engine.load(run)
+    engine = Engine.load(run, precision)
     queries = load_catalog(truth_csv, queries_dir, allow_new=True)  # truth.csv lists the query photos with their answer
     mcfg = MatchConfig()
     pairs, emb = match_pairs(engine, queries.records, mcfg, progress)

@@ -43,11 +43,11 @@ def _skipped_note(emb) -> str:
 
 def run_match(test_dir: Path, run: Path, out: Path, queries_csv: Path | None = None, shortlist: int = 50,
               tau: float | None = None, threads: int | None = None, progress: bool = True,
-              report: Path | None = None, verify_top: int = 20) -> str:
+              report: Path | None = None, verify_top: int = 20, precision: str = "auto") -> str:
     t0 = time.perf_counter()
     set_threads(threads)
     records = query_records(test_dir, queries_csv)
-    engine = Engine.load(run)
+    engine = Engine.load(run, precision)
     if Path(out).suffix.lower() == ".json":
         raise UserError(f"--out {out}: the predictions are a CSV; the evidence JSON goes beside it")
     cfg = MatchConfig(shortlist=shortlist, tau=tau, verify_top=verify_top)
@@ -106,11 +106,12 @@ def truths_in_gallery(gallery, records: list[Record]) -> dict[str, str]:
 
 
 def run_evaluate(catalog_csv: Path, run: Path, images: Path | None = None, shortlist: int = 50,
-                 tau: float | None = None, threads: int | None = None, progress: bool = True) -> str:
+                 tau: float | None = None, threads: int | None = None, progress: bool = True,
+                 precision: str = "auto") -> str:
     t0 = time.perf_counter()
     set_threads(threads)
     catalog = load_catalog(catalog_csv, images, allow_new=True)
-    engine = Engine.load(run)
+    engine = Engine.load(run, precision)
     truth = truths_in_gallery(engine.gallery, catalog.records)
     cfg = MatchConfig(shortlist=shortlist, tau=tau)
     pairs, emb = match_pairs(engine, catalog.records, cfg, progress)
@@ -127,14 +128,14 @@ def run_evaluate(catalog_csv: Path, run: Path, images: Path | None = None, short
 
 
 def run_enroll(catalog_csv: Path, run: Path, images: Path | None = None, threads: int | None = None,
-               progress: bool = True) -> str:
+               progress: bool = True, precision: str = "auto") -> str:
     """Add confirmed photos to the gallery (embeddings, keypoints, index) without retraining."""
     from engine.gallery import Gallery
 
     t0 = time.perf_counter()
     set_threads(threads)
     catalog = load_catalog(catalog_csv, images)
-    engine = Engine.load(run)
+    engine = Engine.load(run, precision)
     present = set(engine.gallery.paths)
     records = [r for r in catalog.records if str(Path(r.path).resolve()) not in present]
     already = len(catalog.records) - len(records)

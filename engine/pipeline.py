@@ -24,6 +24,7 @@ from ranker.aggregate import aggregate_per_individual, top5_with_new
 from siamese.embed import EmbedResult, embed_records, normalize_features
 from siamese.index import EmbeddingIndex
 from siamese.model import ModelConfig, SiameseNet
+from siamese.precision import resolve as resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -155,10 +156,14 @@ class Engine:
                 "inliers_xy": np.round(res.inliers_xy, 1).tolist() if res.n_inliers else []}
 
     @classmethod
-    def load(cls, run_path: Path) -> "Engine":
+    def load(cls, run_path: Path, precision: str = "auto") -> "Engine":
+        """The run folder's engine, its network in `precision` (auto: chosen for this machine)."""
         run = RunFolder(run_path)
         config = run.config()
-        return cls(run, load_model(run.weights_path), Gallery.load(run.gallery_path), config)
+        model = load_model(run.weights_path)
+        engine = cls(run, model, Gallery.load(run.gallery_path), config)
+        engine.precision = resolve_precision(model, precision, config.get("precision"))
+        return engine
 
     def embed(self, records: Sequence[Record], cfg: MatchConfig, progress: bool = True,
               desc: str = "embedding queries") -> EmbedResult:

@@ -71,10 +71,10 @@ def build_training_pairs(engine: Engine, cfg: VerifierTrainConfig):
 
 
 def train_verifier(run_path: Path, cfg: VerifierTrainConfig = VerifierTrainConfig(), threads: int | None = None,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, precision: str = "auto") -> dict:
     t0 = time.perf_counter()
     set_threads(threads)
-    engine = Engine.load(run_path)
+    engine = Engine.load(run_path, precision)
     engine.verifier = None  # shortlists by the embedding stages only
     kcfg, vcfg = KEYPOINT_PRESETS[cfg.keypoints], VERIFY_PRESETS[cfg.verify]
     engine.config = engine.run.update_config(keypoints=asdict(kcfg), verify=vcfg.to_dict())

@@ -105,10 +105,10 @@ def calibrated_scorers(fusion: ScoreFusion) -> dict:
 
 
 def run_calibrate(run: Path, cfg: CalibrateConfig = CalibrateConfig(), threads: int | None = None,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, precision: str = "auto") -> dict:
     t0 = time.perf_counter()
     set_threads(threads)
-    engine = Engine.load(run)
+    engine = Engine.load(run, precision)
     mcfg = MatchConfig()
     data = fold_pairs(engine, cfg, mcfg, progress)
     stages = engine.stage_order() + (["keypoints"] if engine.verifier is not None else [])

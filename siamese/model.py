@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.errors import UserError
+from siamese.precision import Precision
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -122,6 +123,15 @@ class SiameseNet(nn.Module):
         # Pooled features after ReLU are all positive, so raw cosines crowd near 1; subtracting their
         # mean spreads them out (set from the gallery, or tracked during training).
         self.register_buffer("center", torch.zeros(self.dim))
+        # set per machine by siamese.precision.resolve; fp32 until then
+        self.precision = Precision("fp32", channels_last=True)
+
+    def set_precision(self, precision: Precision) -> None:
+        self.precision = precision
+        self.to(memory_format=torch.channels_last if precision.channels_last else torch.contiguous_format)
+
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.precision.channels_last else x
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features, before centring and normalisation (what the caches store)."""

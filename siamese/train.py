@@ -15,6 +15,7 @@ from engine.pipeline import MatchConfig, build_gallery, save_model
 from engine.runfolder import RunFolder, atomic_write_json
 from engine.runtime import seed_everything, set_threads, torch_device
 from siamese.model import ModelConfig, SiameseNet
+from siamese.precision import resolve as resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class TrainConfig:
     noise_end: float = 0.1
     hflip: bool = False  # a mirrored flank or fluke is a different pattern
     threads: int | None = None
+    precision: str = "auto"  # auto|fp32|bf16|fp16: see siamese.precision
     mined_weight: float = 0.0  # share of the negatives' half of the loss on the LAP-mined pairs
 
     def to_dict(self) -> dict:
@@ -83,6 +85,7 @@ def train_siamese(catalog_csv: Path, out: Path, cfg: TrainConfig, images_dir: Pa
     heldout = choose_heldout(catalog, cfg.heldout_fraction, cfg.seed)
     atomic_write_json(run.heldout_path, {"individuals": heldout, "seed": cfg.seed})
     model = SiameseNet(model_cfg).to(torch_device())
+    run.update_config(precision=resolve_precision(model, cfg.precision))
     summary: dict = {"epochs_trained": 0}
     if cfg.epochs > 0:
         from siamese.trainer import fit

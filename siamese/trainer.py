@@ -41,7 +41,7 @@ from engine.images import load_image
 from engine.metrics import average_precision_at_5
 from engine.runfolder import RunFolder
 from ranker.aggregate import aggregate_per_individual
-from siamese.embed import autocast, embed_records, normalize_features, preprocess
+from siamese.embed import embed_records, normalize_features, preprocess
 from siamese.lap_miner import LapMiner, noise_at
 from siamese.model import SiameseNet
 
@@ -260,8 +260,9 @@ def fit(model: SiameseNet, catalog: Catalog, heldout: set, cfg, run: RunFolder, 
         embeddings = ck.get("embeddings")
         state = _State(epoch=ck["epoch"], best=ck["best"], best_state=ck["best_state"], history=ck["history"])
         log.info("resumed from %s at epoch %d", run.checkpoint_path, state.epoch)
-    if device.type == "cpu":
-        model.to(memory_format=torch.channels_last)
+    model.set_precision(model.precision)  # the memory format it asks for
+    # fp16 (CUDA without bf16) needs loss scaling; fp32 and bf16 do not
+    scaler = torch.amp.GradScaler(device.type, enabled=model.precision.name == "fp16")
     t_start = time.perf_counter()
     deadline = t_start + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
     stopped_by_budget = False
@@ -319,10 +320,9 @@ def fit(model: SiameseNet, catalog: Catalog, heldout: set, cfg, run: RunFolder, 
             a, b, w, target = batch_pair_weights(pos_groups[batch], labels[batch], mined, cfg.mined_weight, device)
             if len(a) == 0:
                 continue
-            x = torch.from_numpy(np.stack([augment(images[i], cfg, rng) for i in batch])).to(device)
-            if device.type == "cpu":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(device):
+            x = model.prepare_input(torch.from_numpy(np.stack([augment(images[i], cfg, rng) for i in batch]))
+                                    .to(device))
+            with model.precision.autocast(device.type):
                 f = model.features(x)
             f = f.float()
             with torch.no_grad():  # running mean of the features, as BatchNorm tracks its statistics
@@ -339,8 +339,9 @@ def fit(model: SiameseNet, catalog: Catalog, heldout: set, cfg, run: RunFolder, 
                     + (F.binary_cross_entropy_with_logits(model.head.cosine_logit(e[a], e[b]), target,
                                                           reduction="none") * w).sum())
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             new_emb[batch] = e.detach().cpu().numpy()
             losses.append(loss.item())
             n_img += len(batch)

@@ -1,0 +1,134 @@
+"""Numeric precision of the network, chosen per machine.
+
+bf16 autocast is only fast on a CPU that computes bf16 natively (AVX512-BF16 or AMX): there it ran
+mobilenetv2_100 about 5x faster than fp32; on a CPU without it (AVX2 only, e.g. AMD EPYC Zen 1) it
+ran about 6-10x SLOWER (224 px, 2 threads: fp32 32 images/s, bf16 3.6). So `auto` means fp32, unless
+the CPU has native bf16 and a short measurement at first use confirms that bf16 is the faster one.
+On CUDA, `auto` means bf16 where the GPU supports it, else fp16 (with loss scaling in training).
+
+On CPU the network runs in channels_last memory: 2x faster than contiguous in fp32 on the AVX2
+machine above (16 -> 32 images/s), and the format oneDNN's bf16 kernels want.
+`bench/throughput.py` measures every precision and memory format on the machine it runs on.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from engine.errors import UserError
+
+log = logging.getLogger(__name__)
+
+CHOICES = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# bf16 must beat fp32 by this factor in the first-use measurement to be chosen (timing noise)
+_MIN_GAIN = 1.1
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str = "fp32"  # fp32, bf16 or fp16: the autocast dtype (fp32: no autocast)
+    channels_last: bool = False
+
+    def autocast(self, device_type: str):
+        if self.name == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type, dtype=_DTYPES[self.name])
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def cpu_info() -> dict:
+    """The CPU model, torch's CPU kernel level and whether the CPU computes bf16 natively."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model in ("", platform.machine(), platform.processor()):
+                model = value.strip()
+            elif key.strip() in ("flags", "Features") and not flags:
+                flags = set(value.split())
+    except OSError:  # not Linux: no flags, so no claim of native bf16
+        pass
+    native = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    return {"cpu": model, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "native_bf16": native, "threads": torch.get_num_threads()}
+
+
+def _images_per_second(model, precision: Precision, device: torch.device, input_size, batch: int = 8,
+                       repeats: int = 2) -> float:
+    """Forward passes of the real network on random input: one to warm up, then the best of `repeats`."""
+    x = torch.randn(batch, 3, *input_size, device=device)
+    fmt = torch.channels_last if precision.channels_last else torch.contiguous_format
+    model.to(memory_format=fmt)
+    x = x.contiguous(memory_format=fmt)
+    best = float("inf")
+    with torch.no_grad(), precision.autocast(device.type):
+        for k in range(repeats + 1):
+            t = time.perf_counter()
+            model.features(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if k:
+                best = min(best, time.perf_counter() - t)
+    return batch / best
+
+
+def choose(requested: str, device_type: str, native_bf16: bool, cuda_bf16: bool,
+           measure: Callable[[Precision], float]) -> tuple[Precision, dict[str, float]]:
+    """The precision for `requested` on this machine; `measure(precision) -> images/s` is called only
+    where the answer depends on it (auto on a CPU with native bf16). Returns the choice and what was
+    measured."""
+    if requested not in CHOICES:
+        raise UserError(f"--precision {requested!r}: choose one of {', '.join(CHOICES)}")
+    cl = device_type == "cpu"
+    if requested == "fp16" and device_type != "cuda":
+        raise UserError("--precision fp16 needs a CUDA GPU: on CPU choose auto, fp32 or bf16")
+    if requested != "auto":
+        if requested == "bf16" and device_type == "cpu" and not native_bf16:
+            log.warning("--precision bf16 on a CPU without native bf16 (no avx512_bf16/amx_bf16): expect it "
+                        "to be several times slower than fp32")
+        return Precision(requested, cl), {}
+    if device_type == "cuda":
+        return Precision("bf16" if cuda_bf16 else "fp16", False), {}
+    if not native_bf16:
+        return Precision("fp32", True), {}
+    candidates = [Precision("fp32", True), Precision("bf16", True)]
+    measured = {p.name: measure(p) for p in candidates}
+    best = candidates[1] if measured["bf16"] > _MIN_GAIN * measured["fp32"] else candidates[0]
+    return best, {k: round(v, 1) for k, v in measured.items()}
+
+
+_memo: dict[tuple, tuple[Precision, dict]] = {}
+
+
+def resolve(model, requested: str = "auto", recorded: dict | None = None) -> dict:
+    """Choose the model's precision on this machine, set it on the model and return a record of the
+    choice (for config.json). A record from an earlier command on the same CPU is reused without
+    measuring again; within one process the choice is made once per network shape."""
+    device = next(model.parameters()).device
+    info = cpu_info() if device.type == "cpu" else {"gpu": torch.cuda.get_device_name(device)}
+    same_machine = bool(recorded) and all(recorded.get(k) == v for k, v in info.items() if k != "threads")
+    key = (requested, device.type, model.config.backbone, tuple(model.config.input_size))
+    if requested == "auto" and same_machine and recorded.get("requested") == "auto":
+        precision, measured = Precision(**recorded["choice"]), recorded.get("measured_images_per_s", {})
+    elif key in _memo:
+        precision, measured = _memo[key]
+    else:
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        precision, measured = choose(requested, device.type, bool(info.get("native_bf16")), cuda_bf16,
+                                     lambda p: _images_per_second(model, p, device, model.config.input_size))
+        if measured:
+            log.info("precision: %s chosen (measured images/s %s on %s)", precision.name, measured,
+                     info.get("cpu"))
+        _memo[key] = (precision, measured)
+    model.set_precision(precision)
+    return {"requested": requested, "choice": precision.to_dict(), **info, "measured_images_per_s": measured}
