@@ -50,7 +50,11 @@ def load_image(path: Path, bbox: tuple[int, int, int, int] | None = None) -> np.
     except FileNotFoundError:
         raise ImageError(f"{path}: file not found") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise ImageError(f"{path}: cannot decode image ({e.__class__.__name__}: {e})") from None
+        # an OSError with an errno comes from the system (EIO, EACCES, a network share gone): it may
+        # pass; PIL's own errors (truncated, unrecognised data) carry none and will not
+        transient = isinstance(e, OSError) and not isinstance(e, UnidentifiedImageError) and e.errno is not None
+        raise ImageError(f"{path}: cannot decode image ({e.__class__.__name__}: {e})",
+                         permanent=not transient) from None
     if bbox is not None:
         x, y, w, h = bbox
         H, W = arr.shape[:2]

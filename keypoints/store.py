@@ -35,9 +35,11 @@ class KeypointStore:
         keys = {record_key(r): r for r in records}
         keys.pop(None, None)
         out = {k: Keypoints.from_arrays(v) for k, v in self.cache.get(keys).items()}
-        todo = [(k, r) for k, r in keys.items() if k not in out]
+        known_bad = self.cache.unreadable()  # not retried, not warned again
+        todo = [(k, r) for k, r in keys.items() if k not in out and k not in known_bad]
         if not todo:
             return out
+        failed: dict[str, str] = {}
 
         def one(item):
             key, rec = item
@@ -45,6 +47,8 @@ class KeypointStore:
                 return key, extract_keypoints(load_image(rec.path, rec.bbox), self.cfg)
             except ImageError as e:
                 log.warning("no keypoints: %s", e)
+                if e.permanent:
+                    failed[key] = str(e)
                 return key, None
 
         before = cv2.getNumThreads()
@@ -55,35 +59,39 @@ class KeypointStore:
                 for key, kp in tqdm(pool.map(one, todo), total=len(todo), desc=desc, unit="img",
                                     disable=not progress, leave=False):
                     if kp is not None:
-                        out[key] = new[key] = kp
+                        # as the cache will give them back next time (float16 descriptors), so that a
+                        # first run and a rerun score the same
+                        new[key] = kp.to_arrays("float16")
+                        out[key] = Keypoints.from_arrays(new[key])
                     if len(new) >= 512:  # bounded loss if killed mid-way
-                        self.cache.add({k: v.to_arrays("float16") for k, v in new.items()})
+                        self.cache.add(new)
                         new = {}
         finally:
             cv2.setNumThreads(before)
-        self.cache.add({k: v.to_arrays("float16") for k, v in new.items()})
+        self.cache.add(new)
+        self.cache.add_unreadable(failed)
         return out
 
 
 def verify_record_pairs(store: KeypointStore, pairs: Sequence[tuple[Record, Record]], cfg, workers: int = 2,
-                        progress: bool = True) -> list:
-    """Keypoint-verify (query record, gallery record) pairs: keypoints through the cache, then
-    `verify_pairs` in chunks under a progress bar. A photo without keypoints (unreadable) scores
-    as an empty one: low, never an error. Results in the order of `pairs`."""
+                        progress: bool = True, chunk: int = 256) -> list:
+    """Keypoint-verify (query record, gallery record) pairs, `chunk` pairs at a time: the keypoints
+    of one chunk are read (or extracted) through the cache, verified, and let go, so memory does
+    not grow with the number of pairs. A photo without keypoints (unreadable) scores as an empty
+    one: low, never an error. Results in the order of `pairs`."""
     from keypoints.verify import verify_pairs
 
-    unique = {}
-    for rec in (r for pair in pairs for r in pair):
-        unique.setdefault(record_key(rec), rec)
-    unique.pop(None, None)
-    kps = store.get(list(unique.values()), workers, progress, "keypoints")
     empty = Keypoints.empty((1, 1))
-    keyed = [(record_key(q), record_key(g)) for q, g in pairs]
-    lookup = {k: kps.get(k, empty) for pair in keyed for k in pair}
     results = []
-    with tqdm(total=len(keyed), desc="verifying", unit="pair", disable=not progress, leave=False) as bar:
-        for start in range(0, len(keyed), 256):
-            chunk = keyed[start:start + 256]
-            results += verify_pairs(chunk, lookup, cfg, workers)
-            bar.update(len(chunk))
+    with tqdm(total=len(pairs), desc="verifying", unit="pair", disable=not progress, leave=False) as bar:
+        for start in range(0, len(pairs), chunk):
+            part = pairs[start:start + chunk]
+            unique = {}
+            for rec in (r for pair in part for r in pair):
+                unique.setdefault(record_key(rec), rec)
+            unique.pop(None, None)
+            kps = store.get(list(unique.values()), workers, progress=False)
+            keyed = [(record_key(q), record_key(g)) for q, g in part]
+            results += verify_pairs(keyed, {k: kps.get(k, empty) for pair in keyed for k in pair}, cfg, workers)
+            bar.update(len(part))
     return results

@@ -65,7 +65,7 @@ def _load(rec: Record, cfg: ModelConfig):
     try:
         return preprocess(load_image(rec.path, rec.bbox), cfg), None
     except ImageError as e:
-        return None, str(e)
+        return None, e
 
 
 @torch.no_grad()
@@ -99,8 +99,14 @@ def embed_records(model: SiameseNet, records: Sequence[Record], cache_path: Path
     keys = [record_key(r) for r in records]
     cached = cache.get([k for k in keys if k]) if cache else {}
     vectors: dict[int, np.ndarray] = {i: cached[k]["features"] for i, k in enumerate(keys) if k in cached}
-    todo = [i for i in range(len(records)) if i not in vectors]
-    skipped: list[tuple[Record, str]] = []
+    # photos already known to be undecodable (this very file: same size and mtime) are not retried
+    known_bad = cache.unreadable() if cache else {}
+    skipped: list[tuple[Record, str]] = [(records[i], known_bad[k]) for i, k in enumerate(keys)
+                                         if k in known_bad and i not in vectors]
+    if skipped:
+        log.debug("%d photos known to be unreadable skipped, e.g. %s", len(skipped), skipped[0][1])
+    todo = [i for i, k in enumerate(keys) if i not in vectors and k not in known_bad]
+    failed: dict[str, str] = {}
     new: dict[str, dict[str, np.ndarray]] = {}
     t0 = time.perf_counter()
     if todo:
@@ -117,7 +123,9 @@ def embed_records(model: SiameseNet, records: Sequence[Record], cache_path: Path
                 for i, (arr, err) in zip(batch, loaded):
                     if err is not None:
                         log.warning("skipped %s", err)
-                        skipped.append((records[i], err))
+                        skipped.append((records[i], str(err)))
+                        if err.permanent and keys[i]:
+                            failed[keys[i]] = str(err)
                     else:
                         good.append((i, arr))
                 if good:
@@ -131,11 +139,12 @@ def embed_records(model: SiameseNet, records: Sequence[Record], cache_path: Path
                     cache.add(new)
                     new = {}
         bar.close()
-        if cache and new:
+        if cache:
             cache.add(new)
+            cache.add_unreadable(failed)
     seconds = time.perf_counter() - t0
     ok = np.array(sorted(vectors), dtype=np.int64)
     dim = model.dim
     feats = np.stack([vectors[i] for i in ok]).astype(np.float32) if len(ok) else np.zeros((0, dim), np.float32)
-    computed = len(todo) - len(skipped)
+    computed = sum(1 for i in todo if i in vectors)
     return EmbedResult(normalize_features(model, feats), ok, skipped, computed, seconds, feats)

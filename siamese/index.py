@@ -1,5 +1,10 @@
 """faiss inner-product index over L2-normalised embeddings (= cosine), GPU when one exists.
 
+The index is chosen by size: exact search (IndexFlatIP) up to `exact_max` photos, above that an
+inverted-file index (IVF-Flat, about 4*sqrt(n) lists, `nprobe` of them searched per query), whose
+recall against exact search `bench/scale.py` reports. Exact search is a matrix product over the
+whole gallery; it stays fast to a few tens of thousands of photos on 2 cores.
+
 With viewpoints, one sub-index per viewpoint: a query of known viewpoint searches only its own
 (a left flank never meets a right flank); a query of unknown viewpoint searches all.
 """
@@ -20,22 +25,42 @@ def _gpu_resources():
     return faiss.StandardGpuResources()
 
 
-def _flat_ip(x: np.ndarray, gpu):
-    index = faiss.IndexFlatIP(x.shape[1])
+EXACT_MAX = 50_000  # photos; above this an IVF index (see bench/scale.py)
+NPROBE = 32
+_TRAIN_PER_LIST = 40  # k-means training points per list (faiss warns below 39)
+
+
+def build_index(x: np.ndarray, gpu=None, exact_max: int = EXACT_MAX, nprobe: int = NPROBE, seed: int = 0):
+    """An inner-product index over the rows of x: exact up to `exact_max` rows, IVF-Flat above."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n, d = x.shape
+    if n <= exact_max:
+        index = faiss.IndexFlatIP(d)
+    else:
+        nlist = int(4 * np.sqrt(n))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = seed
+        rng = np.random.default_rng(seed)
+        sample = x[np.sort(rng.choice(n, min(n, nlist * _TRAIN_PER_LIST), replace=False))]
+        index.train(sample)
+        index.nprobe = nprobe
     if gpu is not None:
         index = faiss.index_cpu_to_gpu(gpu, 0, index)
-    index.add(np.ascontiguousarray(x, dtype=np.float32))
+    index.add(x)
     return index
 
 
 class EmbeddingIndex:
-    def __init__(self, embeddings: np.ndarray, viewpoints: Sequence[str | None] | None = None):
+    def __init__(self, embeddings: np.ndarray, viewpoints: Sequence[str | None] | None = None,
+                 exact_max: int = EXACT_MAX):
         self.embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
         self.n = len(self.embeddings)
         gpu = _gpu_resources()
         self.device = "gpu" if gpu is not None else "cpu"
-        self._all = _flat_ip(self.embeddings, gpu)
-        self._by_view: dict[str, tuple[object, np.ndarray]] = {}
+        self.exact = self.n <= exact_max
+        self._build = lambda x: build_index(x, gpu, exact_max)
+        self._by_view: dict[str, np.ndarray] = {}  # viewpoint -> the gallery photos its queries meet
+        self._indexes: dict[str, object] = {}  # built when first searched
         self._unknown_view = np.arange(self.n)
         if viewpoints is not None and any(viewpoints):
             views = np.array([v or "" for v in viewpoints])
@@ -43,8 +68,13 @@ class EmbeddingIndex:
             # a gallery photo of unknown viewpoint may show either side: every query meets it
             for v in sorted(set(views) - {""}):
                 members = np.flatnonzero((views == v) | (views == ""))
-                self._by_view[v] = (_flat_ip(self.embeddings[members], gpu), members)
-        self._gpu = gpu
+                self._by_view[v] = members
+
+    def _index(self, view: str | None, members: np.ndarray | None = None):
+        """The index over `members` (None: every photo), built when first needed."""
+        if view not in self._indexes:
+            self._indexes[view] = self._build(self.embeddings if members is None else self.embeddings[members])
+        return self._indexes[view]
 
     def search(self, queries: np.ndarray, k: int, viewpoints: Sequence[str | None] | None = None):
         """Top-k (scores, gallery indices) per query; -1 pads where fewer than k exist."""
@@ -55,7 +85,7 @@ class EmbeddingIndex:
         views = np.array([(v or "") for v in viewpoints]) if viewpoints is not None else np.full(len(q), "")
         plain = views == ""
         if plain.any():
-            s, i = self._all.search(q[plain], k)
+            s, i = self._index(None).search(q[plain], k)
             scores[plain], idx[plain] = s, i
         # a known viewpoint the gallery lacks meets only the gallery photos of unknown viewpoint
         absent = ~plain & np.array([v not in self._by_view for v in views], dtype=bool)
@@ -65,15 +95,15 @@ class EmbeddingIndex:
             if self._by_view and len(self._unknown_view):
                 members = self._unknown_view
                 kk = min(k, len(members))
-                s, i = _flat_ip(self.embeddings[members], self._gpu).search(q[absent], kk)
+                s, i = self._index("", members).search(q[absent], kk)
                 rows = np.flatnonzero(absent)
                 scores[rows, :kk] = s
                 idx[rows, :kk] = np.where(i >= 0, members[np.maximum(i, 0)], -1)
-        for v, (index, members) in self._by_view.items():
+        for v, members in self._by_view.items():
             rows = np.flatnonzero(views == v)
             if len(rows):
                 kk = min(k, len(members))
-                s, i = index.search(q[rows], kk)
+                s, i = self._index(v, members).search(q[rows], kk)
                 scores[rows, :kk] = s
                 idx[rows, :kk] = np.where(i >= 0, members[np.maximum(i, 0)], -1)
         return scores, idx

@@ -279,6 +279,25 @@ def test_verify_pairs_keeps_order_and_equals_serial(kps):
     assert verify_pairs(pairs[:2], lambda k: kps[k])[1].n_inliers == serial[1].n_inliers
 
 
+def test_verify_record_pairs_in_chunks_equals_one_pass(photos, tmp_path):
+    """match reads keypoints a chunk of pairs at a time (bounded memory): same results, same order."""
+    from engine.catalog import Record
+    from keypoints.store import KeypointStore, verify_record_pairs
+
+    recs = {}
+    for name, img in photos.items():
+        path = tmp_path / f"{name}.png"
+        cv2.imwrite(str(path), img[:, :, ::-1])
+        recs[name] = Record(image=path.name, path=path, individual_id=name[0])
+    pairs = [(recs[q], recs[g]) for q, g in [("a1", "a2"), ("a1", "b"), ("b", "a2"), ("a2", "a1"), ("b", "b")]]
+    store = KeypointStore(tmp_path / "kp", PRESETS["default"])
+    whole = verify_record_pairs(store, pairs, VERIFY_PRESETS["default"], progress=False)
+    chunked = verify_record_pairs(store, pairs, VERIFY_PRESETS["default"], progress=False, chunk=2)
+    assert np.array_equal(feature_matrix(whole), feature_matrix(chunked))
+    assert [r.n_inliers for r in whole] == [r.n_inliers for r in chunked]
+    assert whole[0].n_inliers > whole[1].n_inliers  # A-A beats A-B: the pairs are not all alike
+
+
 def test_verify_config_round_trips_through_a_dict():
     import json
 

@@ -1,13 +1,18 @@
 """Embedding cache, faiss retrieval against brute force, viewpoint-restricted search."""
 import os
 
+from pathlib import Path
+
+import h5py
 import numpy as np
 import pytest
 
-from engine.cache import FeatureCache
+from engine import cache as cache_module
+from engine.cache import FeatureCache, record_key
+from engine.errors import ImageError
 from engine.catalog import load_catalog
 from siamese.embed import embed_records
-from siamese.index import EmbeddingIndex
+from siamese.index import EmbeddingIndex, build_index
 from siamese.model import ModelConfig, SiameseNet
 from tests.conftest import TINY_INPUT
 
@@ -52,6 +57,76 @@ def test_cache_ignores_a_half_written_shard(tmp_path):
     assert set(c.get(["k1"])) == {"k1"}
 
 
+def test_an_unreadable_shard_is_skipped_and_never_deleted(tmp_path, monkeypatch):
+    c = FeatureCache(tmp_path / "c", "m")
+    c.add({"k1": {"x": np.ones(2)}})
+    (shard,) = (tmp_path / "c").glob("shard-*.h5")
+    real_open = h5py.File
+
+    def flaky(path, *a, **kw):  # a transient I/O error on the one shard
+        if Path(path) == shard:
+            raise OSError(5, "Input/output error")
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr(h5py, "File", flaky)
+    assert c.get(["k1"]) == {}  # missed, not an error
+    c.add({"k2": {"x": np.zeros(2)}})
+    monkeypatch.undo()
+    assert shard.exists() and set(c.get(["k1", "k2"])) == {"k1", "k2"}
+
+
+def test_shards_are_merged_when_they_pile_up(tmp_path):
+    c = FeatureCache(tmp_path / "c", "m")
+    for k in range(cache_module.MAX_SHARDS):
+        c.add({f"k{k}": {"x": np.full(3, k, np.float32)}})
+    assert len(list((tmp_path / "c").glob("shard-*.h5"))) == cache_module.MAX_SHARDS
+    c.add({"last": {"x": np.full(3, -1, np.float32)}})  # one too many: the smallest are merged
+    shards = list((tmp_path / "c").glob("shard-*.h5"))
+    assert len(shards) == cache_module.MAX_SHARDS // 2
+    got = c.get([f"k{k}" for k in range(cache_module.MAX_SHARDS)] + ["last"])
+    assert len(got) == cache_module.MAX_SHARDS + 1 and got["k7"]["x"][0] == 7 and got["last"]["x"][0] == -1
+    assert not list((tmp_path / "c").glob("*.tmp"))
+
+
+def test_undecodable_photos_are_remembered_not_retried(sample, model, tmp_path, caplog):
+    records = load_catalog(sample).records[:2]
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    from dataclasses import replace
+
+    records = [records[0], replace(records[1], path=bad)]
+    cache = tmp_path / "emb"
+    first = embed_records(model, records, cache, batch_size=2, progress=False)
+    assert len(first.skipped) == 1 and record_key(records[1]) in FeatureCache(cache, "").unreadable()
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        second = embed_records(model, records, cache, batch_size=2, progress=False)
+    assert second.computed == 0 and list(second.ok) == [0] and "bad.jpg" in second.skipped[0][1]
+    assert not [r for r in caplog.records if "bad.jpg" in r.getMessage()]  # not warned again
+    bad.write_bytes(sample.parent.joinpath(records[0].path).read_bytes())  # fixed: new size, new key
+    third = embed_records(model, records, cache, batch_size=2, progress=False)
+    assert third.computed == 1 and list(third.ok) == [0, 1]
+
+
+def test_a_transient_read_error_is_not_remembered(tmp_path, monkeypatch):
+    from engine import images
+
+    photo = tmp_path / "p.jpg"
+    photo.write_bytes(b"x" * 10)
+
+    def eio(*a, **kw):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(images.Image, "open", eio)
+    with pytest.raises(ImageError) as e:
+        images.load_image(photo)
+    assert not e.value.permanent
+    monkeypatch.undo()
+    with pytest.raises(ImageError) as e:
+        images.load_image(photo)  # ten bytes that are no image: that will not pass
+    assert e.value.permanent
+
+
 def test_unreadable_photo_is_skipped_and_named(sample, model, tmp_path):
     records = load_catalog(sample).records[:3]
     bad = tmp_path / "bad.jpg"
@@ -89,3 +164,21 @@ def test_viewpoint_restricts_search():
     assert all(views[i] == "left" for i in idx[1])
     assert idx[2][0] == 5  # unknown viewpoint meets every gallery photo, itself first
     assert idx[1][0] != 45 and 45 not in idx[1]
+
+
+def test_large_galleries_get_an_ivf_index_with_high_recall():
+    """Above exact_max the index is IVF; on clustered data (individuals: photos near a centre) its
+    top-10 agrees with exact search for nearly every query."""
+    rng = np.random.default_rng(2)
+    centres = _unit(rng, 300, 32)
+    g = centres[rng.integers(0, 300, 6000)] + 0.3 * rng.standard_normal((6000, 32)).astype(np.float32) / 32 ** 0.5
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    q = g[:200] + 0.01 * rng.standard_normal((200, 32)).astype(np.float32)
+    exact = EmbeddingIndex(g)
+    ivf = EmbeddingIndex(g, exact_max=1000)
+    assert exact.exact and not ivf.exact
+    _, e_idx = exact.search(q, 10)
+    _, i_idx = ivf.search(q, 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(e_idx, i_idx)])
+    assert recall > 0.95
+    assert build_index(g, exact_max=1000).nprobe == 32

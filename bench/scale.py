@@ -1,0 +1,306 @@
+#!/usr/bin/env python3
+"""Speed and memory of matching at gallery sizes of 1k, 10k and 100k photos, features cached.
+
+The galleries are the real development photos (../shared/data/nyala) plus **feature-level
+replicas**: each replica is a real gallery photo's embedding with noise added (cosine ~0.7 to its
+source, renormalised) under a new individual ID, and that photo's real keypoints (HDF5 hard links
+in the run's keypoint cache, so 100k entries cost no 40 GB of disk). What a query costs depends on
+the gallery only through the faiss index (size, dimension, cluster structure: replicas cluster
+around real photos as photos of one animal do), the cache lookups among N entries, and the V = 20
+keypoint sets it is verified against (real ones, of real sizes); none of it depends on the pixels
+of the gallery, which is why replicas measure it faithfully. What they do not reproduce: reading
+100k distinct keypoint sets from disk (the hard links share data, so the OS cache is warmer than
+it would be for a real catalogue of that size).
+
+For each size: index build time and type; seconds per query of each stage (embedding read from
+the cache, shortlist search, pair head, keypoint verification, ranking) over --queries held-out
+real photos; recall@K of the IVF index against exact search (where IVF is used, and always at
+the largest size); `enroll` of 1000 new real photos (embedding + keypoints computed, as a user's
+new photos would be). Then the peak memory of `cli.py match` (a subprocess) for Q and 4Q queries
+on the 10k gallery: it must not grow with the number of queries.
+Prints the machine, a table, and writes bench/results/scale.json.
+
+  python bench/scale.py [--sizes 1000,10000,100000] [--queries 200] [--work /tmp/bench-scale]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import h5py  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench.machine import describe, headline  # noqa: E402
+from engine.cache import FeatureCache, _group_name, record_key  # noqa: E402
+from engine.catalog import load_catalog  # noqa: E402
+from engine.gallery import Gallery  # noqa: E402
+from engine.matching import run_enroll  # noqa: E402
+from engine.pipeline import Engine, MatchConfig  # noqa: E402
+from engine.runtime import set_threads  # noqa: E402
+from siamese.embed import model_fingerprint  # noqa: E402
+from siamese.index import EXACT_MAX, EmbeddingIndex, build_index  # noqa: E402
+from siamese.train import TrainConfig, train_siamese  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "nyala"
+N_ENROLL = 1000
+REPLICA_NOISE = 1.0  # |noise| relative to the unit embedding: cosine to the source 1/sqrt(2) ~ 0.7
+log = logging.getLogger("bench.scale")
+
+
+def write_csv(path: Path, rows: list[dict], columns=("image", "individual_id")) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def split_photos(work: Path, n_queries: int, seed: int):
+    """Real photos: gallery (the rest), queries (held out), enroll (1000 new photos)."""
+    with open(DATA / "catalog.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    rng = np.random.default_rng(seed)
+    rows = [rows[i] for i in rng.permutation(len(rows))]
+    queries, enroll, gallery = rows[:n_queries], rows[n_queries:n_queries + N_ENROLL], rows[n_queries + N_ENROLL:]
+    return (write_csv(work / "gallery.csv", gallery), write_csv(work / "queries.csv", queries, ("image",)),
+            write_csv(work / "enroll.csv", enroll))
+
+
+def build_base(work: Path, gallery_csv: Path, queries_csv: Path) -> Path:
+    """The real-photo run: pretrained network, verifier, calibration; query features cached."""
+    from keypoints.training import train_verifier
+    from ranker.calibrate import run_calibrate
+
+    base = work / "base"
+    if not (base / "calibration.json").is_file():
+        train_siamese(gallery_csv, base, TrainConfig(epochs=0), DATA, progress=False)
+        train_verifier(base, progress=False)
+        run_calibrate(base, progress=False)
+    engine = Engine.load(base)
+    queries = load_catalog(queries_csv, DATA, require_labels=False).records
+    engine.embed(queries, MatchConfig(), progress=False)
+    engine.keypoint_store().get(queries + engine.gallery.records(), progress=False)
+    return base
+
+
+def copy_entries(src: FeatureCache, dst: FeatureCache, keys: list[str]) -> None:
+    dst.add(src.get(keys))
+
+
+def build_scaled(base: Path, n: int, work: Path, seed: int) -> Path:
+    """A run folder whose gallery is the base gallery plus replicas up to n photos."""
+    run = work / f"run_{n}"
+    if (run / "gallery.h5").is_file() and len(Gallery.load(run / "gallery.h5")) == n:
+        return run
+    shutil.rmtree(run, ignore_errors=True)
+    run.mkdir(parents=True)
+    for name in ("config.json", "siamese.pt", "verifier.json", "calibration.json", "heldout.json"):
+        shutil.copy2(base / name, run / name)
+    g = Gallery.load(base / "gallery.h5")
+    real = len(g)
+    rng = np.random.default_rng(seed)
+    src = np.arange(n) % real if n <= real else np.concatenate([np.arange(real), rng.integers(0, real, n - real)])
+    src = src[:n]
+    emb = g.embeddings[src].copy()
+    rep = np.arange(n) >= real
+    noise = rng.standard_normal((int(rep.sum()), emb.shape[1])).astype(np.float32)
+    emb[rep] += REPLICA_NOISE * noise / np.sqrt(emb.shape[1])
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    keys = [g.keys[s] if not r else f"replica:{k}:{g.keys[s]}" for k, (s, r) in enumerate(zip(src, rep))]
+    scaled = Gallery(paths=[g.paths[s] if not r else f"/replica/{k}.jpg" for k, (s, r) in enumerate(zip(src, rep))],
+                     ids=[g.ids[s] if not r else f"replica-{k // 8}" for k, (s, r) in enumerate(zip(src, rep))],
+                     viewpoints=[""] * n, bboxes=g.bboxes[src], embeddings=emb, keys=keys)
+    scaled.save(run / "gallery.h5")
+    # caches: the queries' embeddings and keypoints; the gallery's keypoints, replicas as hard links
+    engine = Engine.load(base)
+    emb_fp = model_fingerprint(engine.model)
+    kp_src = engine.keypoint_store().cache
+    kp_dst = FeatureCache(run / "cache" / "keypoints", kp_src.fingerprint)
+    base_kp = kp_src.get(sorted(set(g.keys)))
+
+    def fill(f):
+        for k, key in enumerate(keys):
+            source = key if not rep[k] else g.keys[src[k]]
+            arrays = base_kp.get(source)
+            if arrays is None:
+                continue
+            name = _group_name(key)
+            grp = f.create_group(name)
+            grp.attrs["key"] = key
+            first = _group_name(source)
+            if rep[k] and first in f:
+                for a in f[first]:
+                    grp[a] = f[first][a]  # a hard link: same data, no copy
+            else:
+                for a, arr in arrays.items():
+                    grp.create_dataset(a, data=arr)
+
+    kp_dst.folder.mkdir(parents=True, exist_ok=True)
+    kp_dst.write_shard(fill)  # real photos come first in `keys`: a replica's source is there to link to
+    queries_keys = [k for k in FeatureCache(base / "cache" / "embeddings", emb_fp).keys()]
+    copy_entries(FeatureCache(base / "cache" / "embeddings", emb_fp),
+                 FeatureCache(run / "cache" / "embeddings", emb_fp), queries_keys)
+    q_kp = [k for k in kp_src.keys() if k not in set(g.keys)]
+    copy_entries(kp_src, kp_dst, q_kp)
+    return run
+
+
+def stage_seconds(run: Path, queries_csv: Path) -> tuple[dict, Engine, np.ndarray]:
+    """Seconds per query of each stage of `match`, features cached; and the shortlists found."""
+    engine = Engine.load(run)
+    records = load_catalog(queries_csv, DATA, require_labels=False).records
+    cfg = MatchConfig()
+    t = {}
+    t0 = time.perf_counter()
+    emb = engine.embed(records, cfg, progress=False)
+    t["embed (cached)"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    index = EmbeddingIndex(engine.gallery.embeddings)
+    index.search(emb.embeddings[:1], 1)  # built on first use
+    t["index build"] = time.perf_counter() - t0
+    engine.index = index
+    t0 = time.perf_counter()
+    _, shortlist = index.search(emb.embeddings, cfg.shortlist + 1)
+    t["shortlist search"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pairs = engine.pair_scores(records, emb, MatchConfig(verify_top=0))
+    t["search + pair head"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    engine.verify(pairs, emb, cfg)
+    t["keypoint verification"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    engine.rank(pairs, engine.tau(cfg))
+    t["ranking"] = time.perf_counter() - t0
+    q = len(emb.ok)
+    per_query = {k: v / q for k, v in t.items() if k != "index build"}
+    per_query["pair head"] = per_query.pop("search + pair head") - per_query["shortlist search"]
+    per_query["total"] = sum(per_query.values())
+    return {"index_build_s": t["index build"], "index": "exact" if index.exact else "IVF",
+            "seconds_per_query": per_query, "queries": q}, engine, emb.embeddings
+
+
+def recall_at_k(gallery_emb: np.ndarray, queries: np.ndarray, k: int = 50) -> dict:
+    """IVF against exact search on the same gallery."""
+    exact = build_index(gallery_emb, exact_max=len(gallery_emb))
+    t0 = time.perf_counter()
+    ivf = build_index(gallery_emb, exact_max=0)
+    build = time.perf_counter() - t0
+    _, e = exact.search(np.ascontiguousarray(queries), k)
+    t0 = time.perf_counter()
+    _, i = ivf.search(np.ascontiguousarray(queries), k)
+    search = (time.perf_counter() - t0) / len(queries)
+    t0 = time.perf_counter()
+    exact.search(np.ascontiguousarray(queries), k)
+    exact_search = (time.perf_counter() - t0) / len(queries)
+    recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(e, i)]))
+    top1 = float(np.mean(e[:, 0] == i[:, 0]))
+    return {f"recall@{k}": round(recall, 4), "top1_agreement": round(top1, 4), "ivf_build_s": round(build, 2),
+            "ivf_search_s_per_query": search, "exact_search_s_per_query": exact_search}
+
+
+def enroll_seconds(run: Path, enroll_csv: Path) -> float:
+    """`enroll` of new photos into a copy of the run (so later measurements see the same gallery)."""
+    copy = run.with_name(run.name + "_enroll")
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(run, copy)
+    t0 = time.perf_counter()
+    run_enroll(enroll_csv, copy, DATA, progress=False)
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(copy, ignore_errors=True)
+    return seconds
+
+
+def match_peak_memory(run: Path, queries_csv: Path, n: int, work: Path) -> dict:
+    """Peak RSS of `cli.py match` over the first n queries (a folder of links to them)."""
+    folder = work / f"queries_{n}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    with open(queries_csv, newline="") as f:
+        for k, r in enumerate(list(csv.DictReader(f))[:n]):
+            (folder / f"{k:05d}{Path(r['image']).suffix}").symlink_to((DATA / r["image"]).resolve())
+    cmd = [sys.executable, str(ROOT / "cli.py"), "match", str(folder), "--run", str(run),
+           "--out", str(work / f"pred_{n}.csv"), "-q"]
+    t0 = time.perf_counter()
+    # a fresh process per measurement: RUSAGE_CHILDREN's maximum is over all children so far
+    probe = (f"import resource, subprocess, sys; subprocess.run({cmd!r}, check=True, "
+             f"stdout=subprocess.DEVNULL); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True)
+    return {"queries": n, "peak_rss_mb": round(int(out.stdout.strip()) / 1024, 1),
+            "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1000,10000,100000")
+    ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/bench-scale"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip-enroll", action="store_true")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    if not (DATA / "catalog.csv").is_file():
+        sys.exit(f"development set not found at {DATA}: nothing to measure")
+    threads = set_threads()
+    info = describe()
+    print(headline(info), flush=True)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    args.work.mkdir(parents=True, exist_ok=True)
+    gallery_csv, queries_csv, enroll_csv = split_photos(args.work, args.queries, args.seed)
+    t0 = time.perf_counter()
+    base = build_base(args.work, gallery_csv, queries_csv)
+    print(f"base run (real photos, features cached) ready in {time.perf_counter() - t0:.0f} s", flush=True)
+    rows = {}
+    for n in sizes:
+        t0 = time.perf_counter()
+        run = build_scaled(base, n, args.work, args.seed)
+        built = time.perf_counter() - t0
+        row, engine, q_emb = stage_seconds(run, queries_csv)
+        row["gallery_build_s"] = round(built, 1)
+        if not row["index"] == "exact" or n == max(sizes):
+            row["ivf_vs_exact"] = recall_at_k(engine.gallery.embeddings, q_emb)
+        if not args.skip_enroll:
+            row["enroll_1000_s"] = round(enroll_seconds(run, enroll_csv), 1)
+        rows[n] = row
+        sq = row["seconds_per_query"]
+        print(f"gallery {n:>7,}: {row['index']} index built in {row['index_build_s']:.2f} s; "
+              f"{sq['total']:.3f} s/query ("
+              + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in sq.items() if k != "total") + ")"
+              + (f"; enroll 1000 photos {row['enroll_1000_s']:.0f} s" if "enroll_1000_s" in row else ""), flush=True)
+        if "ivf_vs_exact" in row:
+            r = row["ivf_vs_exact"]
+            print(f"    IVF vs exact: recall@50 {r['recall@50']:.3f}, top-1 agreement {r['top1_agreement']:.3f}, "
+                  f"search {r['ivf_search_s_per_query'] * 1000:.2f} ms/query (exact "
+                  f"{r['exact_search_s_per_query'] * 1000:.2f}), IVF build {r['ivf_build_s']:.1f} s", flush=True)
+    mem_n = 10_000 if 10_000 in sizes else sizes[0]
+    memory = [match_peak_memory(args.work / f"run_{mem_n}", queries_csv, q, args.work)
+              for q in (max(1, args.queries // 4), args.queries)]
+    print(f"peak memory of `match` on the {mem_n:,} gallery: "
+          + ", ".join(f"{m['queries']} queries {m['peak_rss_mb']:.0f} MB ({m['wall_s']:.0f} s)" for m in memory))
+    print(f"\n{'gallery':>9s} {'index':>6s} {'s/query':>8s} {'target':>7s}  {'enroll 1000':>11s}")
+    for n, row in rows.items():
+        target = 0.3 if n <= 10_000 else 0.5
+        ok = "ok" if row["seconds_per_query"]["total"] <= target else "MISSED"
+        print(f"{n:>9,} {row['index']:>6s} {row['seconds_per_query']['total']:8.3f} {target:7.1f} {ok}  "
+              f"{row.get('enroll_1000_s', float('nan')):10.0f}s")
+    out = ROOT / "bench" / "results" / "scale.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": info, "threads": threads, "exact_max": EXACT_MAX, "sizes": rows,
+                               "match_memory": memory, "args": {k: str(v) for k, v in vars(args).items()},
+                               "maxrss_mb_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
+                              indent=1) + "\n")
+    print(f"-> {out}")
+
+
+if __name__ == "__main__":
+    main()
