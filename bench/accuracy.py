@@ -27,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.machine import describe, headline  # noqa: E402
 from engine.catalog import load_catalog  # noqa: E402
 from engine.matching import evaluate_pairs, format_metrics  # noqa: E402
 from engine.pipeline import Engine, MatchConfig, write_predictions  # noqa: E402
@@ -107,6 +108,8 @@ def main() -> None:
     if not (DATA / "catalog.csv").is_file():
         sys.exit(f"development set not found at {DATA}: nothing to measure")
     set_threads()
+    machine = describe()
+    print(headline(machine), flush=True)
     args.work.mkdir(parents=True, exist_ok=True)
     gallery, qdir, qcsv, truth_csv = make_split(args.work, args.seed)
     truth = read_truth(truth_csv)
@@ -140,7 +143,7 @@ def main() -> None:
               f"{'(cached)' if ips is None else f'{ips:.1f} img/s'}, built in {d['build_seconds']:.0f} s")
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "accuracy.json").write_text(json.dumps({"table": table, "runs": info, "args": {
+    (out / "accuracy.json").write_text(json.dumps({"machine": machine, "table": table, "runs": info, "args": {
         k: str(v) for k, v in vars(args).items()}}, indent=1))
     print(f"wrote {out / 'accuracy.json'}")
 

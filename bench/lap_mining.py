@@ -27,6 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.machine import describe, headline  # noqa: E402
 from siamese.lap_miner import LapMiner, MinerConfig  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "lap_mining.json"
@@ -197,6 +198,8 @@ def main(argv=None) -> int:
 
     config = MinerConfig()
     rng = np.random.default_rng(args.seed)
+    machine = describe()
+    print(headline(machine))
     print(f"LAP mining benchmark, K = {args.noise}, config {config}, {os.cpu_count()} CPUs")
     print_header()
     rows = []
@@ -209,7 +212,7 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     payload = dict(
         config=asdict(config), noise_scale=args.noise, k=args.k, cpus=os.cpu_count(),
-        machine=platform.platform(), rows=rows, epoch_share=share,
+        machine={**machine, "platform": platform.platform()}, rows=rows, epoch_share=share,
     )
     args.out.write_text(json.dumps(payload, indent=2))
     print(f"Wrote {args.out}")

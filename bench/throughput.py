@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from bench.machine import describe, headline  # noqa: E402
 from engine.runtime import set_threads, torch_device  # noqa: E402
 from siamese import precision as P  # noqa: E402
 from siamese.model import ModelConfig, SiameseNet  # noqa: E402
@@ -84,10 +85,8 @@ def main() -> None:
     threads = set_threads(args.threads)
     size = tuple(int(v) for v in args.input_size.lower().split("x"))
     device = torch_device()
-    info = P.cpu_info() if device.type == "cpu" else {"gpu": torch.cuda.get_device_name(device)}
-    print(f"machine: {info.get('cpu', info.get('gpu'))}; torch {torch.__version__}, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}, native bf16: {', '.join(info.get('native_bf16', [])) or 'no'}; "
-          f"{threads} threads; mobilenetv2_100 at {size[0]}x{size[1]}", flush=True)
+    info = describe()
+    print(f"{headline(info)}; mobilenetv2_100 at {size[0]}x{size[1]}", flush=True)
     names = ["fp32", "bf16"] + (["fp16"] if device.type == "cuda" else [])
     rows = []
     for name in names:

@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 import cv2  # noqa: E402
 import faiss  # noqa: E402
 
+from bench.machine import describe, headline  # noqa: E402
 from engine.metrics import roc_auc  # noqa: E402
 from keypoints.features import PRESETS, extract_keypoints, set_cv2_threads  # noqa: E402
 from keypoints.homography import apply_h  # noqa: E402
@@ -203,7 +204,9 @@ def main() -> None:
     kcfg, vcfg = PRESETS[args.preset], VERIFY_PRESETS.get(args.preset, VERIFY_PRESETS["default"])
     faiss.omp_set_num_threads(1)
     rng = random.Random(args.seed)
-    result = {"machine": {"python": platform.python_version(), "cpu_count": os.cpu_count(),
+    machine = describe()
+    print(headline(machine), flush=True)
+    result = {"machine": {**machine, "python": platform.python_version(), "cpu_count": os.cpu_count(),
                          "opencv": cv2.__version__, "faiss": faiss.__version__},
               "args": {k: str(v) for k, v in vars(args).items()},
               "keypoint_config": asdict(kcfg), "verify_config": vcfg.to_dict()}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from engine.catalog import Record, catalog_from_folder, load_catalog
@@ -24,17 +25,30 @@ def query_records(test_dir: Path, queries_csv: Path | None) -> list[Record]:
     return load_catalog(queries_csv, test_dir, require_labels=False).records
 
 
-def match_pairs(engine: Engine, records: list[Record], cfg: MatchConfig, progress: bool):
-    """Every stage's scores on each query's shortlist (not yet ranked)."""
+def embed_queries(engine: Engine, records: list[Record], cfg: MatchConfig, progress: bool):
     emb = engine.embed(records, cfg, progress)
     if len(emb.ok) == 0:
         raise UserError(f"none of the {len(records)} query photos could be read (first: {emb.skipped[0][1]})")
+    return emb
+
+
+def match_pairs(engine: Engine, records: list[Record], cfg: MatchConfig, progress: bool):
+    """Every stage's scores on each query's shortlist (not yet ranked)."""
+    emb = embed_queries(engine, records, cfg, progress)
     return engine.pair_scores(records, emb, cfg, progress=progress), emb
 
 
-def match_records(engine: Engine, records: list[Record], cfg: MatchConfig, progress: bool):
-    pairs, emb = match_pairs(engine, records, cfg, progress)
-    return engine.rank(pairs, engine.tau(cfg)), emb
+def match_records(engine: Engine, records: list[Record], cfg: MatchConfig, progress: bool, chunk: int = 128):
+    """The answers for `records`, scored and ranked `chunk` queries at a time: only the answers
+    (top-5 with their evidence) are kept, so memory grows little with the number of queries."""
+    emb = embed_queries(engine, records, cfg, progress)
+    tau = engine.tau(cfg)
+    results = []
+    for start in range(0, len(emb.ok), chunk):
+        part = replace(emb, ok=emb.ok[start:start + chunk], embeddings=emb.embeddings[start:start + chunk],
+                       features=None)
+        results += engine.rank(engine.pair_scores(records, part, cfg, progress=progress), tau)
+    return results, emb
 
 
 def _skipped_note(emb) -> str:

@@ -153,7 +153,9 @@ class Engine:
             qp.stages["keypoints"][j] = p
             qp.evidence[int(qp.gallery_idx[j])] = {
                 "inliers": res.n_inliers,
-                "inliers_xy": np.round(res.inliers_xy, 1).tolist() if res.n_inliers else []}
+                # compact until written: a match keeps these for every query it answers
+                "inliers_xy": np.round(res.inliers_xy, 1).astype(np.float32) if res.n_inliers else
+                np.zeros((0, 4), np.float32)}
 
     @classmethod
     def load(cls, run_path: Path, precision: str = "auto") -> "Engine":
@@ -283,7 +285,7 @@ def write_predictions(results: Sequence[QueryResult], out_csv: Path, extra: dict
             "candidates": [{
                 "individual_id": c.individual_id, "score": round(c.score, 6), "gallery_image": c.gallery_image,
                 **{f"{k}_score": None if v is None else round(float(v), 6) for k, v in c.stages.items()},
-                **c.evidence,
+                **{k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in c.evidence.items()},
             } for c in r.candidates],
         } for r in results],
     })

@@ -33,7 +33,7 @@ def write_review(engine: Engine, results: Sequence[QueryResult], path: Path, tau
                 individual_id=c.individual_id, fused=c.score, stage_scores=dict(c.stages),
                 gallery_image=_image(engine.gallery.record(c.gallery_index)),
                 gallery_name=Path(c.gallery_image).name,
-                inliers_xy=np.asarray(xy, np.float32).reshape(-1, 4) if xy else None))
+                inliers_xy=np.asarray(xy, np.float32).reshape(-1, 4) if xy is not None and len(xy) else None))
         top = r.candidates[0].score if r.candidates else 0.0
         entries.append(ReportQuery(query_image=_image(r.record), query_name=r.name,
                                    truth=(truth or {}).get(r.name), confidence=abs(top - tau),

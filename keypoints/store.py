@@ -74,7 +74,7 @@ class KeypointStore:
 
 
 def verify_record_pairs(store: KeypointStore, pairs: Sequence[tuple[Record, Record]], cfg, workers: int = 2,
-                        progress: bool = True, chunk: int = 256) -> list:
+                        progress: bool = True, chunk: int = 128) -> list:
     """Keypoint-verify (query record, gallery record) pairs, `chunk` pairs at a time: the keypoints
     of one chunk are read (or extracted) through the cache, verified, and let go, so memory does
     not grow with the number of pairs. A photo without keypoints (unreadable) scores as an empty

@@ -1,9 +1,12 @@
 """faiss inner-product index over L2-normalised embeddings (= cosine), GPU when one exists.
 
 The index is chosen by size: exact search (IndexFlatIP) up to `exact_max` photos, above that an
-inverted-file index (IVF-Flat, about 4*sqrt(n) lists, `nprobe` of them searched per query), whose
-recall against exact search `bench/scale.py` reports. Exact search is a matrix product over the
-whole gallery; it stays fast to a few tens of thousands of photos on 2 cores.
+inverted-file index (IVF-Flat, about 4*sqrt(n) lists, `nprobe` of them searched per query).
+Measured by `bench/scale.py` on 100k photos (1280-d, 2 cores, AMD EPYC): exact search 3.5 ms per
+query and 0.5 GB; IVF with nprobe 32 / 64 / 128 0.8 / 1.4 / 2.6 ms per query at recall@50 0.91 /
+0.987 / 0.9999 against exact search, after 20 s of training every time a command loads the
+gallery. So exact search stays the better choice to a few hundred thousand photos; above that its
+time (linear in the gallery) and memory make IVF worth its build.
 
 With viewpoints, one sub-index per viewpoint: a query of known viewpoint searches only its own
 (a left flank never meets a right flank); a query of unknown viewpoint searches all.
@@ -25,8 +28,8 @@ def _gpu_resources():
     return faiss.StandardGpuResources()
 
 
-EXACT_MAX = 50_000  # photos; above this an IVF index (see bench/scale.py)
-NPROBE = 32
+EXACT_MAX = 250_000  # photos; above this an IVF index
+NPROBE = 128
 _TRAIN_PER_LIST = 40  # k-means training points per list (faiss warns below 39)
 
 

@@ -125,3 +125,24 @@ def test_run_folder_copied_without_the_gallery_photos_matches_the_same(chain, tm
     scores = [[c["keypoints_score"] for c in q["candidates"]] for q in ev_after]
     assert scores == [[c["keypoints_score"] for c in q["candidates"]] for q in ev_before]
     assert any(s is not None and s > 0 for q in scores for s in q)
+
+
+def test_match_in_chunks_of_queries_gives_the_same_answers(chain):
+    """match scores and ranks a chunk of queries at a time (bounded memory): same answers, same
+    evidence, in the same order, whatever the chunk size."""
+    from engine.catalog import catalog_from_folder
+    from engine.matching import match_records
+    from engine.pipeline import Engine, MatchConfig
+
+    root, run, qdir, truth = chain
+    if not (run / "verifier.json").exists():
+        invoke("train-verifier", "--run", run, "-q")
+    engine = Engine.load(run)
+    records = catalog_from_folder(qdir).records
+    whole, _ = match_records(engine, records, MatchConfig(), False, chunk=len(records))
+    small, _ = match_records(engine, records, MatchConfig(), False, chunk=2)
+    assert len(whole) == len(records) > 2
+    assert [r.name for r in whole] == [r.name for r in small]
+    assert [r.predictions for r in whole] == [r.predictions for r in small]
+    assert [[(c.score, c.evidence.get("inliers", 0)) for c in r.candidates] for r in whole] == \
+        [[(c.score, c.evidence.get("inliers", 0)) for c in r.candidates] for r in small]

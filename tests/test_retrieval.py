@@ -181,4 +181,4 @@ def test_large_galleries_get_an_ivf_index_with_high_recall():
     _, i_idx = ivf.search(q, 10)
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(e_idx, i_idx)])
     assert recall > 0.95
-    assert build_index(g, exact_max=1000).nprobe == 32
+    assert build_index(g, exact_max=1000).nprobe == 128
