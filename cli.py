@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from engine.errors import UserError
+from core.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__,
                   context_settings={"help_option_names": ["-h", "--help"]}, pretty_exceptions_enable=False)
@@ -97,7 +97,7 @@ def train_siamese_cmd(
     """Build a run folder from a labelled catalog: the network, the gallery embeddings, the settings."""
     _setup_logging(verbose)
     from siamese.model import ModelConfig
-    from siamese.train import TrainConfig, train_siamese
+    from engine.train_siamese import TrainConfig, train_siamese
 
     cfg = TrainConfig(model=ModelConfig(backbone=backbone, weights=str(weights) if weights else None,
                                         input_size=_parse_size(input_size)),
@@ -127,7 +127,7 @@ def train_verifier_cmd(
     """
     _setup_logging(verbose)
     from keypoints.features import PRESETS
-    from keypoints.training import VerifierTrainConfig, train_verifier
+    from engine.train_verifier import VerifierTrainConfig, train_verifier
 
     if keypoints not in PRESETS:
         raise UserError(f"--keypoints {keypoints!r}: choose one of {', '.join(PRESETS)}")
@@ -159,7 +159,7 @@ def calibrate(
     the gallery); prints per-fold MAP@5 and its spread, then refits on all folds (calibration.json).
     """
     _setup_logging(verbose)
-    from ranker.calibrate import CalibrateConfig, run_calibrate
+    from engine.calibrate import CalibrateConfig, run_calibrate
 
     if calibrator not in ("isotonic", "logistic"):
         raise UserError(f"--calibrator {calibrator!r}: choose isotonic or logistic")

@@ -28,12 +28,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.machine import describe, headline  # noqa: E402
-from engine.catalog import load_catalog  # noqa: E402
+from core.catalog import load_catalog  # noqa: E402
 from engine.matching import evaluate_pairs, format_metrics  # noqa: E402
 from engine.pipeline import Engine, MatchConfig, write_predictions  # noqa: E402
-from engine.runtime import set_threads  # noqa: E402
+from core.runtime import set_threads  # noqa: E402
 from siamese.model import ModelConfig  # noqa: E402
-from siamese.train import TrainConfig, train_siamese  # noqa: E402
+from engine.train_siamese import TrainConfig, train_siamese  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 DATA = SHARED / "data" / "nyala"
@@ -150,8 +150,8 @@ def main() -> None:
 
 def post_training_steps(run: Path) -> list:
     """After train-siamese: the keypoint verifier, then calibration on the held-out individuals."""
-    from keypoints.training import train_verifier
-    from ranker.calibrate import run_calibrate
+    from engine.train_verifier import train_verifier
+    from engine.calibrate import run_calibrate
 
     def verifier():
         s = train_verifier(run, progress=False)

@@ -42,15 +42,15 @@ import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.machine import describe, headline  # noqa: E402
-from engine.cache import FeatureCache, _group_name, record_key  # noqa: E402
-from engine.catalog import load_catalog  # noqa: E402
-from engine.gallery import Gallery  # noqa: E402
+from core.cache import FeatureCache, _group_name, record_key  # noqa: E402
+from core.catalog import load_catalog  # noqa: E402
+from core.gallery import Gallery  # noqa: E402
 from engine.matching import run_enroll  # noqa: E402
 from engine.pipeline import Engine, MatchConfig  # noqa: E402
-from engine.runtime import set_threads  # noqa: E402
+from core.runtime import set_threads  # noqa: E402
 from siamese.embed import model_fingerprint  # noqa: E402
 from siamese.index import EXACT_MAX, NPROBE, EmbeddingIndex, build_index  # noqa: E402
-from siamese.train import TrainConfig, train_siamese  # noqa: E402
+from engine.train_siamese import TrainConfig, train_siamese  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "nyala"
 N_ENROLL = 1000
@@ -79,8 +79,8 @@ def split_photos(work: Path, n_queries: int, seed: int):
 
 def build_base(work: Path, gallery_csv: Path, queries_csv: Path) -> Path:
     """The real-photo run: pretrained network, verifier, calibration; query features cached."""
-    from keypoints.training import train_verifier
-    from ranker.calibrate import run_calibrate
+    from engine.train_verifier import train_verifier
+    from engine.calibrate import run_calibrate
 
     base = work / "base"
     if not (base / "calibration.json").is_file():
@@ -90,7 +90,7 @@ def build_base(work: Path, gallery_csv: Path, queries_csv: Path) -> Path:
     engine = Engine.load(base)
     queries = load_catalog(queries_csv, DATA, require_labels=False).records
     engine.embed(queries, MatchConfig(), progress=False)
-    engine.keypoint_store().get(queries + engine.gallery.records(), progress=False)
+    engine.stage("keypoints").store.get(queries + engine.gallery.records(), progress=False)
     return base
 
 
@@ -125,7 +125,7 @@ def build_scaled(base: Path, n: int, work: Path, seed: int) -> Path:
     # caches: the queries' embeddings and keypoints; the gallery's keypoints, replicas as hard links
     engine = Engine.load(base)
     emb_fp = model_fingerprint(engine.model)
-    kp_src = engine.keypoint_store().cache
+    kp_src = engine.stage("keypoints").store.cache
     kp_dst = FeatureCache(run / "cache" / "keypoints", kp_src.fingerprint)
     base_kp = kp_src.get(sorted(set(g.keys)))
 
@@ -170,21 +170,13 @@ def stage_seconds(run: Path, queries_csv: Path) -> tuple[dict, Engine, np.ndarra
     index.search(emb.embeddings[:1], 1)  # built on first use
     t["index build"] = time.perf_counter() - t0
     engine.index = index
-    t0 = time.perf_counter()
-    _, shortlist = index.search(emb.embeddings, cfg.shortlist + 1)
-    t["shortlist search"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    pairs = engine.pair_scores(records, emb, MatchConfig(verify_top=0))
-    t["search + pair head"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    engine.verify(pairs, emb, cfg)
-    t["keypoint verification"] = time.perf_counter() - t0
+    pairs = engine.pair_scores(records, emb, cfg)
+    t.update({("shortlist search" if k == "shortlist" else k): v for k, v in engine.seconds.items()})
     t0 = time.perf_counter()
     engine.rank(pairs, engine.tau(cfg))
     t["ranking"] = time.perf_counter() - t0
     q = len(emb.ok)
     per_query = {k: v / q for k, v in t.items() if k != "index build"}
-    per_query["pair head"] = per_query.pop("search + pair head") - per_query["shortlist search"]
     per_query["total"] = sum(per_query.values())
     return {"index_build_s": t["index build"], "index": "exact" if index.exact else "IVF",
             "seconds_per_query": per_query, "queries": q}, engine, emb.embeddings

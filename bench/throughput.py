@@ -24,7 +24,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench.machine import describe, headline  # noqa: E402
-from engine.runtime import set_threads, torch_device  # noqa: E402
+from core.runtime import set_threads, torch_device  # noqa: E402
 from siamese import precision as P  # noqa: E402
 from siamese.model import ModelConfig, SiameseNet  # noqa: E402
 

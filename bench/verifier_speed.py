@@ -33,7 +33,7 @@ import cv2  # noqa: E402
 import faiss  # noqa: E402
 
 from bench.machine import describe, headline  # noqa: E402
-from engine.metrics import roc_auc  # noqa: E402
+from core.metrics import roc_auc  # noqa: E402
 from keypoints.features import PRESETS, extract_keypoints, set_cv2_threads  # noqa: E402
 from keypoints.homography import apply_h  # noqa: E402
 from keypoints.validator import Validator, ValidatorConfig, heldout_auc  # noqa: E402
@@ -72,7 +72,7 @@ def nyala_pairs(rows: list[dict], n_pos: int, n_neg: int, seed: int) -> list[tup
 
 
 def load_rgb(path: Path) -> np.ndarray:
-    from engine.images import load_image
+    from core.images import load_image
 
     return load_image(path)
 

@@ -6,16 +6,16 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from engine.catalog import load_catalog
-from engine.errors import UserError
+from core.catalog import load_catalog
+from core.errors import UserError
 from engine.matching import evaluate_pairs, format_metrics, match_pairs
 from engine.review import write_review
-from keypoints.training import VerifierTrainConfig, train_verifier
-from ranker.calibrate import CalibrateConfig, run_calibrate
-from engine.metrics import NEW_INDIVIDUAL
+from engine.train_verifier import VerifierTrainConfig, train_verifier
+from engine.calibrate import CalibrateConfig, run_calibrate
+from core.metrics import NEW_INDIVIDUAL
 from engine.pipeline import Engine, MatchConfig, write_predictions
 from engine.synthetic import make_dataset, split_open_set
-from siamese.train import PRESETS, train_siamese
+from engine.train_siamese import PRESETS, train_siamese
 
 # The built-in sample: small enough to run end to end in under two minutes on 2 CPU cores.
 SAMPLE = dict(n_individuals=30, photos_per_individual=6, size=(192, 256))

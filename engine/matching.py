@@ -6,11 +6,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from engine.catalog import Record, catalog_from_folder, load_catalog
-from engine.errors import UserError
-from engine.metrics import NEW_INDIVIDUAL, score_predictions
+from core.catalog import Record, catalog_from_folder, load_catalog
+from core.errors import UserError
+from core.gallery import Gallery
+from core.metrics import NEW_INDIVIDUAL, score_predictions
 from engine.pipeline import Engine, MatchConfig, QueryResult, write_predictions
-from engine.runtime import set_threads
+from core.runtime import set_threads
 
 METRIC_ROWS = (("MAP@5", "map5"), ("top-1", "top1"), ("top-5", "top5"), ("known top-1", "known_top1"),
                ("new precision", "new_precision"), ("new recall", "new_recall"), ("new F1", "new_f1"),
@@ -144,8 +145,6 @@ def run_evaluate(catalog_csv: Path, run: Path, images: Path | None = None, short
 def run_enroll(catalog_csv: Path, run: Path, images: Path | None = None, threads: int | None = None,
                progress: bool = True, precision: str = "auto") -> str:
     """Add confirmed photos to the gallery (embeddings, keypoints, index) without retraining."""
-    from engine.gallery import Gallery
-
     t0 = time.perf_counter()
     set_threads(threads)
     catalog = load_catalog(catalog_csv, images)
@@ -161,8 +160,9 @@ def run_enroll(catalog_csv: Path, run: Path, images: Path | None = None, threads
     added = [records[i] for i in emb.ok]
     before = set(engine.gallery.ids)
     gallery = engine.gallery.extend(Gallery.from_records(added, emb.embeddings))
-    if engine.verifier is not None:  # keypoints now, so the first match does not pay for them
-        engine.keypoint_store().get(added, progress=progress, desc="keypoints of new photos")
+    kp = engine.stage("keypoints")
+    if kp is not None:  # keypoints now, so the first match does not pay for them
+        kp.store.get(added, progress=progress, desc="keypoints of new photos")
     gallery.save(engine.run.gallery_path)
     new_ids = {r.individual_id for r in added} - before
     skipped = _skipped_note(emb) + (f", {already} already in the gallery" if already else "")

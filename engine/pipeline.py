@@ -1,12 +1,16 @@
-"""Matching: queries -> embeddings -> faiss shortlist -> per-individual ranking -> top-5.
+"""The engine: a loaded run folder that matches queries.
 
-Later stages (pair head, keypoint verifier, calibrated fusion) plug into `Engine.score`.
+Queries -> embeddings -> faiss shortlist -> each of the run's stages (engine.stages) scores its
+pairs -> per-individual ranking (calibrated fusion once `calibrate` has run) -> top-5 with
+new_individual.
 """
 from __future__ import annotations
 
 import csv
 import io
 import logging
+import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -14,33 +18,28 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from engine.catalog import Record
-from engine.errors import UserError
-from engine.gallery import Gallery
-from engine.metrics import NEW_INDIVIDUAL
-from engine.runfolder import RunFolder, atomic_write_bytes, atomic_write_json, read_json
-from engine.runtime import torch_device
-from ranker.aggregate import aggregate_per_individual, top5_with_new
+from core.aggregate import aggregate_per_individual, top5_with_new
+from core.catalog import Record
+from core.errors import UserError
+from core.gallery import Gallery
+from core.metrics import NEW_INDIVIDUAL
+from core.runfolder import RunFolder, atomic_write_bytes, atomic_write_json, read_json
+from core.stage import ALL, PairBatch, StageContext
+from engine.stages import load_stages
+from ranker.fusion import ScoreFusion, calibrated_scorers
 from siamese.embed import EmbedResult, embed_records, normalize_features
 from siamese.index import EmbeddingIndex
-from siamese.model import ModelConfig, SiameseNet
+from siamese.model import SiameseNet, load_model
 from siamese.precision import resolve as resolve_precision
 
 log = logging.getLogger(__name__)
-
-# Until `calibrate` has run, `new_individual` goes before the first candidate whose cosine
-# similarity (of centred embeddings) is below this. On the nyala development set the pretrained
-# mobilenetv2_100's best cosine per query lies between 0.25 and 0.61 (median 0.44).
-DEFAULT_TAU = 0.50
-# Once the pair head is trained, before calibration: its probability P(same individual).
-DEFAULT_TAU_PROBABILITY = 0.5
 
 
 @dataclass(frozen=True)
 class MatchConfig:
     shortlist: int = 50  # K: gallery images proposed by the embedding index per query
     verify_top: int = 20  # V: gallery images per query checked by the keypoint verifier
-    tau: float | None = None  # None: calibration.json's, else DEFAULT_TAU
+    tau: float | None = None  # None: calibration.json's, else the last ALL stage's default_tau
     batch_size: int = 32
     workers: int = 2
 
@@ -71,99 +70,29 @@ class QueryResult:
     predictions: list[str]
     candidates: list[Candidate]
 
-    @property
-    def confidence(self) -> float:
-        return self.candidates[0].score if self.candidates else 0.0
-
-
-def save_model(model: SiameseNet, path: Path) -> None:
-    buf = io.BytesIO()
-    torch.save({"config": model.config.to_dict(), "state_dict": model.state_dict()}, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def load_model(path: Path, device: torch.device | None = None) -> SiameseNet:
-    if not Path(path).is_file():
-        raise UserError(f"{path} not found: the run folder has no model (run `cli.py train-siamese`)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        model = SiameseNet(ModelConfig.from_dict(ckpt["config"]), load_pretrained=False)
-        model.load_state_dict(ckpt["state_dict"])
-    except (RuntimeError, KeyError, TypeError, EOFError, ValueError) as e:
-        raise UserError(f"{path} cannot be loaded ({e.__class__.__name__}): rebuild the run with "
-                        f"`cli.py train-siamese`") from None
-    return model.to(device or torch_device()).eval()
-
 
 class Engine:
-    """A loaded run folder, ready to match."""
+    """A loaded run folder, ready to match: its network, gallery, index, stages and calibration."""
 
-    def __init__(self, run: RunFolder, model: SiameseNet, gallery: Gallery, config: dict):
+    def __init__(self, run: RunFolder, model: SiameseNet, gallery: Gallery, config: dict,
+                 stages: Sequence[str] | None = None):
         self.run, self.model, self.gallery, self.config = run, model, gallery, config
         self.index = EmbeddingIndex(gallery.embeddings, gallery.viewpoints)
-        self.verifier = None
-        if run.verifier_path.is_file():
-            from keypoints.validator import Validator
-
-            from keypoints.verify import FEATURE_NAMES
-
-            try:
-                self.verifier = Validator.load(run.verifier_path, expected_features=FEATURE_NAMES)
-            except ValueError as e:
-                raise UserError(f"{run.verifier_path} does not fit this engine ({e}): run train-verifier "
-                                f"again") from None
+        self.stages = load_stages(StageContext(run, config, gallery, model), stages)
         self.calibration = read_json(run.calibration_path) if run.calibration_path.is_file() else None
+        self.seconds: dict[str, float] = defaultdict(float)  # time spent in the shortlist and each stage
         self.scorers: dict = {}
         if self.calibration is not None:
-            from ranker.calibrate import calibrated_scorers
-            from ranker.fusion import ScoreFusion
-
             self.scorers = calibrated_scorers(ScoreFusion.from_dict(self.calibration["fusion"]))
 
-    def keypoint_store(self):
-        from keypoints.features import config_from_dict
-        from keypoints.store import KeypointStore
-
-        return KeypointStore(self.run.cache_dir / "keypoints", config_from_dict(self.config["keypoints"]))
-
-    def verify_config(self):
-        from keypoints.verify import VerifyConfig
-
-        return VerifyConfig.from_dict(self.config["verify"])
-
-    def verify(self, pairs: list[QueryPairs], emb: EmbedResult, cfg: MatchConfig, progress: bool = False) -> None:
-        """Keypoint-verify each query's top-V gallery photos (by the score so far); adds the
-        validator's P(same | geometry) as stage "keypoints" and the inliers as evidence."""
-        from keypoints.store import verify_record_pairs
-        from keypoints.verify import feature_matrix
-
-        todo = []
-        for qi, qp in enumerate(pairs):
-            order = np.argsort(-self.pre_scores(qp.stages), kind="stable")[: cfg.verify_top]
-            todo += [(qi, int(j)) for j in order]
-            qp.stages["keypoints"] = np.full(len(qp.gallery_idx), np.nan)
-        if not todo:
-            return
-        record_pairs = [(pairs[qi].record, self.gallery.record(int(pairs[qi].gallery_idx[j]))) for qi, j in todo]
-        results = verify_record_pairs(self.keypoint_store(), record_pairs, self.verify_config(), cfg.workers,
-                                      progress)
-        probs = self.verifier.predict(feature_matrix(results))
-        for (qi, j), res, p in zip(todo, results, probs):
-            qp = pairs[qi]
-            qp.stages["keypoints"][j] = p
-            qp.evidence[int(qp.gallery_idx[j])] = {
-                "inliers": res.n_inliers,
-                # compact until written: a match keeps these for every query it answers
-                "inliers_xy": np.round(res.inliers_xy, 1).astype(np.float32) if res.n_inliers else
-                np.zeros((0, 4), np.float32)}
-
     @classmethod
-    def load(cls, run_path: Path, precision: str = "auto") -> "Engine":
-        """The run folder's engine, its network in `precision` (auto: chosen for this machine)."""
+    def load(cls, run_path: Path, precision: str = "auto", stages: Sequence[str] | None = None) -> "Engine":
+        """The run folder's engine, its network in `precision` (auto: chosen for this machine), with
+        the run's stages (only those named in `stages`, if given)."""
         run = RunFolder(run_path)
         config = run.config()
         model = load_model(run.weights_path)
-        engine = cls(run, model, Gallery.load(run.gallery_path), config)
+        engine = cls(run, model, Gallery.load(run.gallery_path), config, stages)
         engine.precision = resolve_precision(model, precision, config.get("precision"))
         return engine
 
@@ -176,9 +105,12 @@ class Engine:
     def trained(self) -> bool:
         return bool(self.config.get("train", {}).get("epochs", 0))
 
+    def stage(self, name: str):
+        return next((s for s in self.stages if s.name == name), None)
+
     def stage_order(self) -> list[str]:
-        """Stages this run has, cheapest first."""
-        return ["embedding"] + (["siamese"] if self.trained else [])
+        """The run's stages that score every shortlisted pair, cheapest first."""
+        return [s.name for s in self.stages if s.scope == ALL]
 
     def tau(self, cfg: MatchConfig) -> float:
         if cfg.tau is not None:
@@ -189,12 +121,12 @@ class Engine:
                 log.warning("calibrated with --shortlist %s --verify-top %s; these settings differ, so the "
                             "calibrated threshold may not fit", fitted.get("shortlist"), fitted.get("verify_top"))
             return float(self.calibration["tau"]["fused"])
-        return DEFAULT_TAU if not self.trained else DEFAULT_TAU_PROBABILITY
+        return self.stage(self.stage_order()[-1]).default_tau
 
-    def pair_scores(self, records: Sequence[Record], emb: EmbedResult, cfg: MatchConfig,
-                    gallery_subset: np.ndarray | None = None, progress: bool = False) -> list[QueryPairs]:
-        """Every stage's score for each query's shortlist of gallery photos (optionally only among
-        `gallery_subset`, gallery indices: calibration folds hide part of the gallery)."""
+    def shortlist(self, records: Sequence[Record], emb: EmbedResult, cfg: MatchConfig,
+                  gallery_subset: np.ndarray | None = None) -> list[QueryPairs]:
+        """Each query's K nearest gallery photos (optionally only among `gallery_subset`, gallery
+        indices: calibration folds hide part of the gallery), the query's own photo left out."""
         recs = [records[i] for i in emb.ok]
         if not recs:
             return []
@@ -210,28 +142,50 @@ class Engine:
             sims, sub_idx = sub.search(emb.embeddings, k + 1, views)
             idx = np.where(sub_idx >= 0, gallery_subset[np.maximum(sub_idx, 0)], -1)
         gallery_paths = np.array(self.gallery.paths)
-        device = next(self.model.parameters()).device
-        g_emb = torch.from_numpy(self.gallery.embeddings).to(device)
         out = []
         for qi, rec in enumerate(recs):
             keep = idx[qi] >= 0
             keep &= gallery_paths[np.maximum(idx[qi], 0)] != str(Path(rec.path).resolve())
-            g_idx, g_sim = idx[qi][keep][:k], sims[qi][keep][:k]
-            stages = {"embedding": g_sim.astype(np.float64)}
-            if self.trained and len(g_idx):
-                q = torch.from_numpy(emb.embeddings[qi]).to(device)
-                with torch.no_grad():
-                    logit = self.model.pair_logit(q.expand(len(g_idx), -1), g_emb[torch.from_numpy(g_idx)])
-                stages["siamese"] = torch.sigmoid(logit.float()).cpu().numpy().astype(np.float64)
-            out.append(QueryPairs(rec, g_idx, stages))
-        if self.verifier is not None and cfg.verify_top > 0:
-            self.verify(out, emb, cfg, progress)
+            out.append(QueryPairs(rec, idx[qi][keep][:k], {"similarity": sims[qi][keep][:k].astype(np.float64)}))
         return out
 
+    def pair_scores(self, records: Sequence[Record], emb: EmbedResult, cfg: MatchConfig,
+                    gallery_subset: np.ndarray | None = None, progress: bool = False) -> list[QueryPairs]:
+        """Every stage's score for each query's shortlist of gallery photos. A TOP stage scores
+        each query's top-V pairs by the last ALL stage's score (NaN elsewhere)."""
+        t0 = time.perf_counter()
+        pairs = self.shortlist(records, emb, cfg, gallery_subset)
+        sims = [qp.stages.pop("similarity") for qp in pairs]
+        self.seconds["shortlist"] += time.perf_counter() - t0
+        for stage in self.stages:
+            if stage.scope != ALL and cfg.verify_top <= 0:
+                continue
+            picks = []
+            for qp in pairs:
+                qp.stages[stage.name] = np.full(len(qp.gallery_idx), np.nan)
+                picks.append(np.arange(len(qp.gallery_idx)) if stage.scope == ALL else
+                             np.argsort(-self.pre_scores(qp.stages), kind="stable")[: cfg.verify_top])
+            if not sum(len(p) for p in picks):
+                continue
+            qpos = np.concatenate([np.full(len(p), qi) for qi, p in enumerate(picks)]).astype(np.int64)
+            pos = np.concatenate(picks).astype(np.int64)
+            batch = PairBatch([qp.record for qp in pairs], emb.embeddings, qpos,
+                              np.array([pairs[q].gallery_idx[j] for q, j in zip(qpos, pos)], dtype=np.int64),
+                              np.array([sims[q][j] for q, j in zip(qpos, pos)], dtype=np.float64))
+            t0 = time.perf_counter()
+            out = stage.score(batch, self.gallery, progress)
+            self.seconds[stage.name] += time.perf_counter() - t0
+            for i, (q, j) in enumerate(zip(qpos, pos)):
+                qp = pairs[q]
+                qp.stages[stage.name][j] = out.scores[i]
+                if out.evidence is not None:
+                    qp.evidence.setdefault(int(qp.gallery_idx[j]), {}).update(out.evidence[i])
+        return pairs
+
     def pre_scores(self, stages: dict[str, np.ndarray]) -> np.ndarray:
-        """Before verification (and without calibration): the pair head's probability once trained,
-        else the cosine."""
-        return stages["siamese"] if "siamese" in stages else stages["embedding"]
+        """Without calibration: the score of the last stage that scored every pair (the pair head's
+        probability once trained, else the cosine)."""
+        return stages[[name for name in self.stage_order() if name in stages][-1]]
 
     def default_scores(self, stages: dict[str, np.ndarray]) -> np.ndarray:
         """The ranking score: the calibrated fusion of every stage when `calibrate` has run."""
@@ -242,11 +196,8 @@ class Engine:
         if self.calibration is not None:
             return [(name, scorer, cfg.tau if cfg.tau is not None else float(self.calibration["tau"][name]))
                     for name, scorer in self.scorers.items()]
-        rows = [("embedding", lambda st: st["embedding"], cfg.tau if cfg.tau is not None else DEFAULT_TAU)]
-        if self.trained:
-            rows.append(("siamese", lambda st: st["siamese"],
-                         cfg.tau if cfg.tau is not None else DEFAULT_TAU_PROBABILITY))
-        return rows
+        return [(s.name, (lambda st, n=s.name: st[n]), cfg.tau if cfg.tau is not None else s.default_tau)
+                for s in self.stages if s.scope == ALL]
 
     def rank(self, pairs: Sequence[QueryPairs], tau: float, scorer=None) -> list[QueryResult]:
         """Per-individual max of each pair's score, then top-5 with new_individual inserted at tau."""
@@ -263,9 +214,6 @@ class Engine:
                                        dict(qp.evidence.get(g, {}))))
             out.append(QueryResult(qp.record, qp.record.image, top5_with_new(ranked, tau), cands))
         return out
-
-    def score(self, records: Sequence[Record], emb: EmbedResult, cfg: MatchConfig) -> list[QueryResult]:
-        return self.rank(self.pair_scores(records, emb, cfg), self.tau(cfg))
 
 
 def write_predictions(results: Sequence[QueryResult], out_csv: Path, extra: dict | None = None) -> Path:

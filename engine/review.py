@@ -6,10 +6,10 @@ from typing import Sequence
 
 import numpy as np
 
-from engine.errors import ImageError
-from engine.images import load_image
+from core.errors import ImageError
+from core.images import load_image
 from engine.pipeline import Engine, QueryResult
-from ranker.report import ReportCandidate, ReportQuery, write_report
+from engine.report import ReportCandidate, ReportQuery, write_report
 
 
 def _image(record):

@@ -32,7 +32,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 VIEWPOINTS = ("left", "right")
-NEW_INDIVIDUAL = "new_individual"  # same token as engine.metrics
+NEW_INDIVIDUAL = "new_individual"  # same token as core.metrics
 DEFAULT_SIZE = (192, 256)  # (height, width)
 _REF_W, _REF_H = 256.0, 192.0  # the animal is designed on this canvas and scaled to the requested size
 _SS = 2  # supersampling factor of the canonical drawing

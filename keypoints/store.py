@@ -15,10 +15,10 @@ from typing import Sequence
 import cv2
 from tqdm.auto import tqdm
 
-from engine.cache import FeatureCache, record_key
-from engine.catalog import Record
-from engine.errors import ImageError
-from engine.images import load_image
+from core.cache import FeatureCache, record_key
+from core.catalog import Record
+from core.errors import ImageError
+from core.images import load_image
 from keypoints.features import KeypointConfig, Keypoints, extract_keypoints
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 import xgboost as xgb
 
-from engine.metrics import roc_auc
+from core.metrics import roc_auc
 
 log = logging.getLogger(__name__)
 

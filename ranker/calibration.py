@@ -15,8 +15,8 @@ from typing import Protocol
 import numpy as np
 from scipy.special import expit
 
-from engine.metrics import roc_auc
-from engine.runfolder import atomic_write_json
+from core.metrics import roc_auc
+from core.runfolder import atomic_write_json
 
 log = logging.getLogger(__name__)
 

@@ -260,3 +260,17 @@ class ScoreFusion(JsonFile):
         f.train_counts = d.get("train_counts", {})
         return f
 
+
+FUSED = "fused"
+
+
+def calibrated_scorers(fusion: ScoreFusion) -> dict:
+    """name -> function(stages dict) -> per-pair score: each calibrated stage, and the fused one."""
+    def single(stage):
+        return lambda st: fusion.calibrators[stage].predict(st[stage]) if stage in st else np.full(
+            len(next(iter(st.values()))), np.nan)
+
+    def fused(st):
+        return fusion.predict({s: v for s, v in st.items() if s in fusion.stages})
+
+    return {**{s: single(s) for s in fusion.stages}, FUSED: fused}

@@ -19,7 +19,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from engine.metrics import NEW_INDIVIDUAL, average_precision_at_5
+from core.metrics import NEW_INDIVIDUAL, average_precision_at_5
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from engine.cache import FeatureCache, record_key
-from engine.catalog import Record
-from engine.errors import ImageError
-from engine.images import load_image
+from core.cache import FeatureCache, record_key
+from core.catalog import Record
+from core.errors import ImageError
+from core.images import load_image
 from siamese.model import ModelConfig, SiameseNet
 
 log = logging.getLogger(__name__)

@@ -6,6 +6,7 @@ P(same individual). Each of the four features is symmetric in a and b, so the he
 """
 from __future__ import annotations
 
+import io
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.errors import UserError
+from core.errors import UserError
+from core.runfolder import atomic_write_bytes
+from core.runtime import torch_device
 from siamese.precision import Precision
 
 REPO = Path(__file__).resolve().parents[1]
@@ -161,3 +164,22 @@ def load_backbone_weights(backbone: nn.Module, path: Path) -> None:
     if missing:
         raise UserError(f"backbone weights {path} do not fit {backbone.__class__.__name__}: "
                         f"{len(missing)} missing keys, e.g. {missing[0]}")
+
+
+def save_model(model: SiameseNet, path: Path) -> None:
+    buf = io.BytesIO()
+    torch.save({"config": model.config.to_dict(), "state_dict": model.state_dict()}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_model(path: Path, device: torch.device | None = None) -> SiameseNet:
+    if not Path(path).is_file():
+        raise UserError(f"{path} not found: the run folder has no model (run `cli.py train-siamese`)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        model = SiameseNet(ModelConfig.from_dict(ckpt["config"]), load_pretrained=False)
+        model.load_state_dict(ckpt["state_dict"])
+    except (RuntimeError, KeyError, TypeError, EOFError, ValueError) as e:
+        raise UserError(f"{path} cannot be loaded ({e.__class__.__name__}): rebuild the run with "
+                        f"`cli.py train-siamese`") from None
+    return model.to(device or torch_device()).eval()

@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from engine.errors import UserError
+from core.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 import pytest
 
-from engine.catalog import catalog_from_folder, load_catalog
-from engine.errors import UserError
+from core.catalog import catalog_from_folder, load_catalog
+from core.errors import UserError
 
 
 def write(tmp_path, text, images=("a.jpg", "b.jpg")):

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from engine.metrics import NEW_INDIVIDUAL
+from core.metrics import NEW_INDIVIDUAL
 from tests.conftest import ROOT
 
 runner = CliRunner()

@@ -130,7 +130,7 @@ def test_run_folder_copied_without_the_gallery_photos_matches_the_same(chain, tm
 def test_match_in_chunks_of_queries_gives_the_same_answers(chain):
     """match scores and ranks a chunk of queries at a time (bounded memory): same answers, same
     evidence, in the same order, whatever the chunk size."""
-    from engine.catalog import catalog_from_folder
+    from core.catalog import catalog_from_folder
     from engine.matching import match_records
     from engine.pipeline import Engine, MatchConfig
 

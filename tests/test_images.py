@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.errors import ImageError
-from engine.images import load_image
+from core.errors import ImageError
+from core.images import load_image
 
 
 def _gradient(h=20, w=30):

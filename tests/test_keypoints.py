@@ -281,7 +281,7 @@ def test_verify_pairs_keeps_order_and_equals_serial(kps):
 
 def test_verify_record_pairs_in_chunks_equals_one_pass(photos, tmp_path):
     """match reads keypoints a chunk of pairs at a time (bounded memory): same results, same order."""
-    from engine.catalog import Record
+    from core.catalog import Record
     from keypoints.store import KeypointStore, verify_record_pairs
 
     recs = {}
@@ -320,7 +320,7 @@ REAL_DIFFERENT = [("images/test/15/218_rightphoto.jpg", "images/test/7/192_right
 def test_real_nyala_pairs():
     if not (NYALA / "catalog.csv").is_file():
         pytest.skip(f"real nyala photos not found at {NYALA}")
-    from engine.images import load_image
+    from core.images import load_image
 
     names = sorted({p for pair in REAL_SAME + REAL_DIFFERENT for p in pair})
     kp = dict(zip(names, extract_many([load_image(NYALA / n) for n in names], workers=2)))

@@ -1,6 +1,6 @@
 import pytest
 
-from engine.metrics import NEW_INDIVIDUAL as NEW, average_precision_at_5, roc_auc, score_predictions
+from core.metrics import NEW_INDIVIDUAL as NEW, average_precision_at_5, roc_auc, score_predictions
 
 
 def test_map5_hand_computed():
@@ -41,7 +41,7 @@ def test_closed_set_figures_ignore_new_individuals_and_tau():
 
     import numpy as np
 
-    from engine.catalog import Record
+    from core.catalog import Record
     from engine.matching import evaluate_pairs
     from engine.pipeline import Engine, MatchConfig, QueryPairs
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.errors import UserError
+from core.errors import UserError
 from siamese import precision as P
 from engine.synthetic import make_individual, render_canonical
 from siamese.embed import features_batch, model_fingerprint, preprocess

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy.optimize import isotonic_regression, minimize
 
-from engine.metrics import NEW_INDIVIDUAL, roc_auc, score_predictions
-from ranker.aggregate import IndividualScore, aggregate_per_individual, top5_with_new
+from core.metrics import NEW_INDIVIDUAL, roc_auc, score_predictions
+from core.aggregate import IndividualScore, aggregate_per_individual, top5_with_new
 from ranker.calibration import (IsotonicCalibrator, LogisticCalibrator, calibrator_from_dict,
                                 fit_logistic, make_calibrator)
 from ranker.fusion import FusionConfig, LogisticStack, MeanFusion, ScoreFusion

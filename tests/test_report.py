@@ -1,4 +1,4 @@
-"""ranker/report.py: the self-contained HTML report."""
+"""engine/report.py: the self-contained HTML report."""
 from __future__ import annotations
 
 import base64
@@ -8,8 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from engine.metrics import NEW_INDIVIDUAL
-from ranker.report import ReportCandidate, ReportConfig, ReportQuery, draw_matches, load_rgb, write_report
+from core.metrics import NEW_INDIVIDUAL
+from engine.report import ReportCandidate, ReportConfig, ReportQuery, draw_matches, load_rgb, write_report
 
 DATA_URI = re.compile(r'src="data:image/jpeg;base64,([A-Za-z0-9+/=]+)"')
 

@@ -7,10 +7,10 @@ import h5py
 import numpy as np
 import pytest
 
-from engine import cache as cache_module
-from engine.cache import FeatureCache, record_key
-from engine.errors import ImageError
-from engine.catalog import load_catalog
+from core import cache as cache_module
+from core.cache import FeatureCache, record_key
+from core.errors import ImageError
+from core.catalog import load_catalog
 from siamese.embed import embed_records
 from siamese.index import EmbeddingIndex, build_index
 from siamese.model import ModelConfig, SiameseNet
@@ -109,7 +109,7 @@ def test_undecodable_photos_are_remembered_not_retried(sample, model, tmp_path, 
 
 
 def test_a_transient_read_error_is_not_remembered(tmp_path, monkeypatch):
-    from engine import images
+    from core import images
 
     photo = tmp_path / "p.jpg"
     photo.write_bytes(b"x" * 10)

@@ -4,11 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.catalog import load_catalog
-from engine.runfolder import RunFolder
+from core.catalog import load_catalog
+from core.runfolder import RunFolder
 from siamese.embed import embed_records
 from siamese.model import ModelConfig, PairHead, SiameseNet
-from siamese.train import TrainConfig
+from siamese.trainer import TrainConfig
 from siamese.trainer import augment, batch_pair_weights, build_batches, fit
 from tests.conftest import TINY_INPUT
 

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from engine.metrics import roc_auc
+from core.metrics import roc_auc
 from keypoints.validator import (VALIDATOR_PRESETS, Validator, ValidatorConfig, group_folds, heldout_auc,
                                  pick_device)
 from keypoints.verify import FEATURE_NAMES, N_FEATURES

@@ -16,11 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.errors import UserError
+from core.errors import UserError
+from core.runtime import set_threads
+from core.stage import ALL
 from engine.pipeline import Engine, MatchConfig
-from engine.runtime import set_threads
+from engine.stages import STAGES
 from keypoints.features import PRESETS as KEYPOINT_PRESETS
-from keypoints.store import verify_record_pairs
+from keypoints.stage import KeypointStage
 from keypoints.validator import VALIDATOR_PRESETS, Validator, heldout_auc
 from keypoints.verify import FEATURE_NAMES, VERIFY_PRESETS, feature_matrix
 from siamese.embed import EmbedResult
@@ -74,17 +76,17 @@ def train_verifier(run_path: Path, cfg: VerifierTrainConfig = VerifierTrainConfi
                    progress: bool = True, precision: str = "auto") -> dict:
     t0 = time.perf_counter()
     set_threads(threads)
-    engine = Engine.load(run_path, precision)
-    engine.verifier = None  # shortlists by the embedding stages only
+    # shortlists by the stages that score every pair (the embedding's)
+    engine = Engine.load(run_path, precision, stages=[s.name for s in STAGES if s.scope == ALL])
     kcfg, vcfg = KEYPOINT_PRESETS[cfg.keypoints], VERIFY_PRESETS[cfg.verify]
-    engine.config = engine.run.update_config(keypoints=asdict(kcfg), verify=vcfg.to_dict())
+    engine.run.update_config(keypoints=asdict(kcfg), verify=vcfg.to_dict())
     triples = build_training_pairs(engine, cfg)
     g = engine.gallery
-    store = engine.keypoint_store()
-    store.get([g.record(i) for i in sorted({i for q, p, _ in triples for i in (q, p)})], cfg.workers, progress)
+    stage = KeypointStage(engine.run, kcfg, vcfg, validator=None, workers=cfg.workers)
+    stage.store.get([g.record(i) for i in sorted({i for q, p, _ in triples for i in (q, p)})], cfg.workers,
+                    progress)
     tv = time.perf_counter()  # keypoints are cached now: this times matching and geometry alone
-    results = verify_record_pairs(store, [(g.record(q), g.record(p)) for q, p, _ in triples], vcfg, cfg.workers,
-                                  progress)
+    results = stage.verify([(g.record(q), g.record(p)) for q, p, _ in triples], progress)
     ms_per_pair = 1000 * (time.perf_counter() - tv) / max(1, len(triples))
     X = feature_matrix(results)
     y = np.array([t[2] for t in triples])

@@ -18,7 +18,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from engine.metrics import NEW_INDIVIDUAL
+from core.metrics import NEW_INDIVIDUAL
 
 log = logging.getLogger(__name__)
 

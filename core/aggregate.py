@@ -5,7 +5,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from engine.metrics import NEW_INDIVIDUAL
+from core.metrics import NEW_INDIVIDUAL
 
 
 class IndividualScore(NamedTuple):

@@ -26,7 +26,7 @@ from typing import Iterable, Mapping
 import h5py
 import numpy as np
 
-from engine.runfolder import atomic_write_json
+from core.runfolder import atomic_write_json
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from engine.cache import record_key
-from engine.catalog import Record
-from engine.errors import UserError
+from core.cache import record_key
+from core.catalog import Record
+from core.errors import UserError
 
 _STR = h5py.string_dtype("utf-8")
 

@@ -18,7 +18,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from engine.errors import UserError
+from core.errors import UserError
 
 FORMAT_VERSION = 1
 _PACKAGES = ("torch", "timm", "faiss-cpu", "faiss-gpu", "opencv-contrib-python-headless", "xgboost",

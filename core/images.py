@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from engine.errors import ImageError
+from core.errors import ImageError
 
 Image.MAX_IMAGE_PIXELS = 400_000_000  # camera-trap mosaics and drone shots can be large
 

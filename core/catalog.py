@@ -12,8 +12,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.errors import UserError
-from engine.metrics import NEW_INDIVIDUAL
+from core.errors import UserError
+from core.metrics import NEW_INDIVIDUAL
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ class Record:
     viewpoint: str | None = None
     bbox: tuple[int, int, int, int] | None = None
     line: int = 0  # 1-based line in the CSV (the header is line 1)
-    key: str | None = None  # cache key recorded when the photo entered a gallery (see engine/cache.py)
+    key: str | None = None  # cache key recorded when the photo entered a gallery (see core/cache.py)
 
 
 @dataclass

@@ -17,18 +17,17 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.errors import UserError
-from engine.metrics import NEW_INDIVIDUAL, score_predictions
+from core.errors import UserError
+from core.metrics import NEW_INDIVIDUAL, score_predictions
+from core.runfolder import atomic_write_json
+from core.runtime import set_threads
 from engine.pipeline import Engine, MatchConfig, QueryPairs
-from engine.runfolder import atomic_write_json
-from engine.runtime import set_threads
-from ranker.aggregate import aggregate_per_individual
-from ranker.fusion import FusionConfig, ScoreFusion
+from core.aggregate import aggregate_per_individual
+from ranker.fusion import FusionConfig, ScoreFusion, calibrated_scorers
 from ranker.threshold import open_set_folds, search_threshold, split_fold_images
 from siamese.embed import EmbedResult
 
 log = logging.getLogger(__name__)
-FUSED = "fused"
 
 
 @dataclass(frozen=True)
@@ -92,18 +91,6 @@ def fit_scorers(engine: Engine, pairs: list[QueryPairs], truths: list[str], stag
     return fusion, taus
 
 
-def calibrated_scorers(fusion: ScoreFusion) -> dict:
-    """name -> function(stages dict) -> per-pair score: each calibrated stage, and the fused one."""
-    def single(stage):
-        return lambda st: fusion.calibrators[stage].predict(st[stage]) if stage in st else np.full(
-            len(next(iter(st.values()))), np.nan)
-
-    def fused(st):
-        return fusion.predict({s: v for s, v in st.items() if s in fusion.stages})
-
-    return {**{s: single(s) for s in fusion.stages}, FUSED: fused}
-
-
 def run_calibrate(run: Path, cfg: CalibrateConfig = CalibrateConfig(), threads: int | None = None,
                   progress: bool = True, precision: str = "auto") -> dict:
     t0 = time.perf_counter()
@@ -111,7 +98,7 @@ def run_calibrate(run: Path, cfg: CalibrateConfig = CalibrateConfig(), threads: 
     engine = Engine.load(run, precision)
     mcfg = MatchConfig()
     data = fold_pairs(engine, cfg, mcfg, progress)
-    stages = engine.stage_order() + (["keypoints"] if engine.verifier is not None else [])
+    stages = [s.name for s in engine.stages]
     per_fold = []
     for f, (pairs, truths) in enumerate(data):
         train_pairs = [qp for k, (p, _) in enumerate(data) if k != f for qp in p]

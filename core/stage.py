@@ -1,0 +1,69 @@
+"""The stage protocol: one way of scoring (query photo, gallery photo) pairs.
+
+Each scoring stage (the embedding's cosine, the Siamese pair head, the SIFT verifier, any matcher
+added later) is one module that implements `Stage`, and one line in engine/stages.py registers it.
+The orchestrator (engine.pipeline.Engine) runs a run's stages in their registered order over each
+query's shortlist: a stage of scope ALL scores every shortlisted pair, a stage of scope TOP only
+the top-V pairs of each query by the score so far (the last ALL stage's). The ranker knows stages
+only by name.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+from core.catalog import Record
+from core.gallery import Gallery
+from core.runfolder import RunFolder
+
+ALL = "all"  # scores every pair of the shortlist
+TOP = "top"  # scores the top-V pairs of each query (V = MatchConfig.verify_top)
+
+
+@dataclass
+class PairBatch:
+    """Pairs to score: pair i is (queries[query_pos[i]], gallery photo gallery_idx[i])."""
+    queries: Sequence[Record]
+    query_embeddings: np.ndarray  # (n_queries, D) float32
+    query_pos: np.ndarray  # (n,) int: index into `queries`
+    gallery_idx: np.ndarray  # (n,) int: index into the gallery
+    similarity: np.ndarray  # (n,) float: the shortlist's cosine similarity
+
+    def __len__(self) -> int:
+        return len(self.gallery_idx)
+
+
+@dataclass
+class StageOutput:
+    scores: np.ndarray  # (n,) float64, higher = more likely the same individual
+    evidence: list[dict] | None = None  # per pair, for a person to check (e.g. keypoint inliers)
+
+
+@dataclass
+class StageContext:
+    """What a stage may need to load itself from a run folder."""
+    run: RunFolder
+    config: dict  # the run's config.json
+    gallery: Gallery
+    model: Any = None  # the run's Siamese network
+    workers: int = 2
+    extra: dict = field(default_factory=dict)
+
+
+class Stage(Protocol):
+    name: str  # as it appears in calibration.json, the ablation table and the outputs (`<name>_score`)
+    scope: str  # ALL or TOP
+    default_tau: float  # new_individual threshold on this stage's score before `calibrate` has run
+
+    @classmethod
+    def load(cls, ctx: StageContext) -> "Stage | None":
+        """The stage for this run folder, or None if the run does not have it (e.g. not trained)."""
+
+    def config(self) -> dict:
+        """Its settings (and so its cache's fingerprint)."""
+
+    def score(self, batch: PairBatch, gallery: Gallery, progress: bool = False) -> StageOutput:
+        """Scores (and evidence) for the batch's pairs, in their order. Never raises on content: an
+        unreadable photo scores low."""
