@@ -40,20 +40,8 @@ class Catalog:
     def __len__(self) -> int:
         return len(self.records)
 
-    @property
-    def ids(self) -> list[str]:
-        return [r.individual_id for r in self.records]
-
-    @property
-    def has_viewpoint(self) -> bool:
-        return any(r.viewpoint for r in self.records)
-
     def individuals(self) -> list[str]:
         return sorted({r.individual_id for r in self.records if r.individual_id is not None})
-
-    def summary(self) -> str:
-        n_ind = len(self.individuals())
-        return f"{len(self.records)} photos of {n_ind} individuals"
 
 
 def _parse_bbox(text: str, where: str) -> tuple[int, int, int, int] | None:

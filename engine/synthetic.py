@@ -800,14 +800,3 @@ def split_open_set(catalog_csv: Path, out_dir: Path, n_unseen: int, queries_per_
     return gallery_csv, qdir, truth_csv
 
 
-def contact_sheet(images: list[np.ndarray], cols: int, pad: int = 2) -> np.ndarray:
-    """Tile equally sized RGB images into one RGB image, row by row (for looking at renders)."""
-    if not images:
-        raise ValueError("no images")
-    h, w = images[0].shape[:2]
-    rows = (len(images) + cols - 1) // cols
-    sheet = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
-    for n, im in enumerate(images):
-        r, c = divmod(n, cols)
-        sheet[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = im
-    return sheet

@@ -224,11 +224,6 @@ class ScoreFusion(JsonFile):
     def calibrated_matrix(self, raw: np.ndarray) -> np.ndarray:
         return np.column_stack([self.calibrators[s].predict(raw[:, j]) for j, s in enumerate(self.stages)])
 
-    def calibrate(self, stage_scores: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Calibrated probability per stage (NaN where the stage did not run)."""
-        P = self.calibrated_matrix(self._matrix(stage_scores))
-        return {s: P[:, j] for j, s in enumerate(self.stages)}
-
     def predict(self, stage_scores: Mapping[str, np.ndarray]) -> np.ndarray:
         """Fused P(same individual) per pair; NaN where no stage has a score."""
         if self.combiner is None:

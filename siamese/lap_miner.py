@@ -4,8 +4,6 @@ The miner takes a score matrix between training images (higher = more similar: c
 of embeddings, or the pair head's logits) and the images' individual IDs, and returns index pairs.
 It knows nothing about images, models or epochs:
 
-- ``derangement_positives(labels, rng)``: every image of an individual with >= 2 images paired
-  with a different image of the same individual.
 - ``LapMiner(config).mine_negatives(scores, labels, noise_scale, rng)``: every image gets one hard
   negative of another individual, and every image is used exactly once as a negative (a linear
   assignment on ``-(z + K * noise)``, same-individual cells forbidden, recently used pairs
@@ -124,16 +122,6 @@ class MiningInfo:
     seconds: float
 
 
-def noise_schedule(epoch: int, n_epochs: int, start: float = 4.0, end: float = 0.25) -> float:
-    """Noise scale K for ``epoch`` (0-based) of ``n_epochs``: ``start`` at the first epoch, ``end``
-    at the last, geometric in between when both are positive (each epoch divides K by the same
-    factor, which spends more epochs on hard negatives), linear otherwise. Monotone; epochs outside
-    the range are clipped."""
-    if n_epochs <= 1:
-        return noise_at(0.0, start, end)
-    return noise_at(min(max(epoch, 0), n_epochs - 1) / (n_epochs - 1), start, end)
-
-
 def noise_at(progress: float, start: float = 4.0, end: float = 0.25) -> float:
     """K at a fraction ``progress`` in [0, 1] of training (of the epochs, or of a time budget)."""
     if start < 0 or end < 0:
@@ -142,32 +130,6 @@ def noise_at(progress: float, start: float = 4.0, end: float = 0.25) -> float:
     if start > 0 and end > 0:
         return float(start * (end / start) ** t)
     return float(start + (end - start) * t)
-
-
-def derangement_positives(
-    labels: Sequence[Hashable] | np.ndarray, rng: np.random.Generator | int | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Positive pairs: each image of an individual with >= 2 images is the anchor of exactly one
-    pair and the positive of exactly one pair, never with itself (a random cyclic permutation inside
-    each individual, which is a derangement). Singletons are left out. Returns int64
-    ``(anchor_idx, positive_idx)`` sorted by anchor."""
-    rng = np.random.default_rng(rng)
-    codes = _encode_labels(labels)
-    n = len(codes)
-    if n == 0:
-        return np.empty(0, np.int64), np.empty(0, np.int64)
-    order = np.lexsort((rng.random(n), codes))  # grouped by individual, random order inside
-    grouped = codes[order]
-    starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]])
-    sizes = np.diff(np.r_[starts, n])
-    group_start = np.repeat(starts, sizes)
-    group_size = np.repeat(sizes, sizes)
-    t = np.arange(n)
-    successor = order[group_start + (t - group_start + 1) % group_size]
-    keep = group_size >= 2
-    anchors, positives = order[keep], successor[keep]
-    by_anchor = np.argsort(anchors)
-    return anchors[by_anchor].astype(np.int64), positives[by_anchor].astype(np.int64)
 
 
 def max_negative_pairs(labels: Sequence[Hashable] | np.ndarray) -> int:

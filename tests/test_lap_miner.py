@@ -10,9 +10,7 @@ from scipy.optimize import linear_sum_assignment
 from siamese.lap_miner import (
     LapMiner,
     MinerConfig,
-    derangement_positives,
     max_negative_pairs,
-    noise_schedule,
 )
 
 # Configurations that force each solve path on small inputs.
@@ -291,32 +289,3 @@ def test_noise_changes_the_choice_from_hardest_to_random():
     assert 0.01 < found[4.0] <= 0.4
 
 
-def test_derangement_positives():
-    labels = ["a", "a", "b", "c", "c", "c", "d", "e", "e", "e", "e"]
-    eligible = [i for i, label in enumerate(labels) if labels.count(label) >= 2]
-    for seed in range(20):
-        anchors, positives = derangement_positives(labels, np.random.default_rng(seed))
-        assert anchors.dtype == np.int64 and positives.dtype == np.int64
-        assert anchors.tolist() == eligible  # every eligible image once, singletons left out
-        assert sorted(positives.tolist()) == eligible  # and each one is a positive once
-        assert np.all(anchors != positives)
-        assert all(labels[a] == labels[p] for a, p in zip(anchors, positives))
-    assert derangement_positives(["a", "a"], 0)[1].tolist() == [1, 0]
-    first = derangement_positives(labels, 3)
-    assert all(np.array_equal(a, b) for a, b in zip(first, derangement_positives(labels, 3)))
-    assert all(len(x) == 0 for x in derangement_positives(["a", "b"], 0))
-
-
-def test_noise_schedule_is_monotone_from_start_to_end():
-    values = [noise_schedule(e, 20, start=4.0, end=0.25) for e in range(20)]
-    assert values[0] == pytest.approx(4.0) and values[-1] == pytest.approx(0.25)
-    assert all(a > b for a, b in zip(values, values[1:]))
-    ratios = np.array(values[1:]) / np.array(values[:-1])
-    assert np.allclose(ratios, ratios[0])  # geometric
-    linear = [noise_schedule(e, 5, start=2.0, end=0.0) for e in range(5)]
-    assert linear == pytest.approx([2.0, 1.5, 1.0, 0.5, 0.0])
-    rising = [noise_schedule(e, 6, start=0.5, end=2.0) for e in range(6)]
-    assert all(a < b for a, b in zip(rising, rising[1:]))
-    assert noise_schedule(-3, 10) == noise_schedule(0, 10)
-    assert noise_schedule(99, 10) == noise_schedule(9, 10)
-    assert noise_schedule(0, 1, start=3.0, end=1.0) == 3.0

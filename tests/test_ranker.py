@@ -168,7 +168,7 @@ def test_fusion_nan_means_stage_not_run():
     # an absent key counts as a stage that never ran
     only_emb = fus.predict({"emb": emb_t})
     assert np.isnan(only_emb[2]) and np.isfinite(only_emb[0])
-    cal = fus.calibrate({"emb": emb_t, "kp": kp_t})
+    cal = {s: fus.calibrators[s].predict(v) for s, v in {"emb": emb_t, "kp": kp_t}.items()}
     assert np.isnan(cal["kp"][0]) and np.isnan(cal["emb"][2])
     with pytest.raises(ValueError):
         fus.predict({"emb": emb_t, "colour": emb_t})
@@ -184,7 +184,7 @@ def test_fusion_falls_back_to_mean_with_few_positives():
     b[::3] = np.nan
     fus = ScoreFusion(FusionConfig(min_positives=20)).fit({"a": a, "b": b}, y)
     assert isinstance(fus.combiner, MeanFusion)
-    cal = fus.calibrate({"a": a, "b": b})
+    cal = {s: fus.calibrators[s].predict(v) for s, v in {"a": a, "b": b}.items()}
     np.testing.assert_allclose(fus.predict({"a": a, "b": b}),
                                np.nanmean(np.column_stack([cal["a"], cal["b"]]), axis=1))
 
