@@ -16,6 +16,8 @@ from typing import Annotated, Optional
 import typer
 
 from core.errors import UserError
+from engine.config import MatchConfig
+from siamese.config import TrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__,
                   context_settings={"help_option_names": ["-h", "--help"]}, pretty_exceptions_enable=False)
@@ -62,6 +64,9 @@ PrecisionOpt = Annotated[str, typer.Option(help="Network precision: auto (fp32, 
                                            "bf16, or fp16 (GPU only).")]
 
 
+_TRAIN = TrainConfig()  # the defaults of train-siamese, defined once (siamese.trainer)
+
+
 def _parse_size(text: str) -> tuple[int, int]:
     try:
         h, w = (int(v) for v in text.lower().split("x"))
@@ -78,17 +83,20 @@ def train_siamese_cmd(
     catalog: CatalogOpt,
     out: Annotated[Path, typer.Option("--out", help="Run folder to create (or resume).")],
     images: ImagesOpt = None,
-    backbone: Annotated[str, typer.Option(help="timm backbone name.")] = "mobilenetv2_100",
+    backbone: Annotated[str, typer.Option(help="timm backbone name.")] = _TRAIN.model.backbone,
     weights: Annotated[Optional[Path], typer.Option(help="Local backbone weights file (default: the bundled "
                                                     "ImageNet mobilenetv2_100).")] = None,
     input_size: Annotated[str, typer.Option(help="Network input HEIGHTxWIDTH in pixels.")] = "224x224",
-    epochs: Annotated[int, typer.Option(min=0, help="Training epochs; 0 = pretrained retrieval only.")] = 0,
-    max_minutes: Annotated[Optional[float], typer.Option(help="Stop training after this many minutes.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for splits, mining and initialisation.")] = 0,
+    epochs: Annotated[int, typer.Option(min=0, help="Training epochs (the time budget usually stops first); "
+                                        "0 = the pretrained network, retrieval only.")] = _TRAIN.epochs,
+    max_minutes: Annotated[Optional[float], typer.Option(help="Stop training after this many minutes.")] =
+    _TRAIN.max_minutes,
+    seed: Annotated[int, typer.Option(help="Seed for splits, mining and initialisation.")] = _TRAIN.seed,
     heldout_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of individuals (with 2+ "
                                                     "photos) kept out of training, for validation and "
-                                                    "calibrate.")] = 0.2,
-    batch_size: Annotated[int, typer.Option(min=2, help="Images per training/embedding batch.")] = 32,
+                                                    "calibrate.")] = _TRAIN.heldout_fraction,
+    batch_size: Annotated[int, typer.Option(min=2, help="Images per training/embedding batch.")] =
+    _TRAIN.batch_size,
     resume: Annotated[bool, typer.Option(help="Continue from the run folder's last checkpoint.")] = False,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
     precision: PrecisionOpt = "auto",
@@ -189,9 +197,10 @@ def match(
     report: Annotated[Optional[Path], typer.Option(help="Also write a self-contained HTML review page: each "
                                                    "photo beside its top-5 with scores and keypoint "
                                                    "matches, least certain first.")] = None,
-    shortlist: Annotated[int, typer.Option(min=1, help="Gallery photos proposed per query by the embedding.")] = 50,
+    shortlist: Annotated[int, typer.Option(min=1, help="Gallery photos proposed per query by the embedding.")] =
+    MatchConfig.shortlist,
     verify_top: Annotated[int, typer.Option(min=0, help="Gallery photos per query checked by the keypoint "
-                                            "verifier (if the run has one).")] = 20,
+                                            "verifier (if the run has one).")] = MatchConfig.verify_top,
     tau: Annotated[Optional[float], typer.Option(help="new_individual threshold (default: the calibrated "
                                                  "one).")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
@@ -211,7 +220,8 @@ def match(
 @user_errors
 def evaluate(
     catalog: CatalogOpt, run: RunOpt, images: ImagesOpt = None,
-    shortlist: Annotated[int, typer.Option(min=1, help="Gallery photos proposed per query.")] = 50,
+    shortlist: Annotated[int, typer.Option(min=1, help="Gallery photos proposed per query.")] =
+    MatchConfig.shortlist,
     tau: Annotated[Optional[float], typer.Option(help="new_individual threshold (default: calibrated).")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
     precision: PrecisionOpt = "auto",

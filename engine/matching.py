@@ -56,9 +56,9 @@ def _skipped_note(emb) -> str:
     return f", {len(emb.skipped)} unreadable photo(s) skipped" if emb.skipped else ""
 
 
-def run_match(test_dir: Path, run: Path, out: Path, queries_csv: Path | None = None, shortlist: int = 50,
+def run_match(test_dir: Path, run: Path, out: Path, queries_csv: Path | None = None, shortlist: int = MatchConfig.shortlist,
               tau: float | None = None, threads: int | None = None, progress: bool = True,
-              report: Path | None = None, verify_top: int = 20, precision: str = "auto") -> str:
+              report: Path | None = None, verify_top: int = MatchConfig.verify_top, precision: str = "auto") -> str:
     t0 = time.perf_counter()
     set_threads(threads)
     records = query_records(test_dir, queries_csv)
@@ -120,7 +120,7 @@ def truths_in_gallery(gallery, records: list[Record]) -> dict[str, str]:
             else NEW_INDIVIDUAL for r in records}
 
 
-def run_evaluate(catalog_csv: Path, run: Path, images: Path | None = None, shortlist: int = 50,
+def run_evaluate(catalog_csv: Path, run: Path, images: Path | None = None, shortlist: int = MatchConfig.shortlist,
                  tau: float | None = None, threads: int | None = None, progress: bool = True,
                  precision: str = "auto") -> str:
     t0 = time.perf_counter()

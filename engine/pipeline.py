@@ -25,6 +25,7 @@ from core.gallery import Gallery
 from core.metrics import NEW_INDIVIDUAL
 from core.runfolder import RunFolder, atomic_write_bytes, atomic_write_json, read_json
 from core.stage import ALL, PairBatch, StageContext
+from engine.config import MatchConfig
 from engine.stages import load_stages
 from ranker.fusion import ScoreFusion, calibrated_scorers
 from siamese.embed import EmbedResult, embed_records, normalize_features
@@ -33,15 +34,6 @@ from siamese.model import SiameseNet, load_model
 from siamese.precision import resolve as resolve_precision
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class MatchConfig:
-    shortlist: int = 50  # K: gallery images proposed by the embedding index per query
-    verify_top: int = 20  # V: gallery images per query checked by the keypoint verifier
-    tau: float | None = None  # None: calibration.json's, else the last ALL stage's default_tau
-    batch_size: int = 32
-    workers: int = 2
 
 
 @dataclass

@@ -20,53 +20,8 @@ from torch import nn
 from core.errors import UserError
 from core.runfolder import atomic_write_bytes
 from core.runtime import torch_device
+from siamese.config import BACKBONES, ModelConfig  # noqa: F401  re-exported
 from siamese.precision import Precision
-
-REPO = Path(__file__).resolve().parents[1]
-
-# Named presets: the weights file, the padding the weights were trained with and their normalisation.
-BACKBONES = {
-    "mobilenetv2_100": dict(weights=str(REPO / "weights" / "mobilenetv2_100_tf1qat_from_tflite.pth"),
-                            pad_type="same", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
-}
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    backbone: str = "mobilenetv2_100"
-    weights: str | None = None  # local file; None: the preset's file
-    input_size: tuple[int, int] = (224, 224)  # (height, width) fed to the backbone
-    mean: tuple[float, float, float] | None = None  # None: the preset's or timm's
-    std: tuple[float, float, float] | None = None
-    pad_type: str | None = None
-    gem_p: float = 3.0
-    head_hidden: int = 16
-
-    def resolved(self) -> "ModelConfig":
-        preset = BACKBONES.get(self.backbone, {})
-        weights = self.weights or preset.get("weights")
-        if weights is None:
-            raise UserError(f"backbone {self.backbone} has no bundled weights: pass --weights FILE "
-                            f"(bundled: {', '.join(BACKBONES)})")
-        pad = self.pad_type if self.pad_type is not None else preset.get("pad_type", "")
-        mean, std = self.mean or preset.get("mean"), self.std or preset.get("std")
-        if mean is None or std is None:
-            cfg = timm.create_model(self.backbone, pretrained=False, num_classes=0).pretrained_cfg
-            mean, std = mean or tuple(cfg["mean"]), std or tuple(cfg["std"])
-        return ModelConfig(self.backbone, str(weights), tuple(self.input_size), tuple(mean), tuple(std), pad,
-                           self.gem_p, self.head_hidden)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        d = dict(d)
-        for k in ("input_size", "mean", "std"):
-            if d.get(k) is not None:
-                d[k] = tuple(d[k])
-        return cls(**d)
-
 
 class GeM(nn.Module):
     """Generalised-mean pooling: between average (p=1) and max (p->inf) pooling, p learned."""

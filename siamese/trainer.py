@@ -43,43 +43,10 @@ from core.runfolder import RunFolder
 from core.aggregate import aggregate_per_individual
 from siamese.embed import embed_records, normalize_features, preprocess
 from siamese.lap_miner import LapMiner, noise_at
-from siamese.model import ModelConfig, SiameseNet
+from siamese.config import PRESETS, TrainConfig  # noqa: F401  re-exported
+from siamese.model import SiameseNet
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    epochs: int = 0
-    max_minutes: float | None = None
-    seed: int = 0
-    batch_size: int = 32
-    # measured on the nyala development set (14 min, held-out validation MAP@5 from 0.31 pretrained):
-    # backbone 1e-4 -> 0.33-0.37, 3e-4 -> 0.44-0.46, 1e-3 -> 0.25-0.31 (the features break down)
-    lr_head: float = 3e-3
-    lr_backbone: float = 3e-4
-    weight_decay: float = 1e-4
-    heldout_fraction: float = 0.2  # individuals kept out of training for validation and calibration
-    refresh_every: int = 2  # epochs between score-matrix refreshes for the LAP miner
-    noise_start: float = 2.0  # LAP noise scale K, relative to the std of the scores
-    noise_end: float = 0.1
-    hflip: bool = False  # a mirrored flank or fluke is a different pattern
-    threads: int | None = None
-    precision: str = "auto"  # auto|fp32|bf16|fp16: see siamese.precision
-    mined_weight: float = 0.0  # share of the negatives' half of the loss on the LAP-mined pairs
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["model"] = self.model.to_dict()
-        return d
-
-
-PRESETS = {
-    "default": TrainConfig(),
-    # the built-in sample's photos are 256x192: a smaller input keeps the demo under two minutes
-    "demo": TrainConfig(model=ModelConfig(input_size=(144, 192)), epochs=4, max_minutes=1.0, batch_size=24),
-}
 
 
 # ---------------------------------------------------------------- data

@@ -1,0 +1,14 @@
+"""The settings of matching, each default defined once. Light on purpose (no torch import): the CLI
+reads its defaults from here."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MatchConfig:
+    shortlist: int = 50  # K: gallery images proposed by the embedding index per query
+    verify_top: int = 20  # V: gallery images per query checked by the keypoint verifier
+    tau: float | None = None  # None: calibration.json's, else the last ALL stage's default_tau
+    batch_size: int = 32
+    workers: int = 2
