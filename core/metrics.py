@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import numpy as np
+from sklearn.metrics import roc_auc_score
 
 NEW_INDIVIDUAL = "new_individual"
 
@@ -58,17 +59,8 @@ def score_predictions(truth: Mapping[str, str], predictions: Mapping[str, Sequen
 
 
 def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> float:
-    """Area under the ROC curve (Mann-Whitney U with average ranks for ties)."""
+    """Area under the ROC curve (scikit-learn's; ties count half)."""
     y = np.asarray(labels, dtype=bool)
-    s = np.asarray(scores, dtype=np.float64)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
+    if y.all() or not y.any():
         raise ValueError("AUC needs both positive and negative pairs")
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s), dtype=np.float64)
-    sorted_s = s[order]
-    # average ranks over ties so that a constant score gets AUC 0.5
-    _, first, counts = np.unique(sorted_s, return_index=True, return_counts=True)
-    avg = first + (counts - 1) / 2.0 + 1.0
-    ranks[order] = np.repeat(avg, counts)
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    return float(roc_auc_score(y, np.asarray(scores, dtype=np.float64)))

@@ -14,6 +14,8 @@ from typing import Protocol
 
 import numpy as np
 from scipy.special import expit
+from sklearn.isotonic import IsotonicRegression
+from sklearn.linear_model import LogisticRegression
 
 from core.metrics import roc_auc
 from core.runfolder import atomic_write_json
@@ -55,30 +57,6 @@ def _finite_pairs(scores, labels) -> tuple[np.ndarray, np.ndarray]:
     return s[keep], y[keep]
 
 
-def pool_adjacent_violators(y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Weighted least-squares non-decreasing fit of `y` (already ordered by x).
-
-    Returns (block_start, block_end_exclusive, block_value): the fitted sequence is constant
-    on each block."""
-    starts: list[int] = []
-    ends: list[int] = []
-    vals: list[float] = []
-    wts: list[float] = []
-    for i in range(len(y)):
-        starts.append(i)
-        ends.append(i + 1)
-        vals.append(float(y[i]))
-        wts.append(float(w[i]))
-        # merge backwards while the last two blocks violate monotonicity
-        while len(vals) > 1 and vals[-2] > vals[-1]:
-            wsum = wts[-2] + wts[-1]
-            vals[-2] = (vals[-2] * wts[-2] + vals[-1] * wts[-1]) / wsum
-            wts[-2] = wsum
-            ends[-2] = ends[-1]
-            del starts[-1], ends[-1], vals[-1], wts[-1]
-    return np.array(starts), np.array(ends), np.array(vals)
-
-
 class IsotonicCalibrator(JsonFile):
     """Isotonic regression (pool-adjacent-violators); predicts by linear interpolation between
     the fitted steps, constant beyond the fitted range."""
@@ -91,20 +69,11 @@ class IsotonicCalibrator(JsonFile):
 
     def fit(self, scores, labels) -> "IsotonicCalibrator":
         s, y = _finite_pairs(scores, labels)
-        # Equal scores must get one value: pool them first (mean label, weight = count).
-        ux, inv, counts = np.unique(s, return_inverse=True, return_counts=True)
-        ymean = np.bincount(inv, weights=y) / counts
-        starts, ends, vals = pool_adjacent_violators(ymean, counts.astype(np.float64))
-        # Keep both ends of every block: interpolation then rises only between blocks.
-        xs, ys = [], []
-        for a, b, v in zip(starts, ends, vals):
-            xs.append(ux[a])
-            ys.append(v)
-            if b - 1 > a:
-                xs.append(ux[b - 1])
-                ys.append(v)
-        self.x_ = np.asarray(xs, dtype=np.float64)
-        self.y_ = np.clip(np.asarray(ys, dtype=np.float64), 0.0, 1.0)
+        # scikit-learn pools equal scores first and keeps both ends of every constant block, so
+        # interpolating between its thresholds rises only between blocks
+        iso = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip").fit(s, y)
+        self.x_ = np.asarray(iso.X_thresholds_, dtype=np.float64)
+        self.y_ = np.clip(np.asarray(iso.y_thresholds_, dtype=np.float64), 0.0, 1.0)
         return self
 
     def predict(self, scores) -> np.ndarray:
@@ -130,12 +99,12 @@ class IsotonicCalibrator(JsonFile):
 
 
 
-def fit_logistic(X: np.ndarray, y: np.ndarray, l2: float = 1e-3, max_iter: int = 100,
-                 tol: float = 1e-10, sample_weight: np.ndarray | None = None) -> tuple[np.ndarray, float]:
-    """L2-penalised logistic regression by Newton's method (IRLS).
+def fit_logistic(X: np.ndarray, y: np.ndarray, l2: float = 1e-3,
+                 sample_weight: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """L2-penalised logistic regression (scikit-learn's, lbfgs) on standardised columns.
 
-    Minimises mean weighted log-loss + l2/2 * |w|^2 on standardised columns (the intercept is not
-    penalised), which keeps perfectly separable data finite. Returns (w, b) on the raw scale."""
+    Minimises mean weighted log-loss + l2/2 * |w|^2 (the intercept is not penalised), which keeps
+    perfectly separable data finite. Returns (w, b) on the raw scale."""
     X = np.asarray(X, dtype=np.float64)
     if X.ndim == 1:
         X = X[:, None]
@@ -146,36 +115,13 @@ def fit_logistic(X: np.ndarray, y: np.ndarray, l2: float = 1e-3, max_iter: int =
     mu = sw @ X
     sd = np.sqrt(sw @ (X - mu) ** 2)
     sd[sd < 1e-12] = 1.0  # constant column: its weight is pinned to 0 by the penalty
-    Z = np.hstack([(X - mu) / sd, np.ones((n, 1))])
-    theta = np.zeros(k + 1)
-    pbar = float(np.clip(sw @ y, 1e-6, 1 - 1e-6))
-    theta[-1] = np.log(pbar / (1 - pbar))
-    reg = np.full(k + 1, l2)
-    reg[-1] = 0.0
-
-    def loss(t):
-        z = Z @ t
-        return float(sw @ (np.logaddexp(0.0, z) - y * z) + 0.5 * np.sum(reg * t * t))
-
-    cur = loss(theta)
-    for _ in range(max_iter):
-        p = expit(Z @ theta)
-        grad = Z.T @ (sw * (p - y)) + reg * theta
-        H = (Z * (sw * p * (1 - p))[:, None]).T @ Z + np.diag(reg) + 1e-12 * np.eye(k + 1)
-        step = np.linalg.solve(H, grad)
-        # Backtracking keeps Newton monotone when the curvature is tiny (near separation).
-        t = 1.0
-        while True:
-            cand = theta - t * step
-            new = loss(cand)
-            if new <= cur + 1e-15 or t < 1e-8:
-                break
-            t *= 0.5
-        theta, prev, cur = cand, cur, new
-        if abs(prev - cur) < tol and np.max(np.abs(t * step)) < 1e-8:
-            break
-    w = theta[:k] / sd
-    b = float(theta[-1] - w @ mu)
+    if y.min() == y.max():  # one class: the base rate, no slope
+        p = float(np.clip(y[0], 1e-6, 1 - 1e-6))
+        return np.zeros(k), float(np.log(p / (1 - p)))
+    # sum(sw) = 1, so C = 1 / l2 gives mean log-loss + l2/2 |w|^2
+    lr = LogisticRegression(C=1.0 / l2, tol=1e-10, max_iter=1000).fit((X - mu) / sd, y, sample_weight=sw)
+    w = lr.coef_.ravel() / sd
+    b = float(lr.intercept_[0] - w @ mu)
     return w, b
 
 
