@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 import typer
 
 from core.errors import UserError
-from engine.config import MatchConfig
+from engine.config import MatchConfig, VerifierTrainConfig
 from siamese.config import TrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__,
@@ -46,7 +46,9 @@ def user_errors(fn):
             typer.echo(f"error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), err=True)
             raise typer.Exit(2)
         except KeyboardInterrupt:
-            typer.echo("interrupted: completed steps are saved in the run folder", err=True)
+            typer.echo("interrupted: every file written before now is complete (each is written whole, then "
+                       "renamed); the interrupted step left no partial file, and the feature caches keep "
+                       "what they had finished", err=True)
             raise typer.Exit(130)
 
     return wrapper
@@ -65,6 +67,21 @@ PrecisionOpt = Annotated[str, typer.Option(help="Network precision: auto (fp32, 
 
 
 _TRAIN = TrainConfig()  # the defaults of train-siamese, defined once (siamese.trainer)
+
+
+def _names(text: str, option: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise UserError(f"{option} {text!r}: give at least one name")
+    return names
+
+
+VerifyTopOpt = Annotated[int, typer.Option(min=0, help="Gallery photos per query checked by the local "
+                                           "matchers (if the run has them).")]
+ShortlistOpt = Annotated[int, typer.Option(min=1, help="Gallery photos proposed per query by the embedding.")]
+MatchersOpt = Annotated[Optional[str], typer.Option(help="Local matchers to use, comma-separated, among those "
+                                                   "the run has a verifier for: sift, xfeat (default: all "
+                                                   "of them).")]
 
 
 def _parse_size(text: str) -> tuple[int, int]:
@@ -121,7 +138,10 @@ def train_siamese_cmd(
 @user_errors
 def train_verifier_cmd(
     run: RunOpt,
-    keypoints: Annotated[str, typer.Option(help="Keypoint preset: default, fast or dense.")] = "default",
+    keypoints: Annotated[str, typer.Option(help="SIFT keypoint preset: default, fast or dense.")] = "default",
+    matchers: Annotated[str, typer.Option(help="Local matchers to fit a validator for, comma-separated: sift "
+                                          "(SIFT/RootSIFT), xfeat (XFeat + LighterGlue).")] =
+    ",".join(VerifierTrainConfig.matchers),
     max_queries: Annotated[int, typer.Option(min=10, help="Training photos used as queries to build pairs.")] = 600,
     seed: Annotated[int, typer.Option(help="Seed for sampling and the validator.")] = 0,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
@@ -135,16 +155,18 @@ def train_verifier_cmd(
     """
     _setup_logging(verbose)
     from keypoints.features import PRESETS
-    from engine.train_verifier import VerifierTrainConfig, train_verifier
+    from engine.train_verifier import train_verifier
 
     if keypoints not in PRESETS:
         raise UserError(f"--keypoints {keypoints!r}: choose one of {', '.join(PRESETS)}")
     cfg = VerifierTrainConfig(keypoints=keypoints, verify=keypoints if keypoints == "fast" else "default",
-                              max_queries=max_queries, seed=seed)
+                              max_queries=max_queries, seed=seed, matchers=_names(matchers, "--matchers"))
     s = train_verifier(run, cfg, threads, progress=not quiet, precision=precision)
-    typer.echo(f"verifier {run / 'verifier.json'}: {s['pairs']} pairs ({s['positives']} true), held-out AUC "
-               f"{s['heldout_auc_validator']:.3f} (raw inlier count {s['heldout_auc_inlier_count']:.3f}), "
-               f"{s['ms_per_pair']:.1f} ms/pair, {s['seconds']:.0f} s")
+    for name, m in s["matchers"].items():
+        typer.echo(f"{name} verifier {m['validator']}: {s['pairs']} pairs ({s['positives']} true), held-out AUC "
+                   f"{m['heldout_auc_validator']:.3f} (raw inlier count {m['heldout_auc_inlier_count']:.3f}), "
+                   f"{m['ms_per_pair']:.1f} ms/pair")
+    typer.echo(f"trained {len(s['matchers'])} verifier(s) in {s['seconds']:.0f} s")
 
 
 @app.command()
@@ -157,6 +179,8 @@ def calibrate(
                                                       "of queries is answered new_individual (default: "
                                                       "maximise MAP@5).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the folds.")] = 0,
+    shortlist: ShortlistOpt = MatchConfig.shortlist,
+    verify_top: VerifyTopOpt = MatchConfig.verify_top,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
     precision: PrecisionOpt = "auto",
     quiet: QuietOpt = False, verbose: VerboseOpt = False,
@@ -174,7 +198,8 @@ def calibrate(
     if new_rate is not None and not 0 < new_rate < 1:
         raise UserError("--new-rate must be between 0 and 1")
     c = run_calibrate(run, CalibrateConfig(folds=folds, calibrator=calibrator, target_new_rate=new_rate, seed=seed),
-                      threads, progress=not quiet, precision=precision)
+                      threads, progress=not quiet, precision=precision,
+                      mcfg=MatchConfig(shortlist=shortlist, verify_top=verify_top))
     lines = ["score".ljust(12) + "MAP@5 (mean ± sd over folds)".rjust(30) + "new F1".rjust(10) + "tau".rjust(10)]
     for name, s in c["summary"].items():
         lines.append(name.ljust(12) + f"{s['map5_mean']:.3f} ± {s['map5_std']:.3f}".rjust(30)
@@ -197,14 +222,13 @@ def match(
     report: Annotated[Optional[Path], typer.Option(help="Also write a self-contained HTML review page: each "
                                                    "photo beside its top-5 with scores and keypoint "
                                                    "matches, least certain first.")] = None,
-    shortlist: Annotated[int, typer.Option(min=1, help="Gallery photos proposed per query by the embedding.")] =
-    MatchConfig.shortlist,
-    verify_top: Annotated[int, typer.Option(min=0, help="Gallery photos per query checked by the keypoint "
-                                            "verifier (if the run has one).")] = MatchConfig.verify_top,
+    shortlist: ShortlistOpt = MatchConfig.shortlist,
+    verify_top: VerifyTopOpt = MatchConfig.verify_top,
     tau: Annotated[Optional[float], typer.Option(help="new_individual threshold (default: the calibrated "
                                                  "one).")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
     precision: PrecisionOpt = "auto",
+    matchers: MatchersOpt = None,
     quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ):
     """Rank the known individuals for every photo in TEST_DIR and write the top-5 of each."""
@@ -212,7 +236,8 @@ def match(
     from engine.matching import run_match
 
     s = run_match(test_dir, run, out, queries_csv=queries, shortlist=shortlist, tau=tau, threads=threads,
-                  progress=not quiet, report=report, verify_top=verify_top, precision=precision)
+                  progress=not quiet, report=report, verify_top=verify_top, precision=precision,
+                  matchers=_names(matchers, "--matchers") if matchers else None)
     typer.echo(s)
 
 
@@ -220,11 +245,12 @@ def match(
 @user_errors
 def evaluate(
     catalog: CatalogOpt, run: RunOpt, images: ImagesOpt = None,
-    shortlist: Annotated[int, typer.Option(min=1, help="Gallery photos proposed per query.")] =
-    MatchConfig.shortlist,
+    shortlist: ShortlistOpt = MatchConfig.shortlist,
+    verify_top: VerifyTopOpt = MatchConfig.verify_top,
     tau: Annotated[Optional[float], typer.Option(help="new_individual threshold (default: calibrated).")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
     precision: PrecisionOpt = "auto",
+    matchers: MatchersOpt = None,
     quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ):
     """Score the engine on labelled queries: MAP@5, top-1, top-5, new-individual precision/recall/F1.
@@ -236,7 +262,8 @@ def evaluate(
     from engine.matching import run_evaluate
 
     typer.echo(run_evaluate(catalog, run, images, shortlist=shortlist, tau=tau, threads=threads,
-                            progress=not quiet, precision=precision))
+                            progress=not quiet, precision=precision, verify_top=verify_top,
+                            matchers=_names(matchers, "--matchers") if matchers else None))
 
 
 @app.command()

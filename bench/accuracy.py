@@ -33,6 +33,7 @@ from engine.matching import evaluate_pairs, format_metrics  # noqa: E402
 from engine.pipeline import Engine, MatchConfig, write_predictions  # noqa: E402
 from core.runtime import set_threads  # noqa: E402
 from siamese.model import ModelConfig  # noqa: E402
+from engine.config import VerifierTrainConfig  # noqa: E402
 from engine.train_siamese import TrainConfig, train_siamese  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
@@ -89,6 +90,7 @@ def evaluate_run(run: Path, queries_dir: Path, queries_csv: Path, truth: dict, o
     pred = out_dir / f"predictions_{label}.csv"
     write_predictions(results, pred, {"run": str(run)})
     timing = {"query_seconds": seconds / len(records),
+              "stage_seconds_per_query": {k: round(v / len(records), 4) for k, v in engine.seconds.items()},
               "embed_images_per_s": emb.images_per_second if emb.computed else None}  # None: all cached
     return rows, {"predictions": str(pred), **timing}
 
@@ -101,6 +103,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=40, help="upper bound; the time budget usually stops first")
     ap.add_argument("--input-size", default="224x224")
     ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--matchers", default="sift", help="local matchers to train and compare: sift, xfeat")
     ap.add_argument("--reuse", action="store_true", help="reuse finished (calibrated) run folders in --work")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
@@ -126,7 +129,7 @@ def main() -> None:
         reuse = args.reuse and (run / "calibration.json").is_file()
         if not reuse:
             train_siamese(gallery, run, cfg, DATA, progress=False)
-            for step in post_training_steps(run):
+            for step in post_training_steps(run, tuple(args.matchers.split(","))):
                 step()
         info[label] = {"build_seconds": round(time.perf_counter() - t0, 1)}
         rows, timing = evaluate_run(run, qdir, qcsv, truth, args.work, label)
@@ -140,7 +143,8 @@ def main() -> None:
         ips = d["embed_images_per_s"]
         print(f"{label}: engine answer MAP@5 {d['protocol_score']['map5']:.3f} (protocol score.py), "
               f"{d['query_seconds']:.3f} s/query, embedding "
-              f"{'(cached)' if ips is None else f'{ips:.1f} img/s'}, built in {d['build_seconds']:.0f} s")
+              f"{'(cached)' if ips is None else f'{ips:.1f} img/s'}, built in {d['build_seconds']:.0f} s; "
+              "per query: " + ", ".join(f"{k} {v:.3f} s" for k, v in d["stage_seconds_per_query"].items()))
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "accuracy.json").write_text(json.dumps({"machine": machine, "table": table, "runs": info, "args": {
@@ -148,15 +152,17 @@ def main() -> None:
     print(f"wrote {out / 'accuracy.json'}")
 
 
-def post_training_steps(run: Path) -> list:
+def post_training_steps(run: Path, matchers: tuple[str, ...] = ("sift",)) -> list:
     """After train-siamese: the keypoint verifier, then calibration on the held-out individuals."""
     from engine.train_verifier import train_verifier
     from engine.calibrate import run_calibrate
 
     def verifier():
-        s = train_verifier(run, progress=False)
-        print(f"{run.name}: verifier held-out AUC {s['heldout_auc_validator']:.3f} "
-              f"(raw inlier count {s['heldout_auc_inlier_count']:.3f}), {s['ms_per_pair']:.1f} ms/pair", flush=True)
+        s = train_verifier(run, VerifierTrainConfig(matchers=matchers), progress=False)
+        for name, m in s["matchers"].items():
+            print(f"{run.name}: {name} verifier held-out AUC {m['heldout_auc_validator']:.3f} "
+                  f"(raw inlier count {m['heldout_auc_inlier_count']:.3f}), {m['ms_per_pair']:.1f} ms/pair",
+                  flush=True)
 
     def calibrate():
         c = run_calibrate(run, progress=False)

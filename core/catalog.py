@@ -83,7 +83,9 @@ def load_catalog(csv_path: Path, images_dir: Path | None = None, require_labels:
     missing = [c for c in required if c not in columns]
     if missing:
         found = ", ".join(columns) if columns else "none (empty file?)"
-        raise UserError(f"{csv_path}: missing column(s) {', '.join(missing)}; columns found: {found}")
+        hint = ("; the file looks semicolon-separated: save it with commas as the delimiter"
+                if len(columns) == 1 and ";" in columns[0] else "")
+        raise UserError(f"{csv_path}: missing column(s) {', '.join(missing)}; columns found: {found}{hint}")
     if not rows:
         raise UserError(f"{csv_path}: no rows after the header")
     records = []
@@ -108,8 +110,9 @@ def load_catalog(csv_path: Path, images_dir: Path | None = None, require_labels:
                               bbox=_parse_bbox(row.get("bbox", ""), where), line=line))
     dup = [img for img, n in Counter(r.image for r in records).items() if n > 1]
     if dup:
-        raise UserError(f"{csv_path}: image {dup[0]} is listed more than once "
-                        f"({len(dup)} duplicated path(s)); one row per photo")
+        at = [r.line for r in records if r.image == dup[0]]
+        raise UserError(f"{csv_path}:{at[1]}: image {dup[0]} is listed more than once (lines "
+                        f"{', '.join(map(str, at))}; {len(dup)} duplicated path(s)); one row per photo")
     return Catalog(source=csv_path, records=records)
 
 

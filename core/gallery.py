@@ -4,7 +4,6 @@ Stored in `gallery.h5` in gallery order so a run folder carries its gallery to a
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import numpy as np
 from core.cache import record_key
 from core.catalog import Record
 from core.errors import UserError
+from core.runfolder import atomic_path
 
 _STR = h5py.string_dtype("utf-8")
 
@@ -57,16 +57,13 @@ class Gallery:
                        (self.keys or [""] * len(self)) + (other.keys or [""] * len(other)))
 
     def save(self, path: Path) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        with h5py.File(tmp, "w") as f:
+        with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
             f.create_dataset("embeddings", data=self.embeddings)
             f.create_dataset("bboxes", data=self.bboxes)
             for name in ("paths", "ids", "viewpoints", "keys"):
                 values = getattr(self, name)
                 if values is not None:
                     f.create_dataset(name, data=np.array(values, dtype=object), dtype=_STR)
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: Path) -> "Gallery":

@@ -11,6 +11,7 @@ Every file is written to a temporary name and renamed, so a killed command never
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -35,16 +36,38 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+@contextlib.contextmanager
+def atomic_path(path: Path):
+    """A temporary path beside `path` to write to; renamed onto `path` when the block ends without
+    error, removed otherwise. Readers see the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
+        yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)  # only there if the write or the rename failed
+
+
+def check_writable(path: Path, option: str = "--out") -> Path:
+    """Refuse, before any work, an output path that is a folder or cannot be written (naming it)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a folder: give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.with_name(path.name + f".probe{os.getpid()}")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{option} {path} cannot be written ({e.strerror or e})") from None
+    return path
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -57,6 +80,8 @@ def read_json(path: Path) -> Any:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}): not a file this engine wrote") from None
 
 
 class RunFolder:

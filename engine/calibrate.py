@@ -92,11 +92,11 @@ def fit_scorers(engine: Engine, pairs: list[QueryPairs], truths: list[str], stag
 
 
 def run_calibrate(run: Path, cfg: CalibrateConfig = CalibrateConfig(), threads: int | None = None,
-                  progress: bool = True, precision: str = "auto") -> dict:
+                  progress: bool = True, precision: str = "auto", mcfg: MatchConfig = MatchConfig()) -> dict:
+    """`mcfg`: the shortlist and verify-top that `match` will use (recorded with the calibration)."""
     t0 = time.perf_counter()
     set_threads(threads)
     engine = Engine.load(run, precision)
-    mcfg = MatchConfig()
     data = fold_pairs(engine, cfg, mcfg, progress)
     stages = [s.name for s in engine.stages]
     per_fold = []

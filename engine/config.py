@@ -12,3 +12,15 @@ class MatchConfig:
     tau: float | None = None  # None: calibration.json's, else the last ALL stage's default_tau
     batch_size: int = 32
     workers: int = 2
+
+
+@dataclass(frozen=True)
+class VerifierTrainConfig:
+    keypoints: str = "default"  # keypoints.features.PRESETS
+    verify: str = "default"  # keypoints.verify.VERIFY_PRESETS
+    validator: str = "default"  # keypoints.validator.VALIDATOR_PRESETS
+    matchers: tuple[str, ...] = ("sift",)  # local matchers to fit a validator for: sift, xfeat
+    negatives_per_query: int = 8  # hard false pairs from the top of each query's shortlist
+    max_queries: int = 600
+    seed: int = 0
+    workers: int = 2

@@ -36,10 +36,9 @@ def run_demo(out: Path, catalog: Path | None = None, images: Path | None = None,
     else:
         full = load_catalog(catalog, images)  # validates before any work
         n_unseen, source = max(1, len(full.individuals()) // 5), f"{catalog}"
-        if images is not None and Path(images).resolve() != Path(catalog).resolve().parent:
-            raise UserError("demo on your own photos needs the catalog's image paths relative to the "
-                            "catalog's folder (put the CSV in the images folder)")
-    gallery_csv, queries_dir, truth_csv = split_open_set(Path(catalog), out / "split", n_unseen=n_unseen, seed=seed)
+    # everything it writes goes under --out: the catalog's folder may be read-only or someone's files
+    gallery_csv, queries_dir, truth_csv = split_open_set(Path(catalog), out / "split", n_unseen=n_unseen, seed=seed,
+                                                         images_dir=images)
     run = out / "run"
     preset = PRESETS["demo"]
     cfg = replace(preset, seed=seed, threads=threads, precision=precision)
@@ -66,8 +65,8 @@ def run_demo(out: Path, catalog: Path | None = None, images: Path | None = None,
     return "\n".join([
         f"demo on the {source}: gallery {summary['gallery_photos']} photos of "
         f"{summary['gallery_individuals']} individuals, {len(truth)} query photos ({n_new} of unseen individuals)",
-        f"siamese: {summary['epochs_trained']} epoch(s); verifier held-out AUC {verifier['heldout_auc_validator']:.3f}"
-        f" (inlier count {verifier['heldout_auc_inlier_count']:.3f}); calibrated tau {tau:.3f} on "
+        f"siamese: {summary['epochs_trained']} epoch(s); verifier held-out AUC {verifier['matchers']['sift']['heldout_auc_validator']:.3f}"
+        f" (inlier count {verifier['matchers']['sift']['heldout_auc_inlier_count']:.3f}); calibrated tau {tau:.3f} on "
         f"{calibration['queries']} held-out queries",
         format_metrics(table),
         "the engine answers with: fused",

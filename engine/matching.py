@@ -8,9 +8,11 @@ from pathlib import Path
 
 from core.catalog import Record, catalog_from_folder, load_catalog
 from core.errors import UserError
+from core.runfolder import check_writable
 from core.gallery import Gallery
 from core.metrics import NEW_INDIVIDUAL, score_predictions
 from engine.pipeline import Engine, MatchConfig, QueryResult, write_predictions
+from engine.stages import stage_names
 from core.runtime import set_threads
 
 METRIC_ROWS = (("MAP@5", "map5"), ("top-1", "top1"), ("top-5", "top5"), ("known top-1", "known_top1"),
@@ -58,17 +60,20 @@ def _skipped_note(emb) -> str:
 
 def run_match(test_dir: Path, run: Path, out: Path, queries_csv: Path | None = None, shortlist: int = MatchConfig.shortlist,
               tau: float | None = None, threads: int | None = None, progress: bool = True,
-              report: Path | None = None, verify_top: int = MatchConfig.verify_top, precision: str = "auto") -> str:
+              report: Path | None = None, verify_top: int = MatchConfig.verify_top, precision: str = "auto",
+              matchers: tuple[str, ...] | None = None) -> str:
     t0 = time.perf_counter()
     set_threads(threads)
-    records = query_records(test_dir, queries_csv)
-    engine = Engine.load(run, precision)
     if Path(out).suffix.lower() == ".json":
         raise UserError(f"--out {out}: the predictions are a CSV; the evidence JSON goes beside it")
+    check_writable(out)
+    if report is not None:
+        check_writable(report, "--report")
+    records = query_records(test_dir, queries_csv)
+    engine = Engine.load(run, precision, stage_names(matchers))
     cfg = MatchConfig(shortlist=shortlist, tau=tau, verify_top=verify_top)
     results, emb = match_records(engine, records, cfg, progress)
-    json_path = write_predictions(results, out, {"run": str(run), "tau": engine.tau(cfg),
-                                                 "skipped": [{"image": r.image, "reason": m} for r, m in emb.skipped]})
+    json_path = write_predictions(results, out, {"run": str(run), "tau": engine.tau(cfg)}, unreadable=emb.skipped)
     if report is not None:
         from engine.review import write_review
 
@@ -122,22 +127,28 @@ def truths_in_gallery(gallery, records: list[Record]) -> dict[str, str]:
 
 def run_evaluate(catalog_csv: Path, run: Path, images: Path | None = None, shortlist: int = MatchConfig.shortlist,
                  tau: float | None = None, threads: int | None = None, progress: bool = True,
-                 precision: str = "auto") -> str:
+                 precision: str = "auto", matchers: tuple[str, ...] | None = None,
+                 verify_top: int = MatchConfig.verify_top) -> str:
     t0 = time.perf_counter()
     set_threads(threads)
     catalog = load_catalog(catalog_csv, images, allow_new=True)
-    engine = Engine.load(run, precision)
+    engine = Engine.load(run, precision, stage_names(matchers))
     truth = truths_in_gallery(engine.gallery, catalog.records)
-    cfg = MatchConfig(shortlist=shortlist, tau=tau)
-    pairs, emb = match_pairs(engine, catalog.records, cfg, progress)
+    cfg = MatchConfig(shortlist=shortlist, tau=tau, verify_top=verify_top)
+    te = time.perf_counter()
+    emb = embed_queries(engine, catalog.records, cfg, progress)
+    seconds = {"embed": time.perf_counter() - te}
+    pairs = engine.pair_scores(catalog.records, emb, cfg, progress=progress)
     table = evaluate_pairs(engine, pairs, truth, cfg)
     metrics = evaluate_results(engine.rank(pairs, engine.tau(cfg)), truth)
+    per_query = {k: v / max(1, len(pairs)) for k, v in {**seconds, **engine.seconds}.items()}
     engine.run.update_metrics("evaluate", {"catalog": str(catalog_csv), "tau": engine.tau(cfg), **metrics,
-                                           "ablation": table})
+                                           "ablation": table, "seconds_per_query": per_query})
     n_new = sum(1 for t in truth.values() if t == NEW_INDIVIDUAL)
     dt = time.perf_counter() - t0
     answer = "fused" if engine.calibration is not None else list(table)[-1]
     return (format_metrics(table) + f"\nthe engine answers with: {answer}"
+            "\nseconds per query: " + ", ".join(f"{k} {v:.3f}" for k, v in per_query.items()) +
             f"\nevaluated {len(truth)} labelled photos ({n_new} of individuals absent from the gallery"
             f"{_skipped_note(emb)}) in {dt:.1f} s; figures saved in {engine.run.metrics_path}")
 

@@ -75,7 +75,12 @@ class Engine:
         self.seconds: dict[str, float] = defaultdict(float)  # time spent in the shortlist and each stage
         self.scorers: dict = {}
         if self.calibration is not None:
-            self.scorers = calibrated_scorers(ScoreFusion.from_dict(self.calibration["fusion"]))
+            try:
+                self.scorers = calibrated_scorers(ScoreFusion.from_dict(self.calibration["fusion"]))
+                float(self.calibration["tau"]["fused"])
+            except (KeyError, TypeError, ValueError, IndexError) as e:
+                raise UserError(f"{run.calibration_path} is malformed ({e.__class__.__name__}: {e}): run "
+                                f"`cli.py calibrate` again") from None
 
     @classmethod
     def load(cls, run_path: Path, precision: str = "auto", stages: Sequence[str] | None = None) -> "Engine":
@@ -208,18 +213,26 @@ class Engine:
         return out
 
 
-def write_predictions(results: Sequence[QueryResult], out_csv: Path, extra: dict | None = None) -> Path:
-    """`image,predictions` CSV (Kaggle format) and a JSON with the same stem holding the evidence."""
+def write_predictions(results: Sequence[QueryResult], out_csv: Path, extra: dict | None = None,
+                      unreadable: Sequence[tuple[Record, str]] = ()) -> Path:
+    """`image,predictions` CSV (Kaggle format) and a JSON with the same stem holding the evidence.
+
+    A photo that could not be read keeps its row, with empty predictions (the JSON says why), so a
+    join on `image` downstream sees every photo; rows follow the order of the inputs."""
+    rows = [(r.record, " ".join(r.predictions)) for r in results] + [(rec, "") for rec, _ in unreadable]
+    if unreadable:  # back in input order: CSV line, or the sorted paths of a folder
+        rows.sort(key=lambda row: (row[0].line, row[0].image))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["image", "predictions"])
-    for r in results:
-        w.writerow([r.name, " ".join(r.predictions)])
+    for rec, preds in rows:
+        w.writerow([rec.image, preds])
     atomic_write_bytes(out_csv, buf.getvalue().encode("utf-8"))
     json_path = Path(out_csv).with_suffix(".json")
     atomic_write_json(json_path, {
         **(extra or {}),
         "new_individual_token": NEW_INDIVIDUAL,
+        "skipped": [{"image": rec.image, "reason": reason} for rec, reason in unreadable],
         "queries": [{
             "image": r.name, "path": str(r.record.path), "predictions": r.predictions,
             "candidates": [{

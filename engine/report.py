@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 
 from core.metrics import NEW_INDIVIDUAL
+from core.runfolder import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -257,8 +258,6 @@ def write_report(path: str | os.PathLike, entries: Sequence[ReportQuery], title:
            "<p>Queries sorted by confidence, most doubtful first. P(same) is the fused probability;"
            " the table lists each stage's score (\"not run\" where a stage was skipped).</p>"
            f"<nav>{nav}</nav></header>\n" + "\n".join(sections) + "\n</body></html>\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(doc, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, doc.encode("utf-8"))
     log.info("report: %d queries, %.1f MB -> %s", len(entries), len(doc) / 1e6, path)
     return path

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from core.stage import StageContext
-from keypoints.stage import KeypointStage
+from core.errors import UserError
+from core.stage import ALL, StageContext
+from keypoints.stage import KeypointStage, XFeatStage
 from siamese.stages import EmbeddingStage, PairHeadStage
 
 STAGES = (
     EmbeddingStage,
     PairHeadStage,
     KeypointStage,
+    XFeatStage,
 )
 
 
@@ -26,3 +28,15 @@ def load_stages(ctx: StageContext, only: Sequence[str] | None = None) -> list:
         if stage is not None:
             stages.append(stage)
     return stages
+
+
+def stage_names(matchers: Sequence[str] | None) -> list[str] | None:
+    """The stages to run when only the local `matchers` named (sift, xfeat) are wanted: every
+    stage that scores all pairs, and those matchers' stages. None: all the run has."""
+    if matchers is None:
+        return None
+    known = {cls.matcher: cls.name for cls in STAGES if getattr(cls, "matcher", None)}
+    unknown = [m for m in matchers if m not in known]
+    if unknown:
+        raise UserError(f"unknown matcher {unknown[0]!r}: choose among {', '.join(sorted(known))}")
+    return [cls.name for cls in STAGES if cls.scope == ALL] + [known[m] for m in matchers]

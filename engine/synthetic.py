@@ -725,16 +725,16 @@ def make_dataset(out_dir: Path, n_individuals: int = 30, photos_per_individual: 
 
 
 def split_open_set(catalog_csv: Path, out_dir: Path, n_unseen: int, queries_per_individual: int = 1,
-                   seed: int = 0) -> tuple[Path, Path, Path]:
-    """Open-set split of a catalog, in the format of ../shared/protocol/split.py.
+                   seed: int = 0, images_dir: Path | None = None) -> tuple[Path, Path, Path]:
+    """Open-set split of a catalog (gallery.csv, queries/, truth.csv).
 
     `n_unseen` individuals leave the gallery entirely; up to `queries_per_individual` of their
     photos become queries with truth `new_individual`. Every other individual gives up to
     `queries_per_individual` photos as queries while keeping at least one gallery photo of each
     query's viewpoint (an individual with a single photo stays whole in the gallery).
-    Writes gallery.csv NEXT TO THE CATALOG (same folder, so its image paths are the catalog's own,
-    valid relative to gallery.csv's folder, and the images stay where they are), copies the queries
-    to out_dir/queries/q00000.<ext>... (anonymised), and writes out_dir/truth.csv
+    Writes only under out_dir: gallery.csv (absolute image paths: the photos stay where they are,
+    in `images_dir`, default the catalog's folder), the queries copied to out_dir/queries/q00000.<ext>
+    (anonymised), and out_dir/truth.csv
     (`image,individual_id`, plus `viewpoint` when the catalog has one). Seeded, deterministic.
     Returns (gallery.csv, queries_dir, truth.csv)."""
     catalog_csv, out_dir = Path(catalog_csv), Path(out_dir)
@@ -777,11 +777,13 @@ def split_open_set(catalog_csv: Path, out_dir: Path, n_unseen: int, queries_per_
         gallery += sorted((r for r in photos if id(r) not in taken), key=lambda r: r["image"])
     rng.shuffle(queries)
 
-    gallery_csv = catalog_csv.parent / "gallery.csv"
+    images_dir = Path(images_dir) if images_dir is not None else catalog_csv.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gallery_csv = out_dir / "gallery.csv"
     with open(gallery_csv, "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=fields)
         wr.writeheader()
-        wr.writerows(gallery)
+        wr.writerows({**r, "image": str((images_dir / r["image"]).resolve())} for r in gallery)
     qdir = out_dir / "queries"
     if qdir.exists():
         shutil.rmtree(qdir)  # a stale query from an earlier split would be scored without truth
@@ -792,7 +794,7 @@ def split_open_set(catalog_csv: Path, out_dir: Path, n_unseen: int, queries_per_
         wr.writerow(["image", "individual_id"] + (["viewpoint"] if has_vp else []))
         for k, (r, truth) in enumerate(queries):
             name = f"q{k:05d}{Path(r['image']).suffix.lower()}"
-            shutil.copyfile(catalog_csv.parent / r["image"], qdir / name)
+            shutil.copyfile(images_dir / r["image"], qdir / name)
             wr.writerow([name, truth] + ([r["viewpoint"]] if has_vp else []))
     n_new = sum(t == NEW_INDIVIDUAL for _, t in queries)
     log.info("gallery %d photos of %d individuals; queries %d (%d new)", len(gallery),

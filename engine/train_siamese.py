@@ -11,7 +11,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from core.catalog import Catalog, load_catalog
-from core.runfolder import RunFolder, atomic_write_json
+from core.errors import UserError
+from core.runfolder import RunFolder, atomic_write_json, read_json
 from core.runtime import seed_everything, set_threads, torch_device
 from engine.pipeline import MatchConfig, build_gallery
 from siamese.model import SiameseNet, save_model
@@ -32,6 +33,23 @@ def choose_heldout(catalog: Catalog, fraction: float, seed: int) -> list[str]:
     return sorted(eligible[: int(round(len(eligible) * fraction))])
 
 
+def check_resume(run: RunFolder, cfg: TrainConfig, heldout: list[str]) -> None:
+    """`--resume` continues the same training: refuse other split settings or another held-out set
+    (a network trained on the old split would then be calibrated on individuals it trained on)."""
+    if not run.checkpoint_path.is_file():
+        log.warning("--resume: no checkpoint in %s, training starts from scratch", run.path)
+        return
+    old = run.config().get("train", {})
+    for key in ("seed", "heldout_fraction"):
+        if old.get(key) != getattr(cfg, key):
+            raise UserError(f"--resume with --{key.replace('_', '-')} {getattr(cfg, key)}, but {run.path} was "
+                            f"trained with {old.get(key)}: resume with the same settings, or train anew "
+                            f"into another --out")
+    if run.heldout_path.is_file() and sorted(read_json(run.heldout_path)["individuals"]) != sorted(heldout):
+        raise UserError(f"--resume: the catalog's held-out individuals differ from those of {run.path} (the "
+                        f"catalog changed): train anew into another --out")
+
+
 def train_siamese(catalog_csv: Path, out: Path, cfg: TrainConfig, images_dir: Path | None = None,
                   resume: bool = False, progress: bool = True) -> dict:
     t0 = time.perf_counter()
@@ -39,6 +57,9 @@ def train_siamese(catalog_csv: Path, out: Path, cfg: TrainConfig, images_dir: Pa
     seed_everything(cfg.seed)
     catalog = load_catalog(catalog_csv, images_dir)
     run = RunFolder(out)
+    heldout = choose_heldout(catalog, cfg.heldout_fraction, cfg.seed)
+    if resume:
+        check_resume(run, cfg, heldout)
     for stale in (run.verifier_path, run.calibration_path):
         if stale.exists():  # fitted on the previous network's scores
             log.warning("removing %s: it was fitted for the previous network (run train-verifier and "
@@ -49,7 +70,6 @@ def train_siamese(catalog_csv: Path, out: Path, cfg: TrainConfig, images_dir: Pa
     run.create({"catalog": str(Path(catalog_csv).resolve()),
                 "images": str(Path(images_dir).resolve()) if images_dir else None,
                 "train": cfg.to_dict()})
-    heldout = choose_heldout(catalog, cfg.heldout_fraction, cfg.seed)
     atomic_write_json(run.heldout_path, {"individuals": heldout, "seed": cfg.seed})
     model = SiameseNet(model_cfg).to(torch_device())
     run.update_config(precision=resolve_precision(model, cfg.precision))

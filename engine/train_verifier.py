@@ -19,26 +19,17 @@ import numpy as np
 from core.errors import UserError
 from core.runtime import set_threads
 from core.stage import ALL
+from engine.config import VerifierTrainConfig
 from engine.pipeline import Engine, MatchConfig
 from engine.stages import STAGES
 from keypoints.features import PRESETS as KEYPOINT_PRESETS
-from keypoints.stage import KeypointStage
+from keypoints.stage import KeypointStage, XFeatStage
 from keypoints.validator import VALIDATOR_PRESETS, Validator, heldout_auc
 from keypoints.verify import FEATURE_NAMES, VERIFY_PRESETS, feature_matrix
+from keypoints.xfeat import XFeatConfig
 from siamese.embed import EmbedResult
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class VerifierTrainConfig:
-    keypoints: str = "default"  # keypoints.features.PRESETS
-    verify: str = "default"  # keypoints.verify.VERIFY_PRESETS
-    validator: str = "default"  # keypoints.validator.VALIDATOR_PRESETS
-    negatives_per_query: int = 8  # hard false pairs from the top of each query's shortlist
-    max_queries: int = 600
-    seed: int = 0
-    workers: int = 2
 
 
 def build_training_pairs(engine: Engine, cfg: VerifierTrainConfig):
@@ -72,37 +63,61 @@ def build_training_pairs(engine: Engine, cfg: VerifierTrainConfig):
     return triples
 
 
+MATCHERS = {"sift": KeypointStage, "xfeat": XFeatStage}
+
+
+def matcher_stage(name: str, run, cfg: VerifierTrainConfig):
+    """The stage of matcher `name`, unfitted, and the settings train-verifier records for it."""
+    if name not in MATCHERS:
+        raise UserError(f"unknown matcher {name!r}: choose among {', '.join(MATCHERS)}")
+    vcfg = VERIFY_PRESETS[cfg.verify]
+    if name == "sift":
+        kcfg = KEYPOINT_PRESETS[cfg.keypoints]
+        return KeypointStage(run, kcfg, vcfg, None, cfg.workers), {"keypoints": asdict(kcfg),
+                                                                    "verify": vcfg.to_dict()}
+    xcfg = XFeatConfig()
+    # torch runs its own threads inside each extraction and match: one pair at a time
+    return XFeatStage(run, xcfg, vcfg, None, workers=1), {"xfeat": {"extract": asdict(xcfg),
+                                                                   "verify": vcfg.to_dict()}}
+
+
 def train_verifier(run_path: Path, cfg: VerifierTrainConfig = VerifierTrainConfig(), threads: int | None = None,
                    progress: bool = True, precision: str = "auto") -> dict:
     t0 = time.perf_counter()
     set_threads(threads)
     # shortlists by the stages that score every pair (the embedding's)
     engine = Engine.load(run_path, precision, stages=[s.name for s in STAGES if s.scope == ALL])
-    kcfg, vcfg = KEYPOINT_PRESETS[cfg.keypoints], VERIFY_PRESETS[cfg.verify]
-    engine.run.update_config(keypoints=asdict(kcfg), verify=vcfg.to_dict())
     triples = build_training_pairs(engine, cfg)
     g = engine.gallery
-    stage = KeypointStage(engine.run, kcfg, vcfg, validator=None, workers=cfg.workers)
-    stage.store.get([g.record(i) for i in sorted({i for q, p, _ in triples for i in (q, p)})], cfg.workers,
-                    progress)
-    tv = time.perf_counter()  # keypoints are cached now: this times matching and geometry alone
-    results = stage.verify([(g.record(q), g.record(p)) for q, p, _ in triples], progress)
-    ms_per_pair = 1000 * (time.perf_counter() - tv) / max(1, len(triples))
-    X = feature_matrix(results)
     y = np.array([t[2] for t in triples])
     groups = np.array([[g.ids[q], g.ids[p]] for q, p, _ in triples])
     vconf = VALIDATOR_PRESETS[cfg.validator]
-    auc = heldout_auc(X, y, groups, seed=cfg.seed, cfg=vconf, feature_names=list(FEATURE_NAMES))
-    validator = Validator(vconf, list(FEATURE_NAMES)).fit(X, y, seed=cfg.seed)
-    validator.save(engine.run.verifier_path)
+    summary = {"pairs": len(triples), "positives": int(y.sum()), "negatives": int((1 - y).sum()),
+               "matchers": {}, "config": asdict(cfg)}
+    for name in cfg.matchers:
+        stage, settings = matcher_stage(name, engine.run, cfg)
+        engine.run.update_config(**settings)
+        stage.store.get([g.record(i) for i in sorted({i for q, p, _ in triples for i in (q, p)})],
+                        stage.workers, progress, desc=f"{name} keypoints")
+        tv = time.perf_counter()  # keypoints are cached now: this times matching and geometry alone
+        results = stage.verify([(g.record(q), g.record(p)) for q, p, _ in triples], progress)
+        ms_per_pair = 1000 * (time.perf_counter() - tv) / max(1, len(triples))
+        X = feature_matrix(results)
+        auc = heldout_auc(X, y, groups, seed=cfg.seed, cfg=vconf, feature_names=list(FEATURE_NAMES))
+        Validator(vconf, list(FEATURE_NAMES)).fit(X, y, seed=cfg.seed).save(stage.validator_path(engine.run))
+        summary["matchers"][name] = {
+            "heldout_auc_validator": round(float(auc["auc_validator"]), 4),
+            "heldout_auc_inlier_count": round(float(auc["auc_inliers"]), 4),
+            "ms_per_pair": round(ms_per_pair, 2), "validator": str(stage.validator_path(engine.run))}
+    for other, cls in MATCHERS.items():  # a matcher not refitted now would be scored by a stale model
+        path = cls.validator_path(engine.run)
+        if other not in cfg.matchers and path.exists():
+            log.warning("removing %s: %s was not refitted with the others", path, other)
+            path.unlink()
     if engine.run.calibration_path.exists():
         log.warning("removing %s: it was fitted with the previous verifier (run calibrate again)",
                     engine.run.calibration_path)
         engine.run.calibration_path.unlink()
-    summary = {"pairs": len(triples), "positives": int(y.sum()), "negatives": int((1 - y).sum()),
-               "heldout_auc_validator": round(float(auc["auc_validator"]), 4),
-               "heldout_auc_inlier_count": round(float(auc["auc_inliers"]), 4),
-               "ms_per_pair": round(ms_per_pair, 2), "seconds": round(time.perf_counter() - t0, 1),
-               "config": asdict(cfg)}
+    summary["seconds"] = round(time.perf_counter() - t0, 1)
     engine.run.update_metrics("train_verifier", summary)
     return summary

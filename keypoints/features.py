@@ -52,18 +52,18 @@ PRESETS: dict[str, KeypointConfig] = {
 
 @dataclass(frozen=True)
 class Keypoints:
-    """Keypoints of one image: positions in original pixels (x, y), RootSIFT descriptors, size.
-    Rows are ordered by decreasing SIFT response."""
+    """Keypoints of one image: positions in original pixels (x, y), descriptors (RootSIFT: 128 wide;
+    XFeat: 64), size. Rows are ordered by decreasing detector response."""
 
     xy: np.ndarray  # float32 (n, 2)
-    desc: np.ndarray  # float32 (n, 128), each row L2-norm 1 (RootSIFT)
+    desc: np.ndarray  # float32 (n, width), each row L2-norm 1
     image_size: tuple[int, int]  # (h, w) of the original image
 
     def __post_init__(self) -> None:
         if self.xy.ndim != 2 or self.xy.shape[1] != 2:
             raise ValueError(f"xy must be (n, 2), got {self.xy.shape}")
-        if self.desc.ndim != 2 or self.desc.shape[1] != DESC_DIM or len(self.desc) != len(self.xy):
-            raise ValueError(f"desc must be ({len(self.xy)}, {DESC_DIM}), got {self.desc.shape}")
+        if self.desc.ndim != 2 or len(self.desc) != len(self.xy):
+            raise ValueError(f"desc must be ({len(self.xy)}, width), got {self.desc.shape}")
 
     def __len__(self) -> int:
         return len(self.xy)
@@ -85,15 +85,16 @@ class Keypoints:
     def from_arrays(cls, arrays) -> "Keypoints":
         """Inverse of `to_arrays`; takes any mapping of arrays (dict, h5py group, npz file)."""
         h, w = (int(v) for v in np.asarray(arrays["image_size"]).reshape(2))
+        desc = np.asarray(arrays["desc"], dtype=np.float32)
         return cls(
             xy=np.asarray(arrays["xy"], dtype=np.float32).reshape(-1, 2),
-            desc=np.asarray(arrays["desc"], dtype=np.float32).reshape(-1, DESC_DIM),
+            desc=desc.reshape(-1, desc.shape[-1] if desc.ndim == 2 else DESC_DIM),
             image_size=(h, w),
         )
 
     @classmethod
-    def empty(cls, image_size: tuple[int, int]) -> "Keypoints":
-        return cls(np.zeros((0, 2), np.float32), np.zeros((0, DESC_DIM), np.float32),
+    def empty(cls, image_size: tuple[int, int], width: int = DESC_DIM) -> "Keypoints":
+        return cls(np.zeros((0, 2), np.float32), np.zeros((0, width), np.float32),
                    (int(image_size[0]), int(image_size[1])))
 
 

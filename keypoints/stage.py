@@ -50,28 +50,44 @@ def _from_arrays(a: dict[str, np.ndarray]) -> PairResult:
 
 
 class KeypointStage:
+    """A local-feature matcher as a stage (SIFT here; `XFeatStage` below): features per photo and
+    verification results per pair through the run's caches, P(same) from its XGBoost validator."""
     name = "keypoints"
+    matcher = "sift"  # as `--matchers` names it
     scope = TOP
     default_tau = 0.5  # a probability
 
-    def __init__(self, run, kcfg: KeypointConfig, vcfg: VerifyConfig, validator: Validator | None,
-                 workers: int = 2):
+    def __init__(self, run, kcfg, vcfg: VerifyConfig, validator: Validator | None, workers: int = 2):
         self.kcfg, self.vcfg, self.validator, self.workers = kcfg, vcfg, validator, workers
-        self.store = KeypointStore(run.cache_dir / "keypoints", kcfg)
-        self.pairs = FeatureCache(run.cache_dir / "pairs", "pairs:" + json.dumps(self.config(), sort_keys=True))
+        self.store = self.make_store(run)
+        self.pairs = FeatureCache(run.cache_dir / ("pairs" if self.name == "keypoints" else f"pairs-{self.name}"),
+                                  "pairs:" + json.dumps(self.config(), sort_keys=True))
+
+    def make_store(self, run) -> KeypointStore:
+        return KeypointStore(run.cache_dir / "keypoints", self.kcfg)
+
+    def pair_fn(self):
+        return None  # verify_pair: RootSIFT matching
+
+    @classmethod
+    def validator_path(cls, run):
+        return run.verifier_path
+
+    @classmethod
+    def configs(cls, config: dict):
+        """(extraction, verification) settings recorded in config.json by train-verifier."""
+        return config_from_dict(config["keypoints"]), VerifyConfig.from_dict(config["verify"])
 
     @classmethod
     def load(cls, ctx: StageContext) -> "KeypointStage | None":
-        run = ctx.run
-        if not run.verifier_path.is_file():
+        path = cls.validator_path(ctx.run)
+        if not path.is_file():
             return None
         try:
-            validator = Validator.load(run.verifier_path, expected_features=FEATURE_NAMES)
+            validator = Validator.load(path, expected_features=FEATURE_NAMES)
         except ValueError as e:
-            raise UserError(f"{run.verifier_path} does not fit this engine ({e}): run train-verifier "
-                            f"again") from None
-        return cls(run, config_from_dict(ctx.config["keypoints"]), VerifyConfig.from_dict(ctx.config["verify"]),
-                   validator, ctx.workers)
+            raise UserError(f"{path} does not fit this engine ({e}): run train-verifier again") from None
+        return cls(ctx.run, *cls.configs(ctx.config), validator, ctx.workers)
 
     def config(self) -> dict:
         return {"keypoints": asdict(self.kcfg), "verify": self.vcfg.to_dict()}
@@ -81,7 +97,8 @@ class KeypointStage:
         keys = [_pair_key(q, g) for q, g in pairs]
         cached = {k: _from_arrays(v) for k, v in self.pairs.get({k for k in keys if k}).items()}
         todo = [i for i, k in enumerate(keys) if k is None or k not in cached]
-        fresh = verify_record_pairs(self.store, [pairs[i] for i in todo], self.vcfg, self.workers, progress)
+        fresh = verify_record_pairs(self.store, [pairs[i] for i in todo], self.vcfg, self.workers, progress,
+                                    pair_fn=self.pair_fn())
         new = {}
         for i, res in zip(todo, fresh):
             # a pair with a photo that had no keypoints (unreadable, perhaps only for now) is not kept
@@ -101,4 +118,37 @@ class KeypointStage:
             # compact until written: a match keeps these for every query it answers
             "inliers_xy": np.round(res.inliers_xy, 1).astype(np.float32) if res.n_inliers else
             np.zeros((0, 4), np.float32)} for res in results]
+        if self.name != "keypoints":  # the SIFT stage's evidence keeps its historical names
+            evidence = [{f"{self.name}_{k}": v for k, v in e.items()} for e in evidence]
         return StageOutput(np.asarray(probs, dtype=np.float64), evidence)
+
+
+class XFeatStage(KeypointStage):
+    """XFeat keypoints matched by LighterGlue, then the same double homography and validator recipe."""
+    name = "xfeat"
+    matcher = "xfeat"
+
+    def __init__(self, run, kcfg, vcfg: VerifyConfig, validator: Validator | None, workers: int = 1):
+        # torch runs its own threads inside each extraction and match: one photo or pair at a time
+        super().__init__(run, kcfg, vcfg, validator, workers=1)
+
+    def make_store(self, run) -> KeypointStore:
+        from keypoints.xfeat import extract_xfeat
+
+        return KeypointStore(run.cache_dir / "xfeat", self.kcfg, lambda image: extract_xfeat(image, self.kcfg),
+                             name="xfeat")
+
+    def pair_fn(self):
+        from keypoints.xfeat import make_verify_fn
+
+        return make_verify_fn(self.kcfg)
+
+    @classmethod
+    def validator_path(cls, run):
+        return run.path / "verifier-xfeat.json"
+
+    @classmethod
+    def configs(cls, config: dict):
+        from keypoints.xfeat import XFeatConfig
+
+        return XFeatConfig(**config["xfeat"]["extract"]), VerifyConfig.from_dict(config["xfeat"]["verify"])

@@ -19,15 +19,19 @@ from core.cache import FeatureCache, record_key
 from core.catalog import Record
 from core.errors import ImageError
 from core.images import load_image
-from keypoints.features import KeypointConfig, Keypoints, extract_keypoints
+from keypoints.features import Keypoints, extract_keypoints
 
 log = logging.getLogger(__name__)
 
 
 class KeypointStore:
-    def __init__(self, cache_path: Path, cfg: KeypointConfig):
+    """`extract(image) -> Keypoints` (default: SIFT/RootSIFT with `cfg`) through the cache, whose
+    fingerprint is `name` and the settings."""
+
+    def __init__(self, cache_path: Path, cfg, extract=None, name: str = "keypoints"):
         self.cfg = cfg
-        self.cache = FeatureCache(cache_path, "keypoints:" + json.dumps(asdict(cfg), sort_keys=True))
+        self.extract = extract or (lambda image: extract_keypoints(image, cfg))
+        self.cache = FeatureCache(cache_path, f"{name}:" + json.dumps(asdict(cfg), sort_keys=True))
 
     def get(self, records: Sequence[Record], workers: int = 2, progress: bool = True,
             desc: str = "keypoints") -> dict[str, Keypoints]:
@@ -44,7 +48,7 @@ class KeypointStore:
         def one(item):
             key, rec = item
             try:
-                return key, extract_keypoints(load_image(rec.path, rec.bbox), self.cfg)
+                return key, self.extract(load_image(rec.path, rec.bbox))
             except ImageError as e:
                 log.warning("no keypoints: %s", e)
                 if e.permanent:
@@ -74,7 +78,7 @@ class KeypointStore:
 
 
 def verify_record_pairs(store: KeypointStore, pairs: Sequence[tuple[Record, Record]], cfg, workers: int = 2,
-                        progress: bool = True, chunk: int = 128) -> list:
+                        progress: bool = True, chunk: int = 128, pair_fn=None) -> list:
     """Keypoint-verify (query record, gallery record) pairs, `chunk` pairs at a time: the keypoints
     of one chunk are read (or extracted) through the cache, verified, and let go, so memory does
     not grow with the number of pairs. A photo without keypoints (unreadable) scores as an empty
@@ -92,6 +96,7 @@ def verify_record_pairs(store: KeypointStore, pairs: Sequence[tuple[Record, Reco
             unique.pop(None, None)
             kps = store.get(list(unique.values()), workers, progress=False)
             keyed = [(record_key(q), record_key(g)) for q, g in part]
-            results += verify_pairs(keyed, {k: kps.get(k, empty) for pair in keyed for k in pair}, cfg, workers)
+            results += verify_pairs(keyed, {k: kps.get(k, empty) for pair in keyed for k in pair}, cfg, workers,
+                                    **({"pair_fn": pair_fn} if pair_fn else {}))
             bar.update(len(part))
     return results

@@ -22,7 +22,7 @@ from keypoints.homography import (
     frame_transform,
     to_unit,
 )
-from keypoints.matching import match_descriptors
+from keypoints.matching import Matches, match_descriptors
 
 log = logging.getLogger(__name__)
 
@@ -126,14 +126,22 @@ def reference_points(kp: Keypoints, idx: np.ndarray) -> np.ndarray:
 
 def verify_pair(kp_query: Keypoints, kp_gallery: Keypoints,
                 cfg: VerifyConfig = VERIFY_PRESETS["default"]) -> PairResult:
-    """Match the query's keypoints to the gallery's, fit the double homography, build the features.
+    """Match the query's keypoints to the gallery's (RootSIFT: nearest neighbours, ratio test,
+    mutual check), fit the double homography, build the features.
 
     Never raises on content: empty keypoint sets and degenerate geometry give low features."""
+    m = match_descriptors(kp_query.desc, kp_gallery.desc, ratio=cfg.ratio, mutual=cfg.mutual)
+    return verify_matches(kp_query, kp_gallery, m, cfg)
+
+
+def verify_matches(kp_query: Keypoints, kp_gallery: Keypoints, m: Matches,
+                   cfg: VerifyConfig = VERIFY_PRESETS["default"]) -> PairResult:
+    """The double homography and the feature vector of putative matches `m`, whichever matcher
+    found them (`m.dist` and `m.ratio`: lower = a better match)."""
     f = np.zeros(N_FEATURES, dtype=np.float64)
     nq, ng = len(kp_query), len(kp_gallery)
     f[_F["log_kp_query"]] = np.log1p(nq)
     f[_F["log_kp_gallery"]] = np.log1p(ng)
-    m = match_descriptors(kp_query.desc, kp_gallery.desc, ratio=cfg.ratio, mutual=cfg.mutual)
     n_matches = len(m)
     f[_F["n_matches"]] = n_matches
     f[_F["match_frac"]] = n_matches / max(1, min(nq, ng))
@@ -189,7 +197,8 @@ def verify_pair(kp_query: Keypoints, kp_gallery: Keypoints,
 
 def verify_pairs(pairs: Sequence[tuple[Hashable, Hashable]],
                  kp_lookup: Mapping[Hashable, Keypoints] | Callable[[Hashable], Keypoints],
-                 cfg: VerifyConfig = VERIFY_PRESETS["default"], workers: int = 1) -> list[PairResult]:
+                 cfg: VerifyConfig = VERIFY_PRESETS["default"], workers: int = 1,
+                 pair_fn: Callable = verify_pair) -> list[PairResult]:
     """`verify_pair` over (query_key, gallery_key) pairs, results in the order of `pairs`.
 
     `kp_lookup` maps a key to its Keypoints (a dict, or a function such as a cache reader; with
@@ -202,7 +211,7 @@ def verify_pairs(pairs: Sequence[tuple[Hashable, Hashable]],
     pairs = list(pairs)
 
     def one(pair):
-        return verify_pair(get(pair[0]), get(pair[1]), cfg)
+        return pair_fn(get(pair[0]), get(pair[1]), cfg)
 
     faiss_before = faiss.omp_get_max_threads()
     cv2_before = cv2.getNumThreads()

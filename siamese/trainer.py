@@ -39,7 +39,7 @@ from core.catalog import Catalog, Record
 from core.errors import ImageError, UserError
 from core.images import load_image
 from core.metrics import average_precision_at_5
-from core.runfolder import RunFolder
+from core.runfolder import RunFolder, atomic_path
 from core.aggregate import aggregate_per_individual
 from siamese.embed import embed_records, normalize_features, preprocess
 from siamese.lap_miner import LapMiner, noise_at
@@ -371,11 +371,10 @@ def fit(model: SiameseNet, catalog: Catalog, heldout: set, cfg, run: RunFolder, 
         if score >= state.best:
             state.best = score
             state.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "rng": rng.bit_generator.state, "embeddings": embeddings, "epoch": state.epoch,
-                    "best": state.best, "best_state": state.best_state, "history": state.history},
-                   run.checkpoint_path.with_suffix(".tmp"))
-        run.checkpoint_path.with_suffix(".tmp").replace(run.checkpoint_path)
+        with atomic_path(run.checkpoint_path) as tmp:
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                        "rng": rng.bit_generator.state, "embeddings": embeddings, "epoch": state.epoch,
+                        "best": state.best, "best_state": state.best_state, "history": state.history}, tmp)
     if state.best_state is not None:
         model.load_state_dict(state.best_state)
     model.eval()

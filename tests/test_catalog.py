@@ -44,8 +44,14 @@ def test_bad_bbox_and_duplicates(tmp_path):
     p = write(tmp_path, "image,individual_id,bbox\na.jpg,w1,\"1,2,x,4\"\n")
     with pytest.raises(UserError, match=r":2: bbox .* is not four numbers"):
         load_catalog(p)
-    p = write(tmp_path, "image,individual_id\na.jpg,w1\na.jpg,w2\n")
-    with pytest.raises(UserError, match="listed more than once"):
+    p = write(tmp_path, "image,individual_id\na.jpg,w1\nb.jpg,w1\na.jpg,w2\n")
+    with pytest.raises(UserError, match=r":4: image a.jpg is listed more than once \(lines 2, 4"):
+        load_catalog(p)
+
+
+def test_semicolon_separated_catalog_gets_a_delimiter_hint(tmp_path):
+    p = write(tmp_path, "image;individual_id\na.jpg;w1\n")
+    with pytest.raises(UserError, match="semicolon-separated: save it with commas"):
         load_catalog(p)
 
 

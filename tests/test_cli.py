@@ -55,6 +55,9 @@ def test_match_exact_copies_finds_their_individual(sample, run_dir, tmp_path):
     assert r.exit_code == 0, r.output
     assert "1 unreadable photo(s) skipped" in r.output
     pred = {p["image"]: p["predictions"].split() for p in read_csv(out)}
+    # the unreadable photo keeps its row (empty predictions), in the folder's sorted order
+    assert [p["image"] for p in read_csv(out)] == sorted(["broken.jpg"] + [f"photo{k}.jpg" for k in range(len(rows))])
+    assert pred.pop("broken.jpg") == []
     assert set(pred) == {f"photo{k}.jpg" for k in range(len(rows))}
     for k, row in enumerate(rows):
         assert pred[f"photo{k}.jpg"][0] == row["individual_id"]
@@ -107,7 +110,8 @@ def test_evaluate_open_set(sample, run_dir, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["bad_column", "empty_id", "missing_image", "empty_test_dir",
-                                  "old_run", "no_run", "bad_size"])
+                                  "old_run", "no_run", "bad_size", "non_utf8_config", "bad_calibration",
+                                  "out_is_a_folder"])
 def test_bad_input_exits_2_with_one_sentence(case, sample, run_dir, tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"x")
     if case == "bad_column":
@@ -134,6 +138,20 @@ def test_bad_input_exits_2_with_one_sentence(case, sample, run_dir, tmp_path):
         (old / "config.json").write_text(json.dumps(cfg))
         args = ["match", tmp_path, "--run", old, "--out", tmp_path / "p.csv"]
         expect = "format version 0"
+    elif case in ("non_utf8_config", "bad_calibration"):
+        broken = tmp_path / "broken"
+        shutil.copytree(run_dir, broken)
+        if case == "non_utf8_config":
+            (broken / "config.json").write_bytes(b'{"format_version": "\xff\xfe"}')
+            expect = "config.json: not UTF-8 text"
+        else:
+            (broken / "calibration.json").write_text('{"fusion": {"kind": "score_fusion"}}')
+            expect = "calibration.json is malformed"
+        args = ["match", tmp_path, "--run", broken, "--out", tmp_path / "p.csv"]
+    elif case == "out_is_a_folder":
+        (tmp_path / "p.csv").mkdir()
+        args = ["match", tmp_path, "--run", run_dir, "--out", tmp_path / "p.csv"]
+        expect = "p.csv is a folder"
     elif case == "no_run":
         args = ["match", tmp_path, "--run", tmp_path / "nowhere", "--out", tmp_path / "p.csv"]
         expect = "does not exist"
@@ -143,7 +161,7 @@ def test_bad_input_exits_2_with_one_sentence(case, sample, run_dir, tmp_path):
     r = runner.invoke(app, [str(a) for a in args])
     assert r.exit_code == 2, r.output
     assert expect in r.output and "Traceback" not in r.output
-    assert not (tmp_path / "p.csv").exists()
+    assert not (tmp_path / "p.csv").is_file() and not list(tmp_path.glob("*.tmp*"))
 
 
 def test_help_explains_every_command():
@@ -169,3 +187,20 @@ def test_demo_end_to_end(tmp_path):
     assert len(rows) == len(truth) and any(t["individual_id"] == NEW_INDIVIDUAL for t in truth)
     map5 = float(next(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("MAP@5")))
     assert map5 > 0.3  # chance on 20 known + new_individual is far below
+
+
+def test_resume_refuses_other_split_settings_and_says_when_it_starts_over(sample, tmp_path):
+    run = tmp_path / "run"
+    base = ["train-siamese", "--catalog", sample, "--out", run, "--epochs", 1, "--input-size", SIZE,
+            "--batch-size", 8, "--heldout-fraction", 0.25, "-q"]
+    assert invoke(*base).exit_code == 0 and (run / "checkpoint.pt").is_file()
+    heldout = (run / "heldout.json").read_bytes()
+    r = invoke(*base[:-1], "--resume", "--seed", 1, "-q")
+    assert r.exit_code == 2 and "--resume with --seed 1" in r.output
+    assert (run / "heldout.json").read_bytes() == heldout  # nothing rewritten
+    r = invoke(*base[:-1], "--resume", "--heldout-fraction", 0.5, "-q")
+    assert r.exit_code == 2 and "--heldout-fraction 0.5" in r.output
+    fresh = tmp_path / "fresh"
+    r = runner.invoke(app, [str(a) for a in ["train-siamese", "--catalog", sample, "--out", fresh, "--epochs", 1,
+                                             "--input-size", SIZE, "--batch-size", 8, "--resume", "-v"]])
+    assert r.exit_code == 0 and "no checkpoint" in r.output

@@ -93,7 +93,7 @@ def test_retraining_drops_the_stale_verifier_and_calibration(chain, tmp_path):
     shutil.copytree(run, rerun)
     assert (rerun / "verifier.json").exists()
     (rerun / "calibration.json").write_text("{}")
-    invoke("train-siamese", "--catalog", root / "sample" / "gallery.csv", "--out", rerun, "--epochs", 0,
+    invoke("train-siamese", "--catalog", root / "split" / "gallery.csv", "--out", rerun, "--epochs", 0,
            "--input-size", "64x96", "--heldout-fraction", 0.4, "-q")
     assert not (rerun / "verifier.json").exists() and not (rerun / "calibration.json").exists()
     out = invoke("match", qdir, "--run", rerun, "--out", tmp_path / "p.csv", "-q")
@@ -160,3 +160,39 @@ def test_match_in_chunks_of_queries_gives_the_same_answers(chain):
     assert [r.predictions for r in whole] == [r.predictions for r in small]
     assert [[(c.score, c.evidence.get("inliers", 0)) for c in r.candidates] for r in whole] == \
         [[(c.score, c.evidence.get("inliers", 0)) for c in r.candidates] for r in small]
+
+
+def test_xfeat_lighterglue_is_one_more_stage(siamese_only):
+    """XFeat + LighterGlue as a second local matcher: its own validator, cache and column, fused
+    by calibrate, and chosen by name at match time."""
+    root, run, qdir, truth = siamese_only
+    out = invoke("train-verifier", "--run", run, "--matchers", "sift,xfeat", "--max-queries", 12, "-q")
+    assert "sift verifier" in out and "xfeat verifier" in out
+    assert (run / "verifier.json").is_file() and (run / "verifier-xfeat.json").is_file()
+    assert any((run / "cache" / "xfeat").glob("shard-*.h5")) and any((run / "cache" / "pairs-xfeat").glob("*.h5"))
+    # V = 3 keeps the test short: LighterGlue costs ~0.1-0.2 s per pair on a CPU
+    invoke("calibrate", "--run", run, "--folds", 3, "--verify-top", 3, "-q")
+    cal = json.loads((run / "calibration.json").read_text())
+    assert set(cal["tau"]) == {"embedding", "siamese", "keypoints", "xfeat", "fused"}
+    assert cal["match"]["verify_top"] == 3
+    out = invoke("evaluate", "--catalog", truth, "--images", qdir, "--run", run, "--verify-top", 3, "-q")
+    assert out.splitlines()[0].split() == ["metric", "embedding", "siamese", "keypoints", "xfeat", "fused"]
+    pred = root / "pred_xfeat.csv"
+    invoke("match", qdir, "--run", run, "--out", pred, "--matchers", "xfeat", "--verify-top", 3, "-q")
+    cands = [c for q in json.loads(pred.with_suffix(".json").read_text())["queries"] for c in q["candidates"]]
+    assert all("keypoints_score" not in c for c in cands)  # sift left out by --matchers
+    assert any(c["xfeat_score"] is not None and c.get("xfeat_inliers", 0) > 0 for c in cands)
+    # train-verifier with sift alone drops the xfeat validator it did not refit
+    invoke("train-verifier", "--run", run, "--max-queries", 12, "-q")
+    assert not (run / "verifier-xfeat.json").exists()
+
+
+def test_same_seed_same_bytes(chain, tmp_path):
+    """Two matches of the same photos (the second reading every cache the first filled) write
+    byte-identical predictions and evidence."""
+    root, run, qdir, truth = chain
+    for name in ("a", "b"):
+        invoke("match", qdir, "--run", run, "--out", tmp_path / f"{name}.csv", "-q")
+    assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+    assert any((run / "cache" / "pairs").glob("shard-*.h5"))  # the second run read the pair cache

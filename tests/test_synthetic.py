@@ -222,12 +222,14 @@ def test_split_open_set_keeps_unseen_out_and_known_in(tmp_path):
     catalog = _read_csv(cat)
     gallery_csv, qdir, truth_csv = split_open_set(cat, tmp_path / "split", n_unseen=3,
                                                   queries_per_individual=2, seed=1)
-    assert gallery_csv == data / "gallery.csv" and qdir == tmp_path / "split" / "queries"
+    before = sorted(p.name for p in data.iterdir())
+    assert gallery_csv == tmp_path / "split" / "gallery.csv" and qdir == tmp_path / "split" / "queries"
+    assert sorted(p.name for p in data.iterdir()) == before  # nothing written beside the catalog
     gallery, truth = _read_csv(gallery_csv), _read_csv(truth_csv)
     gallery_ids = {r["individual_id"] for r in gallery}
     assert len(gallery_ids) == 5
     for r in gallery:
-        assert (gallery_csv.parent / r["image"]).is_file()  # paths valid beside gallery.csv
+        assert Path(r["image"]).is_absolute() and Path(r["image"]).is_file()
 
     new = [t for t in truth if t["individual_id"] == NEW_INDIVIDUAL]
     known = [t for t in truth if t["individual_id"] != NEW_INDIVIDUAL]
@@ -240,7 +242,7 @@ def test_split_open_set_keeps_unseen_out_and_known_in(tmp_path):
     for t in truth:
         assert re.fullmatch(r"q\d{5}\.png", t["image"])  # anonymised: no ID in the name
         r = source[(qdir / t["image"]).read_bytes()]
-        assert r["image"] not in in_gallery
+        assert str((data / r["image"]).resolve()) not in in_gallery
         if t["individual_id"] == NEW_INDIVIDUAL:
             unseen.add(r["individual_id"])
         else:
@@ -253,6 +255,11 @@ def test_split_open_set_keeps_unseen_out_and_known_in(tmp_path):
     # seeded: the same split again
     g2, _, t2 = split_open_set(cat, tmp_path / "split2", n_unseen=3, queries_per_individual=2, seed=1)
     assert _read_csv(g2) == gallery and _read_csv(t2) == truth
+
+    # photos elsewhere than the catalog: --images
+    g3, q3, _ = split_open_set(cat, tmp_path / "split3", n_unseen=3, queries_per_individual=2, seed=1,
+                               images_dir=data)
+    assert _read_csv(g3) == gallery
 
 
 def test_split_open_set_with_viewpoints_keeps_a_gallery_photo_of_each_query_viewpoint(tmp_path):
