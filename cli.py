@@ -206,7 +206,9 @@ def calibrate(
                      + f"{s['new_f1_mean']:.3f}".rjust(10) + f"{c['tau'][name]:.3f}".rjust(10))
     typer.echo("\n".join(lines))
     typer.echo(f"calibrated on {c['queries']} held-out queries ({c['new_queries']} new) in {len(c['per_fold'])} "
-               f"folds -> {run / 'calibration.json'} ({c['seconds']:.0f} s)")
+               f"folds, fused tau {c['tau']['fused']:.3f} (over folds: "
+               f"{', '.join(f'{t:.3f}' for t in c['tau_folds']['values'])}) -> {run / 'calibration.json'} "
+               f"({c['seconds']:.0f} s)")
 
 
 @app.command()

@@ -65,6 +65,8 @@ def test_verifier_calibrate_match_evaluate(siamese_only):
     cal = json.loads((run / "calibration.json").read_text())
     assert set(cal["tau"]) == {"embedding", "siamese", "keypoints", "fused"}
     assert len(cal["per_fold"]) == 3 and "fused" in out
+    assert len(cal["tau_folds"]["values"]) == 3 and "over folds" in out
+    assert cal["new_queries"] < 30  # a tiny sample: calibrate warns that tau rests on few new queries
     pred = root / "pred.csv"
     out = invoke("match", qdir, "--run", run, "--out", pred, "--report", root / "report.html", "-q")
     rows = list(csv.DictReader(open(pred)))
