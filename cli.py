@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 import typer
 
 from core.errors import UserError
-from engine.config import MatchConfig, VerifierTrainConfig
+from engine.config import DemoConfig, MatchConfig, VerifierTrainConfig
 from siamese.config import TrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__,
@@ -122,13 +122,13 @@ def train_siamese_cmd(
     """Build a run folder from a labelled catalog: the network, the gallery embeddings, the settings."""
     _setup_logging(verbose)
     from siamese.model import ModelConfig
-    from engine.train_siamese import TrainConfig, train_siamese
+    from engine import train_siamese
 
     cfg = TrainConfig(model=ModelConfig(backbone=backbone, weights=str(weights) if weights else None,
                                         input_size=_parse_size(input_size)),
                       epochs=epochs, max_minutes=max_minutes, seed=seed, batch_size=batch_size, threads=threads,
                       heldout_fraction=heldout_fraction, precision=precision)
-    s = train_siamese(catalog, out, cfg, images, resume=resume, progress=not quiet)
+    s = train_siamese.main(cfg, train_siamese.Paths(catalog, out, images), resume=resume, progress=not quiet)
     skipped = f", {len(s['skipped'])} unreadable photo(s) skipped" if s["skipped"] else ""
     typer.echo(f"run {out}: {s['epochs_trained']} epoch(s) trained, gallery {s['gallery_photos']} photos of "
                f"{s['gallery_individuals']} individuals{skipped}, {s['seconds']:.0f} s")
@@ -155,13 +155,13 @@ def train_verifier_cmd(
     """
     _setup_logging(verbose)
     from keypoints.features import PRESETS
-    from engine.train_verifier import train_verifier
+    from engine import train_verifier
 
     if keypoints not in PRESETS:
         raise UserError(f"--keypoints {keypoints!r}: choose one of {', '.join(PRESETS)}")
     cfg = VerifierTrainConfig(keypoints=keypoints, verify=keypoints if keypoints == "fast" else "default",
                               max_queries=max_queries, seed=seed, matchers=_names(matchers, "--matchers"))
-    s = train_verifier(run, cfg, threads, progress=not quiet, precision=precision)
+    s = train_verifier.main(cfg, train_verifier.Paths(run), threads, progress=not quiet, precision=precision)
     for name, m in s["matchers"].items():
         typer.echo(f"{name} verifier {m['validator']}: {s['pairs']} pairs ({s['positives']} true), held-out AUC "
                    f"{m['heldout_auc_validator']:.3f} (raw inlier count {m['heldout_auc_inlier_count']:.3f}), "
@@ -191,15 +191,16 @@ def calibrate(
     the gallery); prints per-fold MAP@5 and its spread, then refits on all folds (calibration.json).
     """
     _setup_logging(verbose)
-    from engine.calibrate import CalibrateConfig, run_calibrate
+    from engine import calibrate as command
 
     if calibrator not in ("isotonic", "logistic"):
         raise UserError(f"--calibrator {calibrator!r}: choose isotonic or logistic")
     if new_rate is not None and not 0 < new_rate < 1:
         raise UserError("--new-rate must be between 0 and 1")
-    c = run_calibrate(run, CalibrateConfig(folds=folds, calibrator=calibrator, target_new_rate=new_rate, seed=seed),
-                      threads, progress=not quiet, precision=precision,
-                      mcfg=MatchConfig(shortlist=shortlist, verify_top=verify_top))
+    c = command.main(command.CalibrateConfig(folds=folds, calibrator=calibrator, target_new_rate=new_rate,
+                                             seed=seed), command.Paths(run),
+                     MatchConfig(shortlist=shortlist, verify_top=verify_top), threads, progress=not quiet,
+                     precision=precision)
     lines = ["score".ljust(12) + "MAP@5 (mean ± sd over folds)".rjust(30) + "new F1".rjust(10) + "tau".rjust(10)]
     for name, s in c["summary"].items():
         lines.append(name.ljust(12) + f"{s['map5_mean']:.3f} ± {s['map5_std']:.3f}".rjust(30)
@@ -235,12 +236,12 @@ def match(
 ):
     """Rank the known individuals for every photo in TEST_DIR and write the top-5 of each."""
     _setup_logging(verbose)
-    from engine.matching import run_match
+    from engine import match as command
 
-    s = run_match(test_dir, run, out, queries_csv=queries, shortlist=shortlist, tau=tau, threads=threads,
-                  progress=not quiet, report=report, verify_top=verify_top, precision=precision,
-                  matchers=_names(matchers, "--matchers") if matchers else None)
-    typer.echo(s)
+    cfg = MatchConfig(shortlist=shortlist, verify_top=verify_top, tau=tau,
+                      matchers=_names(matchers, "--matchers") if matchers else None)
+    typer.echo(command.main(cfg, command.Paths(test_dir, run, out, queries, report), threads, progress=not quiet,
+                            precision=precision))
 
 
 @app.command()
@@ -261,11 +262,12 @@ def evaluate(
     that is itself in the gallery is never matched with itself.
     """
     _setup_logging(verbose)
-    from engine.matching import run_evaluate
+    from engine import evaluate as command
 
-    typer.echo(run_evaluate(catalog, run, images, shortlist=shortlist, tau=tau, threads=threads,
-                            progress=not quiet, precision=precision, verify_top=verify_top,
-                            matchers=_names(matchers, "--matchers") if matchers else None))
+    cfg = MatchConfig(shortlist=shortlist, verify_top=verify_top, tau=tau,
+                      matchers=_names(matchers, "--matchers") if matchers else None)
+    typer.echo(command.main(cfg, command.Paths(catalog, run, images), threads, progress=not quiet,
+                            precision=precision))
 
 
 @app.command()
@@ -282,9 +284,10 @@ def enroll(
     the next `match` sees them. Photos already in the gallery are left as they are.
     """
     _setup_logging(verbose)
-    from engine.matching import run_enroll
+    from engine import enroll as command
 
-    typer.echo(run_enroll(catalog, run, images, threads=threads, progress=not quiet, precision=precision))
+    typer.echo(command.main(MatchConfig(), command.Paths(catalog, run, images), threads, progress=not quiet,
+                            precision=precision))
 
 
 @app.command()
@@ -301,10 +304,10 @@ def demo(
 ):
     """Run the whole path on a sample: split it open-set, build a run, match held-out photos, score."""
     _setup_logging(verbose)
-    from engine.demo import run_demo
+    from engine import demo as command
 
-    typer.echo(run_demo(out, catalog, images, seed=seed, threads=threads, progress=not quiet,
-                        precision=precision))
+    typer.echo(command.main(DemoConfig(seed=seed), command.Paths(out, catalog, images), threads,
+                            progress=not quiet, precision=precision))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ from engine.pipeline import Engine, MatchConfig, write_predictions  # noqa: E402
 from core.runtime import set_threads  # noqa: E402
 from siamese.model import ModelConfig  # noqa: E402
 from engine.config import VerifierTrainConfig  # noqa: E402
-from engine.train_siamese import TrainConfig, train_siamese  # noqa: E402
+from engine import train_siamese  # noqa: E402
+from engine.train_siamese import TrainConfig  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 DATA = SHARED / "data" / "nyala"
@@ -128,7 +129,7 @@ def main() -> None:
         t0 = time.perf_counter()
         reuse = args.reuse and (run / "calibration.json").is_file()
         if not reuse:
-            train_siamese(gallery, run, cfg, DATA, progress=False)
+            train_siamese.main(cfg, train_siamese.Paths(gallery, run, DATA), progress=False)
             for step in post_training_steps(run, tuple(args.matchers.split(","))):
                 step()
         info[label] = {"build_seconds": round(time.perf_counter() - t0, 1)}
@@ -154,18 +155,17 @@ def main() -> None:
 
 def post_training_steps(run: Path, matchers: tuple[str, ...] = ("sift",)) -> list:
     """After train-siamese: the keypoint verifier, then calibration on the held-out individuals."""
-    from engine.train_verifier import train_verifier
-    from engine.calibrate import run_calibrate
+    from engine import calibrate, train_verifier
 
     def verifier():
-        s = train_verifier(run, VerifierTrainConfig(matchers=matchers), progress=False)
+        s = train_verifier.main(VerifierTrainConfig(matchers=matchers), train_verifier.Paths(run), progress=False)
         for name, m in s["matchers"].items():
             print(f"{run.name}: {name} verifier held-out AUC {m['heldout_auc_validator']:.3f} "
                   f"(raw inlier count {m['heldout_auc_inlier_count']:.3f}), {m['ms_per_pair']:.1f} ms/pair",
                   flush=True)
 
     def calibrate():
-        c = run_calibrate(run, progress=False)
+        c = calibrate.main(calibrate.CalibrateConfig(), calibrate.Paths(run), progress=False)
         print(f"{run.name}: calibration " + ", ".join(
             f"{k} {v['map5_mean']:.3f}±{v['map5_std']:.3f}" for k, v in c["summary"].items()), flush=True)
 

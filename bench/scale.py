@@ -45,12 +45,13 @@ from bench.machine import describe, headline  # noqa: E402
 from core.cache import FeatureCache, _group_name, record_key  # noqa: E402
 from core.catalog import load_catalog  # noqa: E402
 from core.gallery import Gallery  # noqa: E402
-from engine.matching import run_enroll  # noqa: E402
+from engine import enroll, train_siamese  # noqa: E402
 from engine.pipeline import Engine, MatchConfig  # noqa: E402
 from core.runtime import set_threads  # noqa: E402
 from siamese.embed import model_fingerprint  # noqa: E402
 from siamese.index import EXACT_MAX, NPROBE, EmbeddingIndex, build_index  # noqa: E402
-from engine.train_siamese import TrainConfig, train_siamese  # noqa: E402
+from engine.config import VerifierTrainConfig  # noqa: E402
+from siamese.config import TrainConfig  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "nyala"
 N_ENROLL = 1000
@@ -79,14 +80,13 @@ def split_photos(work: Path, n_queries: int, seed: int):
 
 def build_base(work: Path, gallery_csv: Path, queries_csv: Path) -> Path:
     """The real-photo run: pretrained network, verifier, calibration; query features cached."""
-    from engine.train_verifier import train_verifier
-    from engine.calibrate import run_calibrate
+    from engine import calibrate, train_verifier
 
     base = work / "base"
     if not (base / "calibration.json").is_file():
-        train_siamese(gallery_csv, base, TrainConfig(epochs=0), DATA, progress=False)
-        train_verifier(base, progress=False)
-        run_calibrate(base, progress=False)
+        train_siamese.main(TrainConfig(epochs=0), train_siamese.Paths(gallery_csv, base, DATA), progress=False)
+        train_verifier.main(VerifierTrainConfig(), train_verifier.Paths(base), progress=False)
+        calibrate.main(calibrate.CalibrateConfig(), calibrate.Paths(base), progress=False)
     engine = Engine.load(base)
     queries = load_catalog(queries_csv, DATA, require_labels=False).records
     engine.embed(queries, MatchConfig(), progress=False)
@@ -210,7 +210,7 @@ def enroll_seconds(run: Path, enroll_csv: Path) -> float:
     shutil.rmtree(copy, ignore_errors=True)
     shutil.copytree(run, copy)
     t0 = time.perf_counter()
-    run_enroll(enroll_csv, copy, DATA, progress=False)
+    enroll.main(MatchConfig(), enroll.Paths(enroll_csv, copy, DATA), progress=False)
     seconds = time.perf_counter() - t0
     shutil.rmtree(copy, ignore_errors=True)
     return seconds

@@ -14,8 +14,13 @@ class IndividualScore(NamedTuple):
     best_gallery_index: int  # index into the gallery arrays of the image that gave `score`
 
 
-def aggregate_per_individual(gallery_ids: Sequence[str], scores: np.ndarray) -> list[IndividualScore]:
-    """One entry per individual: the max of its images' scores, sorted by score descending.
+AGGREGATES = ("max", "top2mean")
+
+
+def aggregate_per_individual(gallery_ids: Sequence[str], scores: np.ndarray,
+                             how: str = "max") -> list[IndividualScore]:
+    """One entry per individual, sorted by score descending: the max of its images' scores, or with
+    `how="top2mean"` the mean of its two best (its best alone when it has one scored image).
 
     Ties are broken deterministically: between individuals by ID (ascending), between images of
     one individual by the lowest gallery index. NaN scores (no stage scored the pair) carry no
@@ -32,6 +37,15 @@ def aggregate_per_individual(gallery_ids: Sequence[str], scores: np.ndarray) -> 
         # strict > keeps the first (lowest) index among equal scores
         if cur is None or v > cur[0]:
             best[key] = (v, int(i))
+    if how == "top2mean":
+        second: dict[str, float] = {}
+        for i in np.flatnonzero(~np.isnan(s)):
+            key = str(ids[i])
+            if int(i) != best[key][1]:
+                second[key] = max(second.get(key, -np.inf), float(s[i]))
+        best = {k: ((v + second[k]) / 2 if k in second else v, i) for k, (v, i) in best.items()}
+    elif how != "max":
+        raise ValueError(f"unknown aggregation {how!r}: choose among {', '.join(AGGREGATES)}")
     out = [IndividualScore(k, v, i) for k, (v, i) in best.items()]
     out.sort(key=lambda r: (-r.score, r.individual_id))
     return out

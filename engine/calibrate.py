@@ -94,9 +94,16 @@ def fit_scorers(engine: Engine, pairs: list[QueryPairs], truths: list[str], stag
     return fusion, taus
 
 
-def run_calibrate(run: Path, cfg: CalibrateConfig = CalibrateConfig(), threads: int | None = None,
-                  progress: bool = True, precision: str = "auto", mcfg: MatchConfig = MatchConfig()) -> dict:
-    """`mcfg`: the shortlist and verify-top that `match` will use (recorded with the calibration)."""
+@dataclass(frozen=True)
+class Paths:
+    run: Path
+
+
+def main(cfg: CalibrateConfig, paths: Paths, mcfg: MatchConfig = MatchConfig(), threads: int | None = None,
+         progress: bool = True, precision: str = "auto") -> dict:
+    """The calibrate command. `mcfg`: the shortlist and verify-top that `match` will use (recorded
+    with the calibration)."""
+    run = paths.run
     t0 = time.perf_counter()
     set_threads(threads)
     engine = Engine.load(run, precision)

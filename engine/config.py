@@ -12,6 +12,7 @@ class MatchConfig:
     tau: float | None = None  # None: calibration.json's, else the last ALL stage's default_tau
     batch_size: int = 32
     workers: int = 2
+    matchers: tuple[str, ...] | None = None  # local matchers to use (sift, xfeat); None: all the run has
 
 
 @dataclass(frozen=True)
@@ -24,3 +25,8 @@ class VerifierTrainConfig:
     max_queries: int = 600
     seed: int = 0
     workers: int = 2
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    seed: int = 0

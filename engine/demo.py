@@ -3,19 +3,18 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from core.catalog import load_catalog
 from core.errors import UserError
-from engine.matching import evaluate_pairs, format_metrics, match_pairs
-from engine.review import write_review
-from engine.train_verifier import VerifierTrainConfig, train_verifier
-from engine.calibrate import CalibrateConfig, run_calibrate
 from core.metrics import NEW_INDIVIDUAL
-from engine.pipeline import Engine, MatchConfig, write_predictions
+from engine import calibrate, train_siamese, train_verifier
+from engine.config import DemoConfig, MatchConfig, VerifierTrainConfig
+from engine.matching import evaluate_pairs, format_metrics, match_pairs
+from engine.pipeline import Engine, write_predictions
+from engine.review import write_review
 from engine.synthetic import make_dataset, split_open_set
-from engine.train_siamese import PRESETS, train_siamese
 
 # The built-in sample: small enough to run end to end in under two minutes on 2 CPU cores.
 SAMPLE = dict(n_individuals=30, photos_per_individual=6, size=(192, 256))
@@ -23,8 +22,17 @@ SAMPLE_UNSEEN = 5
 log = logging.getLogger(__name__)
 
 
-def run_demo(out: Path, catalog: Path | None = None, images: Path | None = None, seed: int = 0,
-             threads: int | None = None, progress: bool = True, precision: str = "auto") -> str:
+@dataclass(frozen=True)
+class Paths:
+    out: Path  # everything the demo writes goes here
+    catalog: Path | None = None  # your own labelled photos instead of the built-in sample
+    images: Path | None = None
+
+
+def main(cfg: DemoConfig, paths: Paths, threads: int | None = None, progress: bool = True,
+         precision: str = "auto") -> str:
+    """The demo command: split, train-siamese, train-verifier, calibrate, match, evaluate."""
+    out, catalog, images, seed = paths.out, paths.catalog, paths.images, cfg.seed
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -40,14 +48,16 @@ def run_demo(out: Path, catalog: Path | None = None, images: Path | None = None,
     gallery_csv, queries_dir, truth_csv = split_open_set(Path(catalog), out / "split", n_unseen=n_unseen, seed=seed,
                                                          images_dir=images)
     run = out / "run"
-    preset = PRESETS["demo"]
-    cfg = replace(preset, seed=seed, threads=threads, precision=precision)
-    log.info("1/5 train-siamese (%d epochs at most, %.0f min budget)", cfg.epochs, cfg.max_minutes)
-    summary = train_siamese(gallery_csv, run, cfg, progress=progress)
+    preset = train_siamese.PRESETS["demo"]
+    tcfg = replace(preset, seed=seed, threads=threads, precision=precision)
+    log.info("1/5 train-siamese (%d epochs at most, %.0f min budget)", tcfg.epochs, tcfg.max_minutes)
+    summary = train_siamese.main(tcfg, train_siamese.Paths(gallery_csv, run), progress=progress)
     log.info("2/5 train-verifier")
-    verifier = train_verifier(run, VerifierTrainConfig(seed=seed), threads, progress, precision)
+    verifier = train_verifier.main(VerifierTrainConfig(seed=seed), train_verifier.Paths(run), threads, progress,
+                                   precision)
     log.info("3/5 calibrate")
-    calibration = run_calibrate(run, CalibrateConfig(seed=seed), threads, progress, precision)
+    calibration = calibrate.main(calibrate.CalibrateConfig(seed=seed), calibrate.Paths(run), threads=threads,
+                                 progress=progress, precision=precision)
     log.info("4/5 match the held-out photos")
     engine = Engine.load(run, precision)
     queries = load_catalog(truth_csv, queries_dir, allow_new=True)  # truth.csv lists the query photos with their answer

@@ -196,13 +196,14 @@ class Engine:
         return [(s.name, (lambda st, n=s.name: st[n]), cfg.tau if cfg.tau is not None else s.default_tau)
                 for s in self.stages if s.scope == ALL]
 
-    def rank(self, pairs: Sequence[QueryPairs], tau: float, scorer=None) -> list[QueryResult]:
-        """Per-individual max of each pair's score, then top-5 with new_individual inserted at tau."""
+    def rank(self, pairs: Sequence[QueryPairs], tau: float, scorer=None, aggregate: str = "max") -> list[QueryResult]:
+        """Per-individual max (or `aggregate`) of each pair's score, then top-5 with new_individual
+        inserted at tau."""
         scorer = scorer or self.default_scores
         out = []
         for qp in pairs:
             scores = np.asarray(scorer(qp.stages), dtype=np.float64)
-            ranked = aggregate_per_individual([self.gallery.ids[g] for g in qp.gallery_idx], scores)
+            ranked = aggregate_per_individual([self.gallery.ids[g] for g in qp.gallery_idx], scores, aggregate)
             cands = []
             for ind, sc, b in ranked[:5]:
                 g = int(qp.gallery_idx[b])

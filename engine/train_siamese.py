@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from core.catalog import Catalog, load_catalog
@@ -50,8 +50,17 @@ def check_resume(run: RunFolder, cfg: TrainConfig, heldout: list[str]) -> None:
                         f"catalog changed): train anew into another --out")
 
 
-def train_siamese(catalog_csv: Path, out: Path, cfg: TrainConfig, images_dir: Path | None = None,
-                  resume: bool = False, progress: bool = True) -> dict:
+@dataclass(frozen=True)
+class Paths:
+    catalog: Path  # labelled catalog CSV
+    out: Path  # run folder to create (or resume)
+    images: Path | None = None  # image root (default: the catalog's folder)
+
+
+def main(cfg: TrainConfig, paths: Paths, resume: bool = False, progress: bool = True) -> dict:
+    """The train-siamese command: a run folder from a labelled catalog, the network trained
+    (cfg.epochs > 0) or pretrained (0), the gallery embedded."""
+    catalog_csv, out, images_dir = paths.catalog, paths.out, paths.images
     t0 = time.perf_counter()
     set_threads(cfg.threads)
     seed_everything(cfg.seed)

@@ -81,8 +81,15 @@ def matcher_stage(name: str, run, cfg: VerifierTrainConfig):
                                                                    "verify": vcfg.to_dict()}}
 
 
-def train_verifier(run_path: Path, cfg: VerifierTrainConfig = VerifierTrainConfig(), threads: int | None = None,
-                   progress: bool = True, precision: str = "auto") -> dict:
+@dataclass(frozen=True)
+class Paths:
+    run: Path
+
+
+def main(cfg: VerifierTrainConfig, paths: Paths, threads: int | None = None, progress: bool = True,
+         precision: str = "auto") -> dict:
+    """The train-verifier command: a validator per local matcher, fitted on the run's training photos."""
+    run_path = paths.run
     t0 = time.perf_counter()
     set_threads(threads)
     # shortlists by the stages that score every pair (the embedding's)

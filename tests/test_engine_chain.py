@@ -84,8 +84,8 @@ def test_verifier_calibrate_match_evaluate(siamese_only):
     assert img is not None and img.shape[2] == 3
     out = invoke("evaluate", "--catalog", truth, "--images", qdir, "--run", run, "-q")
     header = out.splitlines()[0].split()
-    assert header == ["metric", "embedding", "siamese", "keypoints", "fused"]
-    fused_map = float(out.splitlines()[1].split()[-1])
+    assert header == ["metric", "embedding", "siamese", "keypoints", "fused", "fused:top2mean"]
+    fused_map = float(out.splitlines()[1].split()[4])
     assert fused_map > 0.4  # measured 0.67 on this sample (seed 5)
 
 
@@ -178,7 +178,8 @@ def test_xfeat_lighterglue_is_one_more_stage(siamese_only):
     assert set(cal["tau"]) == {"embedding", "siamese", "keypoints", "xfeat", "fused"}
     assert cal["match"]["verify_top"] == 3
     out = invoke("evaluate", "--catalog", truth, "--images", qdir, "--run", run, "--verify-top", 3, "-q")
-    assert out.splitlines()[0].split() == ["metric", "embedding", "siamese", "keypoints", "xfeat", "fused"]
+    assert out.splitlines()[0].split() == ["metric", "embedding", "siamese", "keypoints", "xfeat", "fused",
+                                           "fused:top2mean"]
     pred = root / "pred_xfeat.csv"
     invoke("match", qdir, "--run", run, "--out", pred, "--matchers", "xfeat", "--verify-top", 3, "-q")
     cands = [c for q in json.loads(pred.with_suffix(".json").read_text())["queries"] for c in q["candidates"]]

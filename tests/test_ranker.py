@@ -364,3 +364,14 @@ def test_split_fold_images():
         assert len(every.gallery) == len(fold.seen)
     with pytest.raises(ValueError):
         split_fold_images(image_ind + ["zz"], folds[0])
+
+
+def test_top2mean_averages_each_individuals_two_best_photos():
+    ids = ["a", "a", "a", "b", "c", "c"]
+    scores = np.array([0.9, 0.1, 0.5, 0.8, 0.6, np.nan])
+    ranked = aggregate_per_individual(ids, scores, "top2mean")
+    assert [(r.individual_id, round(r.score, 6), r.best_gallery_index) for r in ranked] == \
+        [("b", 0.8, 3), ("a", 0.7, 0), ("c", 0.6, 4)]  # b: one photo; a: (0.9 + 0.5) / 2; c: NaN ignored
+    assert [r.individual_id for r in aggregate_per_individual(ids, scores)] == ["a", "b", "c"]
+    with pytest.raises(ValueError, match="unknown aggregation"):
+        aggregate_per_individual(ids, scores, "median")

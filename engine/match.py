@@ -1,0 +1,49 @@
+"""The match command: rank the known individuals for every photo of a folder."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.errors import UserError
+from core.metrics import NEW_INDIVIDUAL
+from core.runfolder import check_writable
+from core.runtime import set_threads
+from engine.config import MatchConfig
+from engine.matching import match_records, query_records, skipped_note
+from engine.pipeline import Engine, write_predictions
+from engine.stages import stage_names
+
+
+@dataclass(frozen=True)
+class Paths:
+    test_dir: Path  # folder of new photos
+    run: Path
+    out: Path  # predictions CSV; the evidence JSON goes beside it
+    queries: Path | None = None  # CSV image,viewpoint (paths relative to test_dir)
+    report: Path | None = None  # HTML review page
+
+
+def main(cfg: MatchConfig, paths: Paths, threads: int | None = None, progress: bool = True,
+         precision: str = "auto") -> str:
+    t0 = time.perf_counter()
+    set_threads(threads)
+    out, report = paths.out, paths.report
+    if Path(out).suffix.lower() == ".json":
+        raise UserError(f"--out {out}: the predictions are a CSV; the evidence JSON goes beside it")
+    check_writable(out)
+    if report is not None:
+        check_writable(report, "--report")
+    records = query_records(paths.test_dir, paths.queries)
+    engine = Engine.load(paths.run, precision, stage_names(cfg.matchers))
+    results, emb = match_records(engine, records, cfg, progress)
+    json_path = write_predictions(results, out, {"run": str(paths.run), "tau": engine.tau(cfg)},
+                                  unreadable=emb.skipped)
+    if report is not None:
+        from engine.review import write_review
+
+        json_path = f"{json_path}, {write_review(engine, results, report, engine.tau(cfg))}"
+    n_new = sum(1 for r in results if r.predictions[:1] == [NEW_INDIVIDUAL])
+    dt = time.perf_counter() - t0
+    return (f"matched {len(results)} photos ({n_new} new_individual first{skipped_note(emb)}) in {dt:.1f} s "
+            f"-> {out}, {json_path}")
