@@ -79,6 +79,8 @@ def _names(text: str, option: str) -> tuple[str, ...]:
 VerifyTopOpt = Annotated[int, typer.Option(min=0, help="Gallery photos per query checked by the local "
                                            "matchers (if the run has them).")]
 ShortlistOpt = Annotated[int, typer.Option(min=1, help="Gallery photos proposed per query by the embedding.")]
+QueryExpansionOpt = Annotated[int, typer.Option(min=0, help="Search again with each query averaged with its "
+                                                "best N gallery photos (query expansion; 0: off).")]
 MatchersOpt = Annotated[Optional[str], typer.Option(help="Local matchers to use, comma-separated, among those "
                                                    "the run has a verifier for: sift, xfeat (default: all "
                                                    "of them).")]
@@ -232,13 +234,14 @@ def match(
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
     precision: PrecisionOpt = "auto",
     matchers: MatchersOpt = None,
+    query_expansion: QueryExpansionOpt = MatchConfig.query_expansion,
     quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ):
     """Rank the known individuals for every photo in TEST_DIR and write the top-5 of each."""
     _setup_logging(verbose)
     from engine import match as command
 
-    cfg = MatchConfig(shortlist=shortlist, verify_top=verify_top, tau=tau,
+    cfg = MatchConfig(shortlist=shortlist, verify_top=verify_top, tau=tau, query_expansion=query_expansion,
                       matchers=_names(matchers, "--matchers") if matchers else None)
     typer.echo(command.main(cfg, command.Paths(test_dir, run, out, queries, report), threads, progress=not quiet,
                             precision=precision))
@@ -254,6 +257,7 @@ def evaluate(
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
     precision: PrecisionOpt = "auto",
     matchers: MatchersOpt = None,
+    query_expansion: QueryExpansionOpt = MatchConfig.query_expansion,
     quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ):
     """Score the engine on labelled queries: MAP@5, top-1, top-5, new-individual precision/recall/F1.
@@ -264,7 +268,7 @@ def evaluate(
     _setup_logging(verbose)
     from engine import evaluate as command
 
-    cfg = MatchConfig(shortlist=shortlist, verify_top=verify_top, tau=tau,
+    cfg = MatchConfig(shortlist=shortlist, verify_top=verify_top, tau=tau, query_expansion=query_expansion,
                       matchers=_names(matchers, "--matchers") if matchers else None)
     typer.echo(command.main(cfg, command.Paths(catalog, run, images), threads, progress=not quiet,
                             precision=precision))

@@ -13,6 +13,7 @@ class MatchConfig:
     batch_size: int = 32
     workers: int = 2
     matchers: tuple[str, ...] | None = None  # local matchers to use (sift, xfeat); None: all the run has
+    query_expansion: int = 0  # > 0: search again with the query averaged with its best k gallery photos
 
 
 @dataclass(frozen=True)

@@ -130,21 +130,41 @@ class Engine:
         views = [r.viewpoint for r in recs]
         if gallery_subset is None:
             k = min(cfg.shortlist, len(self.gallery))
-            # one extra neighbour so that dropping the query's own photo (evaluate on gallery photos) leaves k
-            sims, idx = self.index.search(emb.embeddings, k + 1, views)
+            index, to_gallery = self.index, None
         else:
             k = min(cfg.shortlist, len(gallery_subset))
-            sub = EmbeddingIndex(self.gallery.embeddings[gallery_subset],
-                                 [self.gallery.viewpoints[g] for g in gallery_subset])
-            sims, sub_idx = sub.search(emb.embeddings, k + 1, views)
-            idx = np.where(sub_idx >= 0, gallery_subset[np.maximum(sub_idx, 0)], -1)
+            index = EmbeddingIndex(self.gallery.embeddings[gallery_subset],
+                                   [self.gallery.viewpoints[g] for g in gallery_subset])
+            to_gallery = gallery_subset
         gallery_paths = np.array(self.gallery.paths)
+
+        def search(q):
+            # one extra neighbour so that dropping the query's own photo (evaluate on gallery photos) leaves k
+            sims, idx = index.search(q, k + 1, views)
+            if to_gallery is not None:
+                idx = np.where(idx >= 0, to_gallery[np.maximum(idx, 0)], -1)
+            return sims, idx
+
+        sims, idx = search(emb.embeddings)
+        if cfg.query_expansion > 0:
+            sims, idx = search(self.expand_queries(recs, emb.embeddings, sims, idx, cfg.query_expansion))
         out = []
         for qi, rec in enumerate(recs):
             keep = idx[qi] >= 0
             keep &= gallery_paths[np.maximum(idx[qi], 0)] != str(Path(rec.path).resolve())
             out.append(QueryPairs(rec, idx[qi][keep][:k], {"similarity": sims[qi][keep][:k].astype(np.float64)}))
         return out
+
+    def expand_queries(self, recs, q: np.ndarray, sims: np.ndarray, idx: np.ndarray, n: int) -> np.ndarray:
+        """Query expansion: each query averaged with its `n` best gallery photos (its own photo left
+        out), weighted by similarity (alpha-QE, alpha = 3), then re-normalised."""
+        out = q.astype(np.float32).copy()
+        paths = np.array(self.gallery.paths)
+        for i, rec in enumerate(recs):
+            ok = (idx[i] >= 0) & (paths[np.maximum(idx[i], 0)] != str(Path(rec.path).resolve()))
+            top, w = idx[i][ok][:n], np.clip(sims[i][ok][:n], 0, None) ** 3
+            out[i] += (w[:, None] * self.gallery.embeddings[top]).sum(axis=0)
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
     def pair_scores(self, records: Sequence[Record], emb: EmbedResult, cfg: MatchConfig,
                     gallery_subset: np.ndarray | None = None, progress: bool = False) -> list[QueryPairs]:

@@ -199,3 +199,24 @@ def test_same_seed_same_bytes(chain, tmp_path):
     assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
     assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
     assert any((run / "cache" / "pairs").glob("shard-*.h5"))  # the second run read the pair cache
+
+
+def test_query_expansion_searches_with_the_averaged_query(chain):
+    from core.catalog import catalog_from_folder
+    from engine.pipeline import Engine, MatchConfig
+
+    root, run, qdir, truth = chain
+    engine = Engine.load(run)
+    records = catalog_from_folder(qdir).records
+    emb = engine.embed(records, MatchConfig(), progress=False)
+    plain = engine.shortlist(records, emb, MatchConfig())
+    expanded = engine.shortlist(records, emb, MatchConfig(query_expansion=2))
+    q, first = emb.embeddings[0], plain[0]
+    g = engine.gallery.embeddings[first.gallery_idx[:2]]
+    w = np.clip(first.stages["similarity"][:2], 0, None) ** 3
+    q2 = q + (w[:, None] * g).sum(axis=0)
+    q2 /= np.linalg.norm(q2)
+    sims = engine.gallery.embeddings[expanded[0].gallery_idx] @ q2
+    np.testing.assert_allclose(expanded[0].stages["similarity"], sims, atol=1e-5)
+    out = invoke("evaluate", "--catalog", truth, "--images", qdir, "--run", run, "--query-expansion", 2, "-q")
+    assert "closed top-1" in out
