@@ -27,7 +27,7 @@ from core.runfolder import RunFolder, atomic_write_bytes, atomic_write_json, rea
 from core.stage import ALL, PairBatch, StageContext
 from engine.config import MatchConfig
 from engine.stages import load_stages
-from ranker.fusion import ScoreFusion, calibrated_scorers
+from ranker.fusion import FUSED, ScoreFusion, calibrated_scorers
 from siamese.embed import EmbedResult, embed_records, normalize_features
 from siamese.index import EmbeddingIndex
 from siamese.model import SiameseNet, load_model
@@ -211,8 +211,9 @@ class Engine:
     def ablation_scorers(self, cfg: MatchConfig) -> list[tuple[str, object, float]]:
         """(name, scorer, tau) for each single stage this run has, and the fusion: side by side."""
         if self.calibration is not None:
+            running = {s.name for s in self.stages} | {FUSED}  # (--matchers may leave a calibrated stage out)
             return [(name, scorer, cfg.tau if cfg.tau is not None else float(self.calibration["tau"][name]))
-                    for name, scorer in self.scorers.items()]
+                    for name, scorer in self.scorers.items() if name in running]
         return [(s.name, (lambda st, n=s.name: st[n]), cfg.tau if cfg.tau is not None else s.default_tau)
                 for s in self.stages if s.scope == ALL]
 

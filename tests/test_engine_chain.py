@@ -182,6 +182,9 @@ def test_xfeat_lighterglue_is_one_more_stage(siamese_only):
                                            "fused:top2mean"]
     pred = root / "pred_xfeat.csv"
     invoke("match", qdir, "--run", run, "--out", pred, "--matchers", "xfeat", "--verify-top", 3, "-q")
+    out = invoke("evaluate", "--catalog", truth, "--images", qdir, "--run", run, "--verify-top", 3,
+                 "--matchers", "sift", "-q")
+    assert out.splitlines()[0].split() == ["metric", "embedding", "siamese", "keypoints", "fused", "fused:top2mean"]
     cands = [c for q in json.loads(pred.with_suffix(".json").read_text())["queries"] for c in q["candidates"]]
     assert all("keypoints_score" not in c for c in cands)  # sift left out by --matchers
     assert any(c["xfeat_score"] is not None and c.get("xfeat_inliers", 0) > 0 for c in cands)
