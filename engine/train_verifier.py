@@ -67,18 +67,13 @@ MATCHERS = {"sift": KeypointStage, "xfeat": XFeatStage}
 
 
 def matcher_stage(name: str, run, cfg: VerifierTrainConfig):
-    """The stage of matcher `name`, unfitted, and the settings train-verifier records for it."""
+    """The stage of matcher `name`, unfitted."""
     if name not in MATCHERS:
         raise UserError(f"unknown matcher {name!r}: choose among {', '.join(MATCHERS)}")
     vcfg = VERIFY_PRESETS[cfg.verify]
     if name == "sift":
-        kcfg = KEYPOINT_PRESETS[cfg.keypoints]
-        return KeypointStage(run, kcfg, vcfg, None, cfg.workers), {"keypoints": asdict(kcfg),
-                                                                    "verify": vcfg.to_dict()}
-    xcfg = XFeatConfig()
-    # torch runs its own threads inside each extraction and match: one pair at a time
-    return XFeatStage(run, xcfg, vcfg, None, workers=1), {"xfeat": {"extract": asdict(xcfg),
-                                                                   "verify": vcfg.to_dict()}}
+        return KeypointStage(run, KEYPOINT_PRESETS[cfg.keypoints], vcfg, None, cfg.workers)
+    return XFeatStage(run, XFeatConfig(), vcfg, None)
 
 
 @dataclass(frozen=True)
@@ -102,8 +97,8 @@ def main(cfg: VerifierTrainConfig, paths: Paths, threads: int | None = None, pro
     summary = {"pairs": len(triples), "positives": int(y.sum()), "negatives": int((1 - y).sum()),
                "matchers": {}, "config": asdict(cfg)}
     for name in cfg.matchers:
-        stage, settings = matcher_stage(name, engine.run, cfg)
-        engine.run.update_config(**settings)
+        stage = matcher_stage(name, engine.run, cfg)
+        engine.run.update_config(**stage.settings())
         stage.store.get([g.record(i) for i in sorted({i for q, p, _ in triples for i in (q, p)})],
                         stage.workers, progress, desc=f"{name} keypoints")
         tv = time.perf_counter()  # keypoints are cached now: this times matching and geometry alone

@@ -78,6 +78,10 @@ class KeypointStage:
         """(extraction, verification) settings recorded in config.json by train-verifier."""
         return config_from_dict(config["keypoints"]), VerifyConfig.from_dict(config["verify"])
 
+    def settings(self) -> dict:
+        """What train-verifier records in config.json for `configs` to read back."""
+        return {"keypoints": asdict(self.kcfg), "verify": self.vcfg.to_dict()}
+
     @classmethod
     def load(cls, ctx: StageContext) -> "KeypointStage | None":
         path = cls.validator_path(ctx.run)
@@ -152,3 +156,6 @@ class XFeatStage(KeypointStage):
         from keypoints.xfeat import XFeatConfig
 
         return XFeatConfig(**config["xfeat"]["extract"]), VerifyConfig.from_dict(config["xfeat"]["verify"])
+
+    def settings(self) -> dict:
+        return {"xfeat": {"extract": asdict(self.kcfg), "verify": self.vcfg.to_dict()}}
