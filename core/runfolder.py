@@ -126,8 +126,16 @@ class RunFolder:
         return cfg
 
     def heldout(self) -> set[str]:
-        """Individuals kept out of Siamese training (and of verifier training): calibration data."""
+        """Individuals kept out of Siamese training (and of verifier training)."""
         return set(read_json(self.heldout_path)["individuals"]) if self.heldout_path.is_file() else set()
+
+    def calibration_individuals(self) -> set[str]:
+        """The held-out individuals calibrate may use: those that did not pick the training epoch
+        (all held-out ones for a run folder written before the split was recorded)."""
+        if not self.heldout_path.is_file():
+            return set()
+        doc = read_json(self.heldout_path)
+        return set(doc.get("calibration", doc["individuals"]))
 
     def update_metrics(self, section: str, values: dict) -> None:
         metrics = read_json(self.metrics_path) if self.metrics_path.exists() else {}

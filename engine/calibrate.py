@@ -1,7 +1,8 @@
 """calibrate: fit score calibrators, the fusion and the new_individual threshold on open-set folds.
 
-Data: the held-out individuals of the run (neither the Siamese network nor the verifier trained on
-them). They are split by individual into folds; in fold f the fold's individuals are "new" (all their
+Data: the held-out individuals of the run that neither the Siamese network nor the verifier trained
+on, and that did not choose the training epoch either (heldout.json "calibration": half of the
+held-out individuals of a trained network, all of them for a pretrained one). They are split by individual into folds; in fold f the fold's individuals are "new" (all their
 photos leave the gallery) and one photo of each other held-out individual is a query against the
 rest of the gallery, which keeps every training individual as a distractor, as in real use.
 For each fold, the calibrators + fusion and tau are fitted on the other folds and scored on this
@@ -44,11 +45,12 @@ class CalibrateConfig:
 def fold_pairs(engine: Engine, cfg: CalibrateConfig, mcfg: MatchConfig, progress: bool):
     """Per fold: the query shortlists (all stages scored) and the truths."""
     g = engine.gallery
-    heldout = engine.run.heldout()
+    heldout = engine.run.calibration_individuals()
     h_idx = np.array([i for i in range(len(g)) if g.ids[i] in heldout], dtype=np.int64)
     if len(set(g.ids[i] for i in h_idx)) < max(2, cfg.folds):
         raise UserError(f"calibrate needs at least {max(2, cfg.folds)} held-out individuals; this run has "
-                        f"{len(set(g.ids[i] for i in h_idx))} (train-siamese holds out 20% of the individuals)")
+                        f"{len(set(g.ids[i] for i in h_idx))} (train-siamese holds out 20% of the individuals, "
+                        f"half of them to choose the training epoch: raise --heldout-fraction)")
     folds = open_set_folds([g.ids[i] for i in h_idx], cfg.folds, cfg.seed)
     out = []
     for fold in folds:

@@ -79,12 +79,18 @@ def main(cfg: TrainConfig, paths: Paths, resume: bool = False, progress: bool = 
     run.create({"catalog": str(Path(catalog_csv).resolve()),
                 "images": str(Path(images_dir).resolve()) if images_dir else None,
                 "train": cfg.to_dict()})
-    atomic_write_json(run.heldout_path, {"individuals": heldout, "seed": cfg.seed})
+    # a trained network's epoch is chosen on some held-out individuals: calibration gets the others,
+    # so that tau is not fitted on individuals the choice already saw
+    validation = heldout[1::2] if cfg.epochs > 0 else []  # the smaller half
+    calibration = sorted(set(heldout) - set(validation))
+    atomic_write_json(run.heldout_path, {"individuals": heldout, "validation": validation,
+                                         "calibration": calibration, "seed": cfg.seed})
     model = SiameseNet(model_cfg).to(torch_device())
     run.update_config(precision=resolve_precision(model, cfg.precision))
     summary: dict = {"epochs_trained": 0}
     if cfg.epochs > 0:
-        summary = fit(model, catalog, set(heldout), cfg, run, resume=resume, progress=progress)
+        summary = fit(model, catalog, set(heldout), cfg, run, resume=resume, progress=progress,
+                      validation=set(validation))
     gallery, emb = build_gallery(run, model, catalog.records, MatchConfig(batch_size=cfg.batch_size), progress,
                                  set_center=cfg.epochs == 0)
     save_model(model, run.weights_path)

@@ -225,10 +225,13 @@ class _State:
 
 
 def fit(model: SiameseNet, catalog: Catalog, heldout: set, cfg, run: RunFolder, resume: bool = False,
-        progress: bool = True) -> dict:
+        progress: bool = True, validation: set | None = None) -> dict:
+    """Train on the individuals outside `heldout`; pick the epoch by validation MAP@5 on the
+    `validation` individuals (default: all of `heldout`)."""
     device = next(model.parameters()).device
     train_recs = [r for r in catalog.records if r.individual_id not in heldout]
-    val_recs = [r for r in catalog.records if r.individual_id in heldout]
+    val_ids = heldout if validation is None else validation
+    val_recs = [r for r in catalog.records if r.individual_id in val_ids]
     t0 = time.perf_counter()
     images, labels_list, views_list = [], [], []
     for r in tqdm(train_recs, desc="loading training photos", unit="img", disable=not progress, leave=False):

@@ -66,6 +66,11 @@ def test_verifier_calibrate_match_evaluate(siamese_only):
     assert set(cal["tau"]) == {"embedding", "siamese", "keypoints", "fused"}
     assert len(cal["per_fold"]) == 3 and "fused" in out
     assert len(cal["tau_folds"]["values"]) == 3 and "over folds" in out
+    held = json.loads((run / "heldout.json").read_text())
+    assert held["validation"] and held["calibration"]  # a trained run: the epoch was chosen on some
+    assert set(held["validation"]).isdisjoint(held["calibration"])
+    assert sorted(held["validation"] + held["calibration"]) == sorted(held["individuals"])
+    assert cal["queries"] == 3 * len(held["calibration"])  # each calibration individual, once per fold
     assert cal["new_queries"] < 30  # a tiny sample: calibrate warns that tau rests on few new queries
     pred = root / "pred.csv"
     out = invoke("match", qdir, "--run", run, "--out", pred, "--report", root / "report.html", "-q")
