@@ -155,17 +155,20 @@ def main() -> None:
 
 def post_training_steps(run: Path, matchers: tuple[str, ...] = ("sift",)) -> list:
     """After train-siamese: the keypoint verifier, then calibration on the held-out individuals."""
-    from engine import calibrate, train_verifier
+    from engine import calibrate as calibrate_command
+    from engine import train_verifier as verifier_command
 
     def verifier():
-        s = train_verifier.main(VerifierTrainConfig(matchers=matchers), train_verifier.Paths(run), progress=False)
+        s = verifier_command.main(VerifierTrainConfig(matchers=matchers), verifier_command.Paths(run),
+                                  progress=False)
         for name, m in s["matchers"].items():
             print(f"{run.name}: {name} verifier held-out AUC {m['heldout_auc_validator']:.3f} "
                   f"(raw inlier count {m['heldout_auc_inlier_count']:.3f}), {m['ms_per_pair']:.1f} ms/pair",
                   flush=True)
 
     def calibrate():
-        c = calibrate.main(calibrate.CalibrateConfig(), calibrate.Paths(run), progress=False)
+        c = calibrate_command.main(calibrate_command.CalibrateConfig(), calibrate_command.Paths(run),
+                                   progress=False)
         print(f"{run.name}: calibration " + ", ".join(
             f"{k} {v['map5_mean']:.3f}±{v['map5_std']:.3f}" for k, v in c["summary"].items()), flush=True)
 
