@@ -53,6 +53,7 @@ class QueryPairs:
     gallery_idx: np.ndarray  # (k,) int
     stages: dict[str, np.ndarray]  # stage -> (k,) float, NaN where the stage did not run
     evidence: dict[int, dict] = field(default_factory=dict)  # gallery index -> e.g. keypoint inliers
+    similarity: np.ndarray | None = None  # (k,) the shortlist search's cosine
 
 
 @dataclass
@@ -152,7 +153,7 @@ class Engine:
         for qi, rec in enumerate(recs):
             keep = idx[qi] >= 0
             keep &= gallery_paths[np.maximum(idx[qi], 0)] != str(Path(rec.path).resolve())
-            out.append(QueryPairs(rec, idx[qi][keep][:k], {"similarity": sims[qi][keep][:k].astype(np.float64)}))
+            out.append(QueryPairs(rec, idx[qi][keep][:k], {}, similarity=sims[qi][keep][:k].astype(np.float64)))
         return out
 
     def expand_queries(self, recs, q: np.ndarray, sims: np.ndarray, idx: np.ndarray, n: int) -> np.ndarray:
@@ -172,7 +173,6 @@ class Engine:
         each query's top-V pairs by the last ALL stage's score (NaN elsewhere)."""
         t0 = time.perf_counter()
         pairs = self.shortlist(records, emb, cfg, gallery_subset)
-        sims = [qp.stages.pop("similarity") for qp in pairs]
         self.seconds["shortlist"] += time.perf_counter() - t0
         for stage in self.stages:
             if stage.scope != ALL and cfg.verify_top <= 0:
@@ -188,7 +188,7 @@ class Engine:
             pos = np.concatenate(picks).astype(np.int64)
             batch = PairBatch([qp.record for qp in pairs], emb.embeddings, qpos,
                               np.array([pairs[q].gallery_idx[j] for q, j in zip(qpos, pos)], dtype=np.int64),
-                              np.array([sims[q][j] for q, j in zip(qpos, pos)], dtype=np.float64))
+                              np.array([pairs[q].similarity[j] for q, j in zip(qpos, pos)], dtype=np.float64))
             t0 = time.perf_counter()
             out = stage.score(batch, self.gallery, progress)
             self.seconds[stage.name] += time.perf_counter() - t0

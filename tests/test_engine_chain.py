@@ -221,10 +221,10 @@ def test_query_expansion_searches_with_the_averaged_query(chain):
     expanded = engine.shortlist(records, emb, MatchConfig(query_expansion=2))
     q, first = emb.embeddings[0], plain[0]
     g = engine.gallery.embeddings[first.gallery_idx[:2]]
-    w = np.clip(first.stages["similarity"][:2], 0, None) ** 3
+    w = np.clip(first.similarity[:2], 0, None) ** 3
     q2 = q + (w[:, None] * g).sum(axis=0)
     q2 /= np.linalg.norm(q2)
     sims = engine.gallery.embeddings[expanded[0].gallery_idx] @ q2
-    np.testing.assert_allclose(expanded[0].stages["similarity"], sims, atol=1e-5)
+    np.testing.assert_allclose(expanded[0].similarity, sims, atol=1e-5)
     out = invoke("evaluate", "--catalog", truth, "--images", qdir, "--run", run, "--query-expansion", 2, "-q")
     assert "closed top-1" in out
