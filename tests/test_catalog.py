@@ -73,3 +73,8 @@ def test_query_folder(tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"x")
     (tmp_path / "notes.txt").write_text("x")
     assert [r.image for r in catalog_from_folder(tmp_path).records] == ["a.jpg", "sub/b.PNG"]
+
+
+def test_a_utf8_bom_is_read_as_usual(tmp_path):
+    p = write(tmp_path, "\ufeffimage,individual_id\na.jpg,w1\n")
+    assert [(r.image, r.individual_id) for r in load_catalog(p).records] == [("a.jpg", "w1")]

@@ -50,6 +50,7 @@ def test_match_exact_copies_finds_their_individual(sample, run_dir, tmp_path):
     for k, row in enumerate(rows):
         shutil.copyfile(sample.parent / row["image"], test_dir / f"photo{k}.jpg")
     (test_dir / "broken.jpg").write_bytes(b"\x00" * 10)
+    (test_dir / "notes.txt").write_text("not a photo")  # ignored: not an image suffix
     out = tmp_path / "pred.csv"
     r = invoke("match", test_dir, "--run", run_dir, "--out", out, "-q")
     assert r.exit_code == 0, r.output
