@@ -16,6 +16,14 @@ STAGES = (
     KeypointStage,
     XFeatStage,
 )
+# the stages that are local matchers, by the name `--matchers` gives them (sift, xfeat)
+MATCHERS = {cls.matcher: cls for cls in STAGES if getattr(cls, "matcher", None)}
+
+
+def matcher_class(name: str):
+    if name not in MATCHERS:
+        raise UserError(f"unknown matcher {name!r}: choose among {', '.join(sorted(MATCHERS))}")
+    return MATCHERS[name]
 
 
 def load_stages(ctx: StageContext, only: Sequence[str] | None = None) -> list:
@@ -35,8 +43,4 @@ def stage_names(matchers: Sequence[str] | None) -> list[str] | None:
     stage that scores all pairs, and those matchers' stages. None: all the run has."""
     if matchers is None:
         return None
-    known = {cls.matcher: cls.name for cls in STAGES if getattr(cls, "matcher", None)}
-    unknown = [m for m in matchers if m not in known]
-    if unknown:
-        raise UserError(f"unknown matcher {unknown[0]!r}: choose among {', '.join(sorted(known))}")
-    return [cls.name for cls in STAGES if cls.scope == ALL] + [known[m] for m in matchers]
+    return [cls.name for cls in STAGES if cls.scope == ALL] + [matcher_class(m).name for m in matchers]

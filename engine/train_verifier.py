@@ -21,7 +21,7 @@ from core.runtime import set_threads
 from core.stage import ALL
 from engine.config import VerifierTrainConfig
 from engine.pipeline import Engine, MatchConfig
-from engine.stages import STAGES
+from engine.stages import MATCHERS, STAGES, matcher_class
 from keypoints.features import PRESETS as KEYPOINT_PRESETS
 from keypoints.stage import KeypointStage, XFeatStage
 from keypoints.validator import VALIDATOR_PRESETS, Validator, heldout_auc
@@ -63,15 +63,10 @@ def build_training_pairs(engine: Engine, cfg: VerifierTrainConfig):
     return triples
 
 
-MATCHERS = {"sift": KeypointStage, "xfeat": XFeatStage}
-
-
 def matcher_stage(name: str, run, cfg: VerifierTrainConfig):
     """The stage of matcher `name`, unfitted."""
-    if name not in MATCHERS:
-        raise UserError(f"unknown matcher {name!r}: choose among {', '.join(MATCHERS)}")
     vcfg = VERIFY_PRESETS[cfg.verify]
-    if name == "sift":
+    if matcher_class(name) is KeypointStage:
         return KeypointStage(run, KEYPOINT_PRESETS[cfg.keypoints], vcfg, None, cfg.workers)
     return XFeatStage(run, XFeatConfig(), vcfg, None)
 

@@ -56,12 +56,13 @@ class KeypointStage:
     matcher = "sift"  # as `--matchers` names it
     scope = TOP
     default_tau = 0.5  # a probability
+    pairs_dir = "pairs"  # under the run's cache/
+    evidence_prefix = ""  # the SIFT stage's evidence keeps its historical names (inliers, inliers_xy)
 
     def __init__(self, run, kcfg, vcfg: VerifyConfig, validator: Validator | None, workers: int = 2):
         self.kcfg, self.vcfg, self.validator, self.workers = kcfg, vcfg, validator, workers
         self.store = self.make_store(run)
-        self.pairs = FeatureCache(run.cache_dir / ("pairs" if self.name == "keypoints" else f"pairs-{self.name}"),
-                                  "pairs:" + json.dumps(self.config(), sort_keys=True))
+        self.pairs = FeatureCache(run.cache_dir / self.pairs_dir, "pairs:" + json.dumps(self.config(), sort_keys=True))
 
     def make_store(self, run) -> KeypointStore:
         return KeypointStore(run.cache_dir / "keypoints", self.kcfg)
@@ -94,7 +95,7 @@ class KeypointStage:
         return cls(ctx.run, *cls.configs(ctx.config), validator, ctx.workers)
 
     def config(self) -> dict:
-        return {"keypoints": asdict(self.kcfg), "verify": self.vcfg.to_dict()}
+        return self.settings()
 
     def verify(self, pairs: Sequence[tuple[Record, Record]], progress: bool = False) -> list[PairResult]:
         """Verification results of (query, gallery) record pairs, through the pair cache."""
@@ -122,8 +123,8 @@ class KeypointStage:
             # compact until written: a match keeps these for every query it answers
             "inliers_xy": np.round(res.inliers_xy, 1).astype(np.float32) if res.n_inliers else
             np.zeros((0, 4), np.float32)} for res in results]
-        if self.name != "keypoints":  # the SIFT stage's evidence keeps its historical names
-            evidence = [{f"{self.name}_{k}": v for k, v in e.items()} for e in evidence]
+        if self.evidence_prefix:
+            evidence = [{self.evidence_prefix + k: v for k, v in e.items()} for e in evidence]
         return StageOutput(np.asarray(probs, dtype=np.float64), evidence)
 
 
@@ -131,6 +132,8 @@ class XFeatStage(KeypointStage):
     """XFeat keypoints matched by LighterGlue, then the same double homography and validator recipe."""
     name = "xfeat"
     matcher = "xfeat"
+    pairs_dir = "pairs-xfeat"
+    evidence_prefix = "xfeat_"
 
     def __init__(self, run, kcfg, vcfg: VerifyConfig, validator: Validator | None, workers: int = 1):
         # torch runs its own threads inside each extraction and match: one photo or pair at a time
