@@ -80,6 +80,16 @@ class TrainConfig:
     threads: int | None = None
     precision: str = "auto"  # auto|fp32|bf16|fp16: see siamese.precision
     mined_weight: float = 0.0  # share of the negatives' half of the loss on the LAP-mined pairs
+    # where the LAP assignment runs: "epoch" = on the whole training set's score matrix (it builds the
+    # batches and names each image's mined negative), "batch" = also on each batch's own cosine matrix
+    # of the current forward pass (the mined pairs that carry `mined_weight` are then that batch's)
+    mining: str = "epoch"
+    # sub-center ArcFace on the training individuals beside the pair BCE (0 = off): its weight in the
+    # loss, sub-centres per individual, additive angular margin and logit scale
+    arcface_weight: float = 0.0
+    arcface_subcenters: int = 3
+    arcface_margin: float = 0.3
+    arcface_scale: float = 30.0
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -42,7 +42,7 @@ from core.metrics import average_precision_at_5
 from core.runfolder import RunFolder, atomic_path
 from core.aggregate import aggregate_per_individual
 from siamese.embed import embed_records, normalize_features, preprocess
-from siamese.lap_miner import LapMiner, noise_at
+from siamese.lap_miner import LapMiner, MinerConfig, noise_at
 from siamese.config import PRESETS, TrainConfig  # noqa: F401  re-exported
 from siamese.model import SiameseNet
 
@@ -153,6 +153,38 @@ def batch_pair_weights(groups: np.ndarray, labels: np.ndarray, mined: np.ndarray
             torch.from_numpy(w.astype(np.float32)).to(device), torch.from_numpy(pos.astype(np.float32)).to(device))
 
 
+class SubCenterArcFace(torch.nn.Module):
+    """Sub-center ArcFace (Deng et al. 2020; the Happywhale winners' loss): K normalised centres per
+    training individual; a photo's cosine to an individual is its best centre's, the true
+    individual's angle gets an additive margin, and cross-entropy runs over scale * cosines. Only
+    for training: the embedding it shapes is what the engine keeps."""
+
+    def __init__(self, dim: int, n_classes: int, subcenters: int, margin: float, scale: float,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        self.n_classes, self.k, self.margin, self.scale = n_classes, subcenters, margin, scale
+        self.weight = torch.nn.Parameter(torch.randn(n_classes * subcenters, dim, generator=generator) * 0.01)
+
+    def forward(self, e: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        cos = (e @ F.normalize(self.weight, dim=1).T).view(len(e), self.n_classes, self.k).amax(-1)
+        cos = cos.clamp(-1 + 1e-6, 1 - 1e-6)
+        true = cos.gather(1, target[:, None])
+        with_margin = torch.cos(torch.acos(true) + self.margin)
+        logits = cos.scatter(1, target[:, None], with_margin) * self.scale
+        return F.cross_entropy(logits, target)
+
+
+def batch_mined_negatives(e: torch.Tensor, labels: np.ndarray, miner: LapMiner, noise: float,
+                          rng: np.random.Generator) -> np.ndarray:
+    """In-batch LAP: each photo's hard negative assigned on the batch's own cosine matrix of this
+    forward pass (local index, -1 where none)."""
+    sims = (e @ e.T).detach().float().cpu().numpy()
+    na, nb = miner.mine_negatives(sims, labels, noise, rng)
+    mined = np.full(len(labels), -1, np.int64)
+    mined[na] = nb
+    return mined
+
+
 # ---------------------------------------------------------------- validation
 def validation_map5(model: SiameseNet, records: list[Record], batch_size: int, rerank: int = 20,
                     set_center: bool = False) -> dict:
@@ -253,12 +285,24 @@ def fit(model: SiameseNet, catalog: Catalog, heldout: set, cfg, run: RunFolder, 
     opt = torch.optim.AdamW([{"params": model.backbone.parameters(), "lr": cfg.lr_backbone},
                              {"params": head_params, "lr": cfg.lr_head}], weight_decay=cfg.weight_decay)
     miner = LapMiner()
+    batch_miner = LapMiner(MinerConfig(recent_memory=0))  # local indices: nothing to remember across batches
+    if cfg.mining not in ("epoch", "batch"):
+        raise UserError(f"mining must be 'epoch' or 'batch', not {cfg.mining!r}")
+    arcface = None
+    class_of = {lab: k for k, lab in enumerate(sorted(set(labels_list)))}
+    targets = torch.tensor([class_of[lab] for lab in labels_list], dtype=torch.long)
+    if cfg.arcface_weight > 0:
+        arcface = SubCenterArcFace(model.dim, len(class_of), cfg.arcface_subcenters, cfg.arcface_margin,
+                                   cfg.arcface_scale, torch.Generator().manual_seed(cfg.seed)).to(device)
+        opt.add_param_group({"params": list(arcface.parameters()), "lr": cfg.lr_head})
     rng = np.random.default_rng(cfg.seed)
     state = _State(history=[])
     embeddings = None  # (n, D) from the last epoch's forward passes
     if resume and run.checkpoint_path.is_file():
         ck = torch.load(run.checkpoint_path, map_location=device, weights_only=False)
         model.load_state_dict(ck["model"])
+        if arcface is not None and ck.get("arcface") is not None:
+            arcface.load_state_dict(ck["arcface"])
         opt.load_state_dict(ck["optimizer"])
         rng.bit_generator.state = ck["rng"]
         embeddings = ck.get("embeddings")
@@ -293,7 +337,8 @@ def fit(model: SiameseNet, catalog: Catalog, heldout: set, cfg, run: RunFolder, 
         # steps on a pretrained network are large), then both decay along a cosine
         decay = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_frac))
         opt.param_groups[0]["lr"] = cfg.lr_backbone * decay * (0.1 if epoch == 0 else 1.0)
-        opt.param_groups[1]["lr"] = cfg.lr_head * decay
+        for group in opt.param_groups[1:]:
+            group["lr"] = cfg.lr_head * decay
         tm = time.perf_counter()
         if embeddings is None:
             scores = np.zeros((n, n), np.float32)  # untrained: the noise makes the negatives random
@@ -318,12 +363,6 @@ def fit(model: SiameseNet, catalog: Catalog, heldout: set, cfg, run: RunFolder, 
             if len(batch) < bsz:  # fixed shapes: a new input shape costs seconds of re-compilation on CPU
                 others = np.setdiff1d(np.arange(n), batch)
                 batch = np.concatenate([batch, rng.choice(others, bsz - len(batch), replace=False)])
-            local = {int(g): k for k, g in enumerate(batch)}
-            mined = np.array([local.get(int(neg[g]), -1) for g in batch])
-            kept_neg += int((mined >= 0).sum())
-            a, b, w, target = batch_pair_weights(pos_groups[batch], labels[batch], mined, cfg.mined_weight, device)
-            if len(a) == 0:
-                continue
             x = model.prepare_input(torch.from_numpy(np.stack([augment(images[i], cfg, rng) for i in batch]))
                                     .to(device))
             with model.precision.autocast(device.type):
@@ -334,6 +373,15 @@ def fit(model: SiameseNet, catalog: Catalog, heldout: set, cfg, run: RunFolder, 
                 model.center.copy_(mean_f if not centered else 0.9 * model.center + 0.1 * mean_f)
                 centered = True
             e = model.normalize(f)
+            if cfg.mining == "batch":
+                mined = batch_mined_negatives(e, labels[batch], batch_miner, noise, rng)
+            else:
+                local = {int(g): k for k, g in enumerate(batch)}
+                mined = np.array([local.get(int(neg[g]), -1) for g in batch])
+            kept_neg += int((mined >= 0).sum())
+            a, b, w, target = batch_pair_weights(pos_groups[batch], labels[batch], mined, cfg.mined_weight, device)
+            if len(a) == 0:
+                continue
             if not cos_initialised:  # start the cosine's logistic map between the positives' and negatives'
                 cos = (e[a] * e[b]).sum(-1).detach()
                 model.head.cos_bias.data.fill_(float(-model.head.cos_weight.data * (cos * w).sum() / w.sum()))
@@ -342,6 +390,8 @@ def fit(model: SiameseNet, catalog: Catalog, heldout: set, cfg, run: RunFolder, 
             loss = ((F.binary_cross_entropy_with_logits(logit.float(), target, reduction="none") * w).sum()
                     + (F.binary_cross_entropy_with_logits(model.head.cosine_logit(e[a], e[b]), target,
                                                           reduction="none") * w).sum())
+            if arcface is not None:
+                loss = loss + cfg.arcface_weight * arcface(e, targets[batch].to(device))
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -377,7 +427,8 @@ def fit(model: SiameseNet, catalog: Catalog, heldout: set, cfg, run: RunFolder, 
         with atomic_path(run.checkpoint_path) as tmp:
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                         "rng": rng.bit_generator.state, "embeddings": embeddings, "epoch": state.epoch,
-                        "best": state.best, "best_state": state.best_state, "history": state.history}, tmp)
+                        "best": state.best, "best_state": state.best_state, "history": state.history,
+                        "arcface": arcface.state_dict() if arcface is not None else None}, tmp)
     if state.best_state is not None:
         model.load_state_dict(state.best_state)
     model.eval()

@@ -1,4 +1,6 @@
 """The pair head, batch building and a short training run on the synthetic sample."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,8 @@ from core.runfolder import RunFolder
 from siamese.embed import embed_records
 from siamese.model import ModelConfig, PairHead, SiameseNet
 from siamese.trainer import TrainConfig
-from siamese.trainer import augment, batch_pair_weights, build_batches, fit
+from siamese.lap_miner import LapMiner, MinerConfig
+from siamese.trainer import SubCenterArcFace, augment, batch_mined_negatives, batch_pair_weights, build_batches, fit
 from tests.conftest import TINY_INPUT
 
 
@@ -119,3 +122,60 @@ def test_resume_continues_from_the_checkpoint(sample, tmp_path):
     assert second["epochs_trained"] == 2
     assert [h["epoch"] for h in second["history"]] == [1, 2]  # epoch 1 came from the checkpoint
     assert second["history"][0] == first["history"][0]
+
+
+def test_subcenter_arcface_known_answer():
+    # two individuals, one centre each along x and y: a photo on x is class 0 with cosine 1
+    head = SubCenterArcFace(dim=2, n_classes=2, subcenters=1, margin=0.5, scale=10.0)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    e = torch.tensor([[1.0, 0.0]])
+    loss = head(e, torch.tensor([0]))
+    # the true class's angle 0 gets the margin: logits 10*cos(0.5) and 10*cos(pi/2) = 0
+    expected = -torch.log_softmax(torch.tensor([10 * math.cos(0.5), 0.0]), 0)[0]
+    assert float(loss) == pytest.approx(float(expected), abs=1e-3)
+    # the wrong label costs much more; gradients reach the centres
+    wrong = head(e, torch.tensor([1]))
+    assert float(wrong) > float(loss) + 5
+    wrong.backward()
+    assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+
+
+def test_subcenter_arcface_takes_the_best_subcenter():
+    # class 0's centres: y and x; class 1's: both -x. A photo on x is class 0 by its second centre
+    two = SubCenterArcFace(dim=2, n_classes=2, subcenters=2, margin=0.0, scale=1.0)
+    with torch.no_grad():
+        two.weight.copy_(torch.tensor([[0.0, 1.0], [1.0, 0.0], [-1.0, 0.0], [-1.0, 0.0]]))
+    loss = two(torch.tensor([[1.0, 0.0]]), torch.tensor([0]))
+    expected = -torch.log_softmax(torch.tensor([1.0, -1.0]), 0)[0]  # class 0: max(0, 1); class 1: -1
+    assert float(loss) == pytest.approx(float(expected), abs=1e-4)
+
+
+def test_batch_mined_negatives_pick_the_most_similar_other_individual():
+    # x0 looks like y0, x1 like y1: the exact in-batch assignment pairs them across individuals
+    e = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.1, 0.9]]), dim=1)
+    labels = np.array(["x", "x", "y", "y"])
+    mined = batch_mined_negatives(e, labels, LapMiner(MinerConfig(recent_memory=0)), 0.0,
+                                  np.random.default_rng(0))
+    assert mined.tolist() == [2, 3, 0, 1]
+
+
+def test_default_recipe_weights():
+    # what the default trains with (issue 10 measured the alternatives: bench/embedding_recipe.py)
+    cfg = TrainConfig()
+    assert cfg.mining == "epoch" and cfg.mined_weight == 0.0 and cfg.arcface_weight == 0.0
+
+
+@pytest.mark.slow
+def test_arcface_and_batch_mining_train(sample, tmp_path):
+    catalog = load_catalog(sample)
+    cfg = TrainConfig(model=ModelConfig(input_size=TINY_INPUT).resolved(), epochs=2, batch_size=16, seed=0,
+                      mining="batch", mined_weight=0.5, arcface_weight=1.0)
+    run = RunFolder(tmp_path / "run")
+    run.create({})
+    summary = fit(SiameseNet(cfg.model), catalog, set(), cfg, run, progress=False)
+    assert summary["epochs_trained"] == 2
+    assert all(np.isfinite(h["loss"]) for h in summary["history"][-2:])
+    assert summary["history"][-1]["mined_negatives_in_batch"] > 0.5  # in-batch LAP names most photos' negative
+    ck = torch.load(run.checkpoint_path, weights_only=False)
+    assert ck["arcface"]["weight"].shape[0] == 3 * len({r.individual_id for r in catalog.records})
