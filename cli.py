@@ -277,21 +277,31 @@ def evaluate(
 @app.command()
 @user_errors
 def enroll(
-    catalog: CatalogOpt, run: RunOpt, images: ImagesOpt = None,
+    run: RunOpt,
+    catalog: Annotated[Optional[Path], typer.Option("--catalog", help="Confirmed photos: CSV image,individual_id "
+                                                    "(optional: viewpoint, bbox).")] = None,
+    decisions: Annotated[Optional[Path], typer.Option(help="Or the review page's export: CSV image,decision,"
+                                                      "individual_id,note; 'match' and 'new' rows are "
+                                                      "enrolled, 'unsure' ones left out.")] = None,
+    images: Annotated[Optional[Path], typer.Option("--images", help="Folder the image paths are relative to. "
+                                                   "Default: the CSV's own folder (the review page writes "
+                                                   "absolute paths).")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
     precision: PrecisionOpt = "auto",
     quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ):
     """Add newly confirmed photos (and new individuals) to the run's gallery, without retraining.
 
-    Their embeddings (and keypoints, if the run has a verifier) are computed and the index updated;
-    the next `match` sees them. Photos already in the gallery are left as they are.
+    Give either --catalog or --decisions. Their embeddings (and keypoints, if the run has a verifier)
+    are computed and the index updated; the next `match` sees them. Photos already in the gallery are
+    left as they are. The rows added are appended to RUN/enrolled.csv (image,individual_id,viewpoint),
+    ready to append to your catalog.
     """
     _setup_logging(verbose)
     from engine import enroll as command
 
-    typer.echo(command.main(MatchConfig(), command.Paths(catalog, run, images), threads, progress=not quiet,
-                            precision=precision))
+    typer.echo(command.main(MatchConfig(), command.Paths(catalog, run, images, decisions), threads,
+                            progress=not quiet, precision=precision))
 
 
 @app.command()

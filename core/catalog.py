@@ -58,6 +58,32 @@ def _parse_bbox(text: str, where: str) -> tuple[int, int, int, int] | None:
     return x, y, w, h
 
 
+def read_rows(csv_path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
+    """(line number, row) of a UTF-8 CSV with a header naming at least `required`; cells stripped.
+    Errors name the file (and the columns found, with a hint for a semicolon-separated file)."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            rows = []
+            for raw in reader:  # line_num counts physical lines: right after blank or multi-line cells
+                rows.append((reader.line_num, {(key or "").strip(): (val or "").strip() if isinstance(val, str)
+                                               else "" for key, val in raw.items()}))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{csv_path}: not a UTF-8 text CSV ({e.reason})") from None
+    except csv.Error as e:
+        raise UserError(f"{csv_path}: malformed CSV ({e})") from None
+    missing = [c for c in required if c not in columns]
+    if missing:
+        found = ", ".join(columns) if columns else "none (empty file?)"
+        hint = ("; the file looks semicolon-separated: save it with commas as the delimiter"
+                if len(columns) == 1 and ";" in columns[0] else "")
+        raise UserError(f"{csv_path}: missing column(s) {', '.join(missing)}; columns found: {found}{hint}")
+    if not rows:
+        raise UserError(f"{csv_path}: no rows after the header")
+    return rows
+
+
 def load_catalog(csv_path: Path, images_dir: Path | None = None, require_labels: bool = True,
                  check_files: bool = True, allow_new: bool = False) -> Catalog:
     """`allow_new`: labelled queries (evaluate) may carry the truth `new_individual`."""
@@ -67,31 +93,9 @@ def load_catalog(csv_path: Path, images_dir: Path | None = None, require_labels:
     root = Path(images_dir) if images_dir is not None else csv_path.parent
     if not root.is_dir():
         raise UserError(f"images folder {root} does not exist")
-    try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            columns = [c.strip() for c in (reader.fieldnames or [])]
-            rows, lines = [], []
-            for row in reader:  # line_num counts physical lines: right after blank or multi-line cells
-                rows.append(row)
-                lines.append(reader.line_num)
-    except UnicodeDecodeError as e:
-        raise UserError(f"{csv_path}: not a UTF-8 text CSV ({e.reason})") from None
-    except csv.Error as e:
-        raise UserError(f"{csv_path}: malformed CSV ({e})") from None
-    required = REQUIRED if require_labels else ("image",)
-    missing = [c for c in required if c not in columns]
-    if missing:
-        found = ", ".join(columns) if columns else "none (empty file?)"
-        hint = ("; the file looks semicolon-separated: save it with commas as the delimiter"
-                if len(columns) == 1 and ";" in columns[0] else "")
-        raise UserError(f"{csv_path}: missing column(s) {', '.join(missing)}; columns found: {found}{hint}")
-    if not rows:
-        raise UserError(f"{csv_path}: no rows after the header")
+    rows = read_rows(csv_path, REQUIRED if require_labels else ("image",))
     records = []
-    for k, raw in enumerate(rows):
-        row = {(key or "").strip(): (val or "").strip() if isinstance(val, str) else "" for key, val in raw.items()}
-        line = lines[k]
+    for line, row in rows:
         where = f"{csv_path}:{line}"
         image = row.get("image", "")
         if not image:

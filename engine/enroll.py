@@ -1,38 +1,112 @@
 """The enroll command: add confirmed photos to the gallery (embeddings, local features, index)
-without retraining."""
+without retraining. From a labelled catalog, or from the review page's decisions.csv."""
 from __future__ import annotations
 
+import csv
+import io
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.catalog import load_catalog
+from core.catalog import Record, load_catalog, read_rows
 from core.errors import UserError
 from core.gallery import Gallery
+from core.metrics import NEW_INDIVIDUAL
+from core.runfolder import atomic_write_bytes
 from core.runtime import set_threads
 from engine.config import MatchConfig
 from engine.matching import skipped_note
 from engine.pipeline import Engine
 
+DECISION_COLUMNS = ("image", "decision", "individual_id", "note")
+DECISIONS = ("match", "new", "unsure")
+ADDED_CSV = "enrolled.csv"  # in the run folder: the catalog rows enroll added, appended run after run
+
 
 @dataclass(frozen=True)
 class Paths:
-    catalog: Path  # confirmed photos (image,individual_id[,viewpoint])
+    catalog: Path | None  # confirmed photos (image,individual_id[,viewpoint])
     run: Path
     images: Path | None = None
+    decisions: Path | None = None  # or the review page's decisions.csv
+
+
+def decided_records(path: Path, images: Path | None, known: set[str]) -> tuple[list[Record], int]:
+    """The photos of a decisions.csv to enroll ("match" and "new" rows) and the number of "unsure"
+    ones. Every problem is listed (file:line), so one pass fixes them all."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"decisions file {path} does not exist")
+    root = Path(images) if images is not None else path.parent
+    rows = read_rows(path, DECISION_COLUMNS[:3])
+    problems, records, unsure = [], [], 0
+    seen: Counter = Counter()
+    for line, row in rows:
+        where = f"{path}:{line}"
+        image, decision, ident = row.get("image", ""), row.get("decision", "").lower(), row.get("individual_id", "")
+        seen[image] += 1
+        if not image:
+            problems.append(f"{where}: empty image")
+        elif seen[image] == 2:
+            problems.append(f"{where}: image {image} has more than one decision")
+        elif decision not in DECISIONS:
+            problems.append(f"{where}: decision {row.get('decision', '')!r} is not one of {', '.join(DECISIONS)}")
+        elif decision == "unsure":
+            unsure += 1
+        elif not ident or ident == NEW_INDIVIDUAL:
+            problems.append(f"{where}: decision {decision} needs an individual_id")
+        elif decision == "match" and ident not in known:
+            problems.append(f"{where}: individual {ident} is not in the run's gallery (for a new individual "
+                            "the decision is 'new')")
+        elif decision == "new" and ident in known:
+            problems.append(f"{where}: individual {ident} is already in the gallery (decision 'match' adds a "
+                            "photo of a known one; a new individual needs a name not yet used)")
+        elif not (root / image).is_file():
+            problems.append(f"{where}: image {image} not found (looked for {root / image})")
+        else:
+            records.append(Record(image=image, path=root / image, individual_id=ident, line=line))
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise UserError(f"{len(problems)} problem(s) in {path}, nothing enrolled: " + "; ".join(problems[:5]) + more)
+    return records, unsure
+
+
+def write_added(run_dir: Path, records: list[Record]) -> Path:
+    """Append the catalog rows (image,individual_id[,viewpoint]) of the photos just enrolled."""
+    out = Path(run_dir) / ADDED_CSV
+    old = out.read_bytes() if out.is_file() else b""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    if not old:
+        w.writerow(["image", "individual_id", "viewpoint"])
+    for r in records:
+        w.writerow([str(Path(r.path).resolve()), r.individual_id, r.viewpoint or ""])
+    atomic_write_bytes(out, old + buf.getvalue().encode("utf-8"))
+    return out
 
 
 def main(cfg: MatchConfig, paths: Paths, threads: int | None = None, progress: bool = True,
          precision: str = "auto") -> str:
     t0 = time.perf_counter()
+    if (paths.catalog is None) == (paths.decisions is None):
+        raise UserError("enroll needs either --catalog (labelled photos) or --decisions (the review page's "
+                        "decisions.csv), not both")
     set_threads(threads)
-    catalog = load_catalog(paths.catalog, paths.images)
     engine = Engine.load(paths.run, precision)
+    unsure = 0
+    source = paths.catalog or paths.decisions
+    if paths.decisions is not None:
+        given, unsure = decided_records(paths.decisions, paths.images, set(engine.gallery.ids))
+    else:
+        given = load_catalog(paths.catalog, paths.images).records
     present = set(engine.gallery.paths)
-    records = [r for r in catalog.records if str(Path(r.path).resolve()) not in present]
-    already = len(catalog.records) - len(records)
+    records = [r for r in given if str(Path(r.path).resolve()) not in present]
+    already = len(given) - len(records)
+    extra = f", {unsure} unsure left out" if unsure else ""
     if not records:
-        return f"nothing to enroll: all {already} photos of {paths.catalog} are already in the gallery"
+        return (f"nothing to enroll: all {already} confirmed photos of {source} are already in the gallery"
+                f"{extra}")
     emb = engine.embed(records, cfg, progress, "embedding new photos")
     if len(emb.ok) == 0:
         raise UserError(f"none of the {len(records)} photos could be read (first: {emb.skipped[0][1]})")
@@ -43,7 +117,9 @@ def main(cfg: MatchConfig, paths: Paths, threads: int | None = None, progress: b
         if hasattr(stage, "store"):
             stage.store.get(added, stage.workers, progress=progress, desc=f"{stage.name} of new photos")
     gallery.save(engine.run.gallery_path)
+    rows = write_added(engine.run.path, added)
     new_ids = {r.individual_id for r in added} - before
-    skipped = skipped_note(emb) + (f", {already} already in the gallery" if already else "")
+    skipped = skipped_note(emb) + (f", {already} already in the gallery" if already else "") + extra
     return (f"enrolled {len(added)} photos ({len(new_ids)} new individuals{skipped}); gallery now "
-            f"{len(gallery)} photos of {len(set(gallery.ids))} individuals ({time.perf_counter() - t0:.1f} s)")
+            f"{len(gallery)} photos of {len(set(gallery.ids))} individuals; rows added to {rows} "
+            f"({time.perf_counter() - t0:.1f} s)")

@@ -1,6 +1,8 @@
-"""The HTML review page of `match --report`: each query beside its top-5 with the evidence."""
+"""The review page of `match --report`: each query beside its top-5 with the evidence, and a
+decision to record (see engine/report.py)."""
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -29,14 +31,16 @@ def write_review(engine: Engine, results: Sequence[QueryResult], path: Path, tau
         cands = []
         for c in r.candidates:
             xy = c.evidence.get("inliers_xy")
+            record = engine.gallery.record(c.gallery_index)
             cands.append(ReportCandidate(
                 individual_id=c.individual_id, fused=c.score, stage_scores=dict(c.stages),
-                gallery_image=_image(engine.gallery.record(c.gallery_index)),
+                gallery_image=partial(_image, record), gallery_key=f"{c.gallery_index}",
                 gallery_name=Path(c.gallery_image).name,
                 inliers_xy=np.asarray(xy, np.float32).reshape(-1, 4) if xy is not None and len(xy) else None))
         top = r.candidates[0].score if r.candidates else 0.0
         entries.append(ReportQuery(query_image=_image(r.record), query_name=r.name,
                                    truth=(truth or {}).get(r.name), confidence=abs(top - tau),
-                                   candidates=cands, predictions=r.predictions))
+                                   candidates=cands, predictions=r.predictions,
+                                   image_path=str(Path(r.record.path).resolve())))
     return write_report(path, entries, title=f"Matches against {engine.run.path.name} "
                                             f"(new_individual below {tau:.3f})")

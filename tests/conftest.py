@@ -34,3 +34,38 @@ def _threads():
     import torch
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+CHROMIUM_CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "chrome")
+
+
+def find_chromium() -> str | None:
+    """$CHROMIUM, else a Chromium or Chrome on PATH (Debian's package: /usr/bin/chromium)."""
+    import shutil
+
+    env = os.environ.get("CHROMIUM")
+    if env:
+        return env if Path(env).is_file() else None
+    for name in CHROMIUM_CANDIDATES:
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Chromium from the system, driven by Playwright (never Playwright's own browser
+    download). Missing, it FAILS the test: the review page must be tested in a real browser."""
+    exe = find_chromium()
+    if exe is None:
+        pytest.fail("no Chromium found (set $CHROMIUM or install it: apt-get install chromium); the review "
+                    "page is tested in a real browser, so this test cannot pass without one")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=exe, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run", "--disable-quic"])
+        yield b
+        b.close()

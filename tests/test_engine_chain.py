@@ -4,7 +4,6 @@ import csv
 import json
 import re
 import shutil
-import base64
 
 import cv2
 import numpy as np
@@ -13,6 +12,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from engine.synthetic import make_dataset, split_open_set
+from tests.test_report import page_data
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
@@ -81,12 +81,12 @@ def test_verifier_calibrate_match_evaluate(siamese_only):
     ev = json.loads(pred.with_suffix(".json").read_text())
     cand = ev["queries"][0]["candidates"][0]
     assert {"embedding_score", "siamese_score", "keypoints_score", "score"} <= set(cand)
-    html = (root / "report.html").read_text()
-    assert html.count('<section class="query"') == n_queries
-    assert "http://" not in html and "https://" not in html  # self-contained
-    uri = re.search(r'src="data:image/jpeg;base64,([^"]+)"', html).group(1)
-    img = cv2.imdecode(np.frombuffer(base64.b64decode(uri), np.uint8), cv2.IMREAD_COLOR)
+    data = page_data((root / "report.html").read_text())
+    assert len(data["queries"]) == n_queries
+    thumb = data["queries"][0]["candidates"][0]["thumb"]["src"]
+    img = cv2.imread(str(root / thumb), cv2.IMREAD_COLOR)  # report_files/<hash>.webp beside the page
     assert img is not None and img.shape[2] == 3
+    assert any(q["candidates"][0]["n_inliers"] for q in data["queries"])  # keypoint evidence is there
     out = invoke("evaluate", "--catalog", truth, "--images", qdir, "--run", run, "-q")
     header = out.splitlines()[0].split()
     assert header == ["metric", "embedding", "siamese", "keypoints", "fused", "fused:top2mean"]
@@ -125,6 +125,69 @@ def test_enroll_makes_a_new_individual_matchable(chain, tmp_path):
     invoke("match", qd, "--run", run, "--out", tmp_path / "p.csv", "-q")
     ev = json.loads((tmp_path / "p.json").read_text())
     assert ev["queries"][0]["candidates"][0]["individual_id"] == "zebra_77"
+
+
+def test_review_page_decisions_enroll(chain, tmp_path, browser):
+    """The review loop end to end: match --report, decisions by keyboard in headless Chromium, the
+    exported decisions.csv read by enroll --decisions, the new individual then matched."""
+    root, run, qdir, truth = chain
+    page_path = tmp_path / "review.html"
+    invoke("match", qdir, "--run", run, "--out", tmp_path / "p.csv", "--report", page_path, "-q")
+    data = page_data(page_path.read_text())
+    ctx = browser.new_context(accept_downloads=True)
+    page = ctx.new_page()
+    try:
+        page.goto(page_path.as_uri())
+        page.keyboard.press("1")                        # query 1: its first candidate
+        page.keyboard.press("ArrowDown")
+        page.keyboard.press("n")                        # query 2: a new individual
+        page.keyboard.type("newcomer_1")
+        page.keyboard.press("Enter")
+        page.keyboard.press("ArrowDown")
+        page.keyboard.press("u")                        # query 3: unsure
+        with page.expect_download() as dl:
+            page.click("#export")
+        decisions = tmp_path / "decisions.csv"
+        dl.value.save_as(decisions)
+    finally:
+        ctx.close()
+    rows = list(csv.DictReader(open(decisions, newline="")))
+    q = data["queries"]
+    assert [(r["image"], r["decision"], r["individual_id"]) for r in rows] == [
+        (q[0]["path"], "match", q[0]["candidates"][0]["id"]), (q[1]["path"], "new", "newcomer_1"),
+        (q[2]["path"], "unsure", "")]
+    out = invoke("enroll", "--decisions", decisions, "--run", run, "-q")
+    assert "enrolled 2 photos (1 new individuals, 1 unsure left out)" in out
+    added = list(csv.DictReader(open(run / "enrolled.csv")))
+    assert [(r["image"], r["individual_id"]) for r in added] == [
+        (q[0]["path"], q[0]["candidates"][0]["id"]), (q[1]["path"], "newcomer_1")]
+    qd = tmp_path / "again"
+    qd.mkdir()
+    shutil.copyfile(q[1]["path"], qd / "copy.jpg")  # the new individual's photo, seen again
+    invoke("match", qd, "--run", run, "--out", tmp_path / "again.csv", "-q")
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["queries"][0]["candidates"][0]["individual_id"] == "newcomer_1"
+
+
+def test_enroll_decisions_refuses_bad_rows_naming_their_lines(chain, tmp_path):
+    root, run, qdir, truth = chain
+    photo = sorted(qdir.rglob("*.jpg"))[0]
+    gallery_id = list(csv.DictReader(open(root / "split" / "gallery.csv")))[0]["individual_id"]
+    bad = tmp_path / "decisions.csv"
+    bad.write_text("image,decision,individual_id,note\n"
+                   f"{photo},match,nobody_77,\n"
+                   f"{photo.with_name('missing.jpg')},new,x1,\n"
+                   f"{photo},maybe,,\n"
+                   f"{photo.parent / 'other.jpg'},new,{gallery_id},\n")
+    r = runner.invoke(app, ["enroll", "--decisions", str(bad), "--run", str(run), "-q"])
+    assert r.exit_code == 2
+    text = " ".join(r.output.split())
+    assert "4 problem(s)" in text and "nothing enrolled" in text
+    assert f"{bad}:2: individual nobody_77 is not in the run's gallery" in text
+    assert f"{bad}:3: image" in text and "not found" in text
+    assert f"{bad}:4: image" in text and "more than one decision" in text
+    assert f"{bad}:5: individual {gallery_id} is already in the gallery" in text
+    assert not (run / "enrolled.csv").exists()
 
 
 def test_run_folder_copied_without_the_gallery_photos_matches_the_same(chain, tmp_path):
