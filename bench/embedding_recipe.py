@@ -10,6 +10,7 @@ faiss shortlist (no keypoint stage: this compares what training changes). Recipe
   batchlap     in-batch LAP on the batch's own cosine matrix, mined_weight 0.25
   arcface      sub-center ArcFace (weight 1) beside the pair BCE
   wide         input 256x352 (flanks are wide)
+  wide_batchlap  both
 Prints a table (closed-set top-1 and MAP@5 of each stage, the epochs reached) and writes
 bench/results/embedding_recipe.json.
 
@@ -44,6 +45,7 @@ RECIPES = {
     "batchlap": {"mining": "batch", "mined_weight": 0.25},
     "arcface": {"arcface_weight": 1.0},
     "wide": {"model": ModelConfig(input_size=(256, 352))},
+    "wide_batchlap": {"model": ModelConfig(input_size=(256, 352)), "mining": "batch", "mined_weight": 0.25},
 }
 
 

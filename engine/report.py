@@ -10,6 +10,7 @@ the answers that most need a human eye before the easy ones.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -69,6 +70,10 @@ class ReportConfig:
     max_lines: int = 60        # inlier lines drawn per match (evenly subsampled beyond)
     max_candidates: int = 5
     page_size: int = 20        # queries rendered per page
+
+    def __post_init__(self):
+        if not 16 <= min(self.query_px, self.candidate_px) <= max(self.query_px, self.candidate_px) <= 255:
+            raise ValueError("thumbnail sides must be 16 to 255 pixels (inliers are stored as bytes)")
 
 
 def load_rgb(image) -> np.ndarray | None:
@@ -164,18 +169,20 @@ def _number(v) -> float | None:
     return None if math.isnan(f) else round(f, 4)
 
 
-def _inliers(xy, q: dict | None, g: dict | None, max_lines: int) -> list | None:
-    """Inlier pairs in thumbnail pixels (x_q, y_q, x_g, y_g), at most max_lines, evenly subsampled."""
+def _inliers(xy, q: dict | None, g: dict | None, max_lines: int) -> str | None:
+    """Inlier pairs in whole thumbnail pixels (x_q, y_q, x_g, y_g), at most max_lines (evenly
+    subsampled), as base64 of uint8 quadruples: thumbnails are under 256 pixels, and 200 queries of
+    5 candidates with 60 lines each then take 0.3 MB of the page instead of 1 MB as JSON numbers."""
     if xy is None:
         return None
     pts = np.asarray(xy, dtype=np.float64).reshape(-1, 4)
     pts = pts[np.all(np.isfinite(pts), axis=1)]
     if q is None or g is None:
-        return []
+        return ""
     if len(pts) > max_lines:
         pts = pts[np.linspace(0, len(pts) - 1, max_lines).round().astype(int)]
     pts = pts * np.array([q["sx"], q["sy"], g["sx"], g["sy"]])
-    return np.round(pts).astype(int).tolist()  # whole thumbnail pixels: enough to draw, half the bytes
+    return base64.b64encode(np.clip(np.round(pts), 0, 255).astype(np.uint8).tobytes()).decode("ascii")
 
 
 def _conf_key(q: ReportQuery) -> float:
