@@ -1,6 +1,8 @@
 """The gallery of a run: its photos, their individual IDs and viewpoints, and their embeddings.
 
-Stored in `gallery.h5` in gallery order so a run folder carries its gallery to another machine.
+Stored in `gallery.h5` in gallery order so a run folder carries its gallery to another machine: the
+paths of photos under the run's images root are stored relative to it (the root is recorded in
+config.json), so the run folder finds its photos wherever the two are moved together.
 """
 from __future__ import annotations
 
@@ -56,22 +58,36 @@ class Gallery:
                        np.concatenate([self.embeddings, other.embeddings]),
                        (self.keys or [""] * len(self)) + (other.keys or [""] * len(other)))
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, root: Path | None = None) -> None:
+        """Paths under `root` are written relative to it, the others absolute."""
+        stored = [_relative(p, root) for p in self.paths]
         with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
             f.create_dataset("embeddings", data=self.embeddings)
             f.create_dataset("bboxes", data=self.bboxes)
             for name in ("paths", "ids", "viewpoints", "keys"):
-                values = getattr(self, name)
+                values = stored if name == "paths" else getattr(self, name)
                 if values is not None:
                     f.create_dataset(name, data=np.array(values, dtype=object), dtype=_STR)
 
     @classmethod
-    def load(cls, path: Path) -> "Gallery":
+    def load(cls, path: Path, root: Path | None = None) -> "Gallery":
+        """Relative paths are resolved against `root` (the run's images root)."""
         if not Path(path).is_file():
             raise UserError(f"{path} not found: the run folder has no gallery (run `cli.py train-siamese`)")
         def strings(f, name):
             return [s.decode() if isinstance(s, bytes) else s for s in f[name][()]] if name in f else None
 
         with h5py.File(path, "r") as f:
-            return cls(paths=strings(f, "paths"), ids=strings(f, "ids"), viewpoints=strings(f, "viewpoints"),
+            paths = [p if root is None or Path(p).is_absolute() else str(Path(root) / p)
+                     for p in strings(f, "paths")]
+            return cls(paths=paths, ids=strings(f, "ids"), viewpoints=strings(f, "viewpoints"),
                        bboxes=f["bboxes"][()], embeddings=f["embeddings"][()], keys=strings(f, "keys"))
+
+
+def _relative(path: str, root: Path | None) -> str:
+    if root is None:
+        return path
+    try:
+        return Path(path).relative_to(Path(root)).as_posix()
+    except ValueError:
+        return path

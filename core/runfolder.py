@@ -125,6 +125,18 @@ class RunFolder:
         atomic_write_json(self.config_path, cfg)
         return cfg
 
+    def images_root(self) -> Path | None:
+        """Where the gallery's relative photo paths start: the folder recorded at train-siamese if it
+        still exists, else the same folder found by its position relative to the run folder (both
+        moved together), else the recorded one (photos gone: cached features are read by key)."""
+        cfg = self.config()
+        recorded, from_run = cfg.get("images_root"), cfg.get("images_root_from_run")
+        if recorded and Path(recorded).is_dir():
+            return Path(recorded)
+        if from_run is not None and (self.path / from_run).is_dir():
+            return (self.path / from_run).resolve()
+        return Path(recorded) if recorded else None
+
     def heldout(self) -> set[str]:
         """Individuals kept out of Siamese training (and of verifier training)."""
         return set(read_json(self.heldout_path)["individuals"]) if self.heldout_path.is_file() else set()

@@ -116,7 +116,7 @@ def main(cfg: MatchConfig, paths: Paths, threads: int | None = None, progress: b
     for stage in engine.stages:  # local features now, so the first match does not pay for them
         if hasattr(stage, "store"):
             stage.store.get(added, stage.workers, progress=progress, desc=f"{stage.name} of new photos")
-    gallery.save(engine.run.gallery_path)
+    gallery.save(engine.run.gallery_path, engine.run.images_root())
     rows = write_added(engine.run.path, added)
     new_ids = {r.individual_id for r in added} - before
     skipped = skipped_note(emb) + (f", {already} already in the gallery" if already else "") + extra

@@ -90,7 +90,7 @@ class Engine:
         run = RunFolder(run_path)
         config = run.config()
         model = load_model(run.weights_path)
-        engine = cls(run, model, Gallery.load(run.gallery_path), config, stages)
+        engine = cls(run, model, Gallery.load(run.gallery_path, run.images_root()), config, stages)
         engine.precision = resolve_precision(model, precision, config.get("precision"))
         return engine
 
@@ -280,5 +280,5 @@ def build_gallery(run: RunFolder, model: SiameseNet, records: Sequence[Record], 
         model.center.copy_(torch.from_numpy(emb.features.mean(axis=0)).to(model.center.device))
         emb.embeddings = normalize_features(model, emb.features)
     gallery = Gallery.from_records([records[i] for i in emb.ok], emb.embeddings)
-    gallery.save(run.gallery_path)
+    gallery.save(run.gallery_path, run.images_root())
     return gallery, emb

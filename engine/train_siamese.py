@@ -5,6 +5,7 @@ Epochs 0 is the retrieval baseline: the pretrained backbone with GeM pooling, no
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass, replace
@@ -76,8 +77,11 @@ def main(cfg: TrainConfig, paths: Paths, resume: bool = False, progress: bool = 
             stale.unlink()
     model_cfg = cfg.model.resolved()
     cfg = replace(cfg, model=model_cfg)
+    root = Path(images_dir if images_dir is not None else Path(catalog_csv).parent).resolve()
     run.create({"catalog": str(Path(catalog_csv).resolve()),
                 "images": str(Path(images_dir).resolve()) if images_dir else None,
+                # gallery.h5 stores photo paths relative to this root, found again after a move
+                "images_root": str(root), "images_root_from_run": os.path.relpath(root, Path(out).resolve()),
                 "train": cfg.to_dict()})
     # a trained network's epoch is chosen on some held-out individuals: calibration gets the others,
     # so that tau is not fitted on individuals the choice already saw

@@ -4,6 +4,7 @@ import csv
 import json
 import re
 import shutil
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -291,3 +292,30 @@ def test_query_expansion_searches_with_the_averaged_query(chain):
     np.testing.assert_allclose(expanded[0].similarity, sims, atol=1e-5)
     out = invoke("evaluate", "--catalog", truth, "--images", qdir, "--run", run, "--query-expansion", 2, "-q")
     assert "closed top-1" in out
+
+
+def test_run_folder_and_photos_moved_together_find_each_other(tmp_path):
+    """gallery.h5 stores paths relative to the images root of config.json: a project folder (photos +
+    run) copied elsewhere, the original gone, still resolves every gallery photo in its new place."""
+    project = tmp_path / "project"
+    catalog = make_dataset(project / "photos", n_individuals=4, photos_per_individual=2, seed=3, size=(96, 128))
+    invoke("train-siamese", "--catalog", catalog, "--out", project / "runs" / "r", "--epochs", 0,
+           "--input-size", "64x96", "-q")
+    cfg = json.loads((project / "runs" / "r" / "config.json").read_text())
+    assert cfg["images_root"] == str((project / "photos").resolve()) and cfg["images_root_from_run"] == "../../photos"
+    import h5py
+    with h5py.File(project / "runs" / "r" / "gallery.h5") as f:
+        stored = [p.decode() if isinstance(p, bytes) else p for p in f["paths"][()]]
+    assert stored and not any(Path(p).is_absolute() for p in stored)
+    moved = tmp_path / "elsewhere" / "project"
+    shutil.copytree(project, moved)
+    shutil.rmtree(project)
+    from engine.pipeline import Engine
+    engine = Engine.load(moved / "runs" / "r")
+    assert all(Path(p).is_file() and str(moved) in p for p in engine.gallery.paths)
+    q = tmp_path / "q"
+    q.mkdir()
+    shutil.copyfile(engine.gallery.paths[0], q / "x.jpg")
+    invoke("match", q, "--run", moved / "runs" / "r", "--out", tmp_path / "p.csv", "-q")
+    ev = json.loads((tmp_path / "p.json").read_text())
+    assert ev["queries"][0]["candidates"][0]["gallery_image"].startswith(str(moved))
