@@ -32,6 +32,12 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _use_executor(kind: str, address: str | None) -> None:
+    from core.executor import ExecutorConfig, use_executor
+
+    use_executor(ExecutorConfig(kind=kind, ray_address=address))
+
+
 def user_errors(fn):
     """A user's mistake ends in one sentence on stderr and exit code 2, never a traceback."""
 
@@ -60,6 +66,10 @@ ImagesOpt = Annotated[Optional[Path], typer.Option("--images", help="Folder the 
                                                    "relative to. Default: the catalog's own folder.")]
 RunOpt = Annotated[Path, typer.Option("--run", help="Run folder made by train-siamese.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+ExecutorOpt = Annotated[str, typer.Option(help="Where embedding, keypoint extraction and verification run: "
+                                          "local (this process) or ray (Ray tasks; results are cached here).")]
+RayAddressOpt = Annotated[Optional[str], typer.Option(help="Ray cluster to use with --executor ray (default: "
+                                                      "$RAY_ADDRESS, else a local Ray started on demand).")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
 PrecisionOpt = Annotated[str, typer.Option(help="Network precision: auto (fp32, unless the CPU computes bf16 "
                                            "natively and bf16 measures faster; bf16 or fp16 on a GPU), fp32, "
@@ -119,10 +129,12 @@ def train_siamese_cmd(
     resume: Annotated[bool, typer.Option(help="Continue from the run folder's last checkpoint.")] = False,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
     precision: PrecisionOpt = "auto",
+    executor: ExecutorOpt = "local", ray_address: RayAddressOpt = None,
     quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ):
     """Build a run folder from a labelled catalog: the network, the gallery embeddings, the settings."""
     _setup_logging(verbose)
+    _use_executor(executor, ray_address)
     from siamese.model import ModelConfig
     from engine import train_siamese
 
@@ -148,6 +160,7 @@ def train_verifier_cmd(
     seed: Annotated[int, typer.Option(help="Seed for sampling and the validator.")] = 0,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
     precision: PrecisionOpt = "auto",
+    executor: ExecutorOpt = "local", ray_address: RayAddressOpt = None,
     quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ):
     """Fit the keypoint verifier: SIFT/RootSIFT matches, double homography, XGBoost on the geometry.
@@ -156,6 +169,7 @@ def train_verifier_cmd(
     photos; prints the held-out AUC (folds by individual) beside the raw inlier count's.
     """
     _setup_logging(verbose)
+    _use_executor(executor, ray_address)
     from keypoints.features import PRESETS
     from engine import train_verifier
 
@@ -185,6 +199,7 @@ def calibrate(
     verify_top: VerifyTopOpt = MatchConfig.verify_top,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
     precision: PrecisionOpt = "auto",
+    executor: ExecutorOpt = "local", ray_address: RayAddressOpt = None,
     quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ):
     """Calibrate each stage's score, fit their fusion and the new_individual threshold.
@@ -193,6 +208,7 @@ def calibrate(
     the gallery); prints per-fold MAP@5 and its spread, then refits on all folds (calibration.json).
     """
     _setup_logging(verbose)
+    _use_executor(executor, ray_address)
     from engine import calibrate as command
 
     if calibrator not in ("isotonic", "logistic"):
@@ -233,12 +249,14 @@ def match(
                                                  "one).")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
     precision: PrecisionOpt = "auto",
+    executor: ExecutorOpt = "local", ray_address: RayAddressOpt = None,
     matchers: MatchersOpt = None,
     query_expansion: QueryExpansionOpt = MatchConfig.query_expansion,
     quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ):
     """Rank the known individuals for every photo in TEST_DIR and write the top-5 of each."""
     _setup_logging(verbose)
+    _use_executor(executor, ray_address)
     from engine import match as command
 
     cfg = MatchConfig(shortlist=shortlist, verify_top=verify_top, tau=tau, query_expansion=query_expansion,
@@ -256,6 +274,7 @@ def evaluate(
     tau: Annotated[Optional[float], typer.Option(help="new_individual threshold (default: calibrated).")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
     precision: PrecisionOpt = "auto",
+    executor: ExecutorOpt = "local", ray_address: RayAddressOpt = None,
     matchers: MatchersOpt = None,
     query_expansion: QueryExpansionOpt = MatchConfig.query_expansion,
     quiet: QuietOpt = False, verbose: VerboseOpt = False,
@@ -266,6 +285,7 @@ def evaluate(
     that is itself in the gallery is never matched with itself.
     """
     _setup_logging(verbose)
+    _use_executor(executor, ray_address)
     from engine import evaluate as command
 
     cfg = MatchConfig(shortlist=shortlist, verify_top=verify_top, tau=tau, query_expansion=query_expansion,
@@ -288,6 +308,7 @@ def enroll(
                                                    "absolute paths).")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
     precision: PrecisionOpt = "auto",
+    executor: ExecutorOpt = "local", ray_address: RayAddressOpt = None,
     quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ):
     """Add newly confirmed photos (and new individuals) to the run's gallery, without retraining.
@@ -298,6 +319,7 @@ def enroll(
     ready to append to your catalog.
     """
     _setup_logging(verbose)
+    _use_executor(executor, ray_address)
     from engine import enroll as command
 
     typer.echo(command.main(MatchConfig(), command.Paths(catalog, run, images, decisions), threads,

@@ -49,6 +49,7 @@ class StageContext:
     gallery: Gallery
     model: Any = None  # the run's Siamese network
     workers: int = 2
+    executor: Any = None  # core.executor.LocalExecutor or RayExecutor (None: this process)
     extra: dict = field(default_factory=dict)
 
 

@@ -12,16 +12,19 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict
+from functools import partial
 from typing import Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from core.cache import FeatureCache, record_key
 from core.catalog import Record
 from core.errors import UserError
+from core.executor import current_executor
 from core.gallery import Gallery
 from core.stage import TOP, PairBatch, StageContext, StageOutput
-from keypoints.features import KeypointConfig, config_from_dict
+from keypoints.features import KeypointConfig, Keypoints, config_from_dict, extract_keypoints
 from keypoints.store import KeypointStore, verify_record_pairs
 from keypoints.validator import Validator
 from keypoints.verify import FEATURE_NAMES, PairResult, VerifyConfig, feature_matrix
@@ -57,18 +60,30 @@ class KeypointStage:
     scope = TOP
     default_tau = 0.5  # a probability
     pairs_dir = "pairs"  # under the run's cache/
+    features_dir = "keypoints"  # per-photo features, under the run's cache/ (also the cache's name)
     evidence_prefix = ""  # the SIFT stage's evidence keeps its historical names (inliers, inliers_xy)
 
-    def __init__(self, run, kcfg, vcfg: VerifyConfig, validator: Validator | None, workers: int = 2):
+    def __init__(self, run, kcfg, vcfg: VerifyConfig, validator: Validator | None, workers: int = 2,
+                 executor=None):
         self.kcfg, self.vcfg, self.validator, self.workers = kcfg, vcfg, validator, workers
+        self.executor = executor  # core.executor: None or local = this process, ray = tasks
         self.store = self.make_store(run)
         self.pairs = FeatureCache(run.cache_dir / self.pairs_dir, "pairs:" + json.dumps(self.config(), sort_keys=True))
 
     def make_store(self, run) -> KeypointStore:
-        return KeypointStore(run.cache_dir / "keypoints", self.kcfg)
+        return KeypointStore(run.cache_dir / self.features_dir, self.kcfg, self.extractor(self.kcfg),
+                             name=self.features_dir)
+
+    @staticmethod
+    def extractor(kcfg):
+        return partial(extract_keypoints, cfg=kcfg)
+
+    @staticmethod
+    def pair_fn_for(kcfg):
+        return None  # verify_pair: RootSIFT matching
 
     def pair_fn(self):
-        return None  # verify_pair: RootSIFT matching
+        return self.pair_fn_for(self.kcfg)
 
     @classmethod
     def validator_path(cls, run):
@@ -92,7 +107,7 @@ class KeypointStage:
             validator = Validator.load(path, expected_features=FEATURE_NAMES)
         except ValueError as e:
             raise UserError(f"{path} does not fit this engine ({e}): run train-verifier again") from None
-        return cls(ctx.run, *cls.configs(ctx.config), validator, ctx.workers)
+        return cls(ctx.run, *cls.configs(ctx.config), validator, ctx.workers, ctx.executor)
 
     def config(self) -> dict:
         return self.settings()
@@ -102,8 +117,11 @@ class KeypointStage:
         keys = [_pair_key(q, g) for q, g in pairs]
         cached = {k: _from_arrays(v) for k, v in self.pairs.get({k for k in keys if k}).items()}
         todo = [i for i, k in enumerate(keys) if k is None or k not in cached]
-        fresh = verify_record_pairs(self.store, [pairs[i] for i in todo], self.vcfg, self.workers, progress,
-                                    pair_fn=self.pair_fn())
+        if (self.executor or current_executor()).remote:
+            fresh = self._verify_remote([pairs[i] for i in todo], progress)
+        else:
+            fresh = verify_record_pairs(self.store, [pairs[i] for i in todo], self.vcfg, self.workers, progress,
+                                        pair_fn=self.pair_fn())
         new = {}
         for i, res in zip(todo, fresh):
             # a pair with a photo that had no keypoints (unreadable, perhaps only for now) is not kept
@@ -112,6 +130,39 @@ class KeypointStage:
         self.pairs.add(new)
         by_pos = dict(zip(todo, fresh))
         return [by_pos[i] if i in by_pos else cached[keys[i]] for i in range(len(pairs))]
+
+    def _verify_remote(self, pairs: Sequence[tuple[Record, Record]], progress: bool) -> list[PairResult]:
+        """Chunks of pairs as tasks of the remote executor: each gets the cached features of its
+        photos, extracts the missing ones and verifies; the driver caches what comes back."""
+        chunks = [pairs[i:i + REMOTE_CHUNK] for i in range(0, len(pairs), REMOTE_CHUNK)]
+        known_bad = set(self.store.cache.unreadable())
+
+        def tasks():
+            for part in chunks:
+                recs = {}
+                for rec in (r for pair in part for r in pair):
+                    recs.setdefault(record_key(rec), rec)
+                recs.pop(None, None)
+                yield {"pairs": part, "cached": self.store.cache.get(set(recs)),
+                       "skip": {k for k in recs if k in known_bad}}
+
+        results, new, failed = [], {}, {}
+        with tqdm(total=len(pairs), desc=f"verifying ({self.name}, ray)", unit="pair", disable=not progress,
+                  leave=False) as bar:
+            for part, (res, extracted, bad) in zip(chunks, (self.executor or current_executor()).map(
+                    verify_chunk, tasks(), type(self).__name__, self.kcfg, self.vcfg)):
+                results += res
+                new.update(extracted)
+                failed.update(bad)
+                if len(new) >= 512:  # bounded loss if the driver is killed
+                    self.store.cache.add(new)
+                    new = {}
+                bar.update(len(part))
+        for message in failed.values():
+            log.warning("no keypoints: %s", message)
+        self.store.cache.add(new)
+        self.store.cache.add_unreadable(failed)
+        return results
 
     def score(self, batch: PairBatch, gallery: Gallery, progress: bool = False) -> StageOutput:
         record_pairs = [(batch.queries[qp], gallery.record(int(g))) for qp, g in zip(batch.query_pos,
@@ -133,22 +184,25 @@ class XFeatStage(KeypointStage):
     name = "xfeat"
     matcher = "xfeat"
     pairs_dir = "pairs-xfeat"
+    features_dir = "xfeat"
     evidence_prefix = "xfeat_"
 
-    def __init__(self, run, kcfg, vcfg: VerifyConfig, validator: Validator | None, workers: int = 1):
+    def __init__(self, run, kcfg, vcfg: VerifyConfig, validator: Validator | None, workers: int = 1,
+                 executor=None):
         # torch runs its own threads inside each extraction and match: one photo or pair at a time
-        super().__init__(run, kcfg, vcfg, validator, workers=1)
+        super().__init__(run, kcfg, vcfg, validator, workers=1, executor=executor)
 
-    def make_store(self, run) -> KeypointStore:
+    @staticmethod
+    def extractor(kcfg):
         from keypoints.xfeat import extract_xfeat
 
-        return KeypointStore(run.cache_dir / "xfeat", self.kcfg, lambda image: extract_xfeat(image, self.kcfg),
-                             name="xfeat")
+        return partial(extract_xfeat, cfg=kcfg)
 
-    def pair_fn(self):
+    @staticmethod
+    def pair_fn_for(kcfg):
         from keypoints.xfeat import make_verify_fn
 
-        return make_verify_fn(self.kcfg)
+        return make_verify_fn(kcfg)
 
     @classmethod
     def validator_path(cls, run):
@@ -162,3 +216,42 @@ class XFeatStage(KeypointStage):
 
     def settings(self) -> dict:
         return {"xfeat": {"extract": asdict(self.kcfg), "verify": self.vcfg.to_dict()}}
+
+
+REMOTE_CHUNK = 64  # pairs per Ray task: ~0.7 s of work for SIFT, far above a task's overhead
+_WORKER_TOOLS: dict = {}
+
+
+def verify_chunk(task: dict, stage_class: str, kcfg, vcfg: VerifyConfig) -> tuple[list, dict, dict]:
+    """A Ray task: the features of the chunk's photos (cached ones given, the others extracted here)
+    and the verification of its pairs. Returns (results in pair order, new features, unreadable
+    photos with the reason)."""
+    from core.executor import kill_once_hook
+    from keypoints.store import extract_arrays
+    from keypoints.verify import verify_pairs
+
+    kill_once_hook()
+    cls = {c.__name__: c for c in (KeypointStage, XFeatStage)}[stage_class]
+    tool_key = (stage_class, json.dumps(asdict(kcfg), sort_keys=True))
+    if tool_key not in _WORKER_TOOLS:  # XFeat's networks load once per worker
+        _WORKER_TOOLS.clear()
+        _WORKER_TOOLS[tool_key] = (cls.extractor(kcfg), cls.pair_fn_for(kcfg))
+    extract, pair_fn = _WORKER_TOOLS[tool_key]
+    arrays = dict(task["cached"])
+    new, failed = {}, {}
+    for q, g in task["pairs"]:
+        for rec in (q, g):
+            key = record_key(rec)
+            if key is None or key in arrays or key in failed or key in task["skip"]:
+                continue
+            a, message, permanent = extract_arrays(rec, extract)
+            if a is not None:
+                arrays[key] = new[key] = a
+            elif permanent:
+                failed[key] = message
+    empty = Keypoints.empty((1, 1))
+    kps = {k: Keypoints.from_arrays(v) for k, v in arrays.items()}
+    keyed = [(record_key(q), record_key(g)) for q, g in task["pairs"]]
+    results = verify_pairs(keyed, {k: kps.get(k, empty) for pair in keyed for k in pair}, vcfg, 1,
+                           **({"pair_fn": pair_fn} if pair_fn else {}))
+    return results, new, failed

@@ -24,6 +24,16 @@ from keypoints.features import Keypoints, extract_keypoints
 log = logging.getLogger(__name__)
 
 
+def extract_arrays(rec: Record, extract) -> tuple[dict | None, str, bool]:
+    """(arrays as the cache stores them, "", False), or (None, reason, permanent) for an unreadable
+    photo. Kept as the cache will give them back next time (float16 descriptors), so that a first
+    run and a rerun score the same."""
+    try:
+        return extract(load_image(rec.path, rec.bbox)).to_arrays("float16"), "", False
+    except ImageError as e:
+        return None, str(e), e.permanent
+
+
 class KeypointStore:
     """`extract(image) -> Keypoints` (default: SIFT/RootSIFT with `cfg`) through the cache, whose
     fingerprint is `name` and the settings."""
@@ -47,26 +57,23 @@ class KeypointStore:
 
         def one(item):
             key, rec = item
-            try:
-                return key, self.extract(load_image(rec.path, rec.bbox))
-            except ImageError as e:
-                log.warning("no keypoints: %s", e)
-                if e.permanent:
-                    failed[key] = str(e)
-                return key, None
+            arrays, message, permanent = extract_arrays(rec, self.extract)
+            if arrays is None:
+                log.warning("no keypoints: %s", message)
+                if permanent:
+                    failed[key] = message
+            return key, arrays
 
         before = cv2.getNumThreads()
         cv2.setNumThreads(1)  # one image per thread instead: the pools would fight otherwise
         new = {}
         try:
             with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-                for key, kp in tqdm(pool.map(one, todo), total=len(todo), desc=desc, unit="img",
-                                    disable=not progress, leave=False):
-                    if kp is not None:
-                        # as the cache will give them back next time (float16 descriptors), so that a
-                        # first run and a rerun score the same
-                        new[key] = kp.to_arrays("float16")
-                        out[key] = Keypoints.from_arrays(new[key])
+                for key, arrays in tqdm(pool.map(one, todo), total=len(todo), desc=desc, unit="img",
+                                        disable=not progress, leave=False):
+                    if arrays is not None:
+                        new[key] = arrays
+                        out[key] = Keypoints.from_arrays(arrays)
                     if len(new) >= 512:  # bounded loss if killed mid-way
                         self.cache.add(new)
                         new = {}

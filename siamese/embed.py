@@ -87,10 +87,56 @@ def normalize_features(model: SiameseNet, feats: np.ndarray) -> np.ndarray:
         return model.normalize(torch.from_numpy(feats).to(model.center.device)).cpu().numpy()
 
 
+def _features_of(model: SiameseNet, loaded: list, batch_size: int) -> list[tuple[np.ndarray | None, str, bool]]:
+    """(features, "", False) per decoded photo, (None, reason, permanent) per unreadable one."""
+    good = [arr for arr, err in loaded if err is None]
+    feats = iter(features_batch(model, np.stack(good), batch_size)) if good else iter(())
+    return [(next(feats), "", False) if err is None else (None, str(err), err.permanent) for _, err in loaded]
+
+
+def _local_batches(model: SiameseNet, records: Sequence[Record], batches: list, workers: int, batch_size: int):
+    """In this process: decoding in a thread pool one batch ahead of the network."""
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        pending = [pool.map(lambda i: _load(records[i], model.config), batches[0])]
+        for bi in range(len(batches)):
+            loaded = list(pending.pop())
+            if bi + 1 < len(batches):
+                pending.append(pool.map(lambda i: _load(records[i], model.config), batches[bi + 1]))
+            yield _features_of(model, loaded, batch_size)
+
+
+def model_blob(model: SiameseNet) -> dict:
+    """What a Ray worker needs to rebuild the network (sent once through the object store)."""
+    return {"key": model_fingerprint(model), "config": model.config.to_dict(), "precision": model.precision.to_dict(),
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+
+
+_WORKER_MODELS: dict[str, SiameseNet] = {}
+
+
+def embed_chunk(records: Sequence[Record], blob: dict, batch_size: int, threads: int) -> list:
+    """A Ray task: decode and embed one batch of photos with the network of `blob` (built once per
+    worker process), on `threads` torch threads (the driver's count: the same bits)."""
+    from core.executor import kill_once_hook
+    from siamese.precision import Precision
+
+    kill_once_hook()
+    torch.set_num_threads(threads)
+    model = _WORKER_MODELS.get(blob["key"])
+    if model is None:
+        model = SiameseNet(ModelConfig.from_dict(blob["config"]), load_pretrained=False)
+        model.load_state_dict(blob["state_dict"])
+        model.set_precision(Precision(**blob["precision"]))
+        _WORKER_MODELS.clear()  # one network per worker at a time
+        _WORKER_MODELS[blob["key"]] = model.eval()
+    return _features_of(model, [_load(r, model.config) for r in records], batch_size)
+
+
 def embed_records(model: SiameseNet, records: Sequence[Record], cache_path: Path | None = None,
                   batch_size: int = 32, workers: int = 2, progress: bool = True,
-                  desc: str = "embedding") -> EmbedResult:
-    """Embed every record, reading what the cache has and adding what it lacks.
+                  desc: str = "embedding", executor=None) -> EmbedResult:
+    """Embed every record, reading what the cache has and adding what it lacks; with a remote
+    executor (Ray) each batch is a task and the results are cached here.
 
     A photo that cannot be decoded is skipped with a warning naming it; the others go on.
     """
@@ -113,31 +159,33 @@ def embed_records(model: SiameseNet, records: Sequence[Record], cache_path: Path
         model.set_precision(model.precision)  # the memory format it asks for
         batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
         bar = tqdm(total=len(todo), desc=desc, unit="img", disable=not progress, leave=False)
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            pending = [pool.map(lambda i: _load(records[i], model.config), batches[0])]
-            for bi, batch in enumerate(batches):
-                loaded = list(pending.pop())
-                if bi + 1 < len(batches):
-                    pending.append(pool.map(lambda i: _load(records[i], model.config), batches[bi + 1]))
-                good = []
-                for i, (arr, err) in zip(batch, loaded):
-                    if err is not None:
-                        log.warning("skipped %s", err)
-                        skipped.append((records[i], str(err)))
-                        if err.permanent and keys[i]:
-                            failed[keys[i]] = str(err)
-                    else:
-                        good.append((i, arr))
-                if good:
-                    feats = features_batch(model, np.stack([a for _, a in good]), batch_size)
-                    for (i, _), f in zip(good, feats):
-                        vectors[i] = f
-                        if keys[i]:
-                            new[keys[i]] = {"features": f}
-                bar.update(len(batch))
-                if cache and len(new) >= 1024:  # bounded loss if killed mid-way
-                    cache.add(new)
-                    new = {}
+        if executor is None:
+            from core.executor import current_executor
+
+            executor = current_executor()
+        if executor.remote:  # one task per batch: the same batches as here
+            # as many torch threads as here: a convolution's sums, hence the last bits of the
+            # embeddings, depend on how many threads share them
+            threads = torch.get_num_threads()
+            done = executor.map(embed_chunk, [[records[i] for i in b] for b in batches],
+                                executor.put(model_blob(model)), batch_size, threads, cpus=threads)
+        else:
+            done = _local_batches(model, records, batches, workers, batch_size)
+        for batch, out in zip(batches, done):
+            for i, (f, message, permanent) in zip(batch, out):
+                if f is None:
+                    log.warning("skipped %s", message)
+                    skipped.append((records[i], message))
+                    if permanent and keys[i]:
+                        failed[keys[i]] = message
+                else:
+                    vectors[i] = f
+                    if keys[i]:
+                        new[keys[i]] = {"features": f}
+            bar.update(len(batch))
+            if cache and len(new) >= 1024:  # bounded loss if killed mid-way
+                cache.add(new)
+                new = {}
         bar.close()
         if cache:
             cache.add(new)

@@ -155,6 +155,15 @@ class LapMiner:
         self._n: int | None = None
         self.last_info: MiningInfo | None = None
 
+    def state(self) -> dict:
+        """The memory of recent pairs, to checkpoint (a resumed training mines as it would have)."""
+        return {"history": [h.copy() for h in self._history], "n": self._n}
+
+    def load_state(self, state: dict) -> None:
+        self._history.clear()
+        self._history.extend(np.asarray(h, np.int64) for h in state["history"])
+        self._n = state["n"]
+
     def reset(self) -> None:
         """Forget the recently used pairs."""
         self._history.clear()

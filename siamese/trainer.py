@@ -23,6 +23,7 @@ network kept is the best by held-out validation, the untrained one included.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -248,6 +249,13 @@ def training_progress(epoch: int, cfg, elapsed_s: float) -> float:
     return min(1.0, max(by_epoch, by_time))
 
 
+def catalog_fingerprint(records: list[Record]) -> str:
+    """What the training photos were (paths, individuals, viewpoints, boxes): a resume refuses
+    another set."""
+    rows = sorted(f"{r.image}\x1f{r.individual_id}\x1f{r.viewpoint or ''}\x1f{r.bbox}" for r in records)
+    return hashlib.sha256("\n".join(rows).encode()).hexdigest()
+
+
 @dataclass
 class _State:
     epoch: int = 0
@@ -298,8 +306,14 @@ def fit(model: SiameseNet, catalog: Catalog, heldout: set, cfg, run: RunFolder, 
     rng = np.random.default_rng(cfg.seed)
     state = _State(history=[])
     embeddings = None  # (n, D) from the last epoch's forward passes
+    resumed_scores = None
+    fingerprint = catalog_fingerprint(train_recs)
+    elapsed_before = 0.0  # training seconds of the epochs a checkpoint holds
     if resume and run.checkpoint_path.is_file():
         ck = torch.load(run.checkpoint_path, map_location=device, weights_only=False)
+        if ck.get("catalog", fingerprint) != fingerprint:  # (checkpoints before the fingerprint: no check)
+            raise UserError(f"--resume: the training photos differ from those of the checkpoint in {run.path} "
+                            "(the catalog changed): train anew into another --out")
         model.load_state_dict(ck["model"])
         if arcface is not None and ck.get("arcface") is not None:
             arcface.load_state_dict(ck["arcface"])
@@ -307,16 +321,21 @@ def fit(model: SiameseNet, catalog: Catalog, heldout: set, cfg, run: RunFolder, 
         rng.bit_generator.state = ck["rng"]
         embeddings = ck.get("embeddings")
         state = _State(epoch=ck["epoch"], best=ck["best"], best_state=ck["best_state"], history=ck["history"])
+        if ck.get("miner"):
+            miner.load_state(ck["miner"])
+        elapsed_before = ck.get("elapsed_s", 0.0)
+        resumed_scores = ck.get("scores")
         log.info("resumed from %s at epoch %d", run.checkpoint_path, state.epoch)
     model.set_precision(model.precision)  # the memory format it asks for
     # fp16 (CUDA without bf16) needs loss scaling; fp32 and bf16 do not
     scaler = torch.amp.GradScaler(device.type, enabled=model.precision.name == "fp16")
-    t_start = time.perf_counter()
+    # a resumed run goes on where the time budget was: the learning rate and the LAP noise follow it
+    t_start = time.perf_counter() - elapsed_before
     deadline = t_start + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
     stopped_by_budget = False
-    scores = None
+    scores = resumed_scores  # the miner's score matrix, refreshed every refresh_every epochs
     bsz = min(cfg.batch_size, n)
-    scores_from_embeddings = False
+    scores_from_embeddings = scores is not None
     centered = cos_initialised = resume and run.checkpoint_path.is_file()
     if not centered:
         # the pretrained network's figure, so the epoch lines can be read against it; it is also the
@@ -428,7 +447,9 @@ def fit(model: SiameseNet, catalog: Catalog, heldout: set, cfg, run: RunFolder, 
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                         "rng": rng.bit_generator.state, "embeddings": embeddings, "epoch": state.epoch,
                         "best": state.best, "best_state": state.best_state, "history": state.history,
-                        "arcface": arcface.state_dict() if arcface is not None else None}, tmp)
+                        "arcface": arcface.state_dict() if arcface is not None else None,
+                        "miner": miner.state(), "elapsed_s": time.perf_counter() - t_start,
+                        "scores": scores if scores_from_embeddings else None, "catalog": fingerprint}, tmp)
     if state.best_state is not None:
         model.load_state_dict(state.best_state)
     model.eval()
