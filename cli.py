@@ -118,7 +118,7 @@ def train_siamese_cmd(
     input_size: Annotated[str, typer.Option(help="Network input HEIGHTxWIDTH in pixels.")] = "224x224",
     epochs: Annotated[int, typer.Option(min=0, help="Training epochs (the time budget usually stops first); "
                                         "0 = the pretrained network, retrieval only.")] = _TRAIN.epochs,
-    max_minutes: Annotated[Optional[float], typer.Option(help="Stop training after this many minutes.")] =
+    max_minutes: Annotated[Optional[float], typer.Option(help="Stop training after this many minutes; the learning rate and LAP noise follow the clock then. 0 = no time budget: the schedule follows epochs only, so two runs give the same bits.")] =
     _TRAIN.max_minutes,
     seed: Annotated[int, typer.Option(help="Seed for splits, mining and initialisation.")] = _TRAIN.seed,
     heldout_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of individuals (with 2+ "

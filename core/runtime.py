@@ -34,6 +34,9 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    # the same bits from the same seed: deterministic kernels where torch has a choice (on CPU the
+    # multi-threaded weight-gradient sums otherwise differ run to run in the last bits)
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def torch_device():

@@ -9,20 +9,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from typer.testing import CliRunner
-
-from cli import app
 from core.executor import _CURRENT, KILL_ONCE_ENV
 from engine.synthetic import make_dataset, split_open_set
+from tests.test_engine_chain import invoke
 
 pytestmark = pytest.mark.slow
-runner = CliRunner()
-
-
-def invoke(*args):
-    r = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-    assert r.exit_code == 0, r.output
-    return r.output
 
 
 @pytest.fixture(scope="module")
