@@ -13,6 +13,7 @@ machine above (16 -> 32 images/s), and the format oneDNN's bf16 kernels want.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import platform
 import time
@@ -65,7 +66,10 @@ def cpu_info() -> dict:
 
 def _images_per_second(model, precision: Precision, device: torch.device, input_size, batch: int = 8,
                        repeats: int = 2) -> float:
-    """Forward passes of the real network on random input: one to warm up, then the best of `repeats`."""
+    """Forward passes of the real network on random input: one to warm up, then the best of `repeats`.
+    They run on a copy in eval mode: in train mode they would update the network's batch-norm
+    statistics with the random input (which once changed every embedding on CPUs with native bf16)."""
+    model = copy.deepcopy(model).eval()
     x = torch.randn(batch, 3, *input_size, device=device)
     fmt = torch.channels_last if precision.channels_last else torch.contiguous_format
     model.to(memory_format=fmt)

@@ -63,6 +63,18 @@ def test_resolve_sets_the_model_and_records_the_choice():
         assert model.precision == P.Precision("fp32", True)
 
 
+def test_measuring_leaves_the_network_untouched():
+    """The first-use measurement feeds random input through the network: in train mode that would
+    rewrite its batch-norm statistics (and so every embedding) on CPUs with native bf16."""
+    model = SiameseNet(ModelConfig(input_size=(64, 64))).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for p in (P.Precision("fp32", True), P.Precision("bf16", True)):
+        assert P._images_per_second(model, p, torch.device("cpu"), (64, 64), batch=2, repeats=1) > 0
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "a measurement changed the weights"
+    assert model.training  # its mode as the caller left it
+
+
 def test_precision_is_part_of_the_cache_fingerprint_and_bf16_stays_close_to_fp32():
     model = SiameseNet(ModelConfig(input_size=(96, 128))).eval()
     x = np.stack([preprocess(render_canonical(make_individual(f"i{k}", k), size=(96, 128)), model.config)
