@@ -47,6 +47,8 @@ def load_image(path: Path, bbox: tuple[int, int, int, int] | None = None) -> np.
                 arr = _to_rgb_array(img)
     except ImageError:
         raise
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{path}: image too large to decode safely ({e})") from None
     except FileNotFoundError:
         raise ImageError(f"{path}: file not found") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:

@@ -16,6 +16,7 @@ import cv2
 from tqdm.auto import tqdm
 
 from core.cache import FeatureCache, record_key
+from core.executor import current_executor
 from core.catalog import Record
 from core.errors import ImageError
 from core.images import load_image
@@ -32,6 +33,18 @@ def extract_arrays(rec: Record, extract) -> tuple[dict | None, str, bool]:
         return extract(load_image(rec.path, rec.bbox)).to_arrays("float16"), "", False
     except ImageError as e:
         return None, str(e), e.permanent
+
+
+REMOTE_PHOTOS = 32  # photos per Ray task
+
+
+def extract_chunk(records: Sequence[Record], extract) -> list:
+    """A Ray task: extract_arrays of each photo."""
+    from core.executor import kill_once_hook
+
+    kill_once_hook()
+    cv2.setNumThreads(1)
+    return [extract_arrays(rec, extract) for rec in records]
 
 
 class KeypointStore:
@@ -55,9 +68,9 @@ class KeypointStore:
             return out
         failed: dict[str, str] = {}
 
-        def one(item):
+        def one(item, done=None):
             key, rec = item
-            arrays, message, permanent = extract_arrays(rec, self.extract)
+            arrays, message, permanent = done if done is not None else extract_arrays(rec, self.extract)
             if arrays is None:
                 log.warning("no keypoints: %s", message)
                 if permanent:
@@ -67,9 +80,18 @@ class KeypointStore:
         before = cv2.getNumThreads()
         cv2.setNumThreads(1)  # one image per thread instead: the pools would fight otherwise
         new = {}
+        executor = current_executor()
         try:
             with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-                for key, arrays in tqdm(pool.map(one, todo), total=len(todo), desc=desc, unit="img",
+                if executor.remote:  # Ray: chunks of photos as tasks, the results cached here
+                    chunks = [todo[i:i + REMOTE_PHOTOS] for i in range(0, len(todo), REMOTE_PHOTOS)]
+                    done = (item for part, res in zip(chunks, executor.map(
+                        extract_chunk, [[rec for _, rec in part] for part in chunks], self.extract))
+                        for item in zip(part, res))
+                    results = (one(item, first) for item, first in done)
+                else:
+                    results = pool.map(one, todo)
+                for key, arrays in tqdm(results, total=len(todo), desc=desc, unit="img",
                                         disable=not progress, leave=False):
                     if arrays is not None:
                         new[key] = arrays

@@ -205,3 +205,32 @@ def test_resume_refuses_other_split_settings_and_says_when_it_starts_over(sample
     r = runner.invoke(app, [str(a) for a in ["train-siamese", "--catalog", sample, "--out", fresh, "--epochs", 1,
                                              "--input-size", SIZE, "--batch-size", 8, "--resume", "-v"]])
     assert r.exit_code == 0 and "no checkpoint" in r.output
+
+
+def test_non_ascii_and_spaces_in_paths(tmp_path):
+    """Folders and photo names with accents and spaces, through train-siamese, match and the page."""
+    from engine.synthetic import make_dataset
+
+    folder = tmp_path / "Zèbres du parc"
+    catalog = make_dataset(folder, n_individuals=4, photos_per_individual=2, seed=4, size=(96, 128))
+    rows = read_csv(catalog)
+    for r in rows:
+        new = f"é {r['image'].replace('/', ' ')}"
+        (folder / r["image"]).rename(folder / new)
+        r["image"] = new
+    with open(catalog, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    run = tmp_path / "run ü"
+    r = invoke("train-siamese", "--catalog", catalog, "--out", run, "--epochs", 0, "--input-size", SIZE, "-q")
+    assert r.exit_code == 0, r.output
+    queries = tmp_path / "nouvelles photos"
+    queries.mkdir()
+    shutil.copyfile(folder / rows[0]["image"], queries / "photo ü 1.jpg")
+    pred = tmp_path / "prédictions.csv"
+    r = invoke("match", queries, "--run", run, "--out", pred, "--report", tmp_path / "revue é.html", "-q")
+    assert r.exit_code == 0, r.output
+    out = read_csv(pred)
+    assert out[0]["image"] == "photo ü 1.jpg" and out[0]["predictions"].split()[0] == rows[0]["individual_id"]
+    assert (tmp_path / "revue é_files").is_dir()

@@ -71,3 +71,15 @@ def test_corrupt_and_empty_files_name_the_file(tmp_path):
     (tmp_path / "trunc.jpg").write_bytes(data[: len(data) // 3])
     with pytest.raises(ImageError, match="trunc.jpg"):
         load_image(tmp_path / "trunc.jpg")
+
+
+def test_very_large_photo_is_read_and_a_pixel_bomb_refused(tmp_path, monkeypatch):
+    from PIL import Image
+
+    big = tmp_path / "big.jpg"
+    Image.new("RGB", (6000, 4000), (90, 120, 60)).save(big, quality=70)
+    assert load_image(big).shape == (4000, 6000, 3)
+    # past twice PIL's pixel limit a file is refused as a decompression bomb: a named skip, not a crash
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)
+    with pytest.raises(ImageError, match="big.jpg: image too large"):
+        load_image(big)

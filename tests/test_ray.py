@@ -65,10 +65,16 @@ def cache_entries(folder: Path) -> dict:
     return out
 
 
-def test_ray_gives_the_local_results(ray_local, sample):
+@pytest.fixture(scope="module")
+def runs(ray_local, sample):
+    """The whole chain run once with each executor, on the same sample and seed."""
     root, gallery, qdir, _ = sample
-    local = build(root, gallery, qdir, "local")
-    remote = build(root, gallery, qdir, "ray")
+    return build(root, gallery, qdir, "local"), build(root, gallery, qdir, "ray")
+
+
+def test_ray_gives_the_local_results(runs, sample):
+    root = sample[0]
+    local, remote = runs
     assert (root / "pred_local.csv").read_bytes() == (root / "pred_ray.csv").read_bytes()
     # the evidence JSON: same scores and inliers (paths differ only by the run folder)
     a = (root / "pred_local.json").read_text().replace(str(local), "RUN")
@@ -84,7 +90,7 @@ def test_ray_gives_the_local_results(ray_local, sample):
     assert (local / "calibration.json").read_text() == (remote / "calibration.json").read_text()
 
 
-def test_a_killed_worker_costs_a_retry(ray_local, sample, tmp_path):
+def test_a_killed_worker_costs_a_retry(ray_local, runs, sample, tmp_path):
     root, gallery, qdir, _ = sample
     run = tmp_path / "run"
     shutil.copytree(root / "run_local", run)
@@ -94,3 +100,23 @@ def test_a_killed_worker_costs_a_retry(ray_local, sample, tmp_path):
     assert ray_local.is_file() and ray_local.read_text().isdigit()  # a worker died (its pid)
     assert (tmp_path / "pred.csv").read_bytes() == (root / "pred_local.csv").read_bytes()
     assert not list((run / "cache").rglob("*.tmp*"))  # nothing half-written in a cache
+
+
+def test_evaluate_and_enroll_under_ray(ray_local, runs, sample, tmp_path):
+    root, _, qdir, truth = sample
+    outputs = {}
+    for ex in ("local", "ray"):
+        run = tmp_path / ex
+        shutil.copytree(runs[ex == "ray"], run)
+        shutil.rmtree(run / "cache" / "pairs")
+        table = invoke("evaluate", "--catalog", truth, "--images", qdir, "--run", run, "--executor", ex, "-q")
+        new = make_dataset(tmp_path / f"new_{ex}", n_individuals=1, photos_per_individual=3, seed=99,
+                           size=(96, 128))
+        summary = invoke("enroll", "--catalog", new, "--run", run, "--executor", ex, "-q")
+        assert "enrolled 3 photos (1 new individuals" in summary
+        with h5py.File(run / "gallery.h5") as f:
+            outputs[ex] = ([line for line in table.splitlines() if "second" not in line and str(run) not in line], f["embeddings"][()],
+                           len(cache_entries(run / "cache" / "keypoints")))
+    assert outputs["local"][0] == outputs["ray"][0]  # the same metrics, stage by stage
+    np.testing.assert_array_equal(outputs["local"][1], outputs["ray"][1])
+    assert outputs["local"][2] == outputs["ray"][2]  # the new photos' keypoints cached either way
