@@ -91,6 +91,9 @@ VerifyTopOpt = Annotated[int, typer.Option(min=0, help="Gallery photos per query
 ShortlistOpt = Annotated[int, typer.Option(min=1, help="Gallery photos proposed per query by the embedding.")]
 QueryExpansionOpt = Annotated[int, typer.Option(min=0, help="Search again with each query averaged with its "
                                                 "best N gallery photos (query expansion; 0: off).")]
+RerankOpt = Annotated[int, typer.Option(min=0, help="k-reciprocal re-ranking of each shortlist with K "
+                                         "neighbours (e.g. 20; 0: off): gallery photos that are among each "
+                                         "other's nearest neighbours move up.")]
 MatchersOpt = Annotated[Optional[str], typer.Option(help="Local matchers to use, comma-separated, among those "
                                                    "the run has a verifier for: sift, xfeat (default: all "
                                                    "of them).")]
@@ -118,8 +121,10 @@ def train_siamese_cmd(
     input_size: Annotated[str, typer.Option(help="Network input HEIGHTxWIDTH in pixels.")] = "224x224",
     epochs: Annotated[int, typer.Option(min=0, help="Training epochs (the time budget usually stops first); "
                                         "0 = the pretrained network, retrieval only.")] = _TRAIN.epochs,
-    max_minutes: Annotated[Optional[float], typer.Option(help="Stop training after this many minutes; the learning rate and LAP noise follow the clock then. 0 = no time budget: the schedule follows epochs only, so two runs give the same bits.")] =
-    _TRAIN.max_minutes,
+    max_minutes: Annotated[Optional[float], typer.Option(
+        help="Stop training after this many minutes; the learning rate and LAP noise follow the clock then. "
+             "0 = no time budget: the schedule follows epochs only, so two runs give the same bits.")
+    ] = _TRAIN.max_minutes,
     seed: Annotated[int, typer.Option(help="Seed for splits, mining and initialisation.")] = _TRAIN.seed,
     heldout_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of individuals (with 2+ "
                                                     "photos) kept out of training, for validation and "
@@ -252,6 +257,7 @@ def match(
     executor: ExecutorOpt = "local", ray_address: RayAddressOpt = None,
     matchers: MatchersOpt = None,
     query_expansion: QueryExpansionOpt = MatchConfig.query_expansion,
+    rerank: RerankOpt = MatchConfig.rerank,
     quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ):
     """Rank the known individuals for every photo in TEST_DIR and write the top-5 of each."""
@@ -260,7 +266,7 @@ def match(
     from engine import match as command
 
     cfg = MatchConfig(shortlist=shortlist, verify_top=verify_top, tau=tau, query_expansion=query_expansion,
-                      matchers=_names(matchers, "--matchers") if matchers else None)
+                      rerank=rerank, matchers=_names(matchers, "--matchers") if matchers else None)
     typer.echo(command.main(cfg, command.Paths(test_dir, run, out, queries, report), threads, progress=not quiet,
                             precision=precision))
 
@@ -277,6 +283,7 @@ def evaluate(
     executor: ExecutorOpt = "local", ray_address: RayAddressOpt = None,
     matchers: MatchersOpt = None,
     query_expansion: QueryExpansionOpt = MatchConfig.query_expansion,
+    rerank: RerankOpt = MatchConfig.rerank,
     quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ):
     """Score the engine on labelled queries: MAP@5, top-1, top-5, new-individual precision/recall/F1.
@@ -289,7 +296,7 @@ def evaluate(
     from engine import evaluate as command
 
     cfg = MatchConfig(shortlist=shortlist, verify_top=verify_top, tau=tau, query_expansion=query_expansion,
-                      matchers=_names(matchers, "--matchers") if matchers else None)
+                      rerank=rerank, matchers=_names(matchers, "--matchers") if matchers else None)
     typer.echo(command.main(cfg, command.Paths(catalog, run, images), threads, progress=not quiet,
                             precision=precision))
 

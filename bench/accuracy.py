@@ -5,7 +5,8 @@ One seeded open-set split (the protocol's split.py: sightings kept together, ~20
 unseen), then side by side in one run:
   baseline   pretrained mobilenetv2_100 embedding, epochs 0 (the retrieval baseline)
   trained    the engine after train-siamese (budget --train-minutes) [+ train-verifier + calibrate]
-with each stage's ranking (embedding, siamese, keypoints, fused) scored by the protocol's metrics.
+with each stage's ranking (embedding, siamese, keypoints, fused) scored by the protocol's metrics,
+and the query-time options (query expansion, k-reciprocal re-ranking) beside them.
 The flank side from metadata.csv is given as `viewpoint` to the gallery and the queries: a
 researcher knows which flank a photo shows.
 Prints a table and writes bench/results/accuracy.json.
@@ -31,6 +32,7 @@ from bench.machine import describe, headline  # noqa: E402
 from core.catalog import load_catalog  # noqa: E402
 from engine.matching import evaluate_pairs, format_metrics  # noqa: E402
 from engine.pipeline import Engine, MatchConfig, write_predictions  # noqa: E402
+from ranker.fusion import FUSED  # noqa: E402
 from core.runtime import set_threads  # noqa: E402
 from siamese.model import ModelConfig  # noqa: E402
 from engine.config import VerifierTrainConfig  # noqa: E402
@@ -76,6 +78,10 @@ def read_truth(path: Path) -> dict[str, str]:
         return {r["image"]: r["individual_id"] for r in csv.DictReader(f)}
 
 
+# query-time options shown beside the defaults (engine.config.MatchConfig)
+OPTIONS = {"qe10": MatchConfig(query_expansion=10), "rerank20": MatchConfig(rerank=20)}
+
+
 def evaluate_run(run: Path, queries_dir: Path, queries_csv: Path, truth: dict, out_dir: Path,
                  label: str) -> tuple[dict, dict]:
     """Each stage's ranking of the same shortlists, scored; the engine's full answer is written."""
@@ -93,6 +99,11 @@ def evaluate_run(run: Path, queries_dir: Path, queries_csv: Path, truth: dict, o
     timing = {"query_seconds": seconds / len(records),
               "stage_seconds_per_query": {k: round(v / len(records), 4) for k, v in engine.seconds.items()},
               "embed_images_per_s": emb.images_per_second if emb.computed else None}  # None: all cached
+    # query-time options, each on its own shortlists: the embedding's ranking and the engine's
+    first = engine.stage_order()[0]
+    for option, ocfg in OPTIONS.items():
+        option_rows = evaluate_pairs(engine, engine.pair_scores(records, emb, ocfg), truth, ocfg)
+        rows.update({f"{label}:{name}+{option}": option_rows[name] for name in (first, FUSED)})
     return rows, {"predictions": str(pred), **timing}
 
 
@@ -139,7 +150,9 @@ def main() -> None:
         proto = subprocess.run([sys.executable, str(SHARED / "protocol" / "score.py"), str(truth_csv),
                                 timing["predictions"]], capture_output=True, text=True, check=True)
         info[label]["protocol_score"] = json.loads(proto.stdout)
-    print(format_metrics(table))
+    for label in info:  # one table per run: its stages, then the options
+        own = {k.split(":", 1)[1]: v for k, v in table.items() if k.startswith(label + ":")}
+        print(f"\n{label}:\n" + format_metrics(own))
     for label, d in info.items():
         ips = d["embed_images_per_s"]
         print(f"{label}: engine answer MAP@5 {d['protocol_score']['map5']:.3f} (protocol score.py), "

@@ -14,6 +14,7 @@ class MatchConfig:
     workers: int = 2
     matchers: tuple[str, ...] | None = None  # local matchers to use (sift, xfeat); None: all the run has
     query_expansion: int = 0  # > 0: search again with the query averaged with its best k gallery photos
+    rerank: int = 0  # > 0: k-reciprocal re-ranking of the shortlist with k neighbours (ranker.rerank)
 
 
 @dataclass(frozen=True)

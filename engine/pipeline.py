@@ -6,6 +6,7 @@ new_individual.
 """
 from __future__ import annotations
 
+import hashlib
 import csv
 import io
 import logging
@@ -28,6 +29,7 @@ from core.stage import ALL, PairBatch, StageContext
 from engine.config import MatchConfig
 from engine.stages import load_stages
 from ranker.fusion import FUSED, ScoreFusion, calibrated_scorers
+from ranker.rerank import gallery_reciprocal_sets, k_reciprocal_rescore
 from siamese.embed import EmbedResult, embed_records, normalize_features
 from siamese.index import EmbeddingIndex
 from siamese.model import SiameseNet, load_model
@@ -75,6 +77,7 @@ class Engine:
         self.calibration = read_json(run.calibration_path) if run.calibration_path.is_file() else None
         self.seconds: dict[str, float] = defaultdict(float)  # time spent in the shortlist and each stage
         self.scorers: dict = {}
+        self._reciprocal: dict = {}  # (index, k) -> the gallery's k-th neighbour similarity and sets
         if self.calibration is not None:
             try:
                 self.scorers = calibrated_scorers(ScoreFusion.from_dict(self.calibration["fusion"]))
@@ -142,6 +145,8 @@ class Engine:
         def search(q):
             # one extra neighbour so that dropping the query's own photo (evaluate on gallery photos) leaves k
             sims, idx = index.search(q, k + 1, views)
+            if cfg.rerank > 0:
+                sims, idx = self.k_reciprocal(index, to_gallery, sims, idx, cfg.rerank)
             if to_gallery is not None:
                 idx = np.where(idx >= 0, to_gallery[np.maximum(idx, 0)], -1)
             return sims, idx
@@ -155,6 +160,28 @@ class Engine:
             keep &= gallery_paths[np.maximum(idx[qi], 0)] != str(Path(rec.path).resolve())
             out.append(QueryPairs(rec, idx[qi][keep][:k], {}, similarity=sims[qi][keep][:k].astype(np.float64)))
         return out
+
+    def k_reciprocal(self, index: EmbeddingIndex, members: np.ndarray | None, sims: np.ndarray, idx: np.ndarray,
+                     k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The shortlists (indices into `index`, over the gallery photos `members`, None: all) re-scored
+        by k-reciprocal re-ranking (`ranker.rerank`); the gallery's own neighbour lists are searched
+        once per gallery subset and k."""
+        key = (k, None if members is None else hashlib.sha1(members.tobytes()).hexdigest())
+        if key not in self._reciprocal:
+            views = [self.gallery.viewpoints[g] for g in (members if members is not None else range(len(self.gallery)))]
+            gs, gi = index.search(index.embeddings, k + 1, views)
+            own = gi == np.arange(len(gi))[:, None]
+            own[~own.any(axis=1), -1] = True  # a duplicate photo ranked above itself: drop the last instead
+            gs, gi = gs[~own].reshape(len(gi), -1), gi[~own].reshape(len(gi), -1)
+            kth = np.where(gi[:, -1] >= 0, gs[:, -1], -np.inf)
+            self._reciprocal = {key: (kth, gallery_reciprocal_sets(gi))}  # one index at a time
+        kth, sets = self._reciprocal[key]
+        out_s, out_i = np.empty_like(sims), np.empty_like(idx)
+        for q in range(len(sims)):
+            ok = idx[q] >= 0
+            s, i = k_reciprocal_rescore(sims[q][ok], idx[q][ok], kth, sets, k)
+            out_s[q], out_i[q] = np.concatenate([s, sims[q][~ok]]), np.concatenate([i, idx[q][~ok]])
+        return out_s, out_i
 
     def expand_queries(self, recs, q: np.ndarray, sims: np.ndarray, idx: np.ndarray, n: int) -> np.ndarray:
         """Query expansion: each query averaged with its `n` best gallery photos (its own photo left

@@ -294,6 +294,33 @@ def test_query_expansion_searches_with_the_averaged_query(chain):
     assert "closed top-1" in out
 
 
+def test_k_reciprocal_rerank_reorders_the_shortlist(chain):
+    from core.catalog import catalog_from_folder
+    from engine.pipeline import Engine, MatchConfig
+    from ranker.rerank import gallery_reciprocal_sets, k_reciprocal_rescore
+
+    root, run, qdir, truth = chain
+    engine = Engine.load(run)
+    records = catalog_from_folder(qdir).records
+    emb = engine.embed(records, MatchConfig(), progress=False)
+    plain = engine.shortlist(records, emb, MatchConfig())
+    reranked = engine.shortlist(records, emb, MatchConfig(rerank=3))
+    # the same by brute force: the gallery's 3 nearest neighbours from the full similarity matrix
+    g = engine.gallery.embeddings
+    sim = g @ g.T
+    np.fill_diagonal(sim, -np.inf)
+    near = np.argsort(-sim, axis=1, kind="stable")[:, :3]
+    kth = np.take_along_axis(sim, near[:, -1:], axis=1)[:, 0]
+    for p, r in zip(plain, reranked):
+        s, i = k_reciprocal_rescore(p.similarity, p.gallery_idx, kth, gallery_reciprocal_sets(near), 3)
+        assert sorted(r.gallery_idx.tolist()) == sorted(p.gallery_idx.tolist())  # the same photos
+        np.testing.assert_array_equal(r.gallery_idx, i)
+        np.testing.assert_allclose(r.similarity, s, atol=1e-5)
+    assert any((p.gallery_idx != r.gallery_idx).any() for p, r in zip(plain, reranked))
+    out = invoke("evaluate", "--catalog", truth, "--images", qdir, "--run", run, "--rerank", 3, "-q")
+    assert "closed top-1" in out
+
+
 def test_run_folder_and_photos_moved_together_find_each_other(tmp_path):
     """gallery.h5 stores paths relative to the images root of config.json: a project folder (photos +
     run) copied elsewhere, the original gone, still resolves every gallery photo in its new place."""

@@ -375,3 +375,21 @@ def test_top2mean_averages_each_individuals_two_best_photos():
     assert [r.individual_id for r in aggregate_per_individual(ids, scores)] == ["a", "b", "c"]
     with pytest.raises(ValueError, match="unknown aggregation"):
         aggregate_per_individual(ids, scores, "median")
+
+
+def test_k_reciprocal_rescore_hand_computed():
+    """k = 2; gallery neighbours 0:[1,2] 1:[0,2] 2:[3,0] 3:[2,1] give the reciprocal sets
+    R0={0,1,2} R1={0,1} R2={0,2,3} R3={2,3}. The query's best photo (1, 0.9) does not reach photo 1's
+    k-th neighbour (0.95): not reciprocal; photo 3 (0.8 >= 0.7) is, so R(q)={3}. Jaccard: 0, 1/2, 0,
+    1/3; with lam 0.3 the look-alike 1 (0.63) falls behind photo 3 (0.71)."""
+    from ranker.rerank import gallery_reciprocal_sets, k_reciprocal_rescore
+
+    sets = gallery_reciprocal_sets(np.array([[1, 2], [0, 2], [3, 0], [2, 1]]))
+    assert sets == [{0, 1, 2}, {0, 1}, {0, 2, 3}, {2, 3}]
+    kth = np.array([0.5, 0.95, 0.6, 0.7])
+    s, i = k_reciprocal_rescore(np.array([0.9, 0.8, 0.7, 0.2]), np.array([1, 3, 0, 2]), kth, sets, k=2)
+    assert i.tolist() == [3, 1, 0, 2]
+    np.testing.assert_allclose(s, [0.71, 0.63, 0.49, 0.14 + 0.3 / 3])
+    # nothing reciprocal: the order and the (scaled) scores stay
+    s, i = k_reciprocal_rescore(np.array([0.9, 0.8]), np.array([1, 0]), np.ones(4), sets, k=2)
+    assert i.tolist() == [1, 0] and np.allclose(s, [0.63, 0.56])
