@@ -115,6 +115,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=40, help="upper bound; the time budget usually stops first")
     ap.add_argument("--input-size", default="224x224")
     ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--freeze-blocks", type=int, default=0, help="train with the backbone's stem and first N "
+                    "stages frozen (run label trained_freezeN)")
     ap.add_argument("--matchers", default="sift", help="local matchers to train and compare: sift, xfeat")
     ap.add_argument("--reuse", action="store_true", help="reuse finished (calibrated) run folders in --work")
     args = ap.parse_args()
@@ -133,8 +135,9 @@ def main() -> None:
     runs = []
     if not args.skip_baseline:
         runs.append(("baseline", TrainConfig(model=ModelConfig(input_size=size), epochs=0, seed=args.seed)))
-    runs.append(("trained", TrainConfig(model=ModelConfig(input_size=size), epochs=args.epochs,
-                                        max_minutes=args.train_minutes, seed=args.seed)))
+    runs.append((f"trained_freeze{args.freeze_blocks}" if args.freeze_blocks else "trained",
+                 TrainConfig(model=ModelConfig(input_size=size), epochs=args.epochs, max_minutes=args.train_minutes,
+                             seed=args.seed, freeze_blocks=args.freeze_blocks)))
     for label, cfg in runs:
         run = args.work / f"run_{label}"
         t0 = time.perf_counter()

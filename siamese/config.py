@@ -90,6 +90,9 @@ class TrainConfig:
     arcface_subcenters: int = 3
     arcface_margin: float = 0.3
     arcface_scale: float = 30.0
+    # the backbone's stem and first N stages kept as pretrained (no gradient): backward stops above
+    # them, so an epoch costs less (0 = all layers train)
+    freeze_blocks: int = 0
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -240,6 +240,22 @@ def train_mode(model: SiameseNet) -> None:
             m.eval()
 
 
+def freeze_early_layers(model: SiameseNet, blocks: int) -> int:
+    """The backbone's stem and first `blocks` stages fixed at their pretrained weights (no gradient,
+    so autograd records nothing below them). Returns how many parameters were frozen."""
+    if blocks <= 0:
+        return 0
+    stages = getattr(model.backbone, "blocks", None)
+    if stages is None or blocks > len(stages):
+        have = "no stages" if stages is None else f"{len(stages)} stages"
+        raise UserError(f"freeze_blocks {blocks}: the backbone {model.config.backbone} has {have}")
+    stem = [getattr(model.backbone, n) for n in ("conv_stem", "bn1") if hasattr(model.backbone, n)]
+    frozen = [p for part in stem + list(stages[:blocks]) for p in part.parameters()]
+    for p in frozen:
+        p.requires_grad_(False)
+    return sum(p.numel() for p in frozen)
+
+
 def training_progress(epoch: int, cfg, elapsed_s: float) -> float:
     """How far training is, in [0, 1]: by epochs, or by the time budget when that runs out first.
     The LAP noise and the learning rate follow it, so a run stopped by --max-minutes still ends on
@@ -290,7 +306,11 @@ def fit(model: SiameseNet, catalog: Catalog, heldout: set, cfg, run: RunFolder, 
                         f"held-out ones (found {(counts >= 2).sum()}); use --epochs 0 for retrieval only")
     n = len(images)
     head_params = list(model.head.parameters()) + list(model.pool.parameters())
-    opt = torch.optim.AdamW([{"params": model.backbone.parameters(), "lr": cfg.lr_backbone},
+    if cfg.freeze_blocks:
+        log.info("backbone stem and first %d stages frozen (%d parameters)", cfg.freeze_blocks,
+                 freeze_early_layers(model, cfg.freeze_blocks))
+    opt = torch.optim.AdamW([{"params": [p for p in model.backbone.parameters() if p.requires_grad],
+                              "lr": cfg.lr_backbone},
                              {"params": head_params, "lr": cfg.lr_head}], weight_decay=cfg.weight_decay)
     miner = LapMiner()
     batch_miner = LapMiner(MinerConfig(recent_memory=0))  # local indices: nothing to remember across batches

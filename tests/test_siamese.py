@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from core.catalog import load_catalog
+from core.errors import UserError
 from core.runfolder import RunFolder
 from siamese.embed import embed_records
 from siamese.model import ModelConfig, PairHead, SiameseNet
@@ -179,3 +180,23 @@ def test_arcface_and_batch_mining_train(sample, tmp_path):
     assert summary["history"][-1]["mined_negatives_in_batch"] > 0.5  # in-batch LAP names most photos' negative
     ck = torch.load(run.checkpoint_path, weights_only=False)
     assert ck["arcface"]["weight"].shape[0] == 3 * len({r.individual_id for r in catalog.records})
+
+
+def test_frozen_early_layers_keep_their_weights(sample, tmp_path):
+    catalog = load_catalog(sample)
+    cfg = TrainConfig(model=ModelConfig(input_size=TINY_INPUT).resolved(), epochs=1, batch_size=16, seed=0,
+                      freeze_blocks=2)
+    model = SiameseNet(cfg.model)
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    run = RunFolder(tmp_path / "run")
+    run.create({})
+    fit(model, catalog, set(), cfg, run, progress=False)
+    after = model.backbone.state_dict()
+    frozen = [k for k in before if k.startswith(("conv_stem.", "bn1.", "blocks.0.", "blocks.1."))]
+    trained = [k for k in before if k.startswith("blocks.2.") and k.endswith("weight")]
+    assert frozen and trained
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in trained)
+    with pytest.raises(UserError, match="has 7 stages"):
+        fit(SiameseNet(cfg.model), catalog, set(), TrainConfig(model=cfg.model, epochs=1, freeze_blocks=9),
+            RunFolder(tmp_path / "run2"), progress=False)
