@@ -17,6 +17,7 @@ import typer
 
 from core.errors import UserError
 from engine.config import DemoConfig, MatchConfig, VerifierTrainConfig
+from ranker.fusion import FusionConfig
 from siamese.config import TrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__,
@@ -77,6 +78,7 @@ PrecisionOpt = Annotated[str, typer.Option(help="Network precision: auto (fp32, 
 
 
 _TRAIN = TrainConfig()  # the defaults of train-siamese, defined once (siamese.trainer)
+_FUSION = FusionConfig()  # the calibrator calibrate uses by default (ranker.fusion)
 
 
 def _names(text: str, option: str) -> tuple[str, ...]:
@@ -195,7 +197,9 @@ def train_verifier_cmd(
 def calibrate(
     run: RunOpt,
     folds: Annotated[int, typer.Option(min=2, help="Open-set folds over the held-out individuals.")] = 3,
-    calibrator: Annotated[str, typer.Option(help="isotonic or logistic.")] = "isotonic",
+    calibrator: Annotated[str, typer.Option(help="Score calibrator per stage: logistic (monotone, keeps each "
+                                                 "stage's ranking) or isotonic (steps; for large held-out "
+                                                 "sets).")] = _FUSION.calibrator,
     new_rate: Annotated[Optional[float], typer.Option(help="Choose the threshold so that about this share "
                                                       "of queries is answered new_individual (default: "
                                                       "maximise MAP@5).")] = None,

@@ -37,7 +37,7 @@ MIN_NEW_QUERIES = 30
 @dataclass(frozen=True)
 class CalibrateConfig:
     folds: int = 3  # with one query per individual, about 1/folds of the queries are new animals
-    calibrator: str = "isotonic"
+    calibrator: str = FusionConfig.calibrator  # logistic or isotonic: see ranker.fusion.FusionConfig
     target_new_rate: float | None = None  # choose tau to answer new_individual this often instead
     seed: int = 0
 

@@ -393,3 +393,15 @@ def test_k_reciprocal_rescore_hand_computed():
     # nothing reciprocal: the order and the (scaled) scores stay
     s, i = k_reciprocal_rescore(np.array([0.9, 0.8]), np.array([1, 0]), np.ones(4), sets, k=2)
     assert i.tolist() == [1, 0] and np.allclose(s, [0.63, 0.56])
+
+
+def test_default_fusion_is_logistic_calibration_and_the_mean_on_small_held_out_sets():
+    """What calibrate uses by default (measured on the development set: ranker.fusion.FusionConfig):
+    a held-out set of a few dozen queries gives far fewer than 200 positive pairs, so the mean."""
+    from engine.calibrate import CalibrateConfig
+
+    assert FusionConfig().calibrator == CalibrateConfig().calibrator == "logistic"
+    rng = np.random.default_rng(8)
+    y = (np.arange(3000) % 50 == 0).astype(int)  # 60 positives among 3000 shortlist pairs
+    a, b = rng.random(3000) + y, rng.random(3000) + y
+    assert isinstance(ScoreFusion().fit({"a": a, "b": b}, y).combiner, MeanFusion)
