@@ -133,6 +133,9 @@ def train_siamese_cmd(
                                                     "calibrate.")] = _TRAIN.heldout_fraction,
     batch_size: Annotated[int, typer.Option(min=2, help="Images per training/embedding batch.")] =
     _TRAIN.batch_size,
+    freeze_blocks: Annotated[int, typer.Option(min=0, help="Keep the backbone's stem and first N stages as "
+                                               "pretrained (faster epochs; 0: train every layer).")] =
+    _TRAIN.freeze_blocks,
     resume: Annotated[bool, typer.Option(help="Continue from the run folder's last checkpoint.")] = False,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
     precision: PrecisionOpt = "auto",
@@ -148,7 +151,7 @@ def train_siamese_cmd(
     cfg = TrainConfig(model=ModelConfig(backbone=backbone, weights=str(weights) if weights else None,
                                         input_size=_parse_size(input_size)),
                       epochs=epochs, max_minutes=max_minutes, seed=seed, batch_size=batch_size, threads=threads,
-                      heldout_fraction=heldout_fraction, precision=precision)
+                      heldout_fraction=heldout_fraction, precision=precision, freeze_blocks=freeze_blocks)
     s = train_siamese.main(cfg, train_siamese.Paths(catalog, out, images), resume=resume, progress=not quiet)
     skipped = f", {len(s['skipped'])} unreadable photo(s) skipped" if s["skipped"] else ""
     typer.echo(f"run {out}: {s['epochs_trained']} epoch(s) trained, gallery {s['gallery_photos']} photos of "

@@ -115,8 +115,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=40, help="upper bound; the time budget usually stops first")
     ap.add_argument("--input-size", default="224x224")
     ap.add_argument("--skip-baseline", action="store_true")
-    ap.add_argument("--freeze-blocks", type=int, default=0, help="train with the backbone's stem and first N "
-                    "stages frozen (run label trained_freezeN)")
+    ap.add_argument("--freeze-blocks", type=int, default=TrainConfig.freeze_blocks,
+                    help="train with the backbone's stem and first N stages frozen (another count than the "
+                    "default: run label trained_freezeN)")
     ap.add_argument("--matchers", default="sift", help="local matchers to train and compare: sift, xfeat")
     ap.add_argument("--reuse", action="store_true", help="reuse finished (calibrated) run folders in --work")
     args = ap.parse_args()
@@ -135,7 +136,8 @@ def main() -> None:
     runs = []
     if not args.skip_baseline:
         runs.append(("baseline", TrainConfig(model=ModelConfig(input_size=size), epochs=0, seed=args.seed)))
-    runs.append((f"trained_freeze{args.freeze_blocks}" if args.freeze_blocks else "trained",
+    label = "trained" if args.freeze_blocks == TrainConfig.freeze_blocks else f"trained_freeze{args.freeze_blocks}"
+    runs.append((label,
                  TrainConfig(model=ModelConfig(input_size=size), epochs=args.epochs, max_minutes=args.train_minutes,
                              seed=args.seed, freeze_blocks=args.freeze_blocks)))
     for label, cfg in runs:

@@ -91,8 +91,11 @@ class TrainConfig:
     arcface_margin: float = 0.3
     arcface_scale: float = 30.0
     # the backbone's stem and first N stages kept as pretrained (no gradient): backward stops above
-    # them, so an epoch costs less (0 = all layers train)
-    freeze_blocks: int = 0
+    # them, so an epoch costs less (0 = all layers train). Measured on the development set (Intel Xeon
+    # with AMX, bf16, 2 cores, 20-minute budget): 3 frozen stages train at ~50 images/s against ~20, so
+    # 40 epochs in 16 minutes instead of 21-22 epochs, and the engine's closed-set top-1 is 0.222 vs
+    # 0.222 (seed 0) and 0.236 vs 0.194 (seed 1); the embedding alone 0.125 vs 0.132 and 0.146 vs 0.076
+    freeze_blocks: int = 3
 
     def to_dict(self) -> dict:
         d = asdict(self)

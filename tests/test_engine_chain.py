@@ -273,16 +273,21 @@ def test_same_seed_same_bytes(chain, tmp_path):
     assert any((run / "cache" / "pairs").glob("shard-*.h5"))  # the second run read the pair cache
 
 
-def test_query_expansion_searches_with_the_averaged_query(chain):
+def shortlists_with_and_without(run, qdir, **option):
+    """The engine, the queries' embeddings, and their shortlists plain and with a query-time option."""
     from core.catalog import catalog_from_folder
     from engine.pipeline import Engine, MatchConfig
 
-    root, run, qdir, truth = chain
     engine = Engine.load(run)
     records = catalog_from_folder(qdir).records
     emb = engine.embed(records, MatchConfig(), progress=False)
-    plain = engine.shortlist(records, emb, MatchConfig())
-    expanded = engine.shortlist(records, emb, MatchConfig(query_expansion=2))
+    return engine, emb, engine.shortlist(records, emb, MatchConfig()), engine.shortlist(records, emb,
+                                                                                        MatchConfig(**option))
+
+
+def test_query_expansion_searches_with_the_averaged_query(chain):
+    root, run, qdir, truth = chain
+    engine, emb, plain, expanded = shortlists_with_and_without(run, qdir, query_expansion=2)
     q, first = emb.embeddings[0], plain[0]
     g = engine.gallery.embeddings[first.gallery_idx[:2]]
     w = np.clip(first.similarity[:2], 0, None) ** 3
@@ -295,16 +300,10 @@ def test_query_expansion_searches_with_the_averaged_query(chain):
 
 
 def test_k_reciprocal_rerank_reorders_the_shortlist(chain):
-    from core.catalog import catalog_from_folder
-    from engine.pipeline import Engine, MatchConfig
     from ranker.rerank import gallery_reciprocal_sets, k_reciprocal_rescore
 
     root, run, qdir, truth = chain
-    engine = Engine.load(run)
-    records = catalog_from_folder(qdir).records
-    emb = engine.embed(records, MatchConfig(), progress=False)
-    plain = engine.shortlist(records, emb, MatchConfig())
-    reranked = engine.shortlist(records, emb, MatchConfig(rerank=3))
+    engine, _, plain, reranked = shortlists_with_and_without(run, qdir, rerank=3)
     # the same by brute force: the gallery's 3 nearest neighbours from the full similarity matrix
     g = engine.gallery.embeddings
     sim = g @ g.T
