@@ -6,8 +6,8 @@ new_individual.
 """
 from __future__ import annotations
 
-import hashlib
 import csv
+import hashlib
 import io
 import logging
 import time
@@ -77,7 +77,7 @@ class Engine:
         self.calibration = read_json(run.calibration_path) if run.calibration_path.is_file() else None
         self.seconds: dict[str, float] = defaultdict(float)  # time spent in the shortlist and each stage
         self.scorers: dict = {}
-        self._reciprocal: dict = {}  # (index, k) -> the gallery's k-th neighbour similarity and sets
+        self._reciprocal: dict = {}  # (k, gallery subset) -> the gallery's k-th neighbour similarity and sets
         if self.calibration is not None:
             try:
                 self.scorers = calibrated_scorers(ScoreFusion.from_dict(self.calibration["fusion"]))

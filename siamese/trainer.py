@@ -245,11 +245,13 @@ def freeze_early_layers(model: SiameseNet, blocks: int) -> int:
     so autograd records nothing below them). Returns how many parameters were frozen."""
     if blocks <= 0:
         return 0
-    stages = getattr(model.backbone, "blocks", None)
+    bb = model.backbone
+    stages = getattr(bb, "blocks", None) or getattr(bb, "stages", None)  # timm: EfficientNet/MobileNet, ConvNeXt
     if stages is None or blocks > len(stages):
-        have = "no stages" if stages is None else f"{len(stages)} stages"
-        raise UserError(f"freeze_blocks {blocks}: the backbone {model.config.backbone} has {have}")
-    stem = [getattr(model.backbone, n) for n in ("conv_stem", "bn1") if hasattr(model.backbone, n)]
+        have = "no stages it names" if stages is None else f"{len(stages)} stages"
+        raise UserError(f"--freeze-blocks {blocks}: the backbone {model.config.backbone} has {have}; "
+                        "choose fewer, or 0 to train every layer")
+    stem = [getattr(bb, n) for n in ("conv_stem", "bn1", "stem") if hasattr(bb, n)]
     frozen = [p for part in stem + list(stages[:blocks]) for p in part.parameters()]
     for p in frozen:
         p.requires_grad_(False)
