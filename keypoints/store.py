@@ -16,9 +16,9 @@ import cv2
 from tqdm.auto import tqdm
 
 from core.cache import FeatureCache, record_key
-from core.executor import current_executor
 from core.catalog import Record
 from core.errors import ImageError
+from core.executor import current_executor
 from core.images import load_image
 from keypoints.features import Keypoints, extract_keypoints
 
@@ -67,33 +67,31 @@ class KeypointStore:
         if not todo:
             return out
         failed: dict[str, str] = {}
+        executor = current_executor()
 
-        def one(item, done=None):
-            key, rec = item
-            arrays, message, permanent = done if done is not None else extract_arrays(rec, self.extract)
-            if arrays is None:
-                log.warning("no keypoints: %s", message)
-                if permanent:
-                    failed[key] = message
-            return key, arrays
+        def extracted(pool):
+            """(key, (arrays, message, permanent)) per photo to do, in order: in the thread pool, or
+            under Ray as chunks of photos (the results cached here)."""
+            if not executor.remote:
+                yield from zip((k for k, _ in todo), pool.map(lambda item: extract_arrays(item[1], self.extract), todo))
+                return
+            chunks = [todo[i:i + REMOTE_PHOTOS] for i in range(0, len(todo), REMOTE_PHOTOS)]
+            results = executor.map(extract_chunk, [[rec for _, rec in part] for part in chunks], self.extract)
+            for part, res in zip(chunks, results):
+                yield from zip((k for k, _ in part), res)
 
         before = cv2.getNumThreads()
         cv2.setNumThreads(1)  # one image per thread instead: the pools would fight otherwise
         new = {}
-        executor = current_executor()
         try:
             with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-                if executor.remote:  # Ray: chunks of photos as tasks, the results cached here
-                    chunks = [todo[i:i + REMOTE_PHOTOS] for i in range(0, len(todo), REMOTE_PHOTOS)]
-                    done = (item for part, res in zip(chunks, executor.map(
-                        extract_chunk, [[rec for _, rec in part] for part in chunks], self.extract))
-                        for item in zip(part, res))
-                    results = (one(item, first) for item, first in done)
-                else:
-                    results = pool.map(one, todo)
-                for key, arrays in tqdm(results, total=len(todo), desc=desc, unit="img",
-                                        disable=not progress, leave=False):
-                    if arrays is not None:
+                for key, (arrays, message, permanent) in tqdm(extracted(pool), total=len(todo), desc=desc,
+                                                              unit="img", disable=not progress, leave=False):
+                    if arrays is None:
+                        log.warning("no keypoints: %s", message)
+                        if permanent:
+                            failed[key] = message
+                    else:
                         new[key] = arrays
                         out[key] = Keypoints.from_arrays(arrays)
                     if len(new) >= 512:  # bounded loss if killed mid-way
