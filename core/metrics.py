@@ -24,7 +24,7 @@ def score_predictions(truth: Mapping[str, str], predictions: Mapping[str, Sequen
     ap = top1 = top5 = 0.0
     tp = fp = fn = 0
     missing = 0
-    known = known_top1 = 0
+    known = known_top1 = known_top5 = 0
     for image, tid in truth.items():
         pred = predictions.get(image)
         if pred is None:
@@ -42,6 +42,7 @@ def score_predictions(truth: Mapping[str, str], predictions: Mapping[str, Sequen
             fp += said_new
             known += 1
             known_top1 += bool(pred) and pred[0] == tid
+            known_top5 += tid in pred
     prec = tp / (tp + fp) if tp + fp else 0.0
     rec = tp / (tp + fn) if tp + fn else 0.0
     return {
@@ -51,6 +52,7 @@ def score_predictions(truth: Mapping[str, str], predictions: Mapping[str, Sequen
         "top1": top1 / n,
         "top5": top5 / n,
         "known_top1": known_top1 / known if known else 0.0,
+        "known_top5": known_top5 / known if known else 0.0,  # the right animal among the five answers
         "new_precision": prec,
         "new_recall": rec,
         "new_f1": 2 * prec * rec / (prec + rec) if prec + rec else 0.0,

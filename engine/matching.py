@@ -12,6 +12,7 @@ from core.metrics import NEW_INDIVIDUAL, score_predictions
 from engine.pipeline import Engine, MatchConfig, QueryResult
 
 METRIC_ROWS = (("MAP@5", "map5"), ("top-1", "top1"), ("top-5", "top5"), ("known top-1", "known_top1"),
+               ("known top-5", "known_top5"),
                ("new precision", "new_precision"), ("new recall", "new_recall"), ("new F1", "new_f1"),
                ("closed MAP@5", "closed_map5"), ("closed top-1", "closed_top1"))
 

@@ -23,6 +23,8 @@ def test_new_individual_precision_recall():
     s = score_predictions(truth, pred)
     assert s["new_precision"] == pytest.approx(0.5) and s["new_recall"] == pytest.approx(0.5)
     assert s["new_f1"] == pytest.approx(0.5) and s["missing"] == 0
+    # known animals: c has its answer second (behind new_individual), d first
+    assert s["known_top1"] == pytest.approx(0.5) and s["known_top5"] == pytest.approx(1.0)
     assert score_predictions({"a": "x"}, {})["missing"] == 1
 
 
@@ -59,6 +61,6 @@ def test_closed_set_figures_ignore_new_individuals_and_tau():
     rows = evaluate_pairs(engine, pairs, {"q1": "a", "q2": "b", "q3": NEW}, MatchConfig())
     emb = rows["embedding"]
     assert emb["map5"] == pytest.approx((1 / 3 + 1 / 2 + 1) / 3)  # a and b in third and second place
-    assert emb["known_top1"] == 0
+    assert emb["known_top1"] == 0 and emb["known_top5"] == 1  # both known animals in third and second place
     assert emb["closed_map5"] == pytest.approx((1 / 2 + 1) / 2)
     assert emb["closed_top1"] == pytest.approx(1 / 2)
