@@ -4,6 +4,7 @@ Epochs 0 is the retrieval baseline: the pretrained backbone with GeM pooling, no
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -34,18 +35,30 @@ def choose_heldout(catalog: Catalog, fraction: float, seed: int) -> list[str]:
     return sorted(eligible[: int(round(len(eligible) * fraction))])
 
 
+# settings a resumed training may change: its budget and how this machine runs it
+RESUMABLE = frozenset({"epochs", "max_minutes", "threads", "precision"})
+
+
 def check_resume(run: RunFolder, cfg: TrainConfig, heldout: list[str]) -> None:
     """`--resume` continues the same training: refuse other split settings or another held-out set
-    (a network trained on the old split would then be calibrated on individuals it trained on)."""
+    (a network trained on the old split would then be calibrated on individuals it trained on), and
+    any other training setting (frozen stages, learning rates, loss, input size...), which would
+    silently make the run half one recipe and half another. The budget may change."""
     if not run.checkpoint_path.is_file():
         log.warning("--resume: no checkpoint in %s, training starts from scratch", run.path)
         return
     old = run.config().get("train", {})
-    for key in ("seed", "heldout_fraction"):
-        if old.get(key) != getattr(cfg, key):
-            raise UserError(f"--resume with --{key.replace('_', '-')} {getattr(cfg, key)}, but {run.path} was "
-                            f"trained with {old.get(key)}: resume with the same settings, or train anew "
-                            f"into another --out")
+    new = json.loads(json.dumps(cfg.to_dict()))  # tuples as the JSON lists of the run folder
+    changed = [(k, new[k], old[k]) for k in ("seed", "heldout_fraction") if old.get(k) != new[k]]
+    changed += [(k, new[k], old[k]) for k in sorted(new) if k not in RESUMABLE | {"model", "seed", "heldout_fraction"}
+                and k in old and old[k] != new[k]]
+    changed += [(k, new["model"][k], old["model"][k]) for k in ("backbone", "input_size", "gem_p", "head_hidden")
+                if k in old.get("model", {}) and old["model"][k] != new["model"][k]]
+    if changed:
+        key, value, was = changed[0]
+        show = (lambda v: "x".join(map(str, v))) if key == "input_size" else str
+        raise UserError(f"--resume with --{key.replace('_', '-')} {show(value)}, but {run.path} was trained with "
+                        f"{show(was)}: resume with the same settings, or train anew into another --out")
     if run.heldout_path.is_file() and sorted(read_json(run.heldout_path)["individuals"]) != sorted(heldout):
         raise UserError(f"--resume: the catalog's held-out individuals differ from those of {run.path} (the "
                         f"catalog changed): train anew into another --out")

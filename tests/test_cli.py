@@ -201,6 +201,13 @@ def test_resume_refuses_other_split_settings_and_says_when_it_starts_over(sample
     assert (run / "heldout.json").read_bytes() == heldout  # nothing rewritten
     r = invoke(*base[:-1], "--resume", "--heldout-fraction", 0.5, "-q")
     assert r.exit_code == 2 and "--heldout-fraction 0.5" in r.output
+    # another recipe would make the run half one training and half another; a longer budget is fine
+    r = invoke(*base[:-1], "--resume", "--freeze-blocks", 0, "-q")
+    assert r.exit_code == 2 and "--freeze-blocks 0, but" in r.output and "trained with 3" in r.output
+    r = invoke(*[a if a != SIZE else "96x128" for a in base[:-1]], "--resume", "-q")
+    assert r.exit_code == 2 and "--input-size 96x128" in r.output
+    assert (run / "heldout.json").read_bytes() == heldout
+    assert invoke(*[a if a != 1 else 2 for a in base], "--resume").exit_code == 0
     fresh = tmp_path / "fresh"
     r = runner.invoke(app, [str(a) for a in ["train-siamese", "--catalog", sample, "--out", fresh, "--epochs", 1,
                                              "--input-size", SIZE, "--batch-size", 8, "--resume", "-v"]])
