@@ -136,7 +136,8 @@ def train_siamese_cmd(
     freeze_blocks: Annotated[int, typer.Option(min=0, help="Keep the backbone's stem and first N stages as "
                                                "pretrained (faster epochs; 0: train every layer).")] =
     _TRAIN.freeze_blocks,
-    resume: Annotated[bool, typer.Option(help="Continue from the run folder's last checkpoint, with the same settings (only --epochs and --max-minutes may change).")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue from the run folder's last checkpoint, with the same "
+                                         "settings (only --epochs and --max-minutes may change).")] = False,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
     precision: PrecisionOpt = "auto",
     executor: ExecutorOpt = "local", ray_address: RayAddressOpt = None,
