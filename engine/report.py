@@ -119,13 +119,6 @@ def _data_uri(rgb: np.ndarray, quality: int) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.tobytes()).decode("ascii")
 
 
-def _resize(rgb: np.ndarray, scale: float) -> np.ndarray:
-    h, w = rgb.shape[:2]
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-    return cv2.resize(rgb, size, interpolation=interp)
-
-
 class _Thumbnails:
     """Review-size WebP files in the sidecar folder, named by their content (a photo shown for many
     queries is stored once); returns for each its src relative to the page, size and scale."""
