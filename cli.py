@@ -164,6 +164,9 @@ def train_siamese_cmd(
 def train_verifier_cmd(
     run: RunOpt,
     keypoints: Annotated[str, typer.Option(help="SIFT keypoint preset: default, fast or dense.")] = "default",
+    focus: Annotated[Optional[float], typer.Option(
+        min=0.05, max=1.0, help="Share of each photo where SIFT keypoints are kept: where an ImageNet network "
+        "sees the animal, not the grass or trees around it (1 = the whole photo; default: 0.5).")] = None,
     matchers: Annotated[str, typer.Option(help="Local matchers to fit a validator for, comma-separated: sift "
                                           "(SIFT/RootSIFT), xfeat (XFeat + LighterGlue).")] =
     ",".join(VerifierTrainConfig.matchers),
@@ -187,7 +190,8 @@ def train_verifier_cmd(
     if keypoints not in PRESETS:
         raise UserError(f"--keypoints {keypoints!r}: choose one of {', '.join(PRESETS)}")
     cfg = VerifierTrainConfig(keypoints=keypoints, verify=keypoints if keypoints == "fast" else "default",
-                              max_queries=max_queries, seed=seed, matchers=_names(matchers, "--matchers"))
+                              max_queries=max_queries, seed=seed, matchers=_names(matchers, "--matchers"),
+                              focus=focus)
     s = train_verifier.main(cfg, train_verifier.Paths(run), threads, progress=not quiet, precision=precision)
     for name, m in s["matchers"].items():
         typer.echo(f"{name} verifier {m['validator']}: {s['pairs']} pairs ({s['positives']} true), held-out AUC "

@@ -50,6 +50,7 @@ class StageContext:
     model: Any = None  # the run's Siamese network
     workers: int = 2
     executor: Any = None  # core.executor.LocalExecutor or RayExecutor (None: this process)
+    focus: Any = None  # image -> map of where the animal is (siamese.focus.FocusMap), for keypoint stages
     extra: dict = field(default_factory=dict)
 
 

@@ -20,6 +20,7 @@ class MatchConfig:
 @dataclass(frozen=True)
 class VerifierTrainConfig:
     keypoints: str = "default"  # keypoints.features.PRESETS
+    focus: float | None = None  # share of each photo where SIFT keypoints are kept (None: the preset's focus_keep)
     verify: str = "default"  # keypoints.verify.VERIFY_PRESETS
     validator: str = "default"  # keypoints.validator.VALIDATOR_PRESETS
     matchers: tuple[str, ...] = ("sift",)  # local matchers to fit a validator for: sift, xfeat

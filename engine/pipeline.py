@@ -31,6 +31,7 @@ from engine.stages import load_stages
 from ranker.fusion import FUSED, ScoreFusion, calibrated_scorers
 from ranker.rerank import gallery_reciprocal_sets, k_reciprocal_rescore
 from siamese.embed import EmbedResult, embed_records, normalize_features
+from siamese.focus import FocusMap
 from siamese.index import EmbeddingIndex
 from siamese.model import SiameseNet, load_model
 from siamese.precision import resolve as resolve_precision
@@ -73,7 +74,7 @@ class Engine:
                  stages: Sequence[str] | None = None):
         self.run, self.model, self.gallery, self.config = run, model, gallery, config
         self.index = EmbeddingIndex(gallery.embeddings, gallery.viewpoints)
-        self.stages = load_stages(StageContext(run, config, gallery, model), stages)
+        self.stages = load_stages(StageContext(run, config, gallery, model, focus=FocusMap()), stages)
         self.calibration = read_json(run.calibration_path) if run.calibration_path.is_file() else None
         self.seconds: dict[str, float] = defaultdict(float)  # time spent in the shortlist and each stage
         self.scorers: dict = {}

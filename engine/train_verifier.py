@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,7 @@ from keypoints.validator import VALIDATOR_PRESETS, Validator, heldout_auc
 from keypoints.verify import FEATURE_NAMES, VERIFY_PRESETS, feature_matrix
 from keypoints.xfeat import XFeatConfig
 from siamese.embed import EmbedResult
+from siamese.focus import FocusMap
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,10 @@ def matcher_stage(name: str, run, cfg: VerifierTrainConfig):
     """The stage of matcher `name`, unfitted."""
     vcfg = VERIFY_PRESETS[cfg.verify]
     if matcher_class(name) is KeypointStage:
-        return KeypointStage(run, KEYPOINT_PRESETS[cfg.keypoints], vcfg, None, cfg.workers)
+        kcfg = KEYPOINT_PRESETS[cfg.keypoints]
+        if cfg.focus is not None:
+            kcfg = replace(kcfg, focus_keep=cfg.focus)
+        return KeypointStage(run, kcfg, vcfg, None, cfg.workers, focus=FocusMap())
     return XFeatStage(run, XFeatConfig(), vcfg, None)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Iterable
 
 import cv2
@@ -31,6 +31,16 @@ class KeypointConfig:
     edge_threshold: float = 10.0
     n_octave_layers: int = 3
     sigma: float = 1.6
+    # Focus: keep only the keypoints where a focus map (siamese.focus: where an ImageNet network
+    # responds, i.e. the animal) is in its top `focus_keep` share of the photo; 1 = everywhere.
+    # `focus_candidates` strongest SIFT keypoints are detected first, then the strongest
+    # `max_keypoints` in focus kept. On the development set (144 known queries, top-20 shortlists,
+    # raw inlier ranking): whole photo 0.160 closed-set top-1 (3000 keypoints: 0.194 at 3.4x the
+    # matching cost), focus 0.5: 0.243; 0.7: see README. Applied only when the extraction is given a
+    # focus map (the keypoint stage gives it; a config rebuilt from a run that predates the focus
+    # reads as 1: see config_from_dict).
+    focus_keep: float = 0.5
+    focus_candidates: int = 3000
 
 
 # Matching cost grows with the square of the keypoint count and dominates verification. Measured on
@@ -142,10 +152,13 @@ def _working_image(gray: np.ndarray, cfg: KeypointConfig) -> np.ndarray:
     return gray
 
 
-def extract_keypoints(image: np.ndarray, cfg: KeypointConfig = PRESETS["default"]) -> Keypoints:
-    """SIFT keypoints + RootSIFT descriptors of one uint8 image (HxW gray or HxWx3 RGB).
+def extract_keypoints(image: np.ndarray, cfg: KeypointConfig = PRESETS["default"], focus=None) -> Keypoints:
+    """SIFT keypoints + RootSIFT descriptors of one uint8 image (HxW gray or HxWx3 RGB); with
+    `focus` (image -> coarse float map, e.g. siamese.focus.FocusMap) and cfg.focus_keep < 1, only
+    those where the map is in its top focus_keep share of the photo.
 
     Never fails on content: a blank or tiny image gives zero keypoints."""
+    focused = focus is not None and cfg.focus_keep < 1
     gray = to_gray(image)
     h, w = gray.shape
     if h == 0 or w == 0:
@@ -154,7 +167,8 @@ def extract_keypoints(image: np.ndarray, cfg: KeypointConfig = PRESETS["default"
     wh, ww = work.shape
     # SIFT_create's nfeatures already keeps the strongest by response before computing
     # descriptors (cheaper); the explicit cut below makes the cap exact when responses tie.
-    sift = cv2.SIFT_create(nfeatures=max(0, int(cfg.max_keypoints)), nOctaveLayers=cfg.n_octave_layers,
+    n_detect = max(cfg.max_keypoints, cfg.focus_candidates) if focused and cfg.max_keypoints > 0 else cfg.max_keypoints
+    sift = cv2.SIFT_create(nfeatures=max(0, int(n_detect)), nOctaveLayers=cfg.n_octave_layers,
                            contrastThreshold=cfg.contrast_threshold, edgeThreshold=cfg.edge_threshold,
                            sigma=cfg.sigma)
     kps, desc = sift.detectAndCompute(work, None)
@@ -163,14 +177,26 @@ def extract_keypoints(image: np.ndarray, cfg: KeypointConfig = PRESETS["default"
     # strongest first, so that kp.top(n) of a cached set is what a cap of n would have kept
     response = np.array([k.response for k in kps], dtype=np.float32)
     keep = np.argsort(-response, kind="stable")
-    if cfg.max_keypoints > 0:
-        keep = keep[: cfg.max_keypoints]
-    pts = np.array([kps[i].pt for i in keep], dtype=np.float64).reshape(-1, 2)
+    pts = np.array([k.pt for k in kps], dtype=np.float64).reshape(-1, 2)
     # pixel centres: x_orig + 0.5 = (x_work + 0.5) * (w / ww)
     xy = np.empty_like(pts)
     xy[:, 0] = (pts[:, 0] + 0.5) * (w / ww) - 0.5
     xy[:, 1] = (pts[:, 1] + 0.5) * (h / wh) - 0.5
-    return Keypoints(xy=xy.astype(np.float32), desc=root_sift(desc[keep]), image_size=(h, w))
+    if focused:
+        keep = keep[in_focus(xy[keep], focus(image), (h, w), cfg.focus_keep)]
+    if cfg.max_keypoints > 0:
+        keep = keep[: cfg.max_keypoints]
+    return Keypoints(xy=xy[keep].astype(np.float32), desc=root_sift(desc[keep]), image_size=(h, w))
+
+
+def in_focus(xy: np.ndarray, focus_map: np.ndarray, image_size: tuple[int, int], share: float) -> np.ndarray:
+    """Mask of the points (x, y in image pixels) where `focus_map`, stretched over the image, is in
+    its top `share` of the photo's area."""
+    h, w = image_size
+    fmap = cv2.resize(np.asarray(focus_map, np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+    x = np.clip(np.round(xy[:, 0]).astype(int), 0, w - 1)
+    y = np.clip(np.round(xy[:, 1]).astype(int), 0, h - 1)
+    return fmap[y, x] >= np.quantile(fmap, 1.0 - share)
 
 
 def extract_many(images: Iterable[np.ndarray], cfg: KeypointConfig = PRESETS["default"],
@@ -190,10 +216,23 @@ def extract_many(images: Iterable[np.ndarray], cfg: KeypointConfig = PRESETS["de
         set_cv2_threads(before)
 
 
+def config_to_dict(cfg) -> dict:
+    """The settings as config.json and the caches' fingerprints record them. Without focus, as a
+    run from before the focus settings recorded them: its caches stay valid."""
+    d = asdict(cfg)
+    if d.get("focus_keep", 1.0) >= 1:
+        d = {k: v for k, v in d.items() if not k.startswith("focus")}
+    return d
+
+
 def config_from_dict(d: dict) -> KeypointConfig:
-    """Rebuild a config saved with dataclasses.asdict (unknown keys are an error, not ignored)."""
+    """Rebuild a config saved with dataclasses.asdict (unknown keys are an error, not ignored). A
+    run whose config predates the focus settings extracted from the whole photo: it keeps doing so
+    (its validator was fitted on such keypoints)."""
+    d = dict(d)
+    d.setdefault("focus_keep", 1.0)
     return KeypointConfig(**d)
 
 
 __all__ = ["KeypointConfig", "Keypoints", "PRESETS", "extract_keypoints", "extract_many",
-                          "root_sift", "set_cv2_threads", "to_gray", "config_from_dict"]
+                          "root_sift", "set_cv2_threads", "to_gray", "config_from_dict", "config_to_dict", "in_focus"]

@@ -24,7 +24,7 @@ from core.errors import UserError
 from core.executor import current_executor
 from core.gallery import Gallery
 from core.stage import TOP, PairBatch, StageContext, StageOutput
-from keypoints.features import KeypointConfig, Keypoints, config_from_dict, extract_keypoints
+from keypoints.features import Keypoints, config_from_dict, config_to_dict, extract_keypoints
 from keypoints.store import KeypointStore, verify_record_pairs
 from keypoints.validator import Validator
 from keypoints.verify import FEATURE_NAMES, PairResult, VerifyConfig, feature_matrix
@@ -64,19 +64,23 @@ class KeypointStage:
     evidence_prefix = ""  # the SIFT stage's evidence keeps its historical names (inliers, inliers_xy)
 
     def __init__(self, run, kcfg, vcfg: VerifyConfig, validator: Validator | None, workers: int = 2,
-                 executor=None):
+                 executor=None, focus=None):
         self.kcfg, self.vcfg, self.validator, self.workers = kcfg, vcfg, validator, workers
         self.executor = executor  # core.executor: None or local = this process, ray = tasks
+        # where the animal is (siamese.focus.FocusMap), for settings that keep keypoints there only
+        self.focus = focus if getattr(kcfg, "focus_keep", 1.0) < 1 else None
+        if self.focus is None and getattr(kcfg, "focus_keep", 1.0) < 1:
+            raise ValueError(f"keypoint settings with focus_keep {kcfg.focus_keep} need a focus map")
         self.store = self.make_store(run)
         self.pairs = FeatureCache(run.cache_dir / self.pairs_dir, "pairs:" + json.dumps(self.config(), sort_keys=True))
 
     def make_store(self, run) -> KeypointStore:
-        return KeypointStore(run.cache_dir / self.features_dir, self.kcfg, self.extractor(self.kcfg),
-                             name=self.features_dir)
+        return KeypointStore(run.cache_dir / self.features_dir, self.kcfg, self.extractor(self.kcfg, self.focus),
+                             name=self.features_dir + (f"+focus:{self.focus.name}" if self.focus else ""))
 
     @staticmethod
-    def extractor(kcfg):
-        return partial(extract_keypoints, cfg=kcfg)
+    def extractor(kcfg, focus=None):
+        return partial(extract_keypoints, cfg=kcfg, focus=focus)
 
     @staticmethod
     def pair_fn_for(kcfg):
@@ -96,7 +100,7 @@ class KeypointStage:
 
     def settings(self) -> dict:
         """What train-verifier records in config.json for `configs` to read back."""
-        return {"keypoints": asdict(self.kcfg), "verify": self.vcfg.to_dict()}
+        return {"keypoints": config_to_dict(self.kcfg), "verify": self.vcfg.to_dict()}
 
     @classmethod
     def load(cls, ctx: StageContext) -> "KeypointStage | None":
@@ -107,10 +111,11 @@ class KeypointStage:
             validator = Validator.load(path, expected_features=FEATURE_NAMES)
         except ValueError as e:
             raise UserError(f"{path} does not fit this engine ({e}): run train-verifier again") from None
-        return cls(ctx.run, *cls.configs(ctx.config), validator, ctx.workers, ctx.executor)
+        return cls(ctx.run, *cls.configs(ctx.config), validator, ctx.workers, ctx.executor, ctx.focus)
 
     def config(self) -> dict:
-        return self.settings()
+        """The settings (the pair cache's fingerprint): extraction, verification, focus map."""
+        return {**self.settings(), **({"focus": self.focus.name} if self.focus else {})}
 
     def verify(self, pairs: Sequence[tuple[Record, Record]], progress: bool = False) -> list[PairResult]:
         """Verification results of (query, gallery) record pairs, through the pair cache."""
@@ -150,7 +155,7 @@ class KeypointStage:
         with tqdm(total=len(pairs), desc=f"verifying ({self.name}, ray)", unit="pair", disable=not progress,
                   leave=False) as bar:
             for part, (res, extracted, bad) in zip(chunks, (self.executor or current_executor()).map(
-                    verify_chunk, tasks(), type(self).__name__, self.kcfg, self.vcfg)):
+                    verify_chunk, tasks(), type(self).__name__, self.kcfg, self.vcfg, self.focus)):
                 results += res
                 new.update(extracted)
                 failed.update(bad)
@@ -188,12 +193,12 @@ class XFeatStage(KeypointStage):
     evidence_prefix = "xfeat_"
 
     def __init__(self, run, kcfg, vcfg: VerifyConfig, validator: Validator | None, workers: int = 1,
-                 executor=None):
+                 executor=None, focus=None):
         # torch runs its own threads inside each extraction and match: one photo or pair at a time
         super().__init__(run, kcfg, vcfg, validator, workers=1, executor=executor)
 
     @staticmethod
-    def extractor(kcfg):
+    def extractor(kcfg, focus=None):  # XFeat keeps its own keypoints: no focus
         from keypoints.xfeat import extract_xfeat
 
         return partial(extract_xfeat, cfg=kcfg)
@@ -222,7 +227,7 @@ REMOTE_CHUNK = 64  # pairs per Ray task: ~0.7 s of work for SIFT, far above a ta
 _WORKER_TOOLS: dict = {}
 
 
-def verify_chunk(task: dict, stage_class: str, kcfg, vcfg: VerifyConfig) -> tuple[list, dict, dict]:
+def verify_chunk(task: dict, stage_class: str, kcfg, vcfg: VerifyConfig, focus=None) -> tuple[list, dict, dict]:
     """A Ray task: the features of the chunk's photos (cached ones given, the others extracted here)
     and the verification of its pairs. Returns (results in pair order, new features, unreadable
     photos with the reason)."""
@@ -232,10 +237,10 @@ def verify_chunk(task: dict, stage_class: str, kcfg, vcfg: VerifyConfig) -> tupl
 
     kill_once_hook()
     cls = {c.__name__: c for c in (KeypointStage, XFeatStage)}[stage_class]
-    tool_key = (stage_class, json.dumps(asdict(kcfg), sort_keys=True))
-    if tool_key not in _WORKER_TOOLS:  # XFeat's networks load once per worker
+    tool_key = (stage_class, json.dumps(config_to_dict(kcfg), sort_keys=True), focus and focus.name)
+    if tool_key not in _WORKER_TOOLS:  # XFeat's networks (and the focus map's) load once per worker
         _WORKER_TOOLS.clear()
-        _WORKER_TOOLS[tool_key] = (cls.extractor(kcfg), cls.pair_fn_for(kcfg))
+        _WORKER_TOOLS[tool_key] = (cls.extractor(kcfg, focus), cls.pair_fn_for(kcfg))
     extract, pair_fn = _WORKER_TOOLS[tool_key]
     arrays = dict(task["cached"])
     new, failed = {}, {}

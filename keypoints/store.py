@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
@@ -20,7 +19,7 @@ from core.catalog import Record
 from core.errors import ImageError
 from core.executor import current_executor
 from core.images import load_image
-from keypoints.features import Keypoints, extract_keypoints
+from keypoints.features import Keypoints, config_to_dict, extract_keypoints
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +53,7 @@ class KeypointStore:
     def __init__(self, cache_path: Path, cfg, extract=None, name: str = "keypoints"):
         self.cfg = cfg
         self.extract = extract or (lambda image: extract_keypoints(image, cfg))
-        self.cache = FeatureCache(cache_path, f"{name}:" + json.dumps(asdict(cfg), sort_keys=True))
+        self.cache = FeatureCache(cache_path, f"{name}:" + json.dumps(config_to_dict(cfg), sort_keys=True))
 
     def get(self, records: Sequence[Record], workers: int = 2, progress: bool = True,
             desc: str = "keypoints") -> dict[str, Keypoints]:

@@ -345,3 +345,21 @@ def test_run_folder_and_photos_moved_together_find_each_other(tmp_path):
     invoke("match", q, "--run", moved / "runs" / "r", "--out", tmp_path / "p.csv", "-q")
     ev = json.loads((tmp_path / "p.json").read_text())
     assert ev["queries"][0]["candidates"][0]["gallery_image"].startswith(str(moved))
+
+
+def test_train_verifier_focus_is_recorded_and_read_back(trained, tmp_path):
+    """The default keeps SIFT keypoints where the focus map sees the animal; `--focus 1` the whole
+    photo. config.json records the share and a loaded run extracts new photos the same way."""
+    from engine.pipeline import Engine
+
+    _, siamese_run, verified, _, _ = trained
+    assert json.loads((verified / "config.json").read_text())["keypoints"]["focus_keep"] == 0.5
+    assert Engine.load(verified).stage("keypoints").focus is not None
+    run = tmp_path / "run"
+    shutil.copytree(siamese_run, run)
+    invoke("train-verifier", "--run", run, "--focus", 1, "--max-queries", 20, "-q")
+    # recorded as before the focus existed: runs of that time keep their caches and settings
+    assert "focus_keep" not in json.loads((run / "config.json").read_text())["keypoints"]
+    assert Engine.load(run).stage("keypoints").focus is None
+    r = runner.invoke(app, ["train-verifier", "--run", str(run), "--focus", "0", "-q"])
+    assert r.exit_code == 2 and "--focus" in r.output

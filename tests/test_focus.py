@@ -1,0 +1,84 @@
+"""The focus map (where the animal is) and the keypoints kept in focus."""
+from __future__ import annotations
+
+import pickle
+from dataclasses import asdict, replace
+
+import numpy as np
+import pytest
+
+from keypoints.features import KeypointConfig, config_from_dict, config_to_dict, extract_keypoints, in_focus
+from siamese.focus import FocusMap
+
+
+def textured(h: int = 240, w: int = 360, seed: int = 0) -> np.ndarray:
+    """Random black and white blocks everywhere: SIFT finds keypoints all over the photo."""
+    rng = np.random.default_rng(seed)
+    blocks = (rng.random((h // 6, w // 6)) > 0.5).astype(np.uint8) * 255
+    gray = np.kron(blocks, np.ones((6, 6), np.uint8))
+    return np.repeat(gray[:, :, None], 3, axis=2)
+
+
+def left_half(image: np.ndarray) -> np.ndarray:
+    """A focus map at the photo's own size: 1 on the left half, 0 on the right."""
+    m = np.zeros(image.shape[:2], np.float32)
+    m[:, : image.shape[1] // 2] = 1
+    return m
+
+
+def test_keypoints_are_kept_where_the_focus_map_is_high():
+    img = textured()
+    cfg = KeypointConfig(max_keypoints=300, focus_keep=0.5, focus_candidates=3000)
+    whole = extract_keypoints(img, cfg)  # no map given: the whole photo
+    kept = extract_keypoints(img, cfg, focus=left_half)
+    assert (whole.xy[:, 0] >= 180).sum() > 50  # the plain extraction finds keypoints on the right too
+    assert len(kept) == 300 and (kept.xy[:, 0] < 180).all()
+    # the cap applies after the cut: more keypoints on the left than the plain extraction kept there
+    assert len(kept) > (whole.xy[:, 0] < 180).sum()
+    # strongest first, as without focus
+    assert np.allclose(np.linalg.norm(kept.desc, axis=1), 1, atol=1e-5)
+    # focus_keep 1 means the whole photo, map or not
+    assert np.array_equal(extract_keypoints(img, replace(cfg, focus_keep=1.0), focus=left_half).xy, whole.xy)
+
+
+def test_in_focus_stretches_a_coarse_map_over_the_photo():
+    coarse = np.array([[0, 0, 1, 1]], np.float32)  # right half high, at a quarter of the resolution
+    xy = np.array([[10, 5], [90, 40], [390, 10], [300, 70]], np.float32)
+    assert in_focus(xy, coarse, (80, 400), 0.5).tolist() == [False, False, True, True]
+    assert in_focus(xy, coarse, (80, 400), 1.0).all()
+
+
+def test_focus_map_is_high_on_texture_and_pickles_as_its_settings():
+    """Known answer: a photo half plain grey, half textured; the ImageNet network responds to the
+    texture. A Ray worker receives the settings only (bytes, not a network) and builds the same map."""
+    img = np.full((240, 360, 3), 128, np.uint8)
+    img[:, 180:] = textured()[:, 180:]
+    focus = FocusMap()
+    m = focus(img)
+    assert m.ndim == 2 and m.shape[1] > m.shape[0] > 4  # coarse, as wide as the input
+    left, right = m[:, : m.shape[1] // 3].mean(), m[:, -m.shape[1] // 3:].mean()
+    assert right > 2 * left
+    blob = pickle.dumps(focus)
+    assert len(blob) < 1000
+    assert np.array_equal(pickle.loads(blob)(img), m)
+
+
+def test_a_run_from_before_the_focus_keeps_the_whole_photo(tmp_path):
+    """config.json written before the focus settings existed: keypoints from the whole photo, as its
+    validator was fitted on; a stage asked for focus without a map is a programming error."""
+    from core.runfolder import RunFolder
+    from keypoints.stage import KeypointStage
+    from keypoints.verify import VerifyConfig
+
+    old = {k: v for k, v in asdict(KeypointConfig()).items() if not k.startswith("focus")}
+    assert config_from_dict(old).focus_keep == 1.0
+    assert config_from_dict(asdict(KeypointConfig())).focus_keep == KeypointConfig().focus_keep < 1
+    # without focus the settings are recorded (and fingerprint the caches) as before it existed
+    assert config_to_dict(replace(KeypointConfig(), focus_keep=1.0)) == old
+    assert config_to_dict(KeypointConfig()) == asdict(KeypointConfig())
+    run = RunFolder(tmp_path / "run")
+    assert KeypointStage(run, config_from_dict(old), VerifyConfig(), None).focus is None
+    with pytest.raises(ValueError, match="focus map"):
+        KeypointStage(run, KeypointConfig(), VerifyConfig(), None)
+    stage = KeypointStage(run, KeypointConfig(), VerifyConfig(), None, focus=FocusMap())
+    assert stage.config()["focus"] == FocusMap().name
