@@ -31,7 +31,11 @@ log = logging.getLogger(__name__)
 class VerifyConfig:
     """Settings of matching + homography (the extraction has its own KeypointConfig)."""
 
-    ratio: float = 0.8  # Lowe's ratio on L2 distances of RootSIFT
+    # Lowe's ratio on L2 distances of RootSIFT. Stripes repeat along a flank, so a true match often
+    # has a close second: 0.9 keeps more of them and MAGSAC removes the rest. Development set, keypoints
+    # in focus, engine closed-set top-1 seed 0 / 1: 0.8 -> 0.278 / 0.285, 0.9 -> 0.285 / 0.312, at
+    # ~1.7x the matching cost per pair (~12 ms on one core)
+    ratio: float = 0.9
     mutual: bool = True
     homography: HomographyConfig = field(default_factory=HomographyConfig)
 

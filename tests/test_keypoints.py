@@ -256,7 +256,11 @@ def test_same_individual_beats_different_individual(kps):
     diff = verify_pair(kps["a1"], kps["b"])
     assert same.reject == "" and same.n_inliers >= 10
     assert diff.n_inliers == 0 and diff.H is None
-    assert same.features[F["n_matches"]] > 2 * diff.features[F["n_matches"]]
+    # at Lowe's classic 0.8 the putative matches alone separate them; the default 0.9 keeps more
+    # ambiguous matches (repeated stripes) and leaves the separation to the geometry, as above
+    strict = VerifyConfig(ratio=0.8)
+    assert verify_pair(kps["a1"], kps["a2"], strict).features[F["n_matches"]] > \
+        2 * verify_pair(kps["a1"], kps["b"], strict).features[F["n_matches"]]
 
 
 def test_mirrored_pattern_is_not_a_match(photos, kps):
