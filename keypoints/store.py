@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -51,6 +52,8 @@ class KeypointStore:
     fingerprint is `name` and the settings."""
 
     def __init__(self, cache_path: Path, cfg, extract=None, name: str = "keypoints"):
+        if extract is None and getattr(cfg, "focus_keep", 1.0) < 1:
+            cfg = replace(cfg, focus_keep=1.0)  # no focus map given: the whole photo, and the fingerprint says so
         self.cfg = cfg
         self.extract = extract or (lambda image: extract_keypoints(image, cfg))
         self.cache = FeatureCache(cache_path, f"{name}:" + json.dumps(config_to_dict(cfg), sort_keys=True))

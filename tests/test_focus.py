@@ -82,3 +82,8 @@ def test_a_run_from_before_the_focus_keeps_the_whole_photo(tmp_path):
         KeypointStage(run, KeypointConfig(), VerifyConfig(), None)
     stage = KeypointStage(run, KeypointConfig(), VerifyConfig(), None, focus=FocusMap())
     assert stage.config()["focus"] == FocusMap().name
+    assert stage.store.cfg.focus_keep == 0.5
+    # a bare store has no map: it extracts from the whole photo and its cache fingerprint says so
+    from keypoints.store import KeypointStore
+
+    assert KeypointStore(tmp_path / "kp", KeypointConfig()).cfg.focus_keep == 1.0
