@@ -36,7 +36,8 @@ class KeypointConfig:
     # `focus_candidates` strongest SIFT keypoints are detected first, then the strongest
     # `max_keypoints` in focus kept. On the development set (144 known queries, top-20 shortlists,
     # raw inlier ranking): whole photo 0.160 closed-set top-1 (3000 keypoints: 0.194 at 3.4x the
-    # matching cost), focus 0.5: 0.243; 0.7: see README. Applied only when the extraction is given a
+    # matching cost), focus 0.5: 0.243 (the trained network's map: 0.5 0.236, 0.7 0.257, within
+    # noise of each other; the fixed pretrained map is used). Applied only when the extraction is given a
     # focus map (the keypoint stage gives it; a config rebuilt from a run that predates the focus
     # reads as 1: see config_from_dict).
     focus_keep: float = 0.5
