@@ -49,9 +49,9 @@ def check_resume(run: RunFolder, cfg: TrainConfig, heldout: list[str]) -> None:
         return
     old = run.config().get("train", {})
     new = json.loads(json.dumps(cfg.to_dict()))  # tuples as the JSON lists of the run folder
-    changed = [(k, new[k], old[k]) for k in ("seed", "heldout_fraction") if old.get(k) != new[k]]
-    changed += [(k, new[k], old[k]) for k in sorted(new) if k not in RESUMABLE | {"model", "seed", "heldout_fraction"}
-                and k in old and old[k] != new[k]]
+    split = ("seed", "heldout_fraction")  # compared even where the old run did not record them
+    keys = list(split) + sorted(k for k in new if k in old and k not in RESUMABLE | {"model", *split})
+    changed = [(k, new[k], old.get(k)) for k in keys if old.get(k) != new[k]]
     changed += [(k, new["model"][k], old["model"][k]) for k in ("backbone", "input_size", "gem_p", "head_hidden")
                 if k in old.get("model", {}) and old["model"][k] != new["model"][k]]
     if changed:

@@ -208,6 +208,12 @@ def test_resume_refuses_other_split_settings_and_says_when_it_starts_over(sample
     assert r.exit_code == 2 and "--input-size 96x128" in r.output
     assert (run / "heldout.json").read_bytes() == heldout
     assert invoke(*[a if a != 1 else 2 for a in base], "--resume").exit_code == 0
+    # a config.json that does not record the seed: refused in one sentence, not a KeyError
+    config = json.loads((run / "config.json").read_text())
+    del config["train"]["seed"]
+    (run / "config.json").write_text(json.dumps(config))
+    r = invoke(*base[:-1], "--resume", "-q")
+    assert r.exit_code == 2 and "--resume with --seed 0, but" in r.output and "trained with None" in r.output
     fresh = tmp_path / "fresh"
     r = runner.invoke(app, [str(a) for a in ["train-siamese", "--catalog", sample, "--out", fresh, "--epochs", 1,
                                              "--input-size", SIZE, "--batch-size", 8, "--resume", "-v"]])
