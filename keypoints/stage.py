@@ -68,9 +68,10 @@ class KeypointStage:
         self.kcfg, self.vcfg, self.validator, self.workers = kcfg, vcfg, validator, workers
         self.executor = executor  # core.executor: None or local = this process, ray = tasks
         # where the animal is (siamese.focus.FocusMap), for settings that keep keypoints there only
-        self.focus = focus if getattr(kcfg, "focus_keep", 1.0) < 1 else None
-        if self.focus is None and getattr(kcfg, "focus_keep", 1.0) < 1:
+        focused = getattr(kcfg, "focus_keep", 1.0) < 1
+        if focused and focus is None:
             raise ValueError(f"keypoint settings with focus_keep {kcfg.focus_keep} need a focus map")
+        self.focus = focus if focused else None
         self.store = self.make_store(run)
         self.pairs = FeatureCache(run.cache_dir / self.pairs_dir, "pairs:" + json.dumps(self.config(), sort_keys=True))
 
