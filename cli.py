@@ -212,6 +212,9 @@ def calibrate(
                                                       "of queries is answered new_individual (default: "
                                                       "maximise MAP@5).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the folds.")] = 0,
+    queries_per_individual: Annotated[Optional[int], typer.Option(
+        min=1, help="Photos of each held-out individual used as queries per fold (default: every photo, "
+                    "each against the rest of the gallery).")] = None,
     shortlist: ShortlistOpt = MatchConfig.shortlist,
     verify_top: VerifyTopOpt = MatchConfig.verify_top,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
@@ -221,8 +224,10 @@ def calibrate(
 ):
     """Calibrate each stage's score, fit their fusion and the new_individual threshold.
 
-    Uses the individuals held out of training, in open-set folds (some query individuals absent from
-    the gallery); prints per-fold MAP@5 and its spread, then refits on all folds (calibration.json).
+    Uses the individuals held out of training, in open-set folds (each fold's individuals are new
+    animals: their photos leave the gallery and are queries; every photo of the others is a query
+    against the rest of the gallery); prints per-fold MAP@5 and its spread, then refits on all folds
+    (calibration.json).
     """
     _setup_logging(verbose)
     _use_executor(executor, ray_address)
@@ -233,7 +238,8 @@ def calibrate(
     if new_rate is not None and not 0 < new_rate < 1:
         raise UserError("--new-rate must be between 0 and 1")
     c = command.main(command.CalibrateConfig(folds=folds, calibrator=calibrator, target_new_rate=new_rate,
-                                             seed=seed), command.Paths(run),
+                                             seed=seed, queries_per_individual=queries_per_individual),
+                     command.Paths(run),
                      MatchConfig(shortlist=shortlist, verify_top=verify_top), threads, progress=not quiet,
                      precision=precision)
     lines = ["score".ljust(12) + "MAP@5 (mean ± sd over folds)".rjust(30) + "new F1".rjust(10) + "tau".rjust(10)]
@@ -241,7 +247,8 @@ def calibrate(
         lines.append(name.ljust(12) + f"{s['map5_mean']:.3f} ± {s['map5_std']:.3f}".rjust(30)
                      + f"{s['new_f1_mean']:.3f}".rjust(10) + f"{c['tau'][name]:.3f}".rjust(10))
     typer.echo("\n".join(lines))
-    typer.echo(f"calibrated on {c['queries']} held-out queries ({c['new_queries']} new) in {len(c['per_fold'])} "
+    typer.echo(f"calibrated on {c['queries']} queries of {c['individuals']} held-out individuals "
+               f"({c['new_queries']} new) in {len(c['per_fold'])} "
                f"folds, fused tau {c['tau']['fused']:.3f} (over folds: "
                f"{', '.join(f'{t:.3f}' for t in c['tau_folds']['values'])}) -> {run / 'calibration.json'} "
                f"({c['seconds']:.0f} s)")

@@ -2,9 +2,13 @@
 
 Data: the held-out individuals of the run that neither the Siamese network nor the verifier trained
 on, and that did not choose the training epoch either (heldout.json "calibration": half of the
-held-out individuals of a trained network, all of them for a pretrained one). They are split by individual into folds; in fold f the fold's individuals are "new" (all their
-photos leave the gallery) and one photo of each other held-out individual is a query against the
-rest of the gallery, which keeps every training individual as a distractor, as in real use.
+held-out individuals of a trained network, all of them for a pretrained one). They are split by
+individual into folds; in fold f the fold's individuals are "new" (all their photos leave the
+gallery, and their photos are queries with truth new_individual) and every photo of each other
+held-out individual is a query against the rest of the gallery (its own photo left out), which
+keeps every training individual as a distractor, as in real use. Every photo rather than one per
+individual: one per individual gave 60 queries and 59 matching pairs on the development set, on
+which a stage could look anti-correlated by chance and be dropped from the fusion.
 For each fold, the calibrators + fusion and tau are fitted on the other folds and scored on this
 one (per-fold figures and their spread); then everything is refitted on all folds and saved in
 calibration.json, with a tau per single stage too (for the ablation table of `evaluate`).
@@ -29,21 +33,30 @@ from ranker.threshold import open_set_folds, search_threshold, split_fold_images
 from siamese.embed import EmbedResult
 
 log = logging.getLogger(__name__)
-# Below this many new-individual queries, tau is a guess: say so (on held-out cow faces, tau fitted on
-# 12 new queries made the engine answer new_individual for 136 of 222 queries where 48 were new).
-MIN_NEW_QUERIES = 30
+# Below this many held-out individuals, tau is a guess: say so (on held-out cow faces, tau fitted on
+# 12 new individuals made the engine answer new_individual for 136 of 222 queries where 48 were new).
+# Their photos are not independent evidence, so the count is of individuals, not of queries.
+MIN_NEW_INDIVIDUALS = 30
 
 
 @dataclass(frozen=True)
 class CalibrateConfig:
-    folds: int = 3  # with one query per individual, about 1/folds of the queries are new animals
+    folds: int = 3  # each fold's individuals are the new animals: about 1/folds of the queries
+    # photos per held-out individual used as queries in each fold (None: every photo; one per
+    # individual left 60 queries and 59 matching pairs on the development set, too few to fit on)
+    queries_per_individual: int | None = None
     calibrator: str = FusionConfig.calibrator  # logistic or isotonic: see ranker.fusion.FusionConfig
     target_new_rate: float | None = None  # choose tau to answer new_individual this often instead
     seed: int = 0
 
 
 def fold_pairs(engine: Engine, cfg: CalibrateConfig, mcfg: MatchConfig, progress: bool):
-    """Per fold: the query shortlists (all stages scored) and the truths."""
+    """Per fold: the query shortlists (all stages scored) and the truths.
+
+    In a fold, the fold's individuals leave the gallery and up to `cfg.queries_per_individual` of
+    their photos are queries (truth new_individual); up to as many photos of every other held-out
+    individual with at least two photos are queries against the rest of the gallery (each query's
+    own photo left out, the individual's other photos kept, as in real use)."""
     g = engine.gallery
     heldout = engine.run.calibration_individuals()
     h_idx = np.array([i for i in range(len(g)) if g.ids[i] in heldout], dtype=np.int64)
@@ -52,15 +65,17 @@ def fold_pairs(engine: Engine, cfg: CalibrateConfig, mcfg: MatchConfig, progress
                         f"{len(set(g.ids[i] for i in h_idx))} (train-siamese holds out 20% of the individuals, "
                         f"half of them to choose the training epoch: raise --heldout-fraction)")
     folds = open_set_folds([g.ids[i] for i in h_idx], cfg.folds, cfg.seed)
+    n = cfg.queries_per_individual
     out = []
     for fold in folds:
-        split = split_fold_images([g.ids[i] for i in h_idx], fold, cfg.seed)
+        split = split_fold_images([g.ids[i] for i in h_idx], fold, cfg.seed, queries_per_seen=n,
+                                  queries_per_unseen=n)
         queries = h_idx[split.queries]
-        hidden = set(queries.tolist()) | {int(i) for i in h_idx if g.ids[i] in set(fold.unseen)}
-        subset = np.array([i for i in range(len(g)) if i not in hidden], dtype=np.int64)
+        unseen = set(fold.unseen)
+        subset = np.array([i for i in range(len(g)) if g.ids[i] not in unseen], dtype=np.int64)
         emb = EmbedResult(g.embeddings[queries], np.arange(len(queries)))
         pairs = engine.pair_scores([g.record(int(i)) for i in queries], emb, mcfg, gallery_subset=subset,
-                                   progress=progress)
+                                   progress=progress, own=queries)
         out.append((pairs, list(split.truths)))
     return out
 
@@ -131,15 +146,18 @@ def main(cfg: CalibrateConfig, paths: Paths, mcfg: MatchConfig = MatchConfig(), 
                       "map5_std": float(np.std([r[name]["map5"] for r in per_fold])),
                       "new_f1_mean": float(np.mean([r[name]["new_f1"] for r in per_fold]))} for name in names}
     n_new = sum(t == NEW_INDIVIDUAL for t in all_truths)
+    n_individuals = len(engine.run.calibration_individuals())  # each is new in exactly one fold
     fold_taus = [r[FUSED]["tau"] for r in per_fold]
-    if n_new < MIN_NEW_QUERIES:
-        log.warning("tau rests on %d new-individual queries only (fold taus %s): it may not hold on new photos; "
-                    "hold out more individuals (train-siamese --heldout-fraction) or set the expected share "
-                    "of new animals (calibrate --new-rate)", n_new, ", ".join(f"{t:.3f}" for t in fold_taus))
+    if n_individuals < MIN_NEW_INDIVIDUALS:
+        log.warning("tau rests on %d new-individual queries of %d individuals only (fold taus %s): it may not "
+                    "hold on new photos; hold out more individuals (train-siamese --heldout-fraction) or set "
+                    "the expected share of new animals (calibrate --new-rate)", n_new, n_individuals,
+                    ", ".join(f"{t:.3f}" for t in fold_taus))
     calibration = {"kind": "calibration", "version": 1, "stages": stages, "fusion": fusion.to_dict(),
                    "tau": taus, "config": asdict(cfg),
                    "match": {"shortlist": mcfg.shortlist, "verify_top": mcfg.verify_top}, "per_fold": per_fold,
                    "summary": summary, "queries": len(all_truths), "new_queries": n_new,
+                   "individuals": n_individuals,
                    "tau_folds": {"values": fold_taus, "std": float(np.std(fold_taus))}}
     atomic_write_json(engine.run.calibration_path, calibration)
     engine.run.update_metrics("calibrate", {"summary": summary, "tau": taus,

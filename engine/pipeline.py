@@ -126,9 +126,10 @@ class Engine:
         return self.stage(self.stage_order()[-1]).default_tau
 
     def shortlist(self, records: Sequence[Record], emb: EmbedResult, cfg: MatchConfig,
-                  gallery_subset: np.ndarray | None = None) -> list[QueryPairs]:
+                  gallery_subset: np.ndarray | None = None, own: np.ndarray | None = None) -> list[QueryPairs]:
         """Each query's K nearest gallery photos (optionally only among `gallery_subset`, gallery
-        indices: calibration folds hide part of the gallery), the query's own photo left out."""
+        indices: calibration folds hide part of the gallery), the query's own photo left out: the
+        gallery photo at the same path, and `own[i]` (gallery index, -1: none) for query `emb.ok[i]`."""
         recs = [records[i] for i in emb.ok]
         if not recs:
             return []
@@ -152,15 +153,18 @@ class Engine:
                 idx = np.where(idx >= 0, to_gallery[np.maximum(idx, 0)], -1)
             return sims, idx
 
+        query_paths = np.array([str(Path(r.path).resolve()) for r in recs])[:, None]
+
+        def not_own(idx):  # found, and not the query's own photo
+            keep = (idx >= 0) & (gallery_paths[np.maximum(idx, 0)] != query_paths)
+            return keep if own is None else keep & (idx != np.asarray(own)[:, None])
+
         sims, idx = search(emb.embeddings)
         if cfg.query_expansion > 0:
-            sims, idx = search(self.expand_queries(recs, emb.embeddings, sims, idx, cfg.query_expansion))
-        out = []
-        for qi, rec in enumerate(recs):
-            keep = idx[qi] >= 0
-            keep &= gallery_paths[np.maximum(idx[qi], 0)] != str(Path(rec.path).resolve())
-            out.append(QueryPairs(rec, idx[qi][keep][:k], {}, similarity=sims[qi][keep][:k].astype(np.float64)))
-        return out
+            sims, idx = search(self.expand_queries(emb.embeddings, sims, idx, not_own(idx), cfg.query_expansion))
+        keep = not_own(idx)
+        return [QueryPairs(rec, idx[qi][keep[qi]][:k], {}, similarity=sims[qi][keep[qi]][:k].astype(np.float64))
+                for qi, rec in enumerate(recs)]
 
     def k_reciprocal(self, index: EmbeddingIndex, members: np.ndarray | None, sims: np.ndarray, idx: np.ndarray,
                      k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -184,23 +188,23 @@ class Engine:
             out_s[q], out_i[q] = np.concatenate([s, sims[q][~ok]]), np.concatenate([i, idx[q][~ok]])
         return out_s, out_i
 
-    def expand_queries(self, recs, q: np.ndarray, sims: np.ndarray, idx: np.ndarray, n: int) -> np.ndarray:
-        """Query expansion: each query averaged with its `n` best gallery photos (its own photo left
-        out), weighted by similarity (alpha-QE, alpha = 3), then re-normalised."""
+    def expand_queries(self, q: np.ndarray, sims: np.ndarray, idx: np.ndarray, keep: np.ndarray, n: int) -> np.ndarray:
+        """Query expansion: each query averaged with its `n` best gallery photos (`keep`: the
+        neighbours that are not its own photo), weighted by similarity (alpha-QE, alpha = 3), then
+        re-normalised."""
         out = q.astype(np.float32).copy()
-        paths = np.array(self.gallery.paths)
-        for i, rec in enumerate(recs):
-            ok = (idx[i] >= 0) & (paths[np.maximum(idx[i], 0)] != str(Path(rec.path).resolve()))
-            top, w = idx[i][ok][:n], np.clip(sims[i][ok][:n], 0, None) ** 3
+        for i in range(len(q)):
+            top, w = idx[i][keep[i]][:n], np.clip(sims[i][keep[i]][:n], 0, None) ** 3
             out[i] += (w[:, None] * self.gallery.embeddings[top]).sum(axis=0)
         return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
     def pair_scores(self, records: Sequence[Record], emb: EmbedResult, cfg: MatchConfig,
-                    gallery_subset: np.ndarray | None = None, progress: bool = False) -> list[QueryPairs]:
-        """Every stage's score for each query's shortlist of gallery photos. A TOP stage scores
-        each query's top-V pairs by the last ALL stage's score (NaN elsewhere)."""
+                    gallery_subset: np.ndarray | None = None, progress: bool = False,
+                    own: np.ndarray | None = None) -> list[QueryPairs]:
+        """Every stage's score for each query's shortlist of gallery photos (`shortlist`). A TOP
+        stage scores each query's top-V pairs by the last ALL stage's score (NaN elsewhere)."""
         t0 = time.perf_counter()
-        pairs = self.shortlist(records, emb, cfg, gallery_subset)
+        pairs = self.shortlist(records, emb, cfg, gallery_subset, own)
         self.seconds["shortlist"] += time.perf_counter() - t0
         for stage in self.stages:
             if stage.scope != ALL and cfg.verify_top <= 0:

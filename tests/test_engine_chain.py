@@ -1,6 +1,7 @@
 """The whole engine through the CLI on a synthetic sample: train (briefly), train-verifier,
 calibrate, match with the review page, evaluate's ablation, and enroll."""
 import csv
+import dataclasses
 import json
 import re
 import shutil
@@ -71,8 +72,14 @@ def test_verifier_calibrate_match_evaluate(siamese_only):
     assert held["validation"] and held["calibration"]  # a trained run: the epoch was chosen on some
     assert set(held["validation"]).isdisjoint(held["calibration"])
     assert sorted(held["validation"] + held["calibration"]) == sorted(held["individuals"])
-    assert cal["queries"] == 3 * len(held["calibration"])  # each calibration individual, once per fold
-    assert cal["new_queries"] < 30  # a tiny sample: calibrate warns that tau rests on few new queries
+    # every photo of a calibration individual, in each fold: as a new animal all of them, as a known
+    # one all but one (so that the gallery keeps one of its photos)
+    from collections import Counter
+    from core.gallery import Gallery
+    photos = Counter(i for i in Gallery.load(run / "gallery.h5").ids if i in set(held["calibration"]))
+    assert cal["queries"] == sum(c + 2 * (c - 1) for c in photos.values())
+    assert cal["new_queries"] == sum(photos.values())
+    assert cal["individuals"] == len(held["calibration"]) < 30  # calibrate warns: tau rests on few animals
     pred = root / "pred.csv"
     out = invoke("match", qdir, "--run", run, "--out", pred, "--report", root / "report.html", "-q")
     rows = list(csv.DictReader(open(pred)))
@@ -93,6 +100,18 @@ def test_verifier_calibrate_match_evaluate(siamese_only):
     assert header == ["metric", "embedding", "siamese", "keypoints", "fused", "fused:top2mean"]
     fused_map = float(out.splitlines()[1].split()[4])
     assert fused_map > 0.4  # measured 0.67 on this sample (seed 5)
+
+
+def test_calibrate_with_one_query_per_individual(chain):
+    """--queries-per-individual 1: each calibration individual is one query per fold (new in one
+    fold, known in the others), as before every photo was used."""
+    root, run, qdir, truth = chain
+    out = invoke("calibrate", "--run", run, "--queries-per-individual", 1, "-q")
+    cal = json.loads((run / "calibration.json").read_text())
+    held = json.loads((run / "heldout.json").read_text())
+    assert cal["queries"] == 3 * len(held["calibration"]) and cal["new_queries"] == len(held["calibration"])
+    assert cal["config"]["queries_per_individual"] == 1
+    assert f"calibrated on {cal['queries']} queries of {len(held['calibration'])} held-out individuals" in out
 
 
 def test_retraining_drops_the_stale_verifier_and_calibration(chain, tmp_path):
@@ -297,6 +316,32 @@ def test_query_expansion_searches_with_the_averaged_query(chain):
     np.testing.assert_allclose(expanded[0].similarity, sims, atol=1e-5)
     out = invoke("evaluate", "--catalog", truth, "--images", qdir, "--run", run, "--query-expansion", 2, "-q")
     assert "closed top-1" in out
+
+
+def test_shortlist_leaves_out_the_queries_own_gallery_photo(chain, tmp_path):
+    """Calibration queries are gallery photos: each one's own photo never enters its shortlist, also
+    when its path does not match the gallery's (`own`), and with query expansion."""
+    from engine.pipeline import Engine, MatchConfig
+    from siamese.embed import EmbedResult
+
+    root, run, qdir, truth = chain
+    engine = Engine.load(run)
+    g = engine.gallery
+    picks = np.arange(0, len(g), 7)
+    records = []
+    for i in picks:  # the same photo under another path
+        rec = g.record(int(i))
+        copy = tmp_path / f"{i}{Path(rec.path).suffix}"
+        shutil.copy(rec.path, copy)
+        records.append(dataclasses.replace(rec, path=copy, image=str(copy)))
+    emb = EmbedResult(g.embeddings[picks], np.arange(len(picks)))
+    for cfg in (MatchConfig(), MatchConfig(query_expansion=2)):
+        by_path = engine.shortlist(records, emb, cfg)
+        assert any(i in p.gallery_idx for i, p in zip(picks, by_path))  # the path check alone misses them
+        left_out = engine.shortlist(records, emb, cfg, own=picks)
+        for i, p in zip(picks, left_out):
+            assert i not in p.gallery_idx
+            assert len(p.gallery_idx) == min(cfg.shortlist, len(g) - 1)
 
 
 def test_k_reciprocal_rerank_reorders_the_shortlist(chain):
