@@ -121,6 +121,9 @@ def train_siamese_cmd(
     weights: Annotated[Optional[Path], typer.Option(help="Local backbone weights file (default: the bundled "
                                                     "ImageNet mobilenetv2_100).")] = None,
     input_size: Annotated[str, typer.Option(help="Network input HEIGHTxWIDTH in pixels.")] = "224x224",
+    crop: Annotated[str, typer.Option(help="What the network sees of a photo without a bbox in the catalog: "
+                                      "focus (the box around the animal, found by the ImageNet network's "
+                                      "response) or none (the whole photo).")] = _TRAIN.model.crop,
     epochs: Annotated[int, typer.Option(min=0, help="Training epochs (the time budget usually stops first); "
                                         "0 = the pretrained network, retrieval only.")] = _TRAIN.epochs,
     max_minutes: Annotated[Optional[float], typer.Option(
@@ -150,7 +153,7 @@ def train_siamese_cmd(
     from engine import train_siamese
 
     cfg = TrainConfig(model=ModelConfig(backbone=backbone, weights=str(weights) if weights else None,
-                                        input_size=_parse_size(input_size)),
+                                        input_size=_parse_size(input_size), crop=crop),
                       epochs=epochs, max_minutes=max_minutes, seed=seed, batch_size=batch_size, threads=threads,
                       heldout_fraction=heldout_fraction, precision=precision, freeze_blocks=freeze_blocks)
     s = train_siamese.main(cfg, train_siamese.Paths(catalog, out, images), resume=resume, progress=not quiet)

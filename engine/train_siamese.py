@@ -52,8 +52,9 @@ def check_resume(run: RunFolder, cfg: TrainConfig, heldout: list[str]) -> None:
     split = ("seed", "heldout_fraction")  # compared even where the old run did not record them
     keys = list(split) + sorted(k for k in new if k in old and k not in RESUMABLE | {"model", *split})
     changed = [(k, new[k], old.get(k)) for k in keys if old.get(k) != new[k]]
-    changed += [(k, new["model"][k], old["model"][k]) for k in ("backbone", "input_size", "gem_p", "head_hidden")
-                if k in old.get("model", {}) and old["model"][k] != new["model"][k]]
+    was_model = {"crop": "none", **old.get("model", {})}  # crop: the whole photo before the setting existed
+    changed += [(k, new["model"][k], was_model[k]) for k in ("backbone", "input_size", "gem_p", "head_hidden", "crop")
+                if k in was_model and was_model[k] != new["model"][k]]
     if changed:
         key, value, was = changed[0]
         show = (lambda v: "x".join(map(str, v))) if key == "input_size" else str

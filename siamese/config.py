@@ -17,6 +17,8 @@ BACKBONES = {
                             pad_type="same", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
 }
 
+CROPS = ("focus", "none")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -28,6 +30,14 @@ class ModelConfig:
     pad_type: str | None = None
     gem_p: float = 3.0
     head_hidden: int = 16
+    # what of each photo the network sees when the catalog gives no bbox: "focus", the box around the
+    # animal that the ImageNet backbone's response marks (siamese.focus.focus_box), or "none", the
+    # whole photo (run folders from before this setting read back as "none")
+    crop: str = "focus"
+
+    def __post_init__(self) -> None:
+        if self.crop not in CROPS:
+            raise UserError(f"crop {self.crop!r}: choose one of {', '.join(CROPS)}")
 
     def resolved(self) -> "ModelConfig":
         preset = BACKBONES.get(self.backbone, {})
@@ -44,14 +54,14 @@ class ModelConfig:
             cfg = timm.create_model(self.backbone, pretrained=False, num_classes=0).pretrained_cfg
             mean, std = mean or tuple(cfg["mean"]), std or tuple(cfg["std"])
         return ModelConfig(self.backbone, str(weights), tuple(self.input_size), tuple(mean), tuple(std), pad,
-                           self.gem_p, self.head_hidden)
+                           self.gem_p, self.head_hidden, self.crop)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        d = dict(d)
+        d = {"crop": "none", **d}  # saved before the setting existed: the whole photo
         for k in ("input_size", "mean", "std"):
             if d.get(k) is not None:
                 d[k] = tuple(d[k])

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import cv2
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -22,18 +21,10 @@ from core.cache import FeatureCache, record_key
 from core.catalog import Record
 from core.errors import ImageError
 from core.images import load_image
-from siamese.model import ModelConfig, SiameseNet
+from siamese.focus import focus_crop
+from siamese.model import ModelConfig, SiameseNet, preprocess
 
 log = logging.getLogger(__name__)
-
-
-def preprocess(rgb: np.ndarray, cfg: ModelConfig) -> np.ndarray:
-    """HxWx3 uint8 -> 3xhxw float32 normalised, resized to the model's input size."""
-    h, w = cfg.input_size
-    interp = cv2.INTER_AREA if rgb.shape[0] > h or rgb.shape[1] > w else cv2.INTER_CUBIC
-    x = cv2.resize(rgb, (w, h), interpolation=interp).astype(np.float32) / 255.0
-    x = (x - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
 def model_fingerprint(model: SiameseNet) -> str:
@@ -61,9 +52,18 @@ class EmbedResult:
         return self.computed / self.seconds if self.seconds > 0 else 0.0
 
 
+def load_for_model(rec: Record, cfg: ModelConfig) -> np.ndarray:
+    """The photo as the network sees it: the record's bbox if the catalog gives one, else with
+    `crop="focus"` the box around the animal (siamese.focus), else the whole photo."""
+    rgb = load_image(rec.path, rec.bbox)
+    if cfg.crop == "focus" and rec.bbox is None:
+        rgb = focus_crop(rgb)
+    return rgb
+
+
 def _load(rec: Record, cfg: ModelConfig):
     try:
-        return preprocess(load_image(rec.path, rec.bbox), cfg), None
+        return preprocess(load_for_model(rec, cfg), cfg), None
     except ImageError as e:
         return None, e
 

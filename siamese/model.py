@@ -12,6 +12,8 @@ from pathlib import Path
 
 import siamese.torchvision_schemas  # noqa: F401  must precede timm
 
+import cv2
+import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
@@ -22,6 +24,15 @@ from core.runfolder import atomic_write_bytes
 from core.runtime import torch_device
 from siamese.config import BACKBONES, ModelConfig  # noqa: F401  re-exported
 from siamese.precision import Precision
+
+def preprocess(rgb: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    """HxWx3 uint8 -> 3xhxw float32 normalised, resized to the model's input size."""
+    h, w = cfg.input_size
+    interp = cv2.INTER_AREA if rgb.shape[0] > h or rgb.shape[1] > w else cv2.INTER_CUBIC
+    x = cv2.resize(rgb, (w, h), interpolation=interp).astype(np.float32) / 255.0
+    x = (x - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
 
 class GeM(nn.Module):
     """Generalised-mean pooling: between average (p=1) and max (p->inf) pooling, p learned."""

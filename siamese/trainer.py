@@ -38,27 +38,27 @@ from tqdm.auto import tqdm
 
 from core.catalog import Catalog, Record
 from core.errors import ImageError, UserError
-from core.images import load_image
 from core.metrics import average_precision_at_5
 from core.runfolder import RunFolder, atomic_path
 from core.aggregate import aggregate_per_individual
-from siamese.embed import embed_records, normalize_features, preprocess
+from siamese.embed import embed_records, load_for_model, normalize_features
 from siamese.lap_miner import LapMiner, MinerConfig, noise_at
-from siamese.config import PRESETS, TrainConfig  # noqa: F401  re-exported
-from siamese.model import SiameseNet
+from siamese.config import PRESETS, ModelConfig, TrainConfig  # noqa: F401  re-exported
+from siamese.model import SiameseNet, preprocess
 
 log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- data
-def _load_resized(rec: Record, size: tuple[int, int]) -> np.ndarray | None:
-    """Decode once, keep at a little more than the input size: augmentation crops from it."""
+def _load_resized(rec: Record, model_cfg: ModelConfig) -> np.ndarray | None:
+    """Decode once (and crop as the network sees it), keep at a little more than the input size:
+    augmentation crops from it."""
     try:
-        rgb = load_image(rec.path, rec.bbox)
+        rgb = load_for_model(rec, model_cfg)
     except ImageError as e:
         log.warning("skipped %s", e)
         return None
-    h, w = size
+    h, w = model_cfg.input_size
     return cv2.resize(rgb, (int(w * 1.15), int(h * 1.15)), interpolation=cv2.INTER_AREA)
 
 
@@ -293,7 +293,7 @@ def fit(model: SiameseNet, catalog: Catalog, heldout: set, cfg, run: RunFolder, 
     t0 = time.perf_counter()
     images, labels_list, views_list = [], [], []
     for r in tqdm(train_recs, desc="loading training photos", unit="img", disable=not progress, leave=False):
-        img = _load_resized(r, cfg.model.input_size)
+        img = _load_resized(r, cfg.model)
         if img is not None:
             images.append(img)
             labels_list.append(r.individual_id)

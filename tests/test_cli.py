@@ -156,6 +156,9 @@ def test_bad_input_exits_2_with_one_sentence(case, sample, run_dir, tmp_path):
     elif case == "no_run":
         args = ["match", tmp_path, "--run", tmp_path / "nowhere", "--out", tmp_path / "p.csv"]
         expect = "does not exist"
+    elif case == "bad_crop":
+        args = ["train-siamese", "--catalog", sample, "--out", tmp_path / "r", "--crop", "tight"]
+        expect = "crop 'tight': choose one of focus, none"
     else:
         args = ["train-siamese", "--catalog", sample, "--out", tmp_path / "r", "--input-size", "big"]
         expect = "is not HEIGHTxWIDTH"
@@ -206,6 +209,8 @@ def test_resume_refuses_other_split_settings_and_says_when_it_starts_over(sample
     assert r.exit_code == 2 and "--freeze-blocks 0, but" in r.output and "trained with 3" in r.output
     r = invoke(*[a if a != SIZE else "96x128" for a in base[:-1]], "--resume", "-q")
     assert r.exit_code == 2 and "--input-size 96x128" in r.output
+    r = invoke(*base[:-1], "--resume", "--crop", "none", "-q")
+    assert r.exit_code == 2 and "--crop none, but" in r.output and "trained with focus" in r.output
     assert (run / "heldout.json").read_bytes() == heldout
     assert invoke(*[a if a != 1 else 2 for a in base], "--resume").exit_code == 0
     # a config.json that does not record the seed: refused in one sentence, not a KeyError

@@ -87,3 +87,30 @@ def test_a_run_from_before_the_focus_keeps_the_whole_photo(tmp_path):
     from keypoints.store import KeypointStore
 
     assert KeypointStore(tmp_path / "kp", KeypointConfig()).cfg.focus_keep == 1.0
+
+
+def test_focus_box_surrounds_the_weight_of_the_map():
+    """Known answers on hand-made maps: a blob's box, a flat map, a single hot cell (minimum side)."""
+    from siamese.focus import focus_box
+
+    m = np.zeros((10, 20), np.float32)
+    m[2:6, 4:10] = 1  # cells 4..9 across (centre 7, sd 1.71), 2..5 down (centre 4, sd 1.12)
+    x0, y0, x1, y1 = focus_box(m, (100, 400), k=2.0)
+    sx, sy = np.sqrt(35 / 12), np.sqrt(15 / 12)  # sd of a uniform run of 6 and of 4 cells
+    assert (x0, x1) == (int((7 - 2 * sx) * 20), int(np.ceil((7 + 2 * sx) * 20)))
+    assert (y0, y1) == (int((4 - 2 * sy) * 10), int(np.ceil((4 + 2 * sy) * 10)))
+    assert focus_box(np.ones((10, 20)), (100, 400)) == (0, 0, 400, 100)  # nothing stands out
+    hot = np.zeros((10, 20))
+    hot[0, 19] = 5  # one cell in the corner: a quarter of each side, inside the photo
+    assert focus_box(hot, (100, 400)) == (300, 0, 400, 25)
+
+
+def test_focus_crop_keeps_the_textured_part_of_a_photo():
+    """The model's crop (siamese.embed.load_for_model) on a photo textured in its middle only."""
+    from siamese.focus import focus_crop
+
+    img = np.full((240, 360, 3), 128, np.uint8)
+    img[60:180, 90:270] = textured()[60:180, 90:270]
+    crop = focus_crop(img)
+    assert crop.shape[0] * crop.shape[1] < 0.7 * img.shape[0] * img.shape[1]
+    assert (crop != 128).mean() > 2 * (img != 128).mean()  # mostly texture now

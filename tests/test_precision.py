@@ -6,7 +6,8 @@ import torch
 from core.errors import UserError
 from siamese import precision as P
 from engine.synthetic import make_individual, render_canonical
-from siamese.embed import features_batch, model_fingerprint, preprocess
+from siamese.embed import features_batch, model_fingerprint
+from siamese.model import preprocess
 from siamese.model import ModelConfig, SiameseNet
 
 
