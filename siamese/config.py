@@ -30,9 +30,10 @@ class ModelConfig:
     pad_type: str | None = None
     gem_p: float = 3.0
     head_hidden: int = 16
-    # what of each photo the network sees when the catalog gives no bbox: "focus", the box around the
-    # animal that the ImageNet backbone's response marks (siamese.focus.focus_box), or "none", the
-    # whole photo (run folders from before this setting read back as "none")
+    # what of each photo the network embeds (gallery, queries, validation) when the catalog gives no
+    # bbox: "focus", the box around the animal that the ImageNet backbone's response marks
+    # (siamese.focus.focus_box), or "none", the whole photo (run folders from before this setting
+    # read back as "none"). Training sees the whole photo either way (siamese.trainer._load_resized).
     crop: str = "focus"
 
     def __post_init__(self) -> None:

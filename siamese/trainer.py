@@ -38,10 +38,11 @@ from tqdm.auto import tqdm
 
 from core.catalog import Catalog, Record
 from core.errors import ImageError, UserError
+from core.images import load_image
 from core.metrics import average_precision_at_5
 from core.runfolder import RunFolder, atomic_path
 from core.aggregate import aggregate_per_individual
-from siamese.embed import embed_records, load_for_model, normalize_features
+from siamese.embed import embed_records, normalize_features
 from siamese.lap_miner import LapMiner, MinerConfig, noise_at
 from siamese.config import PRESETS, ModelConfig, TrainConfig  # noqa: F401  re-exported
 from siamese.model import SiameseNet, preprocess
@@ -51,10 +52,12 @@ log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- data
 def _load_resized(rec: Record, model_cfg: ModelConfig) -> np.ndarray | None:
-    """Decode once (and crop as the network sees it), keep at a little more than the input size:
-    augmentation crops from it."""
+    """Decode once, keep at a little more than the input size: augmentation crops from it. The
+    whole photo (or the catalog's bbox), not the focus box of `ModelConfig.crop`: trained on the
+    boxes, the engine's closed-set top-1 fell from 0.292 / 0.285 to 0.264 / 0.236 (seeds 0 / 1),
+    while the same whole-photo networks embedding the boxes gave 0.306 / 0.299."""
     try:
-        rgb = load_for_model(rec, model_cfg)
+        rgb = load_image(rec.path, rec.bbox)
     except ImageError as e:
         log.warning("skipped %s", e)
         return None

@@ -114,3 +114,32 @@ def test_focus_crop_keeps_the_textured_part_of_a_photo():
     crop = focus_crop(img)
     assert crop.shape[0] * crop.shape[1] < 0.7 * img.shape[0] * img.shape[1]
     assert (crop != 128).mean() > 2 * (img != 128).mean()  # mostly texture now
+
+
+def test_the_network_embeds_the_box_and_trains_on_the_whole_photo(tmp_path):
+    """crop="focus": the photo is embedded inside its focus box unless the catalog gives a bbox;
+    crop="none" embeds the whole photo; training decodes the whole photo in every case."""
+    import cv2
+
+    from core.catalog import Record
+    from siamese.config import ModelConfig
+    from siamese.embed import load_for_model
+    from siamese.trainer import _load_resized
+
+    img = np.full((240, 360, 3), 128, np.uint8)
+    img[60:180, 90:270] = textured()[60:180, 90:270]
+    path = tmp_path / "p.png"
+    cv2.imwrite(str(path), img)
+    rec = Record(image="p.png", path=path, individual_id="a")
+    focus, whole = ModelConfig(input_size=(64, 96)), ModelConfig(input_size=(64, 96), crop="none")
+    assert focus.crop == "focus"  # the default
+    boxed = load_for_model(rec, focus)
+    assert boxed.shape[0] * boxed.shape[1] < 0.7 * 240 * 360
+    assert load_for_model(rec, whole).shape == (240, 360, 3)
+    given = Record(image="p.png", path=path, individual_id="a", bbox=(10, 20, 100, 50))
+    assert load_for_model(given, focus).shape == (50, 100, 3)  # the catalog's box wins
+    trained = _load_resized(rec, focus)
+    assert trained.shape == (int(64 * 1.15), int(96 * 1.15), 3)
+    np.testing.assert_allclose(trained, cv2.resize(img, (int(96 * 1.15), int(64 * 1.15)),
+                                                   interpolation=cv2.INTER_AREA), atol=1)
+    assert ModelConfig.from_dict({k: v for k, v in whole.to_dict().items() if k != "crop"}).crop == "none"
