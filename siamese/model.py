@@ -25,6 +25,7 @@ from core.runtime import torch_device
 from siamese.config import BACKBONES, ModelConfig  # noqa: F401  re-exported
 from siamese.precision import Precision
 
+
 def preprocess(rgb: np.ndarray, cfg: ModelConfig) -> np.ndarray:
     """HxWx3 uint8 -> 3xhxw float32 normalised, resized to the model's input size."""
     h, w = cfg.input_size

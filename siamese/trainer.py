@@ -44,14 +44,14 @@ from core.runfolder import RunFolder, atomic_path
 from core.aggregate import aggregate_per_individual
 from siamese.embed import embed_records, normalize_features
 from siamese.lap_miner import LapMiner, MinerConfig, noise_at
-from siamese.config import PRESETS, ModelConfig, TrainConfig  # noqa: F401  re-exported
+from siamese.config import PRESETS, TrainConfig  # noqa: F401  re-exported
 from siamese.model import SiameseNet, preprocess
 
 log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- data
-def _load_resized(rec: Record, model_cfg: ModelConfig) -> np.ndarray | None:
+def _load_resized(rec: Record, size: tuple[int, int]) -> np.ndarray | None:
     """Decode once, keep at a little more than the input size: augmentation crops from it. The
     whole photo (or the catalog's bbox), not the focus box of `ModelConfig.crop`: trained on the
     boxes, the engine's closed-set top-1 fell from 0.292 / 0.285 to 0.264 / 0.236 (seeds 0 / 1),
@@ -61,7 +61,7 @@ def _load_resized(rec: Record, model_cfg: ModelConfig) -> np.ndarray | None:
     except ImageError as e:
         log.warning("skipped %s", e)
         return None
-    h, w = model_cfg.input_size
+    h, w = size
     return cv2.resize(rgb, (int(w * 1.15), int(h * 1.15)), interpolation=cv2.INTER_AREA)
 
 
@@ -296,7 +296,7 @@ def fit(model: SiameseNet, catalog: Catalog, heldout: set, cfg, run: RunFolder, 
     t0 = time.perf_counter()
     images, labels_list, views_list = [], [], []
     for r in tqdm(train_recs, desc="loading training photos", unit="img", disable=not progress, leave=False):
-        img = _load_resized(r, cfg.model)
+        img = _load_resized(r, cfg.model.input_size)
         if img is not None:
             images.append(img)
             labels_list.append(r.individual_id)

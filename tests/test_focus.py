@@ -138,7 +138,7 @@ def test_the_network_embeds_the_box_and_trains_on_the_whole_photo(tmp_path):
     assert load_for_model(rec, whole).shape == (240, 360, 3)
     given = Record(image="p.png", path=path, individual_id="a", bbox=(10, 20, 100, 50))
     assert load_for_model(given, focus).shape == (50, 100, 3)  # the catalog's box wins
-    trained = _load_resized(rec, focus)
+    trained = _load_resized(rec, focus.input_size)
     assert trained.shape == (int(64 * 1.15), int(96 * 1.15), 3)
     np.testing.assert_allclose(trained, cv2.resize(img, (int(96 * 1.15), int(64 * 1.15)),
                                                    interpolation=cv2.INTER_AREA), atol=1)
