@@ -91,6 +91,9 @@ def _names(text: str, option: str) -> tuple[str, ...]:
 VerifyTopOpt = Annotated[int, typer.Option(min=0, help="Gallery photos per query checked by the local "
                                            "matchers (if the run has them).")]
 ShortlistOpt = Annotated[int, typer.Option(min=1, help="Gallery photos proposed per query by the embedding.")]
+PerIndividualOpt = Annotated[int, typer.Option(min=0, help="At most N photos of one individual in a shortlist, "
+                                               "its most similar ones, so that it reaches more individuals "
+                                               "(0: no cap).")]
 QueryExpansionOpt = Annotated[int, typer.Option(min=0, help="Search again with each query averaged with its "
                                                 "best N gallery photos (query expansion; 0: off).")]
 RerankOpt = Annotated[int, typer.Option(min=0, help="k-reciprocal re-ranking of each shortlist with K "
@@ -220,6 +223,7 @@ def calibrate(
                     "each against the rest of the gallery).")] = None,
     shortlist: ShortlistOpt = MatchConfig.shortlist,
     verify_top: VerifyTopOpt = MatchConfig.verify_top,
+    per_individual: PerIndividualOpt = MatchConfig.per_individual,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
     precision: PrecisionOpt = "auto",
     executor: ExecutorOpt = "local", ray_address: RayAddressOpt = None,
@@ -243,7 +247,8 @@ def calibrate(
     c = command.main(command.CalibrateConfig(folds=folds, calibrator=calibrator, target_new_rate=new_rate,
                                              seed=seed, queries_per_individual=queries_per_individual),
                      command.Paths(run),
-                     MatchConfig(shortlist=shortlist, verify_top=verify_top), threads, progress=not quiet,
+                     MatchConfig(shortlist=shortlist, verify_top=verify_top, per_individual=per_individual),
+                     threads, progress=not quiet,
                      precision=precision)
     lines = ["score".ljust(12) + "MAP@5 (mean ± sd over folds)".rjust(30) + "new F1".rjust(10) + "tau".rjust(10)]
     for name, s in c["summary"].items():
@@ -252,7 +257,7 @@ def calibrate(
     typer.echo("\n".join(lines))
     typer.echo(f"calibrated on {c['queries']} queries of {c['individuals']} held-out individuals "
                f"({c['new_queries']} new) in {len(c['per_fold'])} "
-               f"folds, fused tau {c['tau']['fused']:.3f} (over folds: "
+               f"folds, fused tau {c['tau']['fused']:.3f} ({command.TAU_RULES[c['tau_rule']]}; over folds: "
                f"{', '.join(f'{t:.3f}' for t in c['tau_folds']['values'])}) -> {run / 'calibration.json'} "
                f"({c['seconds']:.0f} s)")
 
@@ -272,6 +277,7 @@ def match(
                                                    "matches, least certain first.")] = None,
     shortlist: ShortlistOpt = MatchConfig.shortlist,
     verify_top: VerifyTopOpt = MatchConfig.verify_top,
+    per_individual: PerIndividualOpt = MatchConfig.per_individual,
     tau: Annotated[Optional[float], typer.Option(help="new_individual threshold (default: the calibrated "
                                                  "one).")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
@@ -287,8 +293,8 @@ def match(
     _use_executor(executor, ray_address)
     from engine import match as command
 
-    cfg = MatchConfig(shortlist=shortlist, verify_top=verify_top, tau=tau, query_expansion=query_expansion,
-                      rerank=rerank, matchers=_names(matchers, "--matchers") if matchers else None)
+    cfg = MatchConfig(shortlist=shortlist, verify_top=verify_top, per_individual=per_individual, tau=tau,
+                      query_expansion=query_expansion, rerank=rerank, matchers=_names(matchers, "--matchers") if matchers else None)
     typer.echo(command.main(cfg, command.Paths(test_dir, run, out, queries, report), threads, progress=not quiet,
                             precision=precision))
 
@@ -299,6 +305,7 @@ def evaluate(
     catalog: CatalogOpt, run: RunOpt, images: ImagesOpt = None,
     shortlist: ShortlistOpt = MatchConfig.shortlist,
     verify_top: VerifyTopOpt = MatchConfig.verify_top,
+    per_individual: PerIndividualOpt = MatchConfig.per_individual,
     tau: Annotated[Optional[float], typer.Option(help="new_individual threshold (default: calibrated).")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
     precision: PrecisionOpt = "auto",
@@ -317,8 +324,8 @@ def evaluate(
     _use_executor(executor, ray_address)
     from engine import evaluate as command
 
-    cfg = MatchConfig(shortlist=shortlist, verify_top=verify_top, tau=tau, query_expansion=query_expansion,
-                      rerank=rerank, matchers=_names(matchers, "--matchers") if matchers else None)
+    cfg = MatchConfig(shortlist=shortlist, verify_top=verify_top, per_individual=per_individual, tau=tau,
+                      query_expansion=query_expansion, rerank=rerank, matchers=_names(matchers, "--matchers") if matchers else None)
     typer.echo(command.main(cfg, command.Paths(catalog, run, images), threads, progress=not quiet,
                             precision=precision))
 

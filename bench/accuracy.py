@@ -6,7 +6,8 @@ unseen), then side by side in one run:
   baseline   pretrained mobilenetv2_100 embedding, epochs 0 (the retrieval baseline)
   trained    the engine after train-siamese (budget --train-minutes) [+ train-verifier + calibrate]
 with each stage's ranking (embedding, siamese, keypoints, fused) scored by the protocol's metrics,
-and the query-time options (query expansion, k-reciprocal re-ranking) beside them.
+and the query-time options (query expansion, k-reciprocal re-ranking, one photo per individual in the
+shortlist) beside them.
 The flank side from metadata.csv is given as `viewpoint` to the gallery and the queries: a
 researcher knows which flank a photo shows.
 Prints a table and writes bench/results/accuracy.json.
@@ -79,7 +80,8 @@ def read_truth(path: Path) -> dict[str, str]:
 
 
 # query-time options shown beside the defaults (engine.config.MatchConfig)
-OPTIONS = {"qe10": MatchConfig(query_expansion=10), "rerank20": MatchConfig(rerank=20)}
+OPTIONS = {"qe10": MatchConfig(query_expansion=10), "rerank20": MatchConfig(rerank=20),
+           "cap1": MatchConfig(per_individual=1)}
 
 
 def evaluate_run(run: Path, queries_dir: Path, queries_csv: Path, truth: dict, out_dir: Path,

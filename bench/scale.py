@@ -6,7 +6,7 @@ replicas**: each replica is a real gallery photo's embedding with noise added (c
 source, renormalised) under a new individual ID, and that photo's real keypoints (HDF5 hard links
 in the run's keypoint cache, so 100k entries cost no 40 GB of disk). What a query costs depends on
 the gallery only through the faiss index (size, dimension, cluster structure: replicas cluster
-around real photos as photos of one animal do), the cache lookups among N entries, and the V = 20
+around real photos as photos of one animal do), the cache lookups among N entries, and the V (50)
 keypoint sets it is verified against (real ones, of real sizes); none of it depends on the pixels
 of the gallery, which is why replicas measure it faithfully. What they do not reproduce: reading
 100k distinct keypoint sets from disk (the hard links share data, so the OS cache is warmer than

@@ -118,10 +118,13 @@ class Engine:
         if cfg.tau is not None:
             return cfg.tau
         if self.calibration is not None:
-            fitted = self.calibration.get("match", {})
-            if fitted and (fitted.get("shortlist"), fitted.get("verify_top")) != (cfg.shortlist, cfg.verify_top):
-                log.warning("calibrated with --shortlist %s --verify-top %s; these settings differ, so the "
-                            "calibrated threshold may not fit", fitted.get("shortlist"), fitted.get("verify_top"))
+            # calibrations from before --per-individual had no cap
+            fitted = self.calibration.get("match") and {"per_individual": 0, **self.calibration["match"]}
+            now = {"shortlist": cfg.shortlist, "verify_top": cfg.verify_top, "per_individual": cfg.per_individual}
+            if fitted and {k: fitted.get(k) for k in now} != now:
+                log.warning("calibrated with %s; these settings differ (%s), so the calibrated threshold may "
+                            "not fit", " ".join(f"--{k.replace('_', '-')} {fitted.get(k)}" for k in now),
+                            " ".join(f"--{k.replace('_', '-')} {v}" for k, v in now.items()))
             return float(self.calibration["tau"]["fused"])
         return self.stage(self.stage_order()[-1]).default_tau
 
@@ -144,9 +147,8 @@ class Engine:
             to_gallery = gallery_subset
         gallery_paths = np.array(self.gallery.paths)
 
-        def search(q):
-            # one extra neighbour so that dropping the query's own photo (evaluate on gallery photos) leaves k
-            sims, idx = index.search(q, k + 1, views)
+        def search(q, depth):
+            sims, idx = index.search(q, depth, views)
             if cfg.rerank > 0:
                 sims, idx = self.k_reciprocal(index, to_gallery, sims, idx, cfg.rerank)
             if to_gallery is not None:
@@ -159,12 +161,37 @@ class Engine:
             keep = (idx >= 0) & (gallery_paths[np.maximum(idx, 0)] != query_paths)
             return keep if own is None else keep & (idx != np.asarray(own)[:, None])
 
-        sims, idx = search(emb.embeddings)
-        if cfg.query_expansion > 0:
-            sims, idx = search(self.expand_queries(emb.embeddings, sims, idx, not_own(idx), cfg.query_expansion))
-        keep = not_own(idx)
+        # one extra neighbour so that dropping the query's own photo (evaluate on gallery photos) leaves
+        # k; with a cap per individual, deeper until k remain after the cap (or the gallery is exhausted)
+        depth = k + 1 if cfg.per_individual <= 0 else 4 * (k + 1)
+        while True:
+            sims, idx = search(emb.embeddings, depth)
+            if cfg.query_expansion > 0:
+                sims, idx = search(self.expand_queries(emb.embeddings, sims, idx, not_own(idx),
+                                                       cfg.query_expansion), depth)
+            keep = not_own(idx)
+            if cfg.per_individual <= 0:
+                break
+            keep &= self.within_cap(idx, keep, cfg.per_individual)
+            if keep.sum(axis=1).min() >= k or depth >= index.n:
+                break
+            depth *= 4
         return [QueryPairs(rec, idx[qi][keep[qi]][:k], {}, similarity=sims[qi][keep[qi]][:k].astype(np.float64))
                 for qi, rec in enumerate(recs)]
+
+    def within_cap(self, idx: np.ndarray, keep: np.ndarray, cap: int) -> np.ndarray:
+        """Per row of ranked gallery indices, True where the photo's individual has had fewer than
+        `cap` kept photos before it."""
+        ids = np.asarray(self.gallery.ids, dtype=object)
+        out = np.zeros_like(keep)
+        for q in range(len(idx)):
+            seen: dict[str, int] = {}
+            for j in np.flatnonzero(keep[q]):
+                ind = ids[idx[q, j]]
+                if seen.get(ind, 0) < cap:
+                    seen[ind] = seen.get(ind, 0) + 1
+                    out[q, j] = True
+        return out
 
     def k_reciprocal(self, index: EmbeddingIndex, members: np.ndarray | None, sims: np.ndarray, idx: np.ndarray,
                      k: int) -> tuple[np.ndarray, np.ndarray]:

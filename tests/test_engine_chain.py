@@ -79,7 +79,11 @@ def test_verifier_calibrate_match_evaluate(siamese_only):
     photos = Counter(i for i in Gallery.load(run / "gallery.h5").ids if i in set(held["calibration"]))
     assert cal["queries"] == sum(c + 2 * (c - 1) for c in photos.values())
     assert cal["new_queries"] == sum(photos.values())
-    assert cal["individuals"] == len(held["calibration"]) < 30  # calibrate warns: tau rests on few animals
+    # tau rests on few animals: calibrate says so and takes the lowest tau of the folds, per score
+    assert cal["individuals"] == len(held["calibration"]) < 30
+    assert cal["tau_rule"] == "fold_min" and "lowest fold tau" in out
+    for name, tau in cal["tau"].items():
+        assert tau == min([cal["tau_all_folds"][name]] + [r[name]["tau"] for r in cal["per_fold"]])
     pred = root / "pred.csv"
     out = invoke("match", qdir, "--run", run, "--out", pred, "--report", root / "report.html", "-q")
     rows = list(csv.DictReader(open(pred)))
@@ -112,6 +116,27 @@ def test_calibrate_with_one_query_per_individual(chain):
     assert cal["queries"] == 3 * len(held["calibration"]) and cal["new_queries"] == len(held["calibration"])
     assert cal["config"]["queries_per_individual"] == 1
     assert f"calibrated on {cal['queries']} queries of {len(held['calibration'])} held-out individuals" in out
+
+
+def test_tau_rule_follows_the_number_of_individuals(chain, monkeypatch):
+    """Enough calibration individuals: tau is MAP@5's best over all folds, even where a fold chose a
+    lower one; --new-rate: the rate's tau, never lowered."""
+    from engine import calibrate as command
+    root, run, qdir, truth = chain
+    invoke("calibrate", "--run", run, "-q")
+    few = json.loads((run / "calibration.json").read_text())
+    assert few["tau_rule"] == "fold_min"
+    monkeypatch.setattr(command, "MIN_NEW_INDIVIDUALS", 2)
+    out = invoke("calibrate", "--run", run, "-q")
+    cal = json.loads((run / "calibration.json").read_text())
+    assert cal["tau_rule"] == "map5" and "best MAP@5" in out and "lowest fold tau" not in out
+    assert cal["tau_folds"] == few["tau_folds"]  # same folds, same fits: only the rule differs
+    assert cal["tau"] == cal["tau_all_folds"] == few["tau_all_folds"]
+    assert all(cal["tau"][n] >= few["tau"][n] for n in cal["tau"])
+    monkeypatch.setattr(command, "MIN_NEW_INDIVIDUALS", 30)
+    invoke("calibrate", "--run", run, "--new-rate", 0.5, "-q")
+    rate = json.loads((run / "calibration.json").read_text())
+    assert rate["tau_rule"] == "rate" and rate["config"]["target_new_rate"] == 0.5
 
 
 def test_retraining_drops_the_stale_verifier_and_calibration(chain, tmp_path):
@@ -315,6 +340,32 @@ def test_query_expansion_searches_with_the_averaged_query(chain):
     sims = engine.gallery.embeddings[expanded[0].gallery_idx] @ q2
     np.testing.assert_allclose(expanded[0].similarity, sims, atol=1e-5)
     out = invoke("evaluate", "--catalog", truth, "--images", qdir, "--run", run, "--query-expansion", 2, "-q")
+    assert "closed top-1" in out
+
+
+def test_shortlist_caps_the_photos_of_one_individual(chain):
+    """--per-individual N: each individual's N most similar photos at most, searched deep enough that
+    the shortlist still holds K photos; the order is the uncapped one."""
+    from core.catalog import catalog_from_folder
+    from engine.pipeline import Engine, MatchConfig
+
+    root, run, qdir, truth = chain
+    engine = Engine.load(run)
+    ids = engine.gallery.ids
+    records = catalog_from_folder(qdir).records
+    emb = engine.embed(records, MatchConfig(), progress=False)
+    everything = engine.shortlist(records, emb, MatchConfig(shortlist=len(ids)))
+    for cap, k in ((1, 3), (2, 5), (1, 100)):
+        capped = engine.shortlist(records, emb, MatchConfig(shortlist=k, per_individual=cap))
+        for full, short in zip(everything, capped):
+            seen, expected = {}, []
+            for g in full.gallery_idx:
+                seen[ids[g]] = seen.get(ids[g], 0) + 1
+                if seen[ids[g]] <= cap:
+                    expected.append(g)
+            assert list(short.gallery_idx) == expected[:k]
+            assert cap > 1 or len(expected) < len(full.gallery_idx)  # the cap left photos out
+    out = invoke("evaluate", "--catalog", truth, "--images", qdir, "--run", run, "--per-individual", 1, "-q")
     assert "closed top-1" in out
 
 
