@@ -234,7 +234,8 @@ def calibrate(
     Uses the individuals held out of training, in open-set folds (each fold's individuals are new
     animals: their photos leave the gallery and are queries; every photo of the others is a query
     against the rest of the gallery); prints per-fold MAP@5 and its spread, then refits on all folds
-    (calibration.json).
+    (calibration.json). Calibrate with the --shortlist, --verify-top and --per-individual that match
+    will use (match warns when they differ), and again after changing them.
     """
     _setup_logging(verbose)
     _use_executor(executor, ray_address)

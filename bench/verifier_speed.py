@@ -1,6 +1,6 @@
 """Speed and first signal of the keypoint verifier.
 
-    python bench/verifier_speed.py [--data DIR] [--queries 10] [--V 20] [--workers 2]
+    python bench/verifier_speed.py [--data DIR] [--queries 10] [--V 50] [--workers 2]
                                    [--pairs 200] [--compare-methods]
 
 Keypoints are extracted once (cached in memory, as the engine caches them in HDF5); the timed part
@@ -34,6 +34,7 @@ import faiss  # noqa: E402
 
 from bench.machine import describe, headline  # noqa: E402
 from core.metrics import roc_auc  # noqa: E402
+from engine.config import MatchConfig  # noqa: E402
 from keypoints.features import PRESETS, extract_keypoints, set_cv2_threads  # noqa: E402
 from keypoints.homography import apply_h  # noqa: E402
 from keypoints.validator import Validator, ValidatorConfig, heldout_auc  # noqa: E402
@@ -193,7 +194,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=NYALA)
     ap.add_argument("--preset", default="default")
     ap.add_argument("--queries", type=int, default=10)
-    ap.add_argument("--V", type=int, default=20)
+    ap.add_argument("--V", type=int, default=MatchConfig.verify_top, help="candidates per query (match's default)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--pairs", type=int, default=200, help="real pairs for the AUC (half positive)")
     ap.add_argument("--seed", type=int, default=0)

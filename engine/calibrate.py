@@ -165,7 +165,8 @@ def main(cfg: CalibrateConfig, paths: Paths, mcfg: MatchConfig = MatchConfig(), 
     rule = tau_rule(cfg, n_individuals)
     fitted_taus = dict(taus)  # on all folds: MAP@5's best (or the rate's)
     if rule == "fold_min":
-        taus = {name: min([tau] + [r[name]["tau"] for r in per_fold]) for name, tau in taus.items()}
+        # a fold whose fit dropped a stage has no tau for it
+        taus = {name: min([tau] + [r[name]["tau"] for r in per_fold if name in r]) for name, tau in taus.items()}
         log.warning("tau rests on %d new-individual queries of %d individuals only (fold taus %s): it may not "
                     "hold on new photos, so the lowest tau of the folds is used (%.3f: new_individual is "
                     "answered less often); hold out more individuals (train-siamese --heldout-fraction) or "

@@ -37,6 +37,8 @@ from siamese.model import SiameseNet, load_model
 from siamese.precision import resolve as resolve_precision
 
 log = logging.getLogger(__name__)
+# deepest search for a shortlist with a cap per individual (faiss GPU indexes return at most 2048)
+CAP_MAX_DEPTH = 2048
 
 
 @dataclass
@@ -132,7 +134,9 @@ class Engine:
                   gallery_subset: np.ndarray | None = None, own: np.ndarray | None = None) -> list[QueryPairs]:
         """Each query's K nearest gallery photos (optionally only among `gallery_subset`, gallery
         indices: calibration folds hide part of the gallery), the query's own photo left out: the
-        gallery photo at the same path, and `own[i]` (gallery index, -1: none) for query `emb.ok[i]`."""
+        gallery photo at the same path, and `own[i]` (gallery index, -1: none) for query `emb.ok[i]`.
+        With `cfg.per_individual` N > 0, at most N photos of one individual (its nearest), found by
+        searching deeper (up to CAP_MAX_DEPTH photos) until K remain."""
         recs = [records[i] for i in emb.ok]
         if not recs:
             return []
@@ -162,8 +166,10 @@ class Engine:
             return keep if own is None else keep & (idx != np.asarray(own)[:, None])
 
         # one extra neighbour so that dropping the query's own photo (evaluate on gallery photos) leaves
-        # k; with a cap per individual, deeper until k remain after the cap (or the gallery is exhausted)
-        depth = k + 1 if cfg.per_individual <= 0 else 4 * (k + 1)
+        # k; with a cap per individual, deeper until k remain after the cap in every row, or the row's
+        # photos run out (-1 padding: its viewpoint's photos, a fold's subset, IVF's probed lists)
+        max_depth = min(index.n, CAP_MAX_DEPTH)
+        depth = k + 1 if cfg.per_individual <= 0 else min(4 * (k + 1), max_depth)
         while True:
             sims, idx = search(emb.embeddings, depth)
             if cfg.query_expansion > 0:
@@ -173,9 +179,14 @@ class Engine:
             if cfg.per_individual <= 0:
                 break
             keep &= self.within_cap(idx, keep, cfg.per_individual)
-            if keep.sum(axis=1).min() >= k or depth >= index.n:
+            short = (keep.sum(axis=1) < k) & (idx >= 0).all(axis=1)
+            if not short.any():
                 break
-            depth *= 4
+            if depth >= max_depth:
+                log.info("--per-individual %d: %d queries keep fewer than %d photos among their %d nearest",
+                         cfg.per_individual, int(short.sum()), k, depth)
+                break
+            depth = min(4 * depth, max_depth)
         return [QueryPairs(rec, idx[qi][keep[qi]][:k], {}, similarity=sims[qi][keep[qi]][:k].astype(np.float64))
                 for qi, rec in enumerate(recs)]
 

@@ -3,6 +3,7 @@ calibrate, match with the review page, evaluate's ablation, and enroll."""
 import csv
 import dataclasses
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -118,7 +119,7 @@ def test_calibrate_with_one_query_per_individual(chain):
     assert f"calibrated on {cal['queries']} queries of {len(held['calibration'])} held-out individuals" in out
 
 
-def test_tau_rule_follows_the_number_of_individuals(chain, monkeypatch):
+def test_tau_rule_follows_the_number_of_individuals(chain, monkeypatch, caplog):
     """Enough calibration individuals: tau is MAP@5's best over all folds, even where a fold chose a
     lower one; --new-rate: the rate's tau, never lowered."""
     from engine import calibrate as command
@@ -134,9 +135,25 @@ def test_tau_rule_follows_the_number_of_individuals(chain, monkeypatch):
     assert cal["tau"] == cal["tau_all_folds"] == few["tau_all_folds"]
     assert all(cal["tau"][n] >= few["tau"][n] for n in cal["tau"])
     monkeypatch.setattr(command, "MIN_NEW_INDIVIDUALS", 30)
-    invoke("calibrate", "--run", run, "--new-rate", 0.5, "-q")
+    invoke("calibrate", "--run", run, "--new-rate", 0.5, "--per-individual", 1, "-q")
     rate = json.loads((run / "calibration.json").read_text())
     assert rate["tau_rule"] == "rate" and rate["config"]["target_new_rate"] == 0.5
+    assert rate["tau"] == rate["tau_all_folds"]  # the rate's tau, not lowered
+    assert rate["match"] == {"shortlist": 50, "verify_top": 50, "per_individual": 1}
+    # match warns when its settings differ from the calibrated ones; a calibration from before
+    # --per-individual had no cap
+    from engine.pipeline import Engine, MatchConfig
+    engine = Engine.load(run)
+    logging.getLogger().handlers = [caplog.handler]  # the CLI's logging setup replaced pytest's
+    with caplog.at_level("WARNING", logger="engine.pipeline"):
+        engine.tau(MatchConfig(per_individual=1))
+        assert not caplog.text
+        engine.tau(MatchConfig())
+        assert "--per-individual 1" in caplog.text and "--per-individual 0" in caplog.text
+        caplog.clear()
+        del engine.calibration["match"]["per_individual"]
+        engine.tau(MatchConfig())
+        assert not caplog.text
 
 
 def test_retraining_drops_the_stale_verifier_and_calibration(chain, tmp_path):
@@ -367,6 +384,49 @@ def test_shortlist_caps_the_photos_of_one_individual(chain):
             assert cap > 1 or len(expected) < len(full.gallery_idx)  # the cap left photos out
     out = invoke("evaluate", "--catalog", truth, "--images", qdir, "--run", run, "--per-individual", 1, "-q")
     assert "closed top-1" in out
+
+
+def test_shortlist_cap_searches_deeper_until_k_remain(chain, monkeypatch, caplog):
+    """Three individuals with 150 photos each nearest the query, 20 with one photo further out: with
+    one photo per individual, K = 10 needs 7 of the far ones, beyond the first depths searched; a
+    query whose viewpoint has only 5 photos stops when they run out."""
+    from core.catalog import Record
+    from core.gallery import Gallery
+    from engine import pipeline
+    from engine.pipeline import Engine, MatchConfig
+    from siamese.embed import EmbedResult
+    from siamese.index import EmbeddingIndex
+
+    root, run, qdir, truth = chain
+    engine = Engine.load(run)
+    rng = np.random.default_rng(0)
+    d = engine.gallery.embeddings.shape[1]
+    q = rng.normal(size=d)
+    q /= np.linalg.norm(q)
+    ids = [f"big{i}" for i in range(3) for _ in range(150)] + [f"one{i}" for i in range(20)]
+    spread = np.array([0.3] * 450 + [3.0] * 20)[:, None]
+    emb = q + spread * rng.normal(size=(len(ids), d)) / np.sqrt(d)
+    emb = (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
+    views = ["left"] * 465 + ["right"] * 5
+    engine.gallery = Gallery(paths=[f"/nowhere/{i}.jpg" for i in range(len(ids))], ids=ids, viewpoints=views,
+                             bboxes=np.full((len(ids), 4), -1), embeddings=emb)
+    engine.index = EmbeddingIndex(emb, views)
+    records = [Record(image=f"{v}.jpg", path=Path(f"/nowhere/q-{v}.jpg"), individual_id=None, viewpoint=v)
+               for v in ("left", "right")]
+    queries = EmbedResult(np.stack([q, q]).astype(np.float32), np.arange(2))
+
+    def expected(view, k):
+        order = [int(g) for g in np.argsort(-(emb @ q), kind="stable") if views[g] == view]
+        return [g for n, g in enumerate(order) if ids[g] not in {ids[h] for h in order[:n]}][:k]
+
+    left, right = engine.shortlist(records, queries, MatchConfig(shortlist=10, per_individual=1))
+    assert sorted(ids[g] for g in left.gallery_idx[:3]) == ["big0", "big1", "big2"]
+    assert list(left.gallery_idx) == expected("left", 10) and len(left.gallery_idx) == 10
+    assert list(right.gallery_idx) == expected("right", 10) and len(right.gallery_idx) == 5
+    monkeypatch.setattr(pipeline, "CAP_MAX_DEPTH", 100)  # too shallow to reach the far photos: said so
+    with caplog.at_level("INFO", logger="engine.pipeline"):
+        left, _ = engine.shortlist(records, queries, MatchConfig(shortlist=10, per_individual=1))
+    assert len(left.gallery_idx) < 10 and "keep fewer than 10 photos among their 100 nearest" in caplog.text
 
 
 def test_shortlist_leaves_out_the_queries_own_gallery_photo(chain, tmp_path):
