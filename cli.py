@@ -295,7 +295,8 @@ def match(
     from engine import match as command
 
     cfg = MatchConfig(shortlist=shortlist, verify_top=verify_top, per_individual=per_individual, tau=tau,
-                      query_expansion=query_expansion, rerank=rerank, matchers=_names(matchers, "--matchers") if matchers else None)
+                      query_expansion=query_expansion, rerank=rerank,
+                      matchers=_names(matchers, "--matchers") if matchers else None)
     typer.echo(command.main(cfg, command.Paths(test_dir, run, out, queries, report), threads, progress=not quiet,
                             precision=precision))
 
@@ -326,7 +327,8 @@ def evaluate(
     from engine import evaluate as command
 
     cfg = MatchConfig(shortlist=shortlist, verify_top=verify_top, per_individual=per_individual, tau=tau,
-                      query_expansion=query_expansion, rerank=rerank, matchers=_names(matchers, "--matchers") if matchers else None)
+                      query_expansion=query_expansion, rerank=rerank,
+                      matchers=_names(matchers, "--matchers") if matchers else None)
     typer.echo(command.main(cfg, command.Paths(catalog, run, images), threads, progress=not quiet,
                             precision=precision))
 
