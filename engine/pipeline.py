@@ -120,13 +120,15 @@ class Engine:
         if cfg.tau is not None:
             return cfg.tau
         if self.calibration is not None:
-            # calibrations from before --per-individual had no cap
-            fitted = self.calibration.get("match") and {"per_individual": 0, **self.calibration["match"]}
+            match = self.calibration.get("match")
             now = {"shortlist": cfg.shortlist, "verify_top": cfg.verify_top, "per_individual": cfg.per_individual}
-            if fitted and {k: fitted.get(k) for k in now} != now:
+            # calibrations from before --per-individual had no cap
+            fitted = {k: match.get(k, 0 if k == "per_individual" else None) for k in now} if match else now
+            if fitted != now:
+                def flags(d):
+                    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in d.items())
                 log.warning("calibrated with %s; these settings differ (%s), so the calibrated threshold may "
-                            "not fit", " ".join(f"--{k.replace('_', '-')} {fitted.get(k)}" for k in now),
-                            " ".join(f"--{k.replace('_', '-')} {v}" for k, v in now.items()))
+                            "not fit", flags(fitted), flags(now))
             return float(self.calibration["tau"]["fused"])
         return self.stage(self.stage_order()[-1]).default_tau
 
