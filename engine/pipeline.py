@@ -81,6 +81,7 @@ class Engine:
         self.seconds: dict[str, float] = defaultdict(float)  # time spent in the shortlist and each stage
         self.scorers: dict = {}
         self._reciprocal: dict = {}  # (k, gallery subset) -> the gallery's k-th neighbour similarity and sets
+        self._warned_settings: set = set()  # match settings `tau` has already warned about (once each)
         if self.calibration is not None:
             try:
                 self.scorers = calibrated_scorers(ScoreFusion.from_dict(self.calibration["fusion"]))
@@ -124,7 +125,10 @@ class Engine:
             now = {"shortlist": cfg.shortlist, "verify_top": cfg.verify_top, "per_individual": cfg.per_individual}
             # calibrations from before --per-individual had no cap
             fitted = {k: match.get(k, 0 if k == "per_individual" else None) for k in now} if match else now
-            if fitted != now:
+            if fitted != now and tuple(now.items()) not in self._warned_settings:
+                # a command asks for tau several times (ranking, predictions file, review page): say it once
+                self._warned_settings.add(tuple(now.items()))
+
                 def flags(d):
                     return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in d.items())
                 log.warning("calibrated with %s; these settings differ (%s), so the calibrated threshold may "

@@ -149,7 +149,9 @@ def test_tau_rule_follows_the_number_of_individuals(chain, monkeypatch, caplog):
         engine.tau(MatchConfig(per_individual=1))
         assert not caplog.text
         engine.tau(MatchConfig())
+        engine.tau(MatchConfig())  # asked again by the same command: not repeated
         assert "--per-individual 1" in caplog.text and "--per-individual 0" in caplog.text
+        assert caplog.text.count("calibrated with") == 1
         caplog.clear()
         del engine.calibration["match"]["per_individual"]
         engine.tau(MatchConfig())
