@@ -13,6 +13,7 @@ researcher knows which flank a photo shows.
 Prints a table and writes bench/results/accuracy.json.
 
   python bench/accuracy.py [--train-minutes 20] [--work /tmp/bench-accuracy] [--seed 0]
+                           [--keypoints default,kp1500]  # keypoint presets side by side, one network
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import csv
 import hashlib
 import json
 import logging
+import shutil
 import subprocess
 import sys
 import time
@@ -39,6 +41,7 @@ from siamese.model import ModelConfig  # noqa: E402
 from engine.config import VerifierTrainConfig  # noqa: E402
 from engine import train_siamese  # noqa: E402
 from engine.train_siamese import TrainConfig  # noqa: E402
+from keypoints.features import PRESETS as KEYPOINT_PRESETS  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 DATA = SHARED / "data" / "nyala"
@@ -85,7 +88,7 @@ OPTIONS = {"qe10": MatchConfig(query_expansion=10), "rerank20": MatchConfig(rera
 
 
 def evaluate_run(run: Path, queries_dir: Path, queries_csv: Path, truth: dict, out_dir: Path,
-                 label: str) -> tuple[dict, dict]:
+                 label: str, options: bool = True) -> tuple[dict, dict]:
     """Each stage's ranking of the same shortlists, scored; the engine's full answer is written."""
     engine = Engine.load(run)
     cfg = MatchConfig()
@@ -103,7 +106,7 @@ def evaluate_run(run: Path, queries_dir: Path, queries_csv: Path, truth: dict, o
               "embed_images_per_s": emb.images_per_second if emb.computed else None}  # None: all cached
     # query-time options, each on its own shortlists: the embedding's ranking and the engine's
     first = engine.stage_order()[0]
-    for option, ocfg in OPTIONS.items():
+    for option, ocfg in OPTIONS.items() if options else ():
         option_rows = evaluate_pairs(engine, engine.pair_scores(records, emb, ocfg), truth, ocfg)
         rows.update({f"{label}:{name}+{option}": option_rows[name] for name in (first, FUSED)})
     return rows, {"predictions": str(pred), **timing}
@@ -122,6 +125,10 @@ def main() -> None:
                     "default: run label trained_freezeN)")
     ap.add_argument("--matchers", default="sift", help="local matchers to train and compare: sift, xfeat")
     ap.add_argument("--reuse", action="store_true", help="reuse finished (calibrated) run folders in --work")
+    ap.add_argument("--keypoints", default="default",
+                    help="keypoint presets (keypoints.features.PRESETS) to compare on the same trained network: "
+                    "the first is the run's own; each other one verifies and calibrates a copy of it (run label "
+                    "trained@PRESET; the query-time options are measured on the first only)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
@@ -142,16 +149,26 @@ def main() -> None:
     runs.append((label,
                  TrainConfig(model=ModelConfig(input_size=size), epochs=args.epochs, max_minutes=args.train_minutes,
                              seed=args.seed, freeze_blocks=args.freeze_blocks)))
-    for label, cfg in runs:
+    presets = args.keypoints.split(",")
+    unknown = [k for k in presets if k not in KEYPOINT_PRESETS]
+    if unknown:
+        sys.exit(f"--keypoints: unknown preset(s) {', '.join(unknown)}; known: {', '.join(KEYPOINT_PRESETS)}")
+    matchers = tuple(args.matchers.split(","))
+    jobs = [(label, cfg, presets[0]) for label, cfg in runs]
+    jobs += [(f"{runs[-1][0]}@{k}", None, k) for k in presets[1:]]  # the trained network, other keypoints
+    for label, cfg, keypoints in jobs:
         run = args.work / f"run_{label}"
         t0 = time.perf_counter()
         reuse = args.reuse and (run / "calibration.json").is_file()
         if not reuse:
-            train_siamese.main(cfg, train_siamese.Paths(gallery, run, DATA), progress=False)
-            for step in post_training_steps(run, tuple(args.matchers.split(","))):
+            if cfg is None:
+                copy_trained(args.work / f"run_{runs[-1][0]}", run)
+            else:
+                train_siamese.main(cfg, train_siamese.Paths(gallery, run, DATA), progress=False)
+            for step in post_training_steps(run, matchers, keypoints):
                 step()
-        info[label] = {"build_seconds": round(time.perf_counter() - t0, 1)}
-        rows, timing = evaluate_run(run, qdir, qcsv, truth, args.work, label)
+        info[label] = {"build_seconds": round(time.perf_counter() - t0, 1), "keypoints": keypoints}
+        rows, timing = evaluate_run(run, qdir, qcsv, truth, args.work, label, options=cfg is not None)
         table.update(rows)
         info[label].update(timing)
         proto = subprocess.run([sys.executable, str(SHARED / "protocol" / "score.py"), str(truth_csv),
@@ -173,13 +190,24 @@ def main() -> None:
     print(f"wrote {out / 'accuracy.json'}")
 
 
-def post_training_steps(run: Path, matchers: tuple[str, ...] = ("sift",)) -> list:
+def copy_trained(src: Path, dst: Path) -> None:
+    """A run folder holding `src`'s trained network and gallery, without its verifiers, calibration or cache
+    (keypoints are extracted again with the new folder's preset)."""
+    if not (src / "siamese.pt").is_file():
+        sys.exit(f"{src}: no trained network to copy (run without --reuse first)")
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and not f.name.startswith(("verifier", "calibration")):
+            shutil.copy2(f, dst / f.name)
+
+
+def post_training_steps(run: Path, matchers: tuple[str, ...] = ("sift",), keypoints: str = "default") -> list:
     """After train-siamese: the keypoint verifier, then calibration on the held-out individuals."""
     from engine import calibrate as calibrate_command
     from engine import train_verifier as verifier_command
 
     def verifier():
-        s = verifier_command.main(VerifierTrainConfig(matchers=matchers), verifier_command.Paths(run),
+        s = verifier_command.main(VerifierTrainConfig(matchers=matchers, keypoints=keypoints), verifier_command.Paths(run),
                                   progress=False)
         for name, m in s["matchers"].items():
             print(f"{run.name}: {name} verifier held-out AUC {m['heldout_auc_validator']:.3f} "

@@ -38,11 +38,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.machine import describe, headline  # noqa: E402
-from core.cache import FeatureCache, _group_name, record_key  # noqa: E402
+from core.cache import FeatureCache, _group_name  # noqa: E402
 from core.catalog import load_catalog  # noqa: E402
 from core.gallery import Gallery  # noqa: E402
 from engine import enroll, train_siamese  # noqa: E402

@@ -10,8 +10,9 @@ class MatchConfig:
     shortlist: int = 50  # K: gallery images proposed by the embedding index per query
     # V: gallery images per query checked by the keypoint verifier. 50 = the whole default shortlist: on
     # the development set (seeds 0/1, same networks) closed top-1 0.306/0.299 at V = 20, 0.347/0.347
-    # at V = 50, at ~0.17 s more per query (0.28 -> 0.45 s); a shortlist of 100 with V = 50 was worse
-    # (0.333, seed 0)
+    # at V = 50, at ~0.17 s more per query (0.28 -> 0.45 s, 1500 keypoints, Intel Xeon); a shortlist
+    # of 100 with V = 50 was worse (0.333, seed 0). With 3000 keypoints on an AVX2-only AMD EPYC, V = 20
+    # costs 0.30 s per query with features cached, V = 50 0.70 s: 20 is the setting for speed
     verify_top: int = 50
     # at most this many photos of one individual in a shortlist, its most similar ones (0: no cap): the
     # shortlist then reaches more individuals (see engine.pipeline.Engine.shortlist)
