@@ -207,8 +207,8 @@ def post_training_steps(run: Path, matchers: tuple[str, ...] = ("sift",), keypoi
     from engine import train_verifier as verifier_command
 
     def verifier():
-        s = verifier_command.main(VerifierTrainConfig(matchers=matchers, keypoints=keypoints), verifier_command.Paths(run),
-                                  progress=False)
+        s = verifier_command.main(VerifierTrainConfig(matchers=matchers, keypoints=keypoints),
+                                  verifier_command.Paths(run), progress=False)
         for name, m in s["matchers"].items():
             print(f"{run.name}: {name} verifier held-out AUC {m['heldout_auc_validator']:.3f} "
                   f"(raw inlier count {m['heldout_auc_inlier_count']:.3f}), {m['ms_per_pair']:.1f} ms/pair",
