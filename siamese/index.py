@@ -86,7 +86,8 @@ class EmbeddingIndex:
         scores = np.full((len(q), k), -np.inf, dtype=np.float32)
         idx = np.full((len(q), k), -1, dtype=np.int64)
         views = np.array([(v or "") for v in viewpoints]) if viewpoints is not None else np.full(len(q), "")
-        plain = views == ""
+        # a gallery without viewpoints: every photo may show either side, so every query meets all
+        plain = (views == "") | (not self._by_view)
         if plain.any():
             s, i = self._index(None).search(q[plain], k)
             scores[plain], idx[plain] = s, i

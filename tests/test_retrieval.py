@@ -164,6 +164,10 @@ def test_viewpoint_restricts_search():
     assert all(views[i] == "left" for i in idx[1])
     assert idx[2][0] == 5  # unknown viewpoint meets every gallery photo, itself first
     assert idx[1][0] != 45 and 45 not in idx[1]
+    # a gallery without viewpoints: a query of known viewpoint meets every photo (it used to meet none)
+    for unknown in (None, [None] * 60, [""] * 60):
+        scores, idx = EmbeddingIndex(g, unknown).search(q, 5, ["right", "left", None])
+        assert list(idx[:, 0]) == [0, 45, 5] and (idx >= 0).all()
 
 
 def test_large_galleries_get_an_ivf_index_with_high_recall():
