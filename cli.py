@@ -94,6 +94,11 @@ ShortlistOpt = Annotated[int, typer.Option(min=1, help="Gallery photos proposed 
 PerIndividualOpt = Annotated[int, typer.Option(min=0, help="At most N photos of one individual in a shortlist, "
                                                "its most similar ones, so that it reaches more individuals "
                                                "(0: no cap).")]
+VotesOpt = Annotated[int, typer.Option(min=0, help="Gallery photos proposed per query by keypoint votes "
+                                       "(the gallery's SIFT descriptors in one index, each query descriptor "
+                                       "voting for the photos of its nearest ones), added to the embedding's "
+                                       "shortlist and checked by the local matchers beyond --verify-top; the "
+                                       "votes are also a score of their own (0: off).")]
 QueryExpansionOpt = Annotated[int, typer.Option(min=0, help="Search again with each query averaged with its "
                                                 "best N gallery photos (query expansion; 0: off).")]
 RerankOpt = Annotated[int, typer.Option(min=0, help="k-reciprocal re-ranking of each shortlist with K "
@@ -224,6 +229,7 @@ def calibrate(
     shortlist: ShortlistOpt = MatchConfig.shortlist,
     verify_top: VerifyTopOpt = MatchConfig.verify_top,
     per_individual: PerIndividualOpt = MatchConfig.per_individual,
+    votes: VotesOpt = MatchConfig.votes,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
     precision: PrecisionOpt = "auto",
     executor: ExecutorOpt = "local", ray_address: RayAddressOpt = None,
@@ -234,8 +240,8 @@ def calibrate(
     Uses the individuals held out of training, in open-set folds (each fold's individuals are new
     animals: their photos leave the gallery and are queries; every photo of the others is a query
     against the rest of the gallery); prints per-fold MAP@5 and its spread, then refits on all folds
-    (calibration.json). Calibrate with the --shortlist, --verify-top and --per-individual that match
-    will use (match warns when they differ), and again after changing them.
+    (calibration.json). Calibrate with the --shortlist, --verify-top, --per-individual and --votes
+    that match will use (match warns when they differ), and again after changing them.
     """
     _setup_logging(verbose)
     _use_executor(executor, ray_address)
@@ -248,7 +254,8 @@ def calibrate(
     c = command.main(command.CalibrateConfig(folds=folds, calibrator=calibrator, target_new_rate=new_rate,
                                              seed=seed, queries_per_individual=queries_per_individual),
                      command.Paths(run),
-                     MatchConfig(shortlist=shortlist, verify_top=verify_top, per_individual=per_individual),
+                     MatchConfig(shortlist=shortlist, verify_top=verify_top, per_individual=per_individual,
+                                 votes=votes),
                      threads, progress=not quiet,
                      precision=precision)
     lines = ["score".ljust(12) + "MAP@5 (mean ± sd over folds)".rjust(30) + "new F1".rjust(10) + "tau".rjust(10)]
@@ -279,6 +286,7 @@ def match(
     shortlist: ShortlistOpt = MatchConfig.shortlist,
     verify_top: VerifyTopOpt = MatchConfig.verify_top,
     per_individual: PerIndividualOpt = MatchConfig.per_individual,
+    votes: VotesOpt = MatchConfig.votes,
     tau: Annotated[Optional[float], typer.Option(help="new_individual threshold (default: the calibrated "
                                                  "one).")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
@@ -294,8 +302,8 @@ def match(
     _use_executor(executor, ray_address)
     from engine import match as command
 
-    cfg = MatchConfig(shortlist=shortlist, verify_top=verify_top, per_individual=per_individual, tau=tau,
-                      query_expansion=query_expansion, rerank=rerank,
+    cfg = MatchConfig(shortlist=shortlist, verify_top=verify_top, per_individual=per_individual, votes=votes,
+                      tau=tau, query_expansion=query_expansion, rerank=rerank,
                       matchers=_names(matchers, "--matchers") if matchers else None)
     typer.echo(command.main(cfg, command.Paths(test_dir, run, out, queries, report), threads, progress=not quiet,
                             precision=precision))
@@ -308,6 +316,7 @@ def evaluate(
     shortlist: ShortlistOpt = MatchConfig.shortlist,
     verify_top: VerifyTopOpt = MatchConfig.verify_top,
     per_individual: PerIndividualOpt = MatchConfig.per_individual,
+    votes: VotesOpt = MatchConfig.votes,
     tau: Annotated[Optional[float], typer.Option(help="new_individual threshold (default: calibrated).")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
     precision: PrecisionOpt = "auto",
@@ -326,8 +335,8 @@ def evaluate(
     _use_executor(executor, ray_address)
     from engine import evaluate as command
 
-    cfg = MatchConfig(shortlist=shortlist, verify_top=verify_top, per_individual=per_individual, tau=tau,
-                      query_expansion=query_expansion, rerank=rerank,
+    cfg = MatchConfig(shortlist=shortlist, verify_top=verify_top, per_individual=per_individual, votes=votes,
+                      tau=tau, query_expansion=query_expansion, rerank=rerank,
                       matchers=_names(matchers, "--matchers") if matchers else None)
     typer.echo(command.main(cfg, command.Paths(catalog, run, images), threads, progress=not quiet,
                             precision=precision))

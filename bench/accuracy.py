@@ -14,11 +14,13 @@ Prints a table and writes bench/results/accuracy.json.
 
   python bench/accuracy.py [--train-minutes 20] [--work /tmp/bench-accuracy] [--seed 0]
                            [--keypoints default,kp1500]  # keypoint presets side by side, one network
+                           [--votes 0,20]  # keypoint votes per query side by side, one verified network
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import hashlib
 import json
 import logging
@@ -83,15 +85,13 @@ def read_truth(path: Path) -> dict[str, str]:
 
 
 # query-time options shown beside the defaults (engine.config.MatchConfig)
-OPTIONS = {"qe10": MatchConfig(query_expansion=10), "rerank20": MatchConfig(rerank=20),
-           "cap1": MatchConfig(per_individual=1)}
+OPTIONS = {"qe10": {"query_expansion": 10}, "rerank20": {"rerank": 20}, "cap1": {"per_individual": 1}}
 
 
 def evaluate_run(run: Path, queries_dir: Path, queries_csv: Path, truth: dict, out_dir: Path,
-                 label: str, options: bool = True) -> tuple[dict, dict]:
+                 label: str, options: bool = True, cfg: MatchConfig = MatchConfig()) -> tuple[dict, dict]:
     """Each stage's ranking of the same shortlists, scored; the engine's full answer is written."""
     engine = Engine.load(run)
-    cfg = MatchConfig()
     records = load_catalog(queries_csv, queries_dir, require_labels=False).records
     t0 = time.perf_counter()
     emb = engine.embed(records, cfg, progress=False)
@@ -105,8 +105,9 @@ def evaluate_run(run: Path, queries_dir: Path, queries_csv: Path, truth: dict, o
               "stage_seconds_per_query": {k: round(v / len(records), 4) for k, v in engine.seconds.items()},
               "embed_images_per_s": emb.images_per_second if emb.computed else None}  # None: all cached
     # query-time options, each on its own shortlists: the embedding's ranking and the engine's
-    first = engine.stage_order()[0]
-    for option, ocfg in OPTIONS.items() if options else ():
+    first = "embedding"  # the shortlist's own ranking
+    for option, changes in OPTIONS.items() if options else ():
+        ocfg = dataclasses.replace(cfg, **changes)
         option_rows = evaluate_pairs(engine, engine.pair_scores(records, emb, ocfg), truth, ocfg)
         rows.update({f"{label}:{name}+{option}": option_rows[name] for name in (first, FUSED)})
     return rows, {"predictions": str(pred), **timing}
@@ -124,11 +125,16 @@ def main() -> None:
                     help="train with the backbone's stem and first N stages frozen (another count than the "
                     "default: run label trained_freezeN)")
     ap.add_argument("--matchers", default="sift", help="local matchers to train and compare: sift, xfeat")
-    ap.add_argument("--reuse", action="store_true", help="reuse finished (calibrated) run folders in --work")
+    ap.add_argument("--reuse", action="store_true", help="reuse what run folders in --work have: a trained network, "
+                    "a verifier, a calibration (the missing steps run)")
     ap.add_argument("--keypoints", default="default",
                     help="keypoint presets (keypoints.features.PRESETS) to compare on the same trained network: "
                     "the first is the run's own; each other one verifies and calibrates a copy of it (run label "
                     "trained@PRESET; the query-time options are measured on the first only)")
+    ap.add_argument("--votes", default=str(MatchConfig.votes),
+                    help="keypoint-vote settings (match --votes) to compare on the same trained and verified "
+                    "network: the first is the run's own; each other one calibrates a copy of it (run label "
+                    "trained+votesN)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
@@ -154,21 +160,33 @@ def main() -> None:
     if unknown:
         sys.exit(f"--keypoints: unknown preset(s) {', '.join(unknown)}; known: {', '.join(KEYPOINT_PRESETS)}")
     matchers = tuple(args.matchers.split(","))
-    jobs = [(label, cfg, presets[0]) for label, cfg in runs]
-    jobs += [(f"{runs[-1][0]}@{k}", None, k) for k in presets[1:]]  # the trained network, other keypoints
-    for label, cfg, keypoints in jobs:
+    votes = [int(v) for v in args.votes.split(",")]
+    trained = runs[-1][0]
+    # (label, training or how to get the run, keypoint preset, votes)
+    jobs = [(label, cfg, presets[0], votes[0]) for label, cfg in runs]
+    jobs += [(f"{trained}@{k}", "copy network", k, votes[0]) for k in presets[1:]]  # other keypoints
+    jobs += [(f"{trained}+votes{v}", "copy verified", presets[0], v) for v in votes[1:]]  # other vote counts
+    for label, cfg, keypoints, n_votes in jobs:
         run = args.work / f"run_{label}"
         t0 = time.perf_counter()
-        reuse = args.reuse and (run / "calibration.json").is_file()
-        if not reuse:
-            if cfg is None:
-                copy_trained(args.work / f"run_{runs[-1][0]}", run)
+        # --reuse: what a run folder already has (a network, a verifier, a calibration) is kept
+        if not (args.reuse and (run / "siamese.pt").is_file()):
+            if cfg == "copy network":
+                copy_trained(args.work / f"run_{trained}", run)
+            elif cfg == "copy verified":
+                copy_verified(args.work / f"run_{trained}", run)
             else:
                 train_siamese.main(cfg, train_siamese.Paths(gallery, run, DATA), progress=False)
-            for step in post_training_steps(run, matchers, keypoints):
+        for output, step in post_training_steps(run, matchers, keypoints, n_votes):
+            keep = args.reuse or (cfg == "copy verified" and output == "verifier.json")
+            if keep and output == "calibration.json" and (run / output).is_file():
+                # a calibration holds for the votes it was fitted with (one from before votes: none)
+                keep = json.loads((run / output).read_text()).get("match", {}).get("votes", 0) == n_votes
+            if not (keep and (run / output).is_file()):
                 step()
-        info[label] = {"build_seconds": round(time.perf_counter() - t0, 1), "keypoints": keypoints}
-        rows, timing = evaluate_run(run, qdir, qcsv, truth, args.work, label, options=cfg is not None)
+        info[label] = {"build_seconds": round(time.perf_counter() - t0, 1), "keypoints": keypoints, "votes": n_votes}
+        rows, timing = evaluate_run(run, qdir, qcsv, truth, args.work, label, options=isinstance(cfg, TrainConfig),
+                                    cfg=MatchConfig(votes=n_votes))
         table.update(rows)
         info[label].update(timing)
         proto = subprocess.run([sys.executable, str(SHARED / "protocol" / "score.py"), str(truth_csv),
@@ -201,8 +219,20 @@ def copy_trained(src: Path, dst: Path) -> None:
             shutil.copy2(f, dst / f.name)
 
 
-def post_training_steps(run: Path, matchers: tuple[str, ...] = ("sift",), keypoints: str = "default") -> list:
-    """After train-siamese: the keypoint verifier, then calibration on the held-out individuals."""
+def copy_verified(src: Path, dst: Path) -> None:
+    """A run folder holding `src`'s network, gallery and verifiers, sharing its cache (a link), without
+    its calibration."""
+    copy_trained(src, dst)
+    for f in src.glob("verifier*"):
+        shutil.copy2(f, dst / f.name)
+    if not (dst / "cache").exists():
+        (dst / "cache").symlink_to((src / "cache").resolve(), target_is_directory=True)
+
+
+def post_training_steps(run: Path, matchers: tuple[str, ...] = ("sift",), keypoints: str = "default",
+                        votes: int = MatchConfig.votes) -> list:
+    """After train-siamese, (the file it writes, step): the keypoint verifier, then calibration on the
+    held-out individuals (with `votes`, match --votes)."""
     from engine import calibrate as calibrate_command
     from engine import train_verifier as verifier_command
 
@@ -216,11 +246,11 @@ def post_training_steps(run: Path, matchers: tuple[str, ...] = ("sift",), keypoi
 
     def calibrate():
         c = calibrate_command.main(calibrate_command.CalibrateConfig(), calibrate_command.Paths(run),
-                                   progress=False)
+                                   MatchConfig(votes=votes), progress=False)
         print(f"{run.name}: calibration " + ", ".join(
             f"{k} {v['map5_mean']:.3f}±{v['map5_std']:.3f}" for k, v in c["summary"].items()), flush=True)
 
-    return [verifier, calibrate]
+    return [("verifier.json", verifier), ("calibration.json", calibrate)]
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ new photos would be). Then the peak memory of `cli.py match` (a subprocess) for 
 on the 10k gallery: it must not grow with the number of queries.
 Prints the machine, a table, and writes bench/results/scale.json.
 
-  python bench/scale.py [--sizes 1000,10000,100000] [--queries 200] [--work /tmp/bench-scale]
+  python bench/scale.py [--sizes 1000,10000,100000] [--queries 200] [--work /tmp/bench-scale] [--votes 0]
 """
 from __future__ import annotations
 
@@ -155,11 +155,11 @@ def build_scaled(base: Path, n: int, work: Path, seed: int) -> Path:
     return run
 
 
-def stage_seconds(run: Path, queries_csv: Path) -> tuple[dict, Engine, np.ndarray]:
+def stage_seconds(run: Path, queries_csv: Path, votes: int = 0) -> tuple[dict, Engine, np.ndarray]:
     """Seconds per query of each stage of `match`, features cached; and the shortlists found."""
     engine = Engine.load(run)
     records = load_catalog(queries_csv, DATA, require_labels=False).records
-    cfg = MatchConfig()
+    cfg = MatchConfig(votes=votes)
     t = {}
     t0 = time.perf_counter()
     emb = engine.embed(records, cfg, progress=False)
@@ -215,7 +215,7 @@ def enroll_seconds(run: Path, enroll_csv: Path) -> float:
     return seconds
 
 
-def match_peak_memory(run: Path, queries_csv: Path, n: int, work: Path) -> dict:
+def match_peak_memory(run: Path, queries_csv: Path, n: int, work: Path, votes: int = 0) -> dict:
     """Peak RSS of `cli.py match` over the first n queries (a folder of links to them)."""
     folder = work / f"queries_{n}"
     shutil.rmtree(folder, ignore_errors=True)
@@ -224,7 +224,7 @@ def match_peak_memory(run: Path, queries_csv: Path, n: int, work: Path) -> dict:
         for k, r in enumerate(list(csv.DictReader(f))[:n]):
             (folder / f"{k:05d}{Path(r['image']).suffix}").symlink_to((DATA / r["image"]).resolve())
     cmd = [sys.executable, str(ROOT / "cli.py"), "match", str(folder), "--run", str(run),
-           "--out", str(work / f"pred_{n}.csv"), "-q"]
+           "--out", str(work / f"pred_{n}.csv"), "--votes", str(votes), "-q"]
     t0 = time.perf_counter()
     # a fresh process per measurement: RUSAGE_CHILDREN's maximum is over all children so far
     probe = (f"import resource, subprocess, sys; subprocess.run({cmd!r}, check=True, "
@@ -241,6 +241,9 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench-scale"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-enroll", action="store_true")
+    ap.add_argument("--votes", type=int, default=0,
+                    help="match --votes (default 0: the embedding's shortlist; the vote index is built per gallery "
+                    "and holds ~0.5 MB per photo, see README)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     if not (DATA / "catalog.csv").is_file():
@@ -259,7 +262,7 @@ def main() -> None:
         t0 = time.perf_counter()
         run = build_scaled(base, n, args.work, args.seed)
         built = time.perf_counter() - t0
-        row, engine, q_emb = stage_seconds(run, queries_csv)
+        row, engine, q_emb = stage_seconds(run, queries_csv, args.votes)
         row["gallery_build_s"] = round(built, 1)
         if row["index"] != "exact" or n == max(sizes):
             row["ivf_vs_exact"] = recall_at_k(engine.gallery.embeddings, q_emb)
@@ -279,7 +282,7 @@ def main() -> None:
                       f"{v['top1_agreement']:.3f}, {v['search_s_per_query'] * 1000:.2f} ms/query"
                       for key, v in r.items() if key.startswith("nprobe_")), flush=True)
     mem_n = 10_000 if 10_000 in sizes else sizes[0]
-    memory = [match_peak_memory(args.work / f"run_{mem_n}", queries_csv, q, args.work)
+    memory = [match_peak_memory(args.work / f"run_{mem_n}", queries_csv, q, args.work, args.votes)
               for q in (max(1, args.queries // 4), args.queries)]
     print(f"peak memory of `match` on the {mem_n:,} gallery: "
           + ", ".join(f"{m['queries']} queries {m['peak_rss_mb']:.0f} MB ({m['wall_s']:.0f} s)" for m in memory))

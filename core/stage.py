@@ -4,7 +4,8 @@ Each scoring stage (the embedding's cosine, the Siamese pair head, the SIFT veri
 added later) is one module that implements `Stage`, and one line in engine/stages.py registers it.
 The orchestrator (engine.pipeline.Engine) runs a run's stages in their registered order over each
 query's shortlist: a stage of scope ALL scores every shortlisted pair, a stage of scope TOP only
-the top-V pairs of each query by the score so far (the last ALL stage's). The ranker knows stages
+the top-V pairs of each query by the score so far (the last ALL stage's) and the photos that the
+keypoint votes proposed. The ranker knows stages
 only by name.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from core.gallery import Gallery
 from core.runfolder import RunFolder
 
 ALL = "all"  # scores every pair of the shortlist
-TOP = "top"  # scores the top-V pairs of each query (V = MatchConfig.verify_top)
+TOP = "top"  # scores the top-V pairs of each query (V = MatchConfig.verify_top) and the voted ones
 
 
 @dataclass
@@ -30,6 +31,7 @@ class PairBatch:
     query_pos: np.ndarray  # (n,) int: index into `queries`
     gallery_idx: np.ndarray  # (n,) int: index into the gallery
     similarity: np.ndarray  # (n,) float: the shortlist's cosine similarity
+    votes: np.ndarray | None = None  # (n,) float: the shortlist's keypoint votes (NaN: not counted)
 
     def __len__(self) -> int:
         return len(self.gallery_idx)

@@ -139,7 +139,8 @@ def main(cfg: CalibrateConfig, paths: Paths, mcfg: MatchConfig = MatchConfig(), 
     set_threads(threads)
     engine = Engine.load(run, precision)
     data = fold_pairs(engine, cfg, mcfg, progress)
-    stages = [s.name for s in engine.stages]
+    # the votes stage only where votes were counted (its scores are all missing otherwise)
+    stages = [s.name for s in engine.stages if s.name != "votes" or engine.match_settings(mcfg)["votes"]]
     per_fold = []
     for f, (pairs, truths) in enumerate(data):
         train_pairs = [qp for k, (p, _) in enumerate(data) if k != f for qp in p]
@@ -174,8 +175,7 @@ def main(cfg: CalibrateConfig, paths: Paths, mcfg: MatchConfig = MatchConfig(), 
                     ", ".join(f"{t:.3f}" for t in fold_taus), taus[FUSED])
     calibration = {"kind": "calibration", "version": 1, "stages": stages, "fusion": fusion.to_dict(),
                    "tau": taus, "tau_rule": rule, "tau_all_folds": fitted_taus, "config": asdict(cfg),
-                   "match": {"shortlist": mcfg.shortlist, "verify_top": mcfg.verify_top,
-                             "per_individual": mcfg.per_individual}, "per_fold": per_fold,
+                   "match": engine.match_settings(mcfg), "per_fold": per_fold,
                    "summary": summary, "queries": len(all_truths), "new_queries": n_new,
                    "individuals": n_individuals,
                    "tau_folds": {"values": fold_taus, "std": float(np.std(fold_taus))}}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import logging
 import time
 from collections import defaultdict
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from core.aggregate import aggregate_per_individual, top5_with_new
+from core.cache import record_key
 from core.catalog import Record
 from core.errors import UserError
 from core.gallery import Gallery
@@ -28,6 +30,7 @@ from core.runfolder import RunFolder, atomic_write_bytes, atomic_write_json, rea
 from core.stage import ALL, PairBatch, StageContext
 from engine.config import MatchConfig
 from engine.stages import load_stages
+from keypoints.votes import VoteConfig, VoteIndex
 from ranker.fusion import FUSED, ScoreFusion, calibrated_scorers
 from ranker.rerank import gallery_reciprocal_sets, k_reciprocal_rescore
 from siamese.embed import EmbedResult, embed_records, normalize_features
@@ -39,6 +42,9 @@ from siamese.precision import resolve as resolve_precision
 log = logging.getLogger(__name__)
 # deepest search for a shortlist with a cap per individual (faiss GPU indexes return at most 2048)
 CAP_MAX_DEPTH = 2048
+# above this many gallery photos keypoint votes are off: their index (IVF-Flat, 1000 RootSIFT
+# descriptors of 0.5 KB per photo) would take ~10 GB of memory
+VOTES_MAX_PHOTOS = 20_000
 
 
 @dataclass
@@ -59,6 +65,8 @@ class QueryPairs:
     stages: dict[str, np.ndarray]  # stage -> (k,) float, NaN where the stage did not run
     evidence: dict[int, dict] = field(default_factory=dict)  # gallery index -> e.g. keypoint inliers
     similarity: np.ndarray | None = None  # (k,) the shortlist search's cosine
+    voted: np.ndarray | None = None  # positions of the photos keypoint votes proposed: always verified
+    votes: np.ndarray | None = None  # (k,) each photo's keypoint votes (None: not counted)
 
 
 @dataclass
@@ -82,6 +90,7 @@ class Engine:
         self.scorers: dict = {}
         self._reciprocal: dict = {}  # (k, gallery subset) -> the gallery's k-th neighbour similarity and sets
         self._warned_settings: set = set()  # match settings `tau` has already warned about (once each)
+        self._votes: VoteIndex | None = None  # keypoint votes over the gallery, built when first needed
         if self.calibration is not None:
             try:
                 self.scorers = calibrated_scorers(ScoreFusion.from_dict(self.calibration["fusion"]))
@@ -122,9 +131,9 @@ class Engine:
             return cfg.tau
         if self.calibration is not None:
             match = self.calibration.get("match")
-            now = {"shortlist": cfg.shortlist, "verify_top": cfg.verify_top, "per_individual": cfg.per_individual}
-            # calibrations from before --per-individual had no cap
-            fitted = {k: match.get(k, 0 if k == "per_individual" else None) for k in now} if match else now
+            now = self.match_settings(cfg)
+            # calibrations from before --per-individual and --votes had neither
+            fitted = {k: match.get(k, 0 if k in ("per_individual", "votes") else None) for k in now} if match else now
             if fitted != now and tuple(now.items()) not in self._warned_settings:
                 # a command asks for tau several times (ranking, predictions file, review page): say it once
                 self._warned_settings.add(tuple(now.items()))
@@ -137,12 +146,15 @@ class Engine:
         return self.stage(self.stage_order()[-1]).default_tau
 
     def shortlist(self, records: Sequence[Record], emb: EmbedResult, cfg: MatchConfig,
-                  gallery_subset: np.ndarray | None = None, own: np.ndarray | None = None) -> list[QueryPairs]:
+                  gallery_subset: np.ndarray | None = None, own: np.ndarray | None = None,
+                  progress: bool = False) -> list[QueryPairs]:
         """Each query's K nearest gallery photos (optionally only among `gallery_subset`, gallery
         indices: calibration folds hide part of the gallery), the query's own photo left out: the
         gallery photo at the same path, and `own[i]` (gallery index, -1: none) for query `emb.ok[i]`.
         With `cfg.per_individual` N > 0, at most N photos of one individual (its nearest), found by
-        searching deeper (up to CAP_MAX_DEPTH photos) until K remain."""
+        searching deeper (up to CAP_MAX_DEPTH photos) until K remain. With `cfg.votes` L > 0, the L
+        photos with the most keypoint votes follow (`add_votes`; the cap does not apply to them, and
+        they carry the plain cosine, also under query expansion or re-ranking)."""
         recs = [records[i] for i in emb.ok]
         if not recs:
             return []
@@ -193,8 +205,95 @@ class Engine:
                          cfg.per_individual, int(short.sum()), k, depth)
                 break
             depth = min(4 * depth, max_depth)
-        return [QueryPairs(rec, idx[qi][keep[qi]][:k], {}, similarity=sims[qi][keep[qi]][:k].astype(np.float64))
-                for qi, rec in enumerate(recs)]
+        pairs = [QueryPairs(rec, idx[qi][keep[qi]][:k], {}, similarity=sims[qi][keep[qi]][:k].astype(np.float64))
+                 for qi, rec in enumerate(recs)]
+        if cfg.votes > 0:
+            self.add_votes(pairs, emb.embeddings, cfg, gallery_subset, own, progress)
+        return pairs
+
+    def votes_available(self) -> bool:
+        """Keypoint votes need the SIFT stage (its descriptors) and a gallery small enough for the
+        index in memory (VOTES_MAX_PHOTOS)."""
+        if self.stage("keypoints") is None:
+            return False
+        if len(self.gallery) > VOTES_MAX_PHOTOS:
+            if "votes" not in self._warned_settings:
+                self._warned_settings.add("votes")
+                log.warning("keypoint votes are off above %d gallery photos (their index takes ~0.5 MB of memory "
+                            "per photo; this gallery has %d): the embedding's shortlist only", VOTES_MAX_PHOTOS,
+                            len(self.gallery))
+            return False
+        return True
+
+    def match_settings(self, cfg: MatchConfig) -> dict:
+        """The settings a calibration holds for (recorded in calibration.json, compared by `tau`):
+        votes count only where the run can count them."""
+        return {"shortlist": cfg.shortlist, "verify_top": cfg.verify_top, "per_individual": cfg.per_individual,
+                "votes": cfg.votes if self.votes_available() else 0}
+
+    def vote_index(self, progress: bool = False) -> VoteIndex | None:
+        """The keypoint vote index over the gallery (keypoints.votes), loaded from the run's cache or
+        built when first needed (the gallery's keypoints extracted where not cached); None where
+        votes are not available."""
+        if not self.votes_available():
+            return None
+        if self._votes is None:
+            stage = self.stage("keypoints")
+            bad = stage.store.cache.unreadable()
+
+            def descriptors(part):
+                kps = stage.store.get(part, stage.workers, progress=progress and len(part) > 1,
+                                      desc="gallery keypoints")
+                # None: missing for now (the index is then not saved); empty: a photo that cannot be read
+                return [kps[k].desc if (k := record_key(r)) in kps else
+                        (np.zeros((0, 128), np.float32) if k in bad else None) for r in part]
+            self._votes = VoteIndex.from_store(self.gallery.records(), descriptors, VoteConfig(),
+                                               self.run.cache_dir / "votes", json.dumps(stage.config(), sort_keys=True))
+        return self._votes
+
+    def add_votes(self, pairs: Sequence[QueryPairs], query_emb: np.ndarray, cfg: MatchConfig,
+                  gallery_subset: np.ndarray | None, own: np.ndarray | None, progress: bool = False) -> None:
+        """Each query's `cfg.votes` gallery photos with the most keypoint votes (at least one) join its
+        shortlist (after the embedding's photos; those already in it stay where they are) and are
+        marked to be verified; every shortlisted photo gets its vote count (the `votes` stage). A
+        query meets the same photos as in the embedding's search: its viewpoint, the subset, never
+        its own photo."""
+        index = self.vote_index(progress)
+        if index is None or not pairs:
+            return
+        stage = self.stage("keypoints")
+        t0 = time.perf_counter()
+        kps = stage.store.get([qp.record for qp in pairs], stage.workers, progress=False)
+        t1 = time.perf_counter()
+        self.seconds["keypoints"] += t1 - t0  # the queries' keypoints: the keypoint stage's work, done early
+        base = np.ones(len(self.gallery), bool)
+        if gallery_subset is not None:
+            base[:] = False
+            base[gallery_subset] = True
+        views = np.array([v or "" for v in self.gallery.viewpoints])
+        paths = np.array(self.gallery.paths)
+        for qi, qp in enumerate(pairs):
+            kp = kps.get(record_key(qp.record))
+            if kp is None or not len(kp):
+                continue
+            allowed = base.copy()
+            if qp.record.viewpoint:
+                allowed &= (views == qp.record.viewpoint) | (views == "")
+            allowed &= paths != str(Path(qp.record.path).resolve())
+            if own is not None and own[qi] >= 0:
+                allowed[own[qi]] = False
+            votes = index.votes(kp.desc, allowed)
+            top = np.argsort(-votes, kind="stable")[: cfg.votes]
+            top = top[votes[top] > 0]
+            new = top[~np.isin(top, qp.gallery_idx)]
+            if len(new):
+                sims = self.gallery.embeddings[new] @ np.asarray(query_emb[qi], np.float32)
+                qp.gallery_idx = np.concatenate([qp.gallery_idx, new])
+                qp.similarity = np.concatenate([qp.similarity, sims.astype(np.float64)])
+            position = {int(g): j for j, g in enumerate(qp.gallery_idx)}
+            qp.voted = np.array([position[int(g)] for g in top], dtype=np.int64)
+            qp.votes = votes[qp.gallery_idx]
+        self.seconds["votes"] += time.perf_counter() - t1
 
     def within_cap(self, idx: np.ndarray, keep: np.ndarray, cap: int) -> np.ndarray:
         """Per row of ranked gallery indices, True where the photo's individual has had fewer than
@@ -246,25 +345,32 @@ class Engine:
                     gallery_subset: np.ndarray | None = None, progress: bool = False,
                     own: np.ndarray | None = None) -> list[QueryPairs]:
         """Every stage's score for each query's shortlist of gallery photos (`shortlist`). A TOP
-        stage scores each query's top-V pairs by the last ALL stage's score (NaN elsewhere)."""
-        t0 = time.perf_counter()
-        pairs = self.shortlist(records, emb, cfg, gallery_subset, own)
-        self.seconds["shortlist"] += time.perf_counter() - t0
+        stage scores each query's top-V pairs by the last ALL stage's score and the photos the
+        keypoint votes proposed (NaN elsewhere)."""
+        t0, before = time.perf_counter(), sum(self.seconds.values())
+        pairs = self.shortlist(records, emb, cfg, gallery_subset, own, progress)
+        # the votes' time (and the query keypoints they needed) is counted apart
+        self.seconds["shortlist"] += time.perf_counter() - t0 - (sum(self.seconds.values()) - before)
         for stage in self.stages:
             if stage.scope != ALL and cfg.verify_top <= 0:
                 continue
             picks = []
             for qp in pairs:
                 qp.stages[stage.name] = np.full(len(qp.gallery_idx), np.nan)
-                picks.append(np.arange(len(qp.gallery_idx)) if stage.scope == ALL else
-                             np.argsort(-self.pre_scores(qp.stages), kind="stable")[: cfg.verify_top])
+                if stage.scope == ALL:
+                    picks.append(np.arange(len(qp.gallery_idx)))
+                    continue
+                top = np.argsort(-self.pre_scores(qp.stages), kind="stable")[: cfg.verify_top]
+                picks.append(top if qp.voted is None else np.union1d(top, qp.voted))
             if not sum(len(p) for p in picks):
                 continue
             qpos = np.concatenate([np.full(len(p), qi) for qi, p in enumerate(picks)]).astype(np.int64)
             pos = np.concatenate(picks).astype(np.int64)
             batch = PairBatch([qp.record for qp in pairs], emb.embeddings, qpos,
                               np.array([pairs[q].gallery_idx[j] for q, j in zip(qpos, pos)], dtype=np.int64),
-                              np.array([pairs[q].similarity[j] for q, j in zip(qpos, pos)], dtype=np.float64))
+                              np.array([pairs[q].similarity[j] for q, j in zip(qpos, pos)], dtype=np.float64),
+                              np.array([np.nan if pairs[q].votes is None else pairs[q].votes[j]
+                                        for q, j in zip(qpos, pos)], dtype=np.float64))
             t0 = time.perf_counter()
             out = stage.score(batch, self.gallery, progress)
             self.seconds[stage.name] += time.perf_counter() - t0

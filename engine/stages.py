@@ -8,9 +8,14 @@ from typing import Sequence
 from core.errors import UserError
 from core.stage import ALL, StageContext
 from keypoints.stage import KeypointStage, XFeatStage
+from keypoints.votes import VoteStage
 from siamese.stages import EmbeddingStage, PairHeadStage
 
 STAGES = (
+    # counted while shortlisting (Engine.add_votes), so the cheapest to score; first, so that the
+    # pair head (or the embedding) stays the last stage that scores every pair: the score that
+    # chooses the top-V photos to verify
+    VoteStage,
     EmbeddingStage,
     PairHeadStage,
     KeypointStage,

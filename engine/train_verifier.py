@@ -47,7 +47,9 @@ def build_training_pairs(engine: Engine, cfg: VerifierTrainConfig):
     queries = np.sort(rng.choice(eligible, min(cfg.max_queries, len(eligible)), replace=False))
     emb = EmbedResult(g.embeddings[queries], np.arange(len(queries)))
     records = [g.record(int(i)) for i in queries]
-    shortlists = engine.pair_scores(records, emb, MatchConfig(shortlist=50, verify_top=0), gallery_subset=train_idx)
+    # the embedding's shortlists (the validator is not fitted yet, so no keypoint votes either)
+    shortlists = engine.pair_scores(records, emb, MatchConfig(shortlist=50, verify_top=0, votes=0),
+                                    gallery_subset=train_idx)
     triples = []
     for q, qp in zip(queries, shortlists):
         scores = engine.default_scores(qp.stages)

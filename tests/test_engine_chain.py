@@ -66,7 +66,7 @@ def test_verifier_calibrate_match_evaluate(siamese_only):
     assert json.loads((run / "verifier.json").read_text())
     out = invoke("calibrate", "--run", run, "--folds", 3, "-q")
     cal = json.loads((run / "calibration.json").read_text())
-    assert set(cal["tau"]) == {"embedding", "siamese", "keypoints", "fused"}
+    assert set(cal["tau"]) == {"votes", "embedding", "siamese", "keypoints", "fused"}
     assert len(cal["per_fold"]) == 3 and "fused" in out
     assert len(cal["tau_folds"]["values"]) == 3 and "over folds" in out
     held = json.loads((run / "heldout.json").read_text())
@@ -93,7 +93,7 @@ def test_verifier_calibrate_match_evaluate(siamese_only):
     assert len(rows) == n_queries
     ev = json.loads(pred.with_suffix(".json").read_text())
     cand = ev["queries"][0]["candidates"][0]
-    assert {"embedding_score", "siamese_score", "keypoints_score", "score"} <= set(cand)
+    assert {"votes_score", "embedding_score", "siamese_score", "keypoints_score", "score"} <= set(cand)
     data = page_data((root / "report.html").read_text())
     assert len(data["queries"]) == n_queries
     thumb = data["queries"][0]["candidates"][0]["thumb"]["src"]
@@ -102,8 +102,8 @@ def test_verifier_calibrate_match_evaluate(siamese_only):
     assert any(q["candidates"][0]["n_inliers"] for q in data["queries"])  # keypoint evidence is there
     out = invoke("evaluate", "--catalog", truth, "--images", qdir, "--run", run, "-q")
     header = out.splitlines()[0].split()
-    assert header == ["metric", "embedding", "siamese", "keypoints", "fused", "fused:top2mean"]
-    fused_map = float(out.splitlines()[1].split()[4])
+    assert header == ["metric", "votes", "embedding", "siamese", "keypoints", "fused", "fused:top2mean"]
+    fused_map = float(out.splitlines()[1].split()[5])
     assert fused_map > 0.4  # measured 0.67 on this sample (seed 5)
 
 
@@ -123,6 +123,7 @@ def test_tau_rule_follows_the_number_of_individuals(chain, monkeypatch, caplog):
     """Enough calibration individuals: tau is MAP@5's best over all folds, even where a fold chose a
     lower one; --new-rate: the rate's tau, never lowered."""
     from engine import calibrate as command
+    from engine.pipeline import MatchConfig
     root, run, qdir, truth = chain
     invoke("calibrate", "--run", run, "-q")
     few = json.loads((run / "calibration.json").read_text())
@@ -139,10 +140,10 @@ def test_tau_rule_follows_the_number_of_individuals(chain, monkeypatch, caplog):
     rate = json.loads((run / "calibration.json").read_text())
     assert rate["tau_rule"] == "rate" and rate["config"]["target_new_rate"] == 0.5
     assert rate["tau"] == rate["tau_all_folds"]  # the rate's tau, not lowered
-    assert rate["match"] == {"shortlist": 50, "verify_top": 50, "per_individual": 1}
+    assert rate["match"] == {"shortlist": 50, "verify_top": 50, "per_individual": 1, "votes": MatchConfig.votes}
     # match warns when its settings differ from the calibrated ones; a calibration from before
     # --per-individual had no cap
-    from engine.pipeline import Engine, MatchConfig
+    from engine.pipeline import Engine
     engine = Engine.load(run)
     logging.getLogger().handlers = [caplog.handler]  # the CLI's logging setup replaced pytest's
     with caplog.at_level("WARNING", logger="engine.pipeline"):
@@ -304,17 +305,19 @@ def test_xfeat_lighterglue_is_one_more_stage(siamese_only):
     assert "sift verifier" in out and "xfeat verifier" in out
     assert (run / "verifier.json").is_file() and (run / "verifier-xfeat.json").is_file()
     assert any((run / "cache" / "xfeat").glob("shard-*.h5")) and any((run / "cache" / "pairs-xfeat").glob("*.h5"))
-    # V = 3 keeps the test short: LighterGlue costs ~0.1-0.2 s per pair on a CPU
-    invoke("calibrate", "--run", run, "--folds", 3, "--verify-top", 3, "-q")
+    # V = 3 and no keypoint votes (their photos are verified too) keep the test short: LighterGlue
+    # costs ~0.1-0.2 s per pair on a CPU
+    invoke("calibrate", "--run", run, "--folds", 3, "--verify-top", 3, "--votes", 0, "-q")
     cal = json.loads((run / "calibration.json").read_text())
     assert set(cal["tau"]) == {"embedding", "siamese", "keypoints", "xfeat", "fused"}
     assert cal["match"]["verify_top"] == 3
-    out = invoke("evaluate", "--catalog", truth, "--images", qdir, "--run", run, "--verify-top", 3, "-q")
+    out = invoke("evaluate", "--catalog", truth, "--images", qdir, "--run", run, "--verify-top", 3, "--votes", 0,
+                 "-q")
     assert out.splitlines()[0].split() == ["metric", "embedding", "siamese", "keypoints", "xfeat", "fused",
                                            "fused:top2mean"]
     pred = root / "pred_xfeat.csv"
-    invoke("match", qdir, "--run", run, "--out", pred, "--matchers", "xfeat", "--verify-top", 3, "-q")
-    out = invoke("evaluate", "--catalog", truth, "--images", qdir, "--run", run, "--verify-top", 3,
+    invoke("match", qdir, "--run", run, "--out", pred, "--matchers", "xfeat", "--verify-top", 3, "--votes", 0, "-q")
+    out = invoke("evaluate", "--catalog", truth, "--images", qdir, "--run", run, "--verify-top", 3, "--votes", 0,
                  "--matchers", "sift", "-q")
     assert out.splitlines()[0].split() == ["metric", "embedding", "siamese", "keypoints", "fused", "fused:top2mean"]
     cands = [c for q in json.loads(pred.with_suffix(".json").read_text())["queries"] for c in q["candidates"]]
@@ -344,8 +347,8 @@ def shortlists_with_and_without(run, qdir, **option):
     engine = Engine.load(run)
     records = catalog_from_folder(qdir).records
     emb = engine.embed(records, MatchConfig(), progress=False)
-    return engine, emb, engine.shortlist(records, emb, MatchConfig()), engine.shortlist(records, emb,
-                                                                                        MatchConfig(**option))
+    return engine, emb, engine.shortlist(records, emb, MatchConfig(votes=0)), engine.shortlist(
+        records, emb, MatchConfig(votes=0, **option))
 
 
 def test_query_expansion_searches_with_the_averaged_query(chain):
@@ -373,9 +376,9 @@ def test_shortlist_caps_the_photos_of_one_individual(chain):
     ids = engine.gallery.ids
     records = catalog_from_folder(qdir).records
     emb = engine.embed(records, MatchConfig(), progress=False)
-    everything = engine.shortlist(records, emb, MatchConfig(shortlist=len(ids)))
+    everything = engine.shortlist(records, emb, MatchConfig(shortlist=len(ids), votes=0))
     for cap, k in ((1, 3), (2, 5), (1, 100)):
-        capped = engine.shortlist(records, emb, MatchConfig(shortlist=k, per_individual=cap))
+        capped = engine.shortlist(records, emb, MatchConfig(shortlist=k, per_individual=cap, votes=0))
         for full, short in zip(everything, capped):
             seen, expected = {}, []
             for g in full.gallery_idx:
@@ -448,13 +451,64 @@ def test_shortlist_leaves_out_the_queries_own_gallery_photo(chain, tmp_path):
         shutil.copy(rec.path, copy)
         records.append(dataclasses.replace(rec, path=copy, image=str(copy)))
     emb = EmbedResult(g.embeddings[picks], np.arange(len(picks)))
-    for cfg in (MatchConfig(), MatchConfig(query_expansion=2)):
+    for cfg in (MatchConfig(), MatchConfig(query_expansion=2), MatchConfig(votes=3)):
         by_path = engine.shortlist(records, emb, cfg)
         assert any(i in p.gallery_idx for i, p in zip(picks, by_path))  # the path check alone misses them
         left_out = engine.shortlist(records, emb, cfg, own=picks)
         for i, p in zip(picks, left_out):
             assert i not in p.gallery_idx
             assert len(p.gallery_idx) == min(cfg.shortlist, len(g) - 1)
+
+
+def test_keypoint_votes_join_the_shortlist_and_are_verified(chain, caplog):
+    """--votes L: each query's L gallery photos with the most keypoint votes (among those it may
+    meet) join the embedding's shortlist after its photos, are verified beyond --verify-top, and the
+    calibration holds for the setting it was fitted with."""
+    from core.cache import record_key
+    from core.catalog import catalog_from_folder
+    from engine.pipeline import Engine, MatchConfig
+
+    root, run, qdir, truth = chain
+    engine = Engine.load(run)
+    records = catalog_from_folder(qdir).records
+    emb = engine.embed(records, MatchConfig(), progress=False)
+    assert len(emb.ok) == len(records)
+    index = engine.vote_index()
+    kps = engine.stage("keypoints").store.get(records, progress=False)
+    n = len(engine.gallery)
+    subset = np.arange(0, n, 2)
+    in_subset = np.isin(np.arange(n), subset)
+    grew = 0
+    for gallery_subset, allowed in ((None, np.ones(n, bool)), (subset, in_subset)):
+        plain = engine.shortlist(records, emb, MatchConfig(shortlist=2, votes=0), gallery_subset)
+        voted = engine.shortlist(records, emb, MatchConfig(shortlist=2, votes=4), gallery_subset)
+        for i, (rec, p, v) in enumerate(zip(records, plain, voted)):
+            votes = index.votes(kps[record_key(rec)].desc, allowed)
+            top = [g for g in np.argsort(-votes, kind="stable")[:4] if votes[g] > 0]
+            assert list(v.gallery_idx[:2]) == list(p.gallery_idx)  # the embedding's photos first, in order
+            assert list(v.gallery_idx[v.voted]) == top and set(v.gallery_idx) == set(p.gallery_idx) | set(top)
+            assert allowed[v.gallery_idx].all()
+            np.testing.assert_allclose(v.similarity, engine.gallery.embeddings[v.gallery_idx] @ emb.embeddings[i],
+                                       atol=1e-5)
+            grew += len(v.gallery_idx) > 2
+    assert grew  # votes found photos that the embedding's shortlist did not hold
+    for rec, qp in zip(records, engine.pair_scores(records, emb, MatchConfig(shortlist=2, votes=4, verify_top=1))):
+        verified = set(np.flatnonzero(~np.isnan(qp.stages["keypoints"])))
+        assert set(qp.voted) <= verified and len(verified) <= 1 + len(qp.voted)
+        # the votes stage: log(1 + votes) of every shortlisted photo, whoever proposed it
+        votes = index.votes(kps[record_key(rec)].desc, np.ones(n, bool))
+        np.testing.assert_allclose(qp.stages["votes"], np.log1p(votes[qp.gallery_idx]))
+    plain = engine.pair_scores(records, emb, MatchConfig(shortlist=2, votes=0))
+    assert all(np.isnan(qp.stages["votes"]).all() and len(qp.gallery_idx) == 2 for qp in plain)
+    out = invoke("evaluate", "--catalog", truth, "--images", qdir, "--run", run, "--votes", 4, "-q")
+    assert "closed top-1" in out and out.split()[1] == "votes" and re.search(r"seconds per query: .*votes \d", out)
+    invoke("calibrate", "--run", run, "--votes", 4, "-q")
+    cal = json.loads((run / "calibration.json").read_text())
+    assert cal["match"]["votes"] == 4 and "votes" in cal["fusion"]["stages"]  # calibrated and fused
+    logging.getLogger().handlers = [caplog.handler]  # the CLI's logging setup replaced pytest's
+    with caplog.at_level("WARNING", logger="engine.pipeline"):
+        Engine.load(run).tau(MatchConfig(votes=0))
+    assert "--votes 4" in caplog.text and "--votes 0" in caplog.text
 
 
 def test_k_reciprocal_rerank_reorders_the_shortlist(chain):
