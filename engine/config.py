@@ -19,9 +19,10 @@ class MatchConfig:
     per_individual: int = 0
     # gallery photos proposed per query by keypoint votes (keypoints.votes: LNBNN over the gallery's
     # RootSIFT descriptors), added to the shortlist and always verified; 0: the embedding's shortlist
-    # only. 20 on the development set (same networks, seed 0; AMD EPYC): the right animal among the
-    # shortlisted photos for 63% -> 75% of known queries, closed top-1 0.333 -> 0.382, MAP@5 0.527 ->
-    # 0.564, at ~0.15 s of vote search and up to 20 more verifications per query (README "Measured")
+    # only. 20 on the development set (same networks, seeds 0 / 1; AMD EPYC), with the votes fused as
+    # a stage: the right animal among the shortlisted photos for 63% -> 75% of known queries (seed 0),
+    # closed top-1 0.333 -> 0.396 / 0.340 -> 0.417, MAP@5 0.527 -> 0.565 / 0.522 -> 0.559, at ~0.2 s
+    # of vote search and up to 20 more verifications per query (README "Measured")
     votes: int = 20
     tau: float | None = None  # None: calibration.json's, else the last ALL stage's default_tau
     batch_size: int = 32
