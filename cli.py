@@ -89,7 +89,8 @@ def _names(text: str, option: str) -> tuple[str, ...]:
 
 
 VerifyTopOpt = Annotated[int, typer.Option(min=0, help="Gallery photos per query checked by the local "
-                                           "matchers (if the run has them).")]
+                                           "matchers (if the run has them): the pair head's best in turn with "
+                                           "the photos of most keypoint votes.")]
 ShortlistOpt = Annotated[int, typer.Option(min=1, help="Gallery photos proposed per query by the embedding.")]
 PerIndividualOpt = Annotated[int, typer.Option(min=0, help="At most N photos of one individual in a shortlist, "
                                                "its most similar ones, so that it reaches more individuals "
@@ -97,8 +98,8 @@ PerIndividualOpt = Annotated[int, typer.Option(min=0, help="At most N photos of 
 VotesOpt = Annotated[int, typer.Option(min=0, help="Gallery photos proposed per query by keypoint votes "
                                        "(the gallery's SIFT descriptors in one index, each query descriptor "
                                        "voting for the photos of its nearest ones), added to the embedding's "
-                                       "shortlist and checked by the local matchers beyond --verify-top; the "
-                                       "votes are also a score of their own (0: off).")]
+                                       "shortlist; they take every other one of the --verify-top checks by the "
+                                       "local matchers. The votes are also a score of their own (0: off).")]
 QueryExpansionOpt = Annotated[int, typer.Option(min=0, help="Search again with each query averaged with its "
                                                 "best N gallery photos (query expansion; 0: off).")]
 RerankOpt = Annotated[int, typer.Option(min=0, help="k-reciprocal re-ranking of each shortlist with K "

@@ -14,7 +14,7 @@ Prints a table and writes bench/results/accuracy.json.
 
   python bench/accuracy.py [--train-minutes 20] [--work /tmp/bench-accuracy] [--seed 0]
                            [--keypoints default,kp1500]  # keypoint presets side by side, one network
-                           [--votes 0,20]  # keypoint votes per query side by side, one verified network
+                           [--votes 0,20,20:20]  # keypoint votes[:V] side by side, one verified network
 """
 from __future__ import annotations
 
@@ -132,9 +132,10 @@ def main() -> None:
                     "the first is the run's own; each other one verifies and calibrates a copy of it (run label "
                     "trained@PRESET; the query-time options are measured on the first only)")
     ap.add_argument("--votes", default=str(MatchConfig.votes),
-                    help="keypoint-vote settings (match --votes) to compare on the same trained and verified "
-                    "network: the first is the run's own; each other one calibrates a copy of it (run label "
-                    "trained+votesN)")
+                    help="keypoint-vote settings VOTES[:V] (match --votes, --verify-top; V default "
+                    f"{MatchConfig.verify_top}) to compare on the same trained and verified network: the first is "
+                    "the run's own; each other one calibrates a copy of it (run label trained+votesN, "
+                    "trained+votesNvV)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
@@ -160,13 +161,19 @@ def main() -> None:
     if unknown:
         sys.exit(f"--keypoints: unknown preset(s) {', '.join(unknown)}; known: {', '.join(KEYPOINT_PRESETS)}")
     matchers = tuple(args.matchers.split(","))
-    votes = [int(v) for v in args.votes.split(",")]
+    try:  # (label suffix, MatchConfig) per setting
+        votes = [(v, MatchConfig(votes=int(v.split(":")[0]),
+                                 verify_top=int(v.split(":")[1]) if ":" in v else MatchConfig.verify_top))
+                 for v in args.votes.split(",")]
+    except ValueError:
+        sys.exit(f"--votes {args.votes}: expected VOTES[:V] entries separated by commas, e.g. 0,20,20:20")
     trained = runs[-1][0]
-    # (label, training or how to get the run, keypoint preset, votes)
-    jobs = [(label, cfg, presets[0], votes[0]) for label, cfg in runs]
-    jobs += [(f"{trained}@{k}", "copy network", k, votes[0]) for k in presets[1:]]  # other keypoints
-    jobs += [(f"{trained}+votes{v}", "copy verified", presets[0], v) for v in votes[1:]]  # other vote counts
-    for label, cfg, keypoints, n_votes in jobs:
+    # (label, training or how to get the run, keypoint preset, match settings)
+    jobs = [(label, cfg, presets[0], votes[0][1]) for label, cfg in runs]
+    jobs += [(f"{trained}@{k}", "copy network", k, votes[0][1]) for k in presets[1:]]  # other keypoints
+    jobs += [(f"{trained}+votes{v.replace(':', 'v')}", "copy verified", presets[0], m)  # other vote settings
+             for v, m in votes[1:]]
+    for label, cfg, keypoints, mcfg in jobs:
         run = args.work / f"run_{label}"
         t0 = time.perf_counter()
         # --reuse: what a run folder already has (a network, a verifier, a calibration) is kept
@@ -177,23 +184,25 @@ def main() -> None:
                 copy_verified(args.work / f"run_{trained}", run)
             else:
                 train_siamese.main(cfg, train_siamese.Paths(gallery, run, DATA), progress=False)
-        for output, step in post_training_steps(run, matchers, keypoints, n_votes):
+        for output, step in post_training_steps(run, matchers, keypoints, mcfg):
             keep = args.reuse or (cfg == "copy verified" and output == "verifier.json")
             if keep and output == "calibration.json" and (run / output).is_file():
-                # a calibration holds for the votes it was fitted with (one from before votes: none)
-                keep = json.loads((run / output).read_text()).get("match", {}).get("votes", 0) == n_votes
+                # a calibration holds for the votes and V it was fitted with (one from before votes: none)
+                fitted = json.loads((run / output).read_text()).get("match", {})
+                keep = (fitted.get("votes", 0), fitted.get("verify_top")) == (mcfg.votes, mcfg.verify_top)
             if not (keep and (run / output).is_file()):
                 step()
-        info[label] = {"build_seconds": round(time.perf_counter() - t0, 1), "keypoints": keypoints, "votes": n_votes}
+        info[label] = {"build_seconds": round(time.perf_counter() - t0, 1), "keypoints": keypoints,
+                       "votes": mcfg.votes, "verify_top": mcfg.verify_top}
         rows, timing = evaluate_run(run, qdir, qcsv, truth, args.work, label, options=isinstance(cfg, TrainConfig),
-                                    cfg=MatchConfig(votes=n_votes))
+                                    cfg=mcfg)
         table.update(rows)
         info[label].update(timing)
         proto = subprocess.run([sys.executable, str(SHARED / "protocol" / "score.py"), str(truth_csv),
                                 timing["predictions"]], capture_output=True, text=True, check=True)
         info[label]["protocol_score"] = json.loads(proto.stdout)
     for label in info:  # one table per run: its stages, then the options
-        own = {k.split(":", 1)[1]: v for k, v in table.items() if k.startswith(label + ":")}
+        own = {k[len(label) + 1:]: v for k, v in table.items() if k.startswith(label + ":")}
         print(f"\n{label}:\n" + format_metrics(own))
     for label, d in info.items():
         ips = d["embed_images_per_s"]
@@ -230,9 +239,9 @@ def copy_verified(src: Path, dst: Path) -> None:
 
 
 def post_training_steps(run: Path, matchers: tuple[str, ...] = ("sift",), keypoints: str = "default",
-                        votes: int = MatchConfig.votes) -> list:
+                        match: MatchConfig = MatchConfig()) -> list:
     """After train-siamese, (the file it writes, step): the keypoint verifier, then calibration on the
-    held-out individuals (with `votes`, match --votes)."""
+    held-out individuals (with the `match` settings: --votes, --verify-top)."""
     from engine import calibrate as calibrate_command
     from engine import train_verifier as verifier_command
 
@@ -246,7 +255,7 @@ def post_training_steps(run: Path, matchers: tuple[str, ...] = ("sift",), keypoi
 
     def calibrate():
         c = calibrate_command.main(calibrate_command.CalibrateConfig(), calibrate_command.Paths(run),
-                                   MatchConfig(votes=votes), progress=False)
+                                   match, progress=False)
         print(f"{run.name}: calibration " + ", ".join(
             f"{k} {v['map5_mean']:.3f}±{v['map5_std']:.3f}" for k, v in c["summary"].items()), flush=True)
 

@@ -30,6 +30,7 @@ from core.runfolder import RunFolder, atomic_write_bytes, atomic_write_json, rea
 from core.stage import ALL, PairBatch, StageContext
 from engine.config import MatchConfig
 from engine.stages import load_stages
+from keypoints.features import DESC_DIM
 from keypoints.votes import VoteConfig, VoteIndex
 from ranker.fusion import FUSED, ScoreFusion, calibrated_scorers
 from ranker.rerank import gallery_reciprocal_sets, k_reciprocal_rescore
@@ -57,6 +58,16 @@ class Candidate:
     evidence: dict = field(default_factory=dict)  # e.g. keypoint inliers, for a person to check
 
 
+def alternate(order: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """`order` (positions, all of them) with `other` (some of them) interleaved: order[0], other[0],
+    order[1], other[1], ..., then the rest of `order`; each position once, where it first appears."""
+    m = len(other)
+    both = np.empty(len(order) + m, np.int64)
+    both[0:2 * m:2], both[1:2 * m:2], both[2 * m:] = order[:m], other, order[m:]
+    _, first = np.unique(both, return_index=True)
+    return both[np.sort(first)]
+
+
 @dataclass
 class QueryPairs:
     """One query's shortlist: gallery photo indices and each stage's score for them."""
@@ -65,7 +76,7 @@ class QueryPairs:
     stages: dict[str, np.ndarray]  # stage -> (k,) float, NaN where the stage did not run
     evidence: dict[int, dict] = field(default_factory=dict)  # gallery index -> e.g. keypoint inliers
     similarity: np.ndarray | None = None  # (k,) the shortlist search's cosine
-    voted: np.ndarray | None = None  # positions of the photos keypoint votes proposed: always verified
+    voted: np.ndarray | None = None  # positions of the photos keypoint votes proposed, most votes first
     votes: np.ndarray | None = None  # (k,) each photo's keypoint votes (None: not counted)
 
 
@@ -155,6 +166,7 @@ class Engine:
         searching deeper (up to CAP_MAX_DEPTH photos) until K remain. With `cfg.votes` L > 0, the L
         photos with the most keypoint votes follow (`add_votes`; the cap does not apply to them, and
         they carry the plain cosine, also under query expansion or re-ranking)."""
+        t0 = time.perf_counter()
         recs = [records[i] for i in emb.ok]
         if not recs:
             return []
@@ -167,7 +179,13 @@ class Engine:
             index = EmbeddingIndex(self.gallery.embeddings[gallery_subset],
                                    [self.gallery.viewpoints[g] for g in gallery_subset])
             to_gallery = gallery_subset
-        gallery_paths = np.array(self.gallery.paths)
+        # each query's own photo(s): the gallery photo at its path and own[i]; never shortlisted or voted for
+        by_path: dict[str, list[int]] = defaultdict(list)
+        for g, p in enumerate(self.gallery.paths):
+            by_path[p].append(g)
+        hidden = [np.array(by_path.get(str(Path(r.path).resolve()), [])
+                           + ([int(own[qi])] if own is not None and own[qi] >= 0 else []), np.int64)
+                  for qi, r in enumerate(recs)]
 
         def search(q, depth):
             sims, idx = index.search(q, depth, views)
@@ -177,11 +195,8 @@ class Engine:
                 idx = np.where(idx >= 0, to_gallery[np.maximum(idx, 0)], -1)
             return sims, idx
 
-        query_paths = np.array([str(Path(r.path).resolve()) for r in recs])[:, None]
-
         def not_own(idx):  # found, and not the query's own photo
-            keep = (idx >= 0) & (gallery_paths[np.maximum(idx, 0)] != query_paths)
-            return keep if own is None else keep & (idx != np.asarray(own)[:, None])
+            return (idx >= 0) & ~np.array([np.isin(row, h) for row, h in zip(idx, hidden)]).reshape(idx.shape)
 
         # one extra neighbour so that dropping the query's own photo (evaluate on gallery photos) leaves
         # k; with a cap per individual, deeper until k remain after the cap in every row, or the row's
@@ -207,8 +222,9 @@ class Engine:
             depth = min(4 * depth, max_depth)
         pairs = [QueryPairs(rec, idx[qi][keep[qi]][:k], {}, similarity=sims[qi][keep[qi]][:k].astype(np.float64))
                  for qi, rec in enumerate(recs)]
+        self.seconds["shortlist"] += time.perf_counter() - t0
         if cfg.votes > 0:
-            self.add_votes(pairs, emb.embeddings, cfg, gallery_subset, own, progress)
+            self.add_votes(pairs, emb.embeddings, cfg, gallery_subset, hidden, progress)
         return pairs
 
     def votes_available(self) -> bool:
@@ -246,18 +262,18 @@ class Engine:
                                       desc="gallery keypoints")
                 # None: missing for now (the index is then not saved); empty: a photo that cannot be read
                 return [kps[k].desc if (k := record_key(r)) in kps else
-                        (np.zeros((0, 128), np.float32) if k in bad else None) for r in part]
+                        (np.zeros((0, DESC_DIM), np.float32) if k in bad else None) for r in part]
             self._votes = VoteIndex.from_store(self.gallery.records(), descriptors, VoteConfig(),
                                                self.run.cache_dir / "votes", json.dumps(stage.config(), sort_keys=True))
         return self._votes
 
     def add_votes(self, pairs: Sequence[QueryPairs], query_emb: np.ndarray, cfg: MatchConfig,
-                  gallery_subset: np.ndarray | None, own: np.ndarray | None, progress: bool = False) -> None:
+                  gallery_subset: np.ndarray | None, hidden: Sequence[np.ndarray], progress: bool = False) -> None:
         """Each query's `cfg.votes` gallery photos with the most keypoint votes (at least one) join its
         shortlist (after the embedding's photos; those already in it stay where they are) and are
         marked to be verified; every shortlisted photo gets its vote count (the `votes` stage). A
         query meets the same photos as in the embedding's search: its viewpoint, the subset, never
-        its own photo."""
+        its own photo(s) (`hidden[i]`, gallery indices, for query i)."""
         index = self.vote_index(progress)
         if index is None or not pairs:
             return
@@ -270,18 +286,12 @@ class Engine:
         if gallery_subset is not None:
             base[:] = False
             base[gallery_subset] = True
-        views = np.array([v or "" for v in self.gallery.viewpoints])
-        paths = np.array(self.gallery.paths)
         for qi, qp in enumerate(pairs):
             kp = kps.get(record_key(qp.record))
             if kp is None or not len(kp):
                 continue
-            allowed = base.copy()
-            if qp.record.viewpoint:
-                allowed &= (views == qp.record.viewpoint) | (views == "")
-            allowed &= paths != str(Path(qp.record.path).resolve())
-            if own is not None and own[qi] >= 0:
-                allowed[own[qi]] = False
+            allowed = base & self.index.meets(qp.record.viewpoint)
+            allowed[hidden[qi]] = False
             votes = index.votes(kp.desc, allowed)
             top = np.argsort(-votes, kind="stable")[: cfg.votes]
             top = top[votes[top] > 0]
@@ -345,12 +355,8 @@ class Engine:
                     gallery_subset: np.ndarray | None = None, progress: bool = False,
                     own: np.ndarray | None = None) -> list[QueryPairs]:
         """Every stage's score for each query's shortlist of gallery photos (`shortlist`). A TOP
-        stage scores each query's top-V pairs by the last ALL stage's score and the photos the
-        keypoint votes proposed (NaN elsewhere)."""
-        t0, before = time.perf_counter(), sum(self.seconds.values())
-        pairs = self.shortlist(records, emb, cfg, gallery_subset, own, progress)
-        # the votes' time (and the query keypoints they needed) is counted apart
-        self.seconds["shortlist"] += time.perf_counter() - t0 - (sum(self.seconds.values()) - before)
+        stage scores each query's V pairs of `verify_picks` (NaN elsewhere)."""
+        pairs = self.shortlist(records, emb, cfg, gallery_subset, own, progress)  # (it books its seconds)
         for stage in self.stages:
             if stage.scope != ALL and cfg.verify_top <= 0:
                 continue
@@ -360,8 +366,7 @@ class Engine:
                 if stage.scope == ALL:
                     picks.append(np.arange(len(qp.gallery_idx)))
                     continue
-                top = np.argsort(-self.pre_scores(qp.stages), kind="stable")[: cfg.verify_top]
-                picks.append(top if qp.voted is None else np.union1d(top, qp.voted))
+                picks.append(self.verify_picks(qp, cfg.verify_top))
             if not sum(len(p) for p in picks):
                 continue
             qpos = np.concatenate([np.full(len(p), qi) for qi, p in enumerate(picks)]).astype(np.int64)
@@ -380,6 +385,14 @@ class Engine:
                 if out.evidence is not None:
                     qp.evidence.setdefault(int(qp.gallery_idx[j]), {}).update(out.evidence[i])
         return pairs
+
+    def verify_picks(self, qp: QueryPairs, v: int) -> np.ndarray:
+        """The positions in `qp`'s shortlist of the V photos a TOP stage verifies: the ranking by
+        `pre_scores`, alternating with the photos keypoint votes proposed (most votes first; a photo
+        in both counts once) where votes were counted. V is the number of verifications per query
+        with or without votes."""
+        order = np.argsort(-self.pre_scores(qp.stages), kind="stable")
+        return (order if qp.voted is None else alternate(order, qp.voted))[:v]
 
     def pre_scores(self, stages: dict[str, np.ndarray]) -> np.ndarray:
         """Without calibration: the score of the last stage that scored every pair (the pair head's

@@ -30,6 +30,8 @@ import faiss
 import numpy as np
 
 from core.stage import ALL, PairBatch, StageContext, StageOutput
+from keypoints.features import DESC_DIM
+from keypoints.stage import KeypointStage
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +86,7 @@ class VoteIndex:
                     descs.append(d)
                     owner.append(np.full(len(d), i, np.int64))
         if not descs:
-            descs, owner = [np.zeros((0, 128), np.float32)], [np.zeros(0, np.int64)]
+            descs, owner = [np.zeros((0, DESC_DIM), np.float32)], [np.zeros(0, np.int64)]
         t0 = time.perf_counter()
         vi = cls(np.concatenate(descs), np.concatenate(owner), len(records), cfg)
         log.info("keypoint vote index: %d descriptors of %d photos, built in %.0f s", len(vi.owner), len(records),
@@ -161,8 +163,6 @@ class VoteStage:
 
     @classmethod
     def load(cls, ctx: StageContext) -> "VoteStage | None":
-        from keypoints.stage import KeypointStage
-
         # the votes are the SIFT stage's descriptors: a run has them once train-verifier has fitted it
         return cls() if KeypointStage.validator_path(ctx.run).is_file() else None
 

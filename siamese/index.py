@@ -73,6 +73,17 @@ class EmbeddingIndex:
                 members = np.flatnonzero((views == v) | (views == ""))
                 self._by_view[v] = members
 
+    def meets(self, view: str | None) -> np.ndarray:
+        """(n,) True for the gallery photos a query of viewpoint `view` meets (the rule `search`
+        follows): all of them when the view is unknown or the gallery has no viewpoints, else the
+        photos of that view and those of unknown view (only these when the gallery lacks the view)."""
+        mask = np.zeros(self.n, bool)
+        if not view or not self._by_view:
+            mask[:] = True
+        else:
+            mask[self._by_view.get(view, self._unknown_view)] = True
+        return mask
+
     def _index(self, view: str | None, members: np.ndarray | None = None):
         """The index over `members` (None: every photo), built when first needed."""
         if view not in self._indexes:

@@ -462,8 +462,9 @@ def test_shortlist_leaves_out_the_queries_own_gallery_photo(chain, tmp_path):
 
 def test_keypoint_votes_join_the_shortlist_and_are_verified(chain, caplog):
     """--votes L: each query's L gallery photos with the most keypoint votes (among those it may
-    meet) join the embedding's shortlist after its photos, are verified beyond --verify-top, and the
-    calibration holds for the setting it was fitted with."""
+    meet) join the embedding's shortlist after its photos, share the --verify-top verifications with
+    the embedding's ranking (alternating), and the calibration holds for the setting it was fitted
+    with."""
     from core.cache import record_key
     from core.catalog import catalog_from_folder
     from engine.pipeline import Engine, MatchConfig
@@ -492,9 +493,13 @@ def test_keypoint_votes_join_the_shortlist_and_are_verified(chain, caplog):
                                        atol=1e-5)
             grew += len(v.gallery_idx) > 2
     assert grew  # votes found photos that the embedding's shortlist did not hold
-    for rec, qp in zip(records, engine.pair_scores(records, emb, MatchConfig(shortlist=2, votes=4, verify_top=1))):
-        verified = set(np.flatnonzero(~np.isnan(qp.stages["keypoints"])))
-        assert set(qp.voted) <= verified and len(verified) <= 1 + len(qp.voted)
+    for rec, qp in zip(records, engine.pair_scores(records, emb, MatchConfig(shortlist=2, votes=4, verify_top=3))):
+        # V = 3 verifications: the embedding's best, the most voted, then the next of either
+        verified = set(np.flatnonzero(~np.isnan(qp.stages["keypoints"])).tolist())
+        order = np.argsort(-engine.pre_scores(qp.stages), kind="stable")
+        assert len(verified) == min(3, len(qp.gallery_idx)) and order[0] in verified
+        if len(qp.voted):
+            assert qp.voted[0] in verified and verified <= {*order[:2].tolist(), *qp.voted[:2].tolist()}
         # the votes stage: log(1 + votes) of every shortlisted photo, whoever proposed it
         votes = index.votes(kps[record_key(rec)].desc, np.ones(n, bool))
         np.testing.assert_allclose(qp.stages["votes"], np.log1p(votes[qp.gallery_idx]))

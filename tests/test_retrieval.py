@@ -170,6 +170,21 @@ def test_viewpoint_restricts_search():
         assert list(idx[:, 0]) == [0, 45, 5] and (idx >= 0).all()
 
 
+def test_meets_is_the_rule_search_follows():
+    """`meets(view)` (the photos keypoint votes may propose) is exactly what `search` can return:
+    a gallery of left, right and unknown-viewpoint photos, queries of each view, none, and one the
+    gallery lacks (which meets only the unknown-viewpoint photos)."""
+    rng = np.random.default_rng(3)
+    g = _unit(rng, 30, 8)
+    views = ["left"] * 12 + ["right"] * 12 + [None] * 6
+    index = EmbeddingIndex(g, views)
+    for view, expected in (("left", 18), ("right", 18), (None, 30), ("top", 6)):
+        _, idx = index.search(g[:1], 30, [view])
+        found = set(idx[0][idx[0] >= 0].tolist())
+        assert found == set(np.flatnonzero(index.meets(view)).tolist()) and len(found) == expected
+    assert EmbeddingIndex(g).meets("left").all()
+
+
 def test_large_galleries_get_an_ivf_index_with_high_recall():
     """Above exact_max the index is IVF; on clustered data (individuals: photos near a centre) its
     top-10 agrees with exact search for nearly every query."""

@@ -110,3 +110,13 @@ def test_an_index_missing_photos_for_now_is_not_saved(tmp_path):
     available.add(3)
     whole = VoteIndex.from_store(records, get_desc, VoteConfig(), tmp_path, "settings")
     assert whole.counts[3] == 30 and len(list(tmp_path.glob("votes-*.faiss"))) == 1
+
+
+def test_voted_photos_alternate_with_the_embeddings_ranking_for_verification():
+    """The V verified photos: the pre-score ranking and the voted photos in turn, each photo once."""
+    from engine.pipeline import alternate
+
+    order = np.array([0, 1, 2, 3, 4])
+    assert alternate(order, np.array([3, 1])).tolist() == [0, 3, 1, 2, 4]
+    assert alternate(order, np.array([0, 4, 2])).tolist() == [0, 1, 4, 2, 3]
+    assert alternate(order, np.array([], np.int64)).tolist() == order.tolist()
