@@ -59,6 +59,8 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=100, help="the first N query photos of the split")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    # each setting differs from the run's calibration: its threshold does not matter for the time
+    logging.getLogger("engine.pipeline").setLevel(logging.ERROR)
     run, split = args.work / args.run, args.work / "split"
     if not (run / "verifier.json").is_file() or not (split / "queries_viewpoint.csv").is_file():
         sys.exit(f"{args.work}: no verified run {args.run}/ or split/ (run bench/accuracy.py --work {args.work} "

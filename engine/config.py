@@ -8,21 +8,20 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class MatchConfig:
     shortlist: int = 50  # K: gallery images proposed by the embedding index per query
-    # V: gallery images per query checked by the keypoint verifier. 50 = the whole default shortlist: on
-    # the development set (seeds 0/1, same networks) closed top-1 0.306/0.299 at V = 20, 0.347/0.347
-    # at V = 50, at ~0.17 s more per query (0.28 -> 0.45 s, 1500 keypoints, Intel Xeon); a shortlist
-    # of 100 with V = 50 was worse (0.333, seed 0). With 3000 keypoints on an AVX2-only AMD EPYC, V = 20
-    # costs 0.30 s per query with features cached, V = 50 0.70 s: 20 (with --votes 0) is the setting for speed
+    # V: gallery images per query checked by the keypoint verifier, the pair head's best in turn with the
+    # photos of most keypoint votes (Engine.verify_picks). Development set, seeds 0 / 1, same networks,
+    # votes 20, Intel Xeon (bf16): closed top-1 0.396 / 0.417 at V = 20 (0.28 s per query with features
+    # cached), 0.417 / 0.431 at V = 50 (0.52 s); without votes 0.285 / 0.306 and 0.361 / 0.361. A
+    # shortlist of 100 with V = 50 was worse (seed 0, before votes). 20 is the setting for speed
     verify_top: int = 50
     # at most this many photos of one individual in a shortlist, its most similar ones (0: no cap): the
     # shortlist then reaches more individuals (see engine.pipeline.Engine.shortlist)
     per_individual: int = 0
     # gallery photos proposed per query by keypoint votes (keypoints.votes: LNBNN over the gallery's
-    # RootSIFT descriptors), added to the shortlist and always verified; 0: the embedding's shortlist
-    # only. 20 on the development set (same networks, seeds 0 / 1; AMD EPYC), with the votes fused as
-    # a stage: the right animal among the shortlisted photos for 63% -> 75% of known queries (seed 0),
-    # closed top-1 0.333 -> 0.396 / 0.340 -> 0.417, MAP@5 0.527 -> 0.565 / 0.522 -> 0.559, at ~0.2 s
-    # of vote search and up to 20 more verifications per query (README "Measured")
+    # RootSIFT descriptors), added to the shortlist, where they take every other one of the V checks;
+    # 0: the embedding's shortlist only. 20 on the development set (same networks, seeds 0 / 1, V = 50,
+    # Intel Xeon), with the votes fused as a stage: closed top-1 0.361 -> 0.417 / 0.361 -> 0.431, MAP@5
+    # 0.536 -> 0.570 / 0.539 -> 0.560, at 0.08 s of vote search per query (README "Measured")
     votes: int = 20
     tau: float | None = None  # None: calibration.json's, else the last ALL stage's default_tau
     batch_size: int = 32
