@@ -161,12 +161,15 @@ def main() -> None:
     if unknown:
         sys.exit(f"--keypoints: unknown preset(s) {', '.join(unknown)}; known: {', '.join(KEYPOINT_PRESETS)}")
     matchers = tuple(args.matchers.split(","))
+    entries = args.votes.split(",")
     try:  # (label suffix, MatchConfig) per setting
+        if len(set(entries)) < len(entries) or any(v.count(":") > 1 for v in entries):
+            raise ValueError
         votes = [(v, MatchConfig(votes=int(v.split(":")[0]),
                                  verify_top=int(v.split(":")[1]) if ":" in v else MatchConfig.verify_top))
-                 for v in args.votes.split(",")]
+                 for v in entries]
     except ValueError:
-        sys.exit(f"--votes {args.votes}: expected VOTES[:V] entries separated by commas, e.g. 0,20,20:20")
+        sys.exit(f"--votes {args.votes}: expected distinct VOTES[:V] entries separated by commas, e.g. 0,20,20:20")
     trained = runs[-1][0]
     # (label, training or how to get the run, keypoint preset, match settings)
     jobs = [(label, cfg, presets[0], votes[0][1]) for label, cfg in runs]

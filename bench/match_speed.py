@@ -67,10 +67,10 @@ def main() -> None:
                  "first)")
     try:
         settings = [tuple(int(x) for x in s.split(":")) for s in args.settings.split(",")]
-        if any(len(s) != 2 for s in settings):
+        if any(len(s) != 2 or s[1] < 1 for s in settings):
             raise ValueError
     except ValueError:
-        sys.exit(f"--settings {args.settings}: expected VOTES:V pairs separated by commas")
+        sys.exit(f"--settings {args.settings}: expected VOTES:V pairs (V >= 1) separated by commas")
     set_threads()
     machine = describe()
     print(headline(machine), flush=True)

@@ -20,7 +20,7 @@ from core.gallery import Gallery
 from core.runfolder import RunFolder
 
 ALL = "all"  # scores every pair of the shortlist
-TOP = "top"  # scores the top-V pairs of each query (V = MatchConfig.verify_top) and the voted ones
+TOP = "top"  # scores V pairs of each query (V = MatchConfig.verify_top; which ones: Engine.verify_picks)
 
 
 @dataclass

@@ -270,11 +270,14 @@ class Engine:
     def add_votes(self, pairs: Sequence[QueryPairs], query_emb: np.ndarray, cfg: MatchConfig,
                   gallery_subset: np.ndarray | None, hidden: Sequence[np.ndarray], progress: bool = False) -> None:
         """Each query's `cfg.votes` gallery photos with the most keypoint votes (at least one) join its
-        shortlist (after the embedding's photos; those already in it stay where they are) and are
-        marked to be verified; every shortlisted photo gets its vote count (the `votes` stage). A
+        shortlist (after the embedding's photos; those already in it stay where they are), in
+        `qp.voted` for `verify_picks`; every shortlisted photo gets its vote count (the `votes` stage). A
         query meets the same photos as in the embedding's search: its viewpoint, the subset, never
-        its own photo(s) (`hidden[i]`, gallery indices, for query i)."""
+        its own photo(s) (`hidden[i]`, gallery indices, for query i). Loading or building the vote
+        index counts as the votes' time."""
+        t0 = time.perf_counter()
         index = self.vote_index(progress)
+        self.seconds["votes"] += time.perf_counter() - t0
         if index is None or not pairs:
             return
         stage = self.stage("keypoints")

@@ -5,7 +5,7 @@ query photo looks up its K nearest gallery descriptors and votes for their photo
 weight of HotSpotter (Crall et al. 2013): the distance to the (K+1)-th neighbour minus the distance
 to the neighbour, so a descriptor that is distinctive (far from the crowd) weighs more. A photo's
 score is the sum of its votes, one per query descriptor (the best). The photos with the most votes
-join the shortlist and are verified like the embedding's: the trained embedding misses the right
+join the shortlist and take every other one of the verifications: the trained embedding misses the right
 animal for about a third of the development set's queries, and votes find a part of those.
 
 A query meets only the gallery photos it is allowed (its viewpoint, a calibration fold's subset,
