@@ -4,8 +4,8 @@ Each scoring stage (the embedding's cosine, the Siamese pair head, the SIFT veri
 added later) is one module that implements `Stage`, and one line in engine/stages.py registers it.
 The orchestrator (engine.pipeline.Engine) runs a run's stages in their registered order over each
 query's shortlist: a stage of scope ALL scores every shortlisted pair, a stage of scope TOP only
-the top-V pairs of each query by the score so far (the last ALL stage's) and the photos that the
-keypoint votes proposed. The ranker knows stages
+V pairs of each query: the best by the score so far (the last ALL stage's), in turn with the
+photos of most keypoint votes (Engine.verify_picks). The ranker knows stages
 only by name.
 """
 from __future__ import annotations

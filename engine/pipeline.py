@@ -366,10 +366,8 @@ class Engine:
             picks = []
             for qp in pairs:
                 qp.stages[stage.name] = np.full(len(qp.gallery_idx), np.nan)
-                if stage.scope == ALL:
-                    picks.append(np.arange(len(qp.gallery_idx)))
-                    continue
-                picks.append(self.verify_picks(qp, cfg.verify_top))
+                picks.append(np.arange(len(qp.gallery_idx)) if stage.scope == ALL else
+                             self.verify_picks(qp, cfg.verify_top))
             if not sum(len(p) for p in picks):
                 continue
             qpos = np.concatenate([np.full(len(p), qi) for qi, p in enumerate(picks)]).astype(np.int64)
