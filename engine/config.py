@@ -12,7 +12,8 @@ class MatchConfig:
     # photos of most keypoint votes (Engine.verify_picks). Development set, seeds 0 / 1, same networks,
     # votes 20, Intel Xeon (bf16): closed top-1 0.396 / 0.417 at V = 20 (0.28 s per query with features
     # cached), 0.417 / 0.431 at V = 50 (0.52 s); without votes 0.285 / 0.306 and 0.361 / 0.361. A
-    # shortlist of 100 with V = 50 was worse (seed 0, before votes). 20 is the setting for speed
+    # shortlist of 100 with V = 50 was worse (seed 0, before votes). 20 is the setting for speed. Fresh
+    # networks on an AMD EPYC (bf16), V = 50: 0.444 / 0.410; per query 0.41 s at V = 20, 0.86 s at 50
     verify_top: int = 50
     # at most this many photos of one individual in a shortlist, its most similar ones (0: no cap): the
     # shortlist then reaches more individuals (see engine.pipeline.Engine.shortlist)
