@@ -10,7 +10,7 @@ and the query-time options (query expansion, k-reciprocal re-ranking, one photo 
 shortlist) beside them.
 The flank side from metadata.csv is given as `viewpoint` to the gallery and the queries: a
 researcher knows which flank a photo shows.
-Prints a table and writes bench/results/accuracy.json.
+Prints a table and writes bench/results/accuracy.json (and a copy in --work, kept when runs go in parallel).
 
   python bench/accuracy.py [--train-minutes 20] [--work /tmp/bench-accuracy] [--seed 0]
                            [--keypoints default,kp1500]  # keypoint presets side by side, one network
@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from bench.machine import describe, headline  # noqa: E402
 from core.catalog import load_catalog  # noqa: E402
 from engine.matching import evaluate_pairs, format_metrics  # noqa: E402
-from engine.pipeline import Engine, MatchConfig, write_predictions  # noqa: E402
+from engine.pipeline import VOTES_RULE, Engine, MatchConfig, write_predictions  # noqa: E402
 from ranker.fusion import FUSED  # noqa: E402
 from core.runtime import set_threads  # noqa: E402
 from siamese.model import ModelConfig  # noqa: E402
@@ -192,7 +192,8 @@ def main() -> None:
             if keep and output == "calibration.json" and (run / output).is_file():
                 # a calibration holds for the votes and V it was fitted with (one from before votes: none)
                 fitted = json.loads((run / output).read_text()).get("match", {})
-                keep = (fitted.get("votes", 0), fitted.get("verify_top")) == (mcfg.votes, mcfg.verify_top)
+                keep = ((fitted.get("votes", 0), fitted.get("verify_top")) == (mcfg.votes, mcfg.verify_top)
+                        and (mcfg.votes == 0 or fitted.get("votes_rule") == VOTES_RULE))
             if not (keep and (run / output).is_file()):
                 step()
         info[label] = {"build_seconds": round(time.perf_counter() - t0, 1), "keypoints": keypoints,
@@ -215,9 +216,12 @@ def main() -> None:
               "per query: " + ", ".join(f"{k} {v:.3f} s" for k, v in d["stage_seconds_per_query"].items()))
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "accuracy.json").write_text(json.dumps({"machine": machine, "table": table, "runs": info, "args": {
-        k: str(v) for k, v in vars(args).items()}}, indent=1))
-    print(f"wrote {out / 'accuracy.json'}")
+    report = json.dumps({"machine": machine, "table": table, "runs": info, "args": {
+        k: str(v) for k, v in vars(args).items()}}, indent=1)
+    # the latest run's, and one beside its runs in --work, which runs in parallel do not overwrite
+    for path in (out / "accuracy.json", args.work / "accuracy.json"):
+        path.write_text(report)
+    print(f"wrote {out / 'accuracy.json'} and {args.work / 'accuracy.json'}")
 
 
 def copy_trained(src: Path, dst: Path) -> None:

@@ -71,3 +71,13 @@ class Stage(Protocol):
     def score(self, batch: PairBatch, gallery: Gallery, progress: bool = False) -> StageOutput:
         """Scores (and evidence) for the batch's pairs, in their order. Never raises on content: an
         unreadable photo scores low."""
+
+    # optional: `active(settings) -> bool`, whether the stage scores anything under the match settings
+    # (Engine.match_settings); a stage without it always does. See `is_active`.
+
+
+def is_active(stage, settings: dict) -> bool:
+    """Whether `stage` scores anything under the match settings `settings` (Engine.match_settings):
+    e.g. the votes stage only where votes are counted. `calibrate` fits only the active stages."""
+    active = getattr(stage, "active", None)
+    return True if active is None else bool(active(settings))

@@ -26,6 +26,7 @@ from core.errors import UserError
 from core.metrics import NEW_INDIVIDUAL, score_predictions
 from core.runfolder import atomic_write_json
 from core.runtime import set_threads
+from core.stage import is_active
 from engine.pipeline import Engine, MatchConfig, QueryPairs
 from core.aggregate import aggregate_per_individual
 from ranker.fusion import FUSED, FusionConfig, ScoreFusion, calibrated_scorers
@@ -139,8 +140,10 @@ def main(cfg: CalibrateConfig, paths: Paths, mcfg: MatchConfig = MatchConfig(), 
     set_threads(threads)
     engine = Engine.load(run, precision)
     data = fold_pairs(engine, cfg, mcfg, progress)
-    # the votes stage only where votes were counted (its scores are all missing otherwise)
-    stages = [s.name for s in engine.stages if s.name != "votes" or engine.match_settings(mcfg)["votes"]]
+    # only the stages that score under these settings (the votes stage only where votes are counted:
+    # its scores are all missing otherwise)
+    settings = engine.match_settings(mcfg)
+    stages = [s.name for s in engine.stages if is_active(s, settings)]
     per_fold = []
     for f, (pairs, truths) in enumerate(data):
         train_pairs = [qp for k, (p, _) in enumerate(data) if k != f for qp in p]
@@ -175,7 +178,7 @@ def main(cfg: CalibrateConfig, paths: Paths, mcfg: MatchConfig = MatchConfig(), 
                     ", ".join(f"{t:.3f}" for t in fold_taus), taus[FUSED])
     calibration = {"kind": "calibration", "version": 1, "stages": stages, "fusion": fusion.to_dict(),
                    "tau": taus, "tau_rule": rule, "tau_all_folds": fitted_taus, "config": asdict(cfg),
-                   "match": engine.match_settings(mcfg), "per_fold": per_fold,
+                   "match": engine.calibration_match(mcfg), "per_fold": per_fold,
                    "summary": summary, "queries": len(all_truths), "new_queries": n_new,
                    "individuals": n_individuals,
                    "tau_folds": {"values": fold_taus, "std": float(np.std(fold_taus))}}

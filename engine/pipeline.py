@@ -46,6 +46,9 @@ CAP_MAX_DEPTH = 2048
 # above this many gallery photos keypoint votes are off: their index (IVF-Flat, 1000 RootSIFT
 # descriptors of 0.5 KB per photo) would take ~10 GB of memory
 VOTES_MAX_PHOTOS = 20_000
+# How voted photos meet --verify-top, recorded in calibration.json's "match": they share its V checks
+# (verify_picks). Calibrations fitted when they were verified on top of V have no "votes_rule".
+VOTES_RULE = "share_v"
 
 
 @dataclass
@@ -102,6 +105,7 @@ class Engine:
         self._reciprocal: dict = {}  # (k, gallery subset) -> the gallery's k-th neighbour similarity and sets
         self._warned_settings: set = set()  # match settings `tau` has already warned about (once each)
         self._votes: VoteIndex | None = None  # keypoint votes over the gallery, built when first needed
+        self._by_path: tuple | None = None  # (gallery, its indices by path): photos_by_path
         if self.calibration is not None:
             try:
                 self.scorers = calibrated_scorers(ScoreFusion.from_dict(self.calibration["fusion"]))
@@ -153,6 +157,12 @@ class Engine:
                     return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in d.items())
                 log.warning("calibrated with %s; these settings differ (%s), so the calibrated threshold may "
                             "not fit", flags(fitted), flags(now))
+            if (now["votes"] and match and match.get("votes", 0) and match.get("votes_rule") != VOTES_RULE
+                    and "votes_rule" not in self._warned_settings):
+                self._warned_settings.add("votes_rule")
+                log.warning("calibrated by an earlier engine that verified the voted photos on top of --verify-top "
+                            "(they now share its checks), so the calibrated threshold may not fit: run calibrate "
+                            "again")
             return float(self.calibration["tau"]["fused"])
         return self.stage(self.stage_order()[-1]).default_tau
 
@@ -180,12 +190,14 @@ class Engine:
                                    [self.gallery.viewpoints[g] for g in gallery_subset])
             to_gallery = gallery_subset
         # each query's own photo(s): the gallery photo at its path and own[i]; never shortlisted or voted for
-        by_path: dict[str, list[int]] = defaultdict(list)
-        for g, p in enumerate(self.gallery.paths):
-            by_path[p].append(g)
+        by_path = self.photos_by_path()
         hidden = [np.array(by_path.get(str(Path(r.path).resolve()), [])
                            + ([int(own[qi])] if own is not None and own[qi] >= 0 else []), np.int64)
                   for qi, r in enumerate(recs)]
+        # the same as a (queries, most hidden) matrix, -2 padded (-1 is search's "not found")
+        hidden_m = np.full((len(recs), max(1, max(len(h) for h in hidden))), -2, np.int64)
+        for qi, h in enumerate(hidden):
+            hidden_m[qi, :len(h)] = h
 
         def search(q, depth):
             sims, idx = index.search(q, depth, views)
@@ -196,7 +208,7 @@ class Engine:
             return sims, idx
 
         def not_own(idx):  # found, and not the query's own photo
-            return (idx >= 0) & ~np.array([np.isin(row, h) for row, h in zip(idx, hidden)]).reshape(idx.shape)
+            return (idx >= 0) & ~(idx[:, :, None] == hidden_m[:, None, :]).any(axis=2)
 
         # one extra neighbour so that dropping the query's own photo (evaluate on gallery photos) leaves
         # k; with a cap per individual, deeper until k remain after the cap in every row, or the row's
@@ -227,6 +239,15 @@ class Engine:
             self.add_votes(pairs, emb.embeddings, cfg, gallery_subset, hidden, progress)
         return pairs
 
+    def photos_by_path(self) -> dict[str, list[int]]:
+        """Gallery indices by photo path (built once per gallery)."""
+        if self._by_path is None or self._by_path[0] is not self.gallery:
+            by_path: dict[str, list[int]] = defaultdict(list)
+            for g, p in enumerate(self.gallery.paths):
+                by_path[p].append(g)
+            self._by_path = (self.gallery, dict(by_path))
+        return self._by_path[1]
+
     def votes_available(self) -> bool:
         """Keypoint votes need the SIFT stage (its descriptors) and a gallery small enough for the
         index in memory (VOTES_MAX_PHOTOS)."""
@@ -240,6 +261,10 @@ class Engine:
                             len(self.gallery))
             return False
         return True
+
+    def calibration_match(self, cfg: MatchConfig) -> dict:
+        """What calibration.json records under "match": the settings and the votes' rule."""
+        return {**self.match_settings(cfg), "votes_rule": VOTES_RULE}
 
     def match_settings(self, cfg: MatchConfig) -> dict:
         """The settings a calibration holds for (recorded in calibration.json, compared by `tau`):

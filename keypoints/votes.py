@@ -31,7 +31,6 @@ import numpy as np
 
 from core.stage import ALL, PairBatch, StageContext, StageOutput
 from keypoints.features import DESC_DIM
-from keypoints.stage import KeypointStage
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +163,12 @@ class VoteStage:
     @classmethod
     def load(cls, ctx: StageContext) -> "VoteStage | None":
         # the votes are the SIFT stage's descriptors: a run has them once train-verifier has fitted it
-        return cls() if KeypointStage.validator_path(ctx.run).is_file() else None
+        return cls() if ctx.run.verifier_path.is_file() else None
+
+    @staticmethod
+    def active(settings: dict) -> bool:
+        """Votes are counted only with --votes > 0 (and where the run can count them)."""
+        return settings.get("votes", 0) > 0
 
     def config(self) -> dict:
         return asdict(VoteConfig())

@@ -140,7 +140,8 @@ def test_tau_rule_follows_the_number_of_individuals(chain, monkeypatch, caplog):
     rate = json.loads((run / "calibration.json").read_text())
     assert rate["tau_rule"] == "rate" and rate["config"]["target_new_rate"] == 0.5
     assert rate["tau"] == rate["tau_all_folds"]  # the rate's tau, not lowered
-    assert rate["match"] == {"shortlist": 50, "verify_top": 50, "per_individual": 1, "votes": MatchConfig.votes}
+    assert rate["match"] == {"shortlist": 50, "verify_top": 50, "per_individual": 1, "votes": MatchConfig.votes,
+                             "votes_rule": "share_v"}
     # match warns when its settings differ from the calibrated ones; a calibration from before
     # --per-individual had no cap
     from engine.pipeline import Engine
@@ -514,6 +515,27 @@ def test_keypoint_votes_join_the_shortlist_and_are_verified(chain, caplog):
     with caplog.at_level("WARNING", logger="engine.pipeline"):
         Engine.load(run).tau(MatchConfig(votes=0))
     assert "--votes 4" in caplog.text and "--votes 0" in caplog.text
+    # --votes 0 calibrates without the votes stage (nothing to fit: it does not score)
+    invoke("calibrate", "--run", run, "--votes", 0, "-q")
+    cal0 = json.loads((run / "calibration.json").read_text())
+    assert "votes" not in cal0["stages"] and "votes" not in cal0["fusion"]["stages"] and "keypoints" in cal0["stages"]
+    # a calibration fitted when voted photos were verified beyond --verify-top (no votes_rule) warns,
+    # once; one with the rule does not
+    del cal["match"]["votes_rule"]
+    (run / "calibration.json").write_text(json.dumps(cal))
+    logging.getLogger().handlers = [caplog.handler]  # calibrate's logging setup replaced it again
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="engine.pipeline"):
+        old = Engine.load(run)
+        old.tau(MatchConfig(votes=4))
+        old.tau(MatchConfig(votes=4))
+    assert caplog.text.count("verified the voted photos on top of --verify-top") == 1
+    cal["match"]["votes_rule"] = "share_v"
+    (run / "calibration.json").write_text(json.dumps(cal))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="engine.pipeline"):
+        Engine.load(run).tau(MatchConfig(votes=4))
+    assert "on top of --verify-top" not in caplog.text
 
 
 def test_k_reciprocal_rerank_reorders_the_shortlist(chain):
