@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from bench.machine import describe, headline  # noqa: E402
 from core.catalog import load_catalog  # noqa: E402
 from engine.matching import evaluate_pairs, format_metrics  # noqa: E402
-from engine.pipeline import VOTES_RULE, Engine, MatchConfig, write_predictions  # noqa: E402
+from engine.pipeline import Engine, MatchConfig, votes_rule_stale, write_predictions  # noqa: E402
 from ranker.fusion import FUSED  # noqa: E402
 from core.runtime import set_threads  # noqa: E402
 from siamese.model import ModelConfig  # noqa: E402
@@ -193,7 +193,7 @@ def main() -> None:
                 # a calibration holds for the votes and V it was fitted with (one from before votes: none)
                 fitted = json.loads((run / output).read_text()).get("match", {})
                 keep = ((fitted.get("votes", 0), fitted.get("verify_top")) == (mcfg.votes, mcfg.verify_top)
-                        and (mcfg.votes == 0 or fitted.get("votes_rule") == VOTES_RULE))
+                        and not votes_rule_stale(fitted))
             if not (keep and (run / output).is_file()):
                 step()
         info[label] = {"build_seconds": round(time.perf_counter() - t0, 1), "keypoints": keypoints,

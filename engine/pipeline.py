@@ -51,6 +51,11 @@ VOTES_MAX_PHOTOS = 20_000
 VOTES_RULE = "share_v"
 
 
+def votes_rule_stale(match: dict | None) -> bool:
+    """Whether calibration.json's "match" was fitted with votes under an earlier VOTES_RULE."""
+    return bool(match) and match.get("votes", 0) > 0 and match.get("votes_rule") != VOTES_RULE
+
+
 @dataclass
 class Candidate:
     individual_id: str
@@ -157,8 +162,7 @@ class Engine:
                     return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in d.items())
                 log.warning("calibrated with %s; these settings differ (%s), so the calibrated threshold may "
                             "not fit", flags(fitted), flags(now))
-            if (now["votes"] and match and match.get("votes", 0) and match.get("votes_rule") != VOTES_RULE
-                    and "votes_rule" not in self._warned_settings):
+            if now["votes"] and votes_rule_stale(match) and "votes_rule" not in self._warned_settings:
                 self._warned_settings.add("votes_rule")
                 log.warning("calibrated by an earlier engine that verified the voted photos on top of --verify-top "
                             "(they now share its checks), so the calibrated threshold may not fit: run calibrate "
