@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 from bench.machine import describe, headline  # noqa: E402
 from core.catalog import load_catalog  # noqa: E402
 from engine.matching import evaluate_pairs, format_metrics  # noqa: E402
-from engine.pipeline import Engine, MatchConfig, votes_rule_stale, write_predictions  # noqa: E402
+from engine.pipeline import (Engine, MatchConfig, fitted_settings, match_settings_of, votes_rule_stale,  # noqa: E402
+                             write_predictions)
 from ranker.fusion import FUSED  # noqa: E402
 from core.runtime import set_threads  # noqa: E402
 from siamese.model import ModelConfig  # noqa: E402
@@ -190,10 +191,10 @@ def main() -> None:
         for output, step in post_training_steps(run, matchers, keypoints, mcfg):
             keep = args.reuse or (cfg == "copy verified" and output == "verifier.json")
             if keep and output == "calibration.json" and (run / output).is_file():
-                # a calibration holds for the votes and V it was fitted with (one from before votes: none)
-                fitted = json.loads((run / output).read_text()).get("match", {})
-                keep = ((fitted.get("votes", 0), fitted.get("verify_top")) == (mcfg.votes, mcfg.verify_top)
-                        and not votes_rule_stale(fitted))
+                # a calibration holds for the match settings it was fitted with (one without a record: none)
+                fitted = json.loads((run / output).read_text()).get("match")
+                now = match_settings_of(mcfg, votes_available=True)
+                keep = bool(fitted) and fitted_settings(fitted, now) == now and not votes_rule_stale(fitted)
             if not (keep and (run / output).is_file()):
                 step()
         info[label] = {"build_seconds": round(time.perf_counter() - t0, 1), "keypoints": keypoints,

@@ -56,6 +56,20 @@ def votes_rule_stale(match: dict | None) -> bool:
     return bool(match) and match.get("votes", 0) > 0 and match.get("votes_rule") != VOTES_RULE
 
 
+def match_settings_of(cfg: MatchConfig, votes_available: bool) -> dict:
+    """The settings a calibration holds for (recorded in calibration.json's "match", compared by
+    `Engine.tau`): votes count only where the run can count them (`Engine.votes_available`)."""
+    return {"shortlist": cfg.shortlist, "verify_top": cfg.verify_top, "per_individual": cfg.per_individual,
+            "votes": cfg.votes if votes_available else 0}
+
+
+def fitted_settings(match: dict | None, now: dict) -> dict:
+    """The settings of calibration.json's "match" record, keyed like `now` (`match_settings_of`):
+    calibrations from before --per-individual and --votes had neither (0); no record at all reads as
+    `now`."""
+    return {k: match.get(k, 0 if k in ("per_individual", "votes") else None) for k in now} if match else now
+
+
 @dataclass
 class Candidate:
     individual_id: str
@@ -152,8 +166,7 @@ class Engine:
         if self.calibration is not None:
             match = self.calibration.get("match")
             now = self.match_settings(cfg)
-            # calibrations from before --per-individual and --votes had neither
-            fitted = {k: match.get(k, 0 if k in ("per_individual", "votes") else None) for k in now} if match else now
+            fitted = fitted_settings(match, now)
             if fitted != now and tuple(now.items()) not in self._warned_settings:
                 # a command asks for tau several times (ranking, predictions file, review page): say it once
                 self._warned_settings.add(tuple(now.items()))
@@ -271,10 +284,8 @@ class Engine:
         return {**self.match_settings(cfg), "votes_rule": VOTES_RULE}
 
     def match_settings(self, cfg: MatchConfig) -> dict:
-        """The settings a calibration holds for (recorded in calibration.json, compared by `tau`):
-        votes count only where the run can count them."""
-        return {"shortlist": cfg.shortlist, "verify_top": cfg.verify_top, "per_individual": cfg.per_individual,
-                "votes": cfg.votes if self.votes_available() else 0}
+        """The settings a calibration holds for (`match_settings_of`), under this run and gallery."""
+        return match_settings_of(cfg, self.votes_available())
 
     def vote_index(self, progress: bool = False) -> VoteIndex | None:
         """The keypoint vote index over the gallery (keypoints.votes), loaded from the run's cache or
