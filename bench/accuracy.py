@@ -187,7 +187,7 @@ def main() -> None:
             elif cfg == "copy verified":
                 copy_verified(args.work / f"run_{trained}", run)
             else:
-                train_siamese.main(cfg, train_siamese.Paths(gallery, run, DATA), progress=False)
+                train_siamese.main(cfg, train_siamese.Paths(gallery, run, DATA), progress=False, overwrite=True)
         for output, step in post_training_steps(run, matchers, keypoints, mcfg):
             keep = args.reuse or (cfg == "copy verified" and output == "verifier.json")
             if keep and output == "calibration.json" and (run / output).is_file():

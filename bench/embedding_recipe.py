@@ -87,7 +87,7 @@ def main() -> None:
             cfg = dataclasses.replace(TrainConfig(seed=seed, threads=args.threads, **budget), **RECIPES[name])
             run = work / f"run_{name}"
             t0 = time.perf_counter()
-            summary = train_siamese.main(cfg, train_siamese.Paths(gallery, run, DATA), progress=False)
+            summary = train_siamese.main(cfg, train_siamese.Paths(gallery, run, DATA), progress=False, overwrite=True)
             engine = Engine.load(run)
             mc = MatchConfig()
             emb = engine.embed(records, mc, progress=False)

@@ -83,7 +83,8 @@ def build_base(work: Path, gallery_csv: Path, queries_csv: Path) -> Path:
 
     base = work / "base"
     if not (base / "calibration.json").is_file():
-        train_siamese.main(TrainConfig(epochs=0), train_siamese.Paths(gallery_csv, base, DATA), progress=False)
+        train_siamese.main(TrainConfig(epochs=0), train_siamese.Paths(gallery_csv, base, DATA), progress=False,
+                           overwrite=True)
         train_verifier.main(VerifierTrainConfig(), train_verifier.Paths(base), progress=False)
         calibrate.main(calibrate.CalibrateConfig(), calibrate.Paths(base), progress=False)
     engine = Engine.load(base)

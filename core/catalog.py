@@ -123,9 +123,19 @@ def load_catalog(csv_path: Path, images_dir: Path | None = None, require_labels:
 def catalog_from_folder(folder: Path) -> Catalog:
     """Unlabelled queries: every image file below `folder` (sorted, recursive)."""
     folder = Path(folder)
+    if folder.is_file():
+        raise UserError(f"test folder {folder} is a file: give the folder that holds the new photos")
     if not folder.is_dir():
         raise UserError(f"test folder {folder} does not exist")
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    # the thumbnails of a review page written into the folder (`match --report`: X.html + X_files/)
+    # are not new photos
+    pages = {d for d in folder.rglob("*_files") if d.is_dir() and d.with_name(d.name[:-6] + ".html").is_file()}
+    if pages:
+        kept = [p for p in files if not any(d in p.parents for d in pages)]
+        log.info("%d thumbnail(s) of review pages in %s skipped (%s)", len(files) - len(kept), folder,
+                 ", ".join(sorted(str(d.relative_to(folder)) for d in pages)))
+        files = kept
     if not files:
         raise UserError(f"test folder {folder} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return Catalog(source=None, records=[Record(image=p.relative_to(folder).as_posix(), path=p,

@@ -77,11 +77,15 @@ class Gallery:
         def strings(f, name):
             return [s.decode() if isinstance(s, bytes) else s for s in f[name][()]] if name in f else None
 
-        with h5py.File(path, "r") as f:
-            paths = [p if root is None or Path(p).is_absolute() else str(Path(root) / p)
-                     for p in strings(f, "paths")]
-            return cls(paths=paths, ids=strings(f, "ids"), viewpoints=strings(f, "viewpoints"),
-                       bboxes=f["bboxes"][()], embeddings=f["embeddings"][()], keys=strings(f, "keys"))
+        try:
+            with h5py.File(path, "r") as f:
+                paths = [p if root is None or Path(p).is_absolute() else str(Path(root) / p)
+                         for p in strings(f, "paths")]
+                return cls(paths=paths, ids=strings(f, "ids"), viewpoints=strings(f, "viewpoints"),
+                           bboxes=f["bboxes"][()], embeddings=f["embeddings"][()], keys=strings(f, "keys"))
+        except (OSError, KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{path} cannot be read ({e.__class__.__name__}: {e}): rebuild the run with "
+                            f"`cli.py train-siamese --overwrite`") from None
 
 
 def _relative(path: str, root: Path | None) -> str:

@@ -51,7 +51,7 @@ def main(cfg: DemoConfig, paths: Paths, threads: int | None = None, progress: bo
     preset = train_siamese.PRESETS["demo"]
     tcfg = replace(preset, seed=seed, threads=threads, precision=precision)
     log.info("1/5 train-siamese (%d epochs at most, %.0f min budget)", tcfg.epochs, tcfg.max_minutes)
-    summary = train_siamese.main(tcfg, train_siamese.Paths(gallery_csv, run), progress=progress)
+    summary = train_siamese.main(tcfg, train_siamese.Paths(gallery_csv, run), progress=progress, overwrite=True)
     log.info("2/5 train-verifier")
     verifier = train_verifier.main(VerifierTrainConfig(seed=seed), train_verifier.Paths(run), threads, progress,
                                    precision)

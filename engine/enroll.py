@@ -32,9 +32,13 @@ class Paths:
     decisions: Path | None = None  # or the review page's decisions.csv
 
 
-def decided_records(path: Path, images: Path | None, known: set[str]) -> tuple[list[Record], int]:
+def decided_records(path: Path, images: Path | None, known: set[str],
+                    in_gallery: dict[str, str] | None = None) -> tuple[list[Record], int]:
     """The photos of a decisions.csv to enroll ("match" and "new" rows) and the number of "unsure"
-    ones. Every problem is listed (file:line), so one pass fixes them all."""
+    ones. Every problem is listed (file:line), so one pass fixes them all. A photo already in the
+    gallery (`in_gallery`: resolved path -> individual) under the decided individual is kept (enroll
+    leaves it out as already there: a second run of the same decisions is not an error)."""
+    in_gallery = in_gallery or {}
     path = Path(path)
     if not path.is_file():
         raise UserError(f"decisions file {path} does not exist")
@@ -56,6 +60,11 @@ def decided_records(path: Path, images: Path | None, known: set[str]) -> tuple[l
             unsure += 1
         elif not ident or ident == NEW_INDIVIDUAL:
             problems.append(f"{where}: decision {decision} needs an individual_id")
+        elif (was := in_gallery.get(str((root / image).resolve()))) is not None:
+            if was != ident:
+                problems.append(f"{where}: image {image} is already in the gallery as individual {was}, not {ident}")
+            else:
+                records.append(Record(image=image, path=root / image, individual_id=ident, line=line))
         elif decision == "match" and ident not in known:
             problems.append(f"{where}: individual {ident} is not in the run's gallery (for a new individual "
                             "the decision is 'new')")
@@ -67,8 +76,7 @@ def decided_records(path: Path, images: Path | None, known: set[str]) -> tuple[l
         else:
             records.append(Record(image=image, path=root / image, individual_id=ident, line=line))
     if problems:
-        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise UserError(f"{len(problems)} problem(s) in {path}, nothing enrolled: " + "; ".join(problems[:5]) + more)
+        raise UserError(f"{len(problems)} problem(s) in {path}, nothing enrolled:\n  " + "\n  ".join(problems))
     return records, unsure
 
 
@@ -89,21 +97,30 @@ def write_added(run_dir: Path, records: list[Record]) -> Path:
 def main(cfg: MatchConfig, paths: Paths, threads: int | None = None, progress: bool = True,
          precision: str = "auto") -> str:
     t0 = time.perf_counter()
-    if (paths.catalog is None) == (paths.decisions is None):
-        raise UserError("enroll needs either --catalog (labelled photos) or --decisions (the review page's "
-                        "decisions.csv), not both")
+    if paths.catalog is None and paths.decisions is None:
+        raise UserError("enroll needs --catalog (labelled photos) or --decisions (the review page's decisions.csv)")
+    if paths.catalog is not None and paths.decisions is not None:
+        raise UserError("enroll takes --catalog (labelled photos) or --decisions (the review page's decisions.csv), "
+                        "not both")
     set_threads(threads)
     engine = Engine.load(paths.run, precision)
     unsure = 0
     source = paths.catalog or paths.decisions
+    in_gallery = {str(Path(p).resolve()): ident for p, ident in zip(engine.gallery.paths, engine.gallery.ids)}
     if paths.decisions is not None:
-        given, unsure = decided_records(paths.decisions, paths.images, set(engine.gallery.ids))
+        given, unsure = decided_records(paths.decisions, paths.images, set(engine.gallery.ids), in_gallery)
     else:
         given = load_catalog(paths.catalog, paths.images).records
-    present = set(engine.gallery.paths)
-    records = [r for r in given if str(Path(r.path).resolve()) not in present]
+        clash = [f"{paths.catalog}:{r.line}: image {r.image} is already in the gallery as individual "
+                 f"{in_gallery[k]}, not {r.individual_id}" for r in given
+                 if (k := str(Path(r.path).resolve())) in in_gallery and in_gallery[k] != r.individual_id]
+        if clash:
+            raise UserError(f"{len(clash)} problem(s) in {paths.catalog}, nothing enrolled:\n  " + "\n  ".join(clash))
+    records = [r for r in given if str(Path(r.path).resolve()) not in in_gallery]
     already = len(given) - len(records)
     extra = f", {unsure} unsure left out" if unsure else ""
+    if not given:
+        return f"nothing to enroll: {source} has no confirmed photos{extra}"
     if not records:
         return (f"nothing to enroll: all {already} confirmed photos of {source} are already in the gallery"
                 f"{extra}")

@@ -28,6 +28,7 @@ def main(cfg: MatchConfig, paths: Paths, threads: int | None = None, progress: b
     set_threads(threads)
     catalog = load_catalog(paths.catalog, paths.images, allow_new=True)
     engine = Engine.load(paths.run, precision, stage_names(cfg.matchers))
+    engine.warn_if_uncalibrated()
     truth = truths_in_gallery(engine.gallery, catalog.records)
     te = time.perf_counter()
     emb = embed_queries(engine, catalog.records, cfg, progress)

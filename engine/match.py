@@ -34,8 +34,13 @@ def main(cfg: MatchConfig, paths: Paths, threads: int | None = None, progress: b
     check_writable(out)
     if report is not None:
         check_writable(report, "--report")
+        taken = {Path(out).resolve(): "--out", Path(out).with_suffix(".json").resolve(): "the evidence JSON"}
+        if Path(report).resolve() in taken:
+            raise UserError(f"--report {report} is {taken[Path(report).resolve()]}'s path: give the review page "
+                            f"its own file name (e.g. {Path(out).with_name(Path(out).stem + '_review.html')})")
     records = query_records(paths.test_dir, paths.queries)
     engine = Engine.load(paths.run, precision, stage_names(cfg.matchers))
+    engine.warn_if_uncalibrated()
     results, emb = match_records(engine, records, cfg, progress)
     json_path = write_predictions(results, out, {"run": str(paths.run), "tau": engine.tau(cfg)},
                                   unreadable=emb.skipped)

@@ -2,6 +2,7 @@
 ablation table and its scoring."""
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -16,13 +17,24 @@ METRIC_ROWS = (("MAP@5", "map5"), ("top-1", "top1"), ("top-5", "top5"), ("known 
                ("new precision", "new_precision"), ("new recall", "new_recall"), ("new F1", "new_f1"),
                ("closed MAP@5", "closed_map5"), ("closed top-1", "closed_top1"))
 
+log = logging.getLogger(__name__)
+
 
 def query_records(test_dir: Path, queries_csv: Path | None) -> list[Record]:
     if queries_csv is None:
         return catalog_from_folder(test_dir).records
     if not Path(test_dir).is_dir():
         raise UserError(f"test folder {test_dir} does not exist")
-    return load_catalog(queries_csv, test_dir, require_labels=False).records
+    catalog = load_catalog(queries_csv, test_dir, require_labels=False)
+    if not any(r.viewpoint for r in catalog.records):
+        log.warning("%s gives no viewpoint (a 'viewpoint' column, e.g. left/right): every photo is compared with "
+                    "the whole gallery", queries_csv)
+    listed = {Path(r.path).resolve() for r in catalog.records}
+    others = [r for r in catalog_from_folder(test_dir).records if Path(r.path).resolve() not in listed]
+    if others:
+        log.warning("%d photo(s) of %s are not in %s and are not matched (e.g. %s)", len(others), test_dir,
+                    queries_csv, others[0].image)
+    return catalog.records
 
 
 def embed_queries(engine: Engine, records: list[Record], cfg: MatchConfig, progress: bool):

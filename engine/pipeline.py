@@ -144,6 +144,15 @@ class Engine:
         engine.precision = resolve_precision(model, precision, config.get("precision"))
         return engine
 
+    def warn_if_uncalibrated(self) -> None:
+        """For match and evaluate: without calibrate, the stages are not fused by what was learned
+        on held-out individuals and tau is a default."""
+        if self.calibration is None and self.stage_order():
+            unused = [s.name for s in self.stages if s.scope != ALL]
+            log.warning("%s is not calibrated: photos are ranked by the %s stage alone%s and new_individual comes "
+                        "at its default threshold; run `cli.py calibrate --run %s` first", self.run.path,
+                        self.stage_order()[-1], f" ({', '.join(unused)} unused)" if unused else "", self.run.path)
+
     def embed(self, records: Sequence[Record], cfg: MatchConfig, progress: bool = True,
               desc: str = "embedding queries") -> EmbedResult:
         return embed_records(self.model, records, self.run.cache_dir / "embeddings", cfg.batch_size,

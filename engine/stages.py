@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from core.errors import UserError
-from core.stage import ALL, StageContext
+from core.stage import ALL, TOP, StageContext
 from keypoints.stage import KeypointStage, XFeatStage
 from keypoints.votes import VoteStage
 from siamese.stages import EmbeddingStage, PairHeadStage
@@ -40,6 +40,10 @@ def load_stages(ctx: StageContext, only: Sequence[str] | None = None) -> list:
         stage = cls.load(ctx)
         if stage is not None:
             stages.append(stage)
+        elif only is not None and cls.scope == TOP:  # a local matcher asked for by name
+            raise UserError(f"--matchers {cls.matcher}: {ctx.run.path} has no verifier for it "
+                            f"({cls.validator_path(ctx.run).name}); fit one with `cli.py train-verifier "
+                            f"--matchers {cls.matcher}` or leave it out")
     return stages
 
 

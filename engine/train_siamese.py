@@ -46,7 +46,9 @@ def check_resume(run: RunFolder, cfg: TrainConfig, heldout: list[str]) -> None:
     silently make the run half one recipe and half another. The budget may change."""
     if not run.checkpoint_path.is_file():
         log.warning("--resume: no checkpoint in %s, training starts from scratch", run.path)
-        return
+        if not run.config_path.is_file():
+            return
+        # killed before its first checkpoint: what it recorded still says which training this is
     old = run.config().get("train", {})
     new = json.loads(json.dumps(cfg.to_dict()))  # tuples as the JSON lists of the run folder
     split = ("seed", "heldout_fraction")  # compared even where the old run did not record them
@@ -72,18 +74,34 @@ class Paths:
     images: Path | None = None  # image root (default: the catalog's folder)
 
 
-def main(cfg: TrainConfig, paths: Paths, resume: bool = False, progress: bool = True) -> dict:
+def check_not_trained(run: RunFolder) -> None:
+    """Without --resume or --overwrite, a folder that already holds a trained run is not replaced."""
+    if not run.weights_path.is_file():
+        return
+    enrolled = run.path / "enrolled.csv"
+    n = max(0, sum(1 for _ in open(enrolled, encoding="utf-8")) - 1) if enrolled.is_file() else 0
+    lost = f" (its {n} enrolled photo(s) would be dropped unless they are in --catalog)" if n else ""
+    raise UserError(f"--out {run.path} already holds a trained run (siamese.pt): --overwrite replaces it{lost}, "
+                    f"--resume continues an interrupted training; or give another --out")
+
+
+def main(cfg: TrainConfig, paths: Paths, resume: bool = False, progress: bool = True,
+         overwrite: bool = False) -> dict:
     """The train-siamese command: a run folder from a labelled catalog, the network trained
     (cfg.epochs > 0) or pretrained (0), the gallery embedded."""
     catalog_csv, out, images_dir = paths.catalog, paths.out, paths.images
     t0 = time.perf_counter()
     set_threads(cfg.threads)
     seed_everything(cfg.seed)
+    if Path(out).is_file():
+        raise UserError(f"--out {out} is a file: give the run folder to create")
     catalog = load_catalog(catalog_csv, images_dir)
     run = RunFolder(out)
     heldout = choose_heldout(catalog, cfg.heldout_fraction, cfg.seed)
     if resume:
         check_resume(run, cfg, heldout)
+    elif not overwrite:
+        check_not_trained(run)
     for stale in (run.verifier_path, run.calibration_path):
         if stale.exists():  # fitted on the previous network's scores
             log.warning("removing %s: it was fitted for the previous network (run train-verifier and "

@@ -37,7 +37,7 @@ class JsonFile:
 class Calibrator(Protocol):
     kind: str
 
-    def fit(self, scores, labels) -> "Calibrator": ...
+    def fit(self, scores, labels, name: str = "") -> "Calibrator": ...
     def predict(self, scores) -> np.ndarray: ...
     def to_dict(self) -> dict: ...
 
@@ -67,7 +67,7 @@ class IsotonicCalibrator(JsonFile):
         self.x_: np.ndarray | None = None
         self.y_: np.ndarray | None = None
 
-    def fit(self, scores, labels) -> "IsotonicCalibrator":
+    def fit(self, scores, labels, name: str = "") -> "IsotonicCalibrator":
         s, y = _finite_pairs(scores, labels)
         # scikit-learn pools equal scores first and keeps both ends of every constant block, so
         # interpolating between its thresholds rises only between blocks
@@ -139,7 +139,7 @@ class LogisticCalibrator(JsonFile):
         self.a: float | None = None
         self.b: float | None = None
 
-    def fit(self, scores, labels) -> "LogisticCalibrator":
+    def fit(self, scores, labels, name: str = "") -> "LogisticCalibrator":
         s, y = _finite_pairs(scores, labels)
         w, b = fit_logistic(s, y, l2=self.l2)
         a = float(w[0])
@@ -147,8 +147,9 @@ class LogisticCalibrator(JsonFile):
             # a slightly negative slope is noise on an uninformative stage; a strong one is a bug
             strong = 0 < y.sum() < y.size and roc_auc(y, s) < 0.4
             log.log(logging.WARNING if strong else logging.INFO,
-                    "logistic calibrator: score anti-correlates with labels (slope %.3g); "
-                    "using the base rate instead", a)
+                    "logistic calibrator%s: score anti-correlates with labels (slope %.3g); using the base rate "
+                    "instead (a constant: the stage no longer ranks, in the fusion or alone)",
+                    f" of the {name} stage" if name else "", a)
             pbar = float(np.clip(y.mean(), 1e-6, 1 - 1e-6))
             a, b = 0.0, float(np.log(pbar / (1 - pbar)))
         self.a, self.b = a, float(b)

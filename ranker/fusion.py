@@ -196,7 +196,7 @@ class ScoreFusion(JsonFile):
 
         self.calibrators = {}
         for j, name in enumerate(self.stages):
-            self.calibrators[name] = make_calibrator(cfg.calibrator).fit(raw[:, j], y)
+            self.calibrators[name] = make_calibrator(cfg.calibrator).fit(raw[:, j], y, name=name)
 
         n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
         self.train_counts = {"pairs": int(y.size), "positives": n_pos, "negatives": n_neg,

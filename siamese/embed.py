@@ -149,8 +149,10 @@ def embed_records(model: SiameseNet, records: Sequence[Record], cache_path: Path
     known_bad = cache.unreadable() if cache else {}
     skipped: list[tuple[Record, str]] = [(records[i], known_bad[k]) for i, k in enumerate(keys)
                                          if k in known_bad and i not in vectors]
-    if skipped:
-        log.debug("%d photos known to be unreadable skipped, e.g. %s", len(skipped), skipped[0][1])
+    if skipped:  # named again (briefly): a later command's user may not have seen the first warning
+        names = ", ".join(str(r.path) for r, _ in skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3
+                                                                    else "")
+        log.warning("skipped %d photo(s) found unreadable before (%s): %s", len(skipped), skipped[0][1], names)
     todo = [i for i, k in enumerate(keys) if i not in vectors and k not in known_bad]
     failed: dict[str, str] = {}
     new: dict[str, dict[str, np.ndarray]] = {}

@@ -112,7 +112,7 @@ def test_evaluate_open_set(sample, run_dir, tmp_path):
 
 @pytest.mark.parametrize("case", ["bad_column", "empty_id", "missing_image", "empty_test_dir",
                                   "old_run", "no_run", "bad_size", "non_utf8_config", "bad_calibration",
-                                  "out_is_a_folder"])
+                                  "truncated_gallery", "out_is_a_folder", "test_dir_is_a_file", "negative_threads"])
 def test_bad_input_exits_2_with_one_sentence(case, sample, run_dir, tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"x")
     if case == "bad_column":
@@ -139,12 +139,16 @@ def test_bad_input_exits_2_with_one_sentence(case, sample, run_dir, tmp_path):
         (old / "config.json").write_text(json.dumps(cfg))
         args = ["match", tmp_path, "--run", old, "--out", tmp_path / "p.csv"]
         expect = "format version 0"
-    elif case in ("non_utf8_config", "bad_calibration"):
+    elif case in ("non_utf8_config", "bad_calibration", "truncated_gallery"):
         broken = tmp_path / "broken"
         shutil.copytree(run_dir, broken)
         if case == "non_utf8_config":
             (broken / "config.json").write_bytes(b'{"format_version": "\xff\xfe"}')
             expect = "config.json: not UTF-8 text"
+        elif case == "truncated_gallery":
+            data = (broken / "gallery.h5").read_bytes()
+            (broken / "gallery.h5").write_bytes(data[:1000])
+            expect = "gallery.h5 cannot be read (OSError"
         else:
             (broken / "calibration.json").write_text('{"fusion": {"kind": "score_fusion"}}')
             expect = "calibration.json is malformed"
@@ -153,6 +157,12 @@ def test_bad_input_exits_2_with_one_sentence(case, sample, run_dir, tmp_path):
         (tmp_path / "p.csv").mkdir()
         args = ["match", tmp_path, "--run", run_dir, "--out", tmp_path / "p.csv"]
         expect = "p.csv is a folder"
+    elif case == "test_dir_is_a_file":
+        args = ["match", tmp_path / "a.jpg", "--run", run_dir, "--out", tmp_path / "p.csv"]
+        expect = "a.jpg is a file: give the folder"
+    elif case == "negative_threads":
+        args = ["match", tmp_path, "--run", run_dir, "--out", tmp_path / "p.csv", "--threads", -3]
+        expect = "Invalid value for '--threads'"
     elif case == "no_run":
         args = ["match", tmp_path, "--run", tmp_path / "nowhere", "--out", tmp_path / "p.csv"]
         expect = "does not exist"
@@ -223,6 +233,17 @@ def test_resume_refuses_other_split_settings_and_says_when_it_starts_over(sample
     r = runner.invoke(app, [str(a) for a in ["train-siamese", "--catalog", sample, "--out", fresh, "--epochs", 1,
                                              "--input-size", SIZE, "--batch-size", 8, "--resume", "-v"]])
     assert r.exit_code == 0 and "no checkpoint" in r.output
+    # killed before its first checkpoint: the settings it recorded still hold
+    half = tmp_path / "half"
+    half.mkdir()
+    shutil.copy(fresh / "config.json", half / "config.json")
+    r = invoke("train-siamese", "--catalog", sample, "--out", half, "--epochs", 1, "--input-size", SIZE,
+               "--batch-size", 8, "--resume", "--seed", 5, "-q")
+    assert r.exit_code == 2 and "--resume with --seed 5" in r.output
+    assert sorted(p.name for p in half.iterdir()) == ["config.json"]  # nothing rewritten
+    # an existing file is not a run folder
+    r = invoke("train-siamese", "--catalog", sample, "--out", sample, "--epochs", 0, "-q")
+    assert r.exit_code == 2 and "is a file" in r.output
 
 
 def test_non_ascii_and_spaces_in_paths(tmp_path):

@@ -166,11 +166,46 @@ def test_retraining_drops_the_stale_verifier_and_calibration(chain, tmp_path):
     shutil.copytree(run, rerun)
     assert (rerun / "verifier.json").exists()
     (rerun / "calibration.json").write_text("{}")
-    invoke("train-siamese", "--catalog", root / "split" / "gallery.csv", "--out", rerun, "--epochs", 0,
-           "--input-size", "64x96", "--heldout-fraction", 0.4, "-q")
+    weights = (rerun / "siamese.pt").read_bytes()
+    args = ["train-siamese", "--catalog", root / "split" / "gallery.csv", "--out", rerun, "--epochs", 0,
+            "--input-size", "64x96", "--heldout-fraction", 0.4, "-q"]
+    # a trained run is not replaced without being asked to
+    r = runner.invoke(app, [str(a) for a in args])
+    assert r.exit_code == 2 and "already holds a trained run" in r.output and "--overwrite" in r.output
+    assert (rerun / "siamese.pt").read_bytes() == weights and (rerun / "calibration.json").exists()
+    invoke(*args, "--overwrite")
     assert not (rerun / "verifier.json").exists() and not (rerun / "calibration.json").exists()
     out = invoke("match", qdir, "--run", rerun, "--out", tmp_path / "p.csv", "-q")
     assert out.startswith("matched")
+
+
+def test_match_refuses_clashing_outputs_and_matchers_without_a_verifier(chain, tmp_path):
+    root, run, qdir, truth = chain
+    base = ["match", qdir, "--run", run, "--out", tmp_path / "p.csv", "-q"]
+    for clash in ("p.csv", "p.json"):
+        r = runner.invoke(app, [str(a) for a in base + ["--report", tmp_path / clash]])
+        assert r.exit_code == 2 and "its own file name" in r.output, r.output
+    assert not (tmp_path / "p.csv").exists()
+    r = runner.invoke(app, [str(a) for a in base + ["--matchers", "xfeat"]])
+    assert r.exit_code == 2 and "no verifier for it (verifier-xfeat.json)" in r.output
+    r = runner.invoke(app, [str(a) for a in base + ["--matchers", ""]])
+    assert r.exit_code == 2 and "at least one name" in r.output
+    # a review page written into the folder of new photos is not matched as new photos next time
+    page_dir = tmp_path / "new"
+    shutil.copytree(qdir, page_dir)
+    n = len(list(page_dir.iterdir()))
+    args = ["match", page_dir, "--run", run, "--out", page_dir / "p.csv", "--report", page_dir / "review.html", "-q"]
+    out = invoke(*args)
+    assert f"matched {n} photos" in out and any((page_dir / "review_files").iterdir())
+    assert f"matched {n} photos" in invoke(*args)
+    # a --queries CSV that lists some of the folder's photos, without viewpoints: both said
+    photos = sorted(p.relative_to(qdir).as_posix() for p in qdir.rglob("*.jpg"))
+    (tmp_path / "q.csv").write_text("image,view\n" + "".join(f"{p},left\n" for p in photos[:2]))
+    some = invoke("match", qdir, "--run", run, "--out", tmp_path / "some.csv", "--queries", tmp_path / "q.csv", "-q")
+    assert "matched 2 photos" in some and "gives no viewpoint" in some
+    assert f"{len(photos) - 2} photo(s) of {qdir} are not in {tmp_path / 'q.csv'} and are not matched" in some
+    # this run has a verifier but no calibration: said, with what it means for the answers
+    assert "is not calibrated: photos are ranked by the siamese stage alone (keypoints unused)" in out
 
 
 def test_enroll_makes_a_new_individual_matchable(chain, tmp_path):
@@ -227,6 +262,15 @@ def test_review_page_decisions_enroll(chain, tmp_path, browser):
     added = list(csv.DictReader(open(run / "enrolled.csv")))
     assert [(r["image"], r["individual_id"]) for r in added] == [
         (q[0]["path"], q[0]["candidates"][0]["id"]), (q[1]["path"], "newcomer_1")]
+    # the same decisions again (an interrupted session, or unsure whether it ran): nothing to do
+    out = invoke("enroll", "--decisions", decisions, "--run", run, "-q")
+    assert "nothing to enroll: all 2 confirmed photos" in out and "already in the gallery" in out
+    # the same photo under another individual is a problem, named with its line
+    clash = tmp_path / "clash.csv"
+    clash.write_text(f"image,individual_id\n{q[1]['path']},someone_else\n")
+    r = runner.invoke(app, ["enroll", "--catalog", str(clash), "--run", str(run), "-q"])
+    text = " ".join(r.output.split())
+    assert r.exit_code == 2 and f"{clash}:2: image" in text and "already in the gallery as individual newcomer_1" in text
     qd = tmp_path / "again"
     qd.mkdir()
     shutil.copyfile(q[1]["path"], qd / "copy.jpg")  # the new individual's photo, seen again
