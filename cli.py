@@ -205,6 +205,10 @@ def train_verifier_cmd(
                                           "(SIFT/RootSIFT), xfeat (XFeat + LighterGlue).")] =
     ",".join(VerifierTrainConfig.matchers),
     max_queries: Annotated[int, typer.Option(min=10, help="Training photos used as queries to build pairs.")] = 600,
+    whitening: Annotated[bool, typer.Option(
+        "--whitening/--no-whitening", help="Learn a whitening of the SIFT descriptors from the correct matches "
+        "between photos of the same training individual and flank, and match the whitened descriptors "
+        "(skipped, with a warning, when the catalog gives too few).")] = VerifierTrainConfig.whitening,
     seed: Annotated[int, typer.Option(help="Seed for sampling and the validator.")] = 0,
     threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads (default: all cores).")] = None,
     precision: PrecisionOpt = "auto",
@@ -225,12 +229,16 @@ def train_verifier_cmd(
         raise UserError(f"--keypoints {keypoints!r}: choose one of {', '.join(PRESETS)}")
     cfg = VerifierTrainConfig(keypoints=keypoints, verify=keypoints if keypoints == "fast" else "default",
                               max_queries=max_queries, seed=seed, matchers=_names(matchers, "--matchers"),
-                              focus=focus)
+                              focus=focus, whitening=whitening)
     s = train_verifier.main(cfg, train_verifier.Paths(run), threads, progress=not quiet, precision=precision)
     for name, m in s["matchers"].items():
         typer.echo(f"{name} verifier {m['validator']}: {s['pairs']} pairs ({s['positives']} true), held-out AUC "
                    f"{m['heldout_auc_validator']:.3f} (raw inlier count {m['heldout_auc_inlier_count']:.3f}), "
                    f"{m['ms_per_pair']:.1f} ms/pair")
+    w = s.get("whitening")
+    if w:
+        typer.echo(f"sift descriptors {'whitened' if w['fitted'] else 'as extracted'}: {w['correspondences']} correct "
+                   f"matches in {w['accepted']} of {w['pairs']} same-flank training pairs")
     typer.echo(f"trained {len(s['matchers'])} verifier(s) in {s['seconds']:.0f} s")
 
 

@@ -15,6 +15,7 @@ Prints a table and writes bench/results/accuracy.json (and a copy in --work, kep
   python bench/accuracy.py [--train-minutes 20] [--work /tmp/bench-accuracy] [--seed 0]
                            [--keypoints default,kp1500]  # keypoint presets side by side, one network
                            [--votes 0,20,20:20]  # keypoint votes[:V] side by side, one verified network
+                           [--whitening on,off]  # SIFT descriptors whitened or not, one network
 """
 from __future__ import annotations
 
@@ -137,6 +138,10 @@ def main() -> None:
                     f"{MatchConfig.verify_top}) to compare on the same trained and verified network: the first is "
                     "the run's own; each other one calibrates a copy of it (run label trained+votesN, "
                     "trained+votesNvV)")
+    ap.add_argument("--whitening", default="on" if VerifierTrainConfig.whitening else "off",
+                    help="on / off: train-verifier --whitening / --no-whitening; 'on,off' compares both on the same "
+                    "trained network: the first is the run's own, the other verifies and calibrates a copy of it "
+                    "(run label trained+whiten-SETTING, sharing the run's caches)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
@@ -171,24 +176,32 @@ def main() -> None:
                  for v in entries]
     except ValueError:
         sys.exit(f"--votes {args.votes}: expected distinct VOTES[:V] entries separated by commas, e.g. 0,20,20:20")
+    whitening = args.whitening.split(",")
+    if any(w not in ("on", "off") for w in whitening) or len(set(whitening)) < len(whitening):
+        sys.exit(f"--whitening {args.whitening}: expected on, off, 'on,off' or 'off,on'")
+    white = [w == "on" for w in whitening]
     trained = runs[-1][0]
-    # (label, training or how to get the run, keypoint preset, match settings)
-    jobs = [(label, cfg, presets[0], votes[0][1]) for label, cfg in runs]
-    jobs += [(f"{trained}@{k}", "copy network", k, votes[0][1]) for k in presets[1:]]  # other keypoints
-    jobs += [(f"{trained}+votes{v.replace(':', 'v')}", "copy verified", presets[0], m)  # other vote settings
+    # (label, training or how to get the run, keypoint preset, match settings, whitening)
+    jobs = [(label, cfg, presets[0], votes[0][1], white[0]) for label, cfg in runs]
+    jobs += [(f"{trained}@{k}", "copy network", k, votes[0][1], white[0]) for k in presets[1:]]  # other keypoints
+    jobs += [(f"{trained}+votes{v.replace(':', 'v')}", "copy verified", presets[0], m, white[0])  # other vote settings
              for v, m in votes[1:]]
-    for label, cfg, keypoints, mcfg in jobs:
+    jobs += [(f"{trained}+whiten-{w}", "copy network, shared cache", presets[0], votes[0][1], w == "on")
+             for w in whitening[1:]]
+    for label, cfg, keypoints, mcfg, whiten in jobs:
         run = args.work / f"run_{label}"
         t0 = time.perf_counter()
         # --reuse: what a run folder already has (a network, a verifier, a calibration) is kept
         if not (args.reuse and (run / "siamese.pt").is_file()):
             if cfg == "copy network":
                 copy_trained(args.work / f"run_{trained}", run)
+            elif cfg == "copy network, shared cache":
+                copy_trained(args.work / f"run_{trained}", run, share_cache=True)
             elif cfg == "copy verified":
                 copy_verified(args.work / f"run_{trained}", run)
             else:
                 train_siamese.main(cfg, train_siamese.Paths(gallery, run, DATA), progress=False, overwrite=True)
-        for output, step in post_training_steps(run, matchers, keypoints, mcfg):
+        for output, step in post_training_steps(run, matchers, keypoints, mcfg, whiten):
             keep = args.reuse or (cfg == "copy verified" and output == "verifier.json")
             if keep and output == "calibration.json" and (run / output).is_file():
                 # a calibration holds for the match settings it was fitted with (one without a record: none)
@@ -198,7 +211,7 @@ def main() -> None:
             if not (keep and (run / output).is_file()):
                 step()
         info[label] = {"build_seconds": round(time.perf_counter() - t0, 1), "keypoints": keypoints,
-                       "votes": mcfg.votes, "verify_top": mcfg.verify_top}
+                       "votes": mcfg.votes, "verify_top": mcfg.verify_top, "whitening": whiten}
         rows, timing = evaluate_run(run, qdir, qcsv, truth, args.work, label, options=isinstance(cfg, TrainConfig),
                                     cfg=mcfg)
         table.update(rows)
@@ -225,37 +238,42 @@ def main() -> None:
     print(f"wrote {out / 'accuracy.json'} and {args.work / 'accuracy.json'}")
 
 
-def copy_trained(src: Path, dst: Path) -> None:
-    """A run folder holding `src`'s trained network and gallery, without its verifiers, calibration or cache
-    (keypoints are extracted again with the new folder's preset)."""
+def copy_trained(src: Path, dst: Path, share_cache: bool = False) -> None:
+    """A run folder holding `src`'s trained network and gallery, without its verifiers, whitening or
+    calibration; without its cache (keypoints are extracted again with the new folder's preset), or
+    sharing it (a link: its caches are fingerprinted by their settings)."""
     if not (src / "siamese.pt").is_file():
         sys.exit(f"{src}: no trained network to copy (run without --reuse first)")
     dst.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
-        if f.is_file() and not f.name.startswith(("verifier", "calibration")):
+        if f.is_file() and not f.name.startswith(("verifier", "calibration", "whitening")):
             shutil.copy2(f, dst / f.name)
+    if share_cache and not (dst / "cache").exists():
+        (dst / "cache").symlink_to((src / "cache").resolve(), target_is_directory=True)
 
 
 def copy_verified(src: Path, dst: Path) -> None:
     """A run folder holding `src`'s network, gallery and verifiers, sharing its cache (a link), without
     its calibration."""
-    copy_trained(src, dst)
-    for f in src.glob("verifier*"):
+    copy_trained(src, dst, share_cache=True)
+    for f in list(src.glob("verifier*")) + list(src.glob("whitening*")):
         shutil.copy2(f, dst / f.name)
-    if not (dst / "cache").exists():
-        (dst / "cache").symlink_to((src / "cache").resolve(), target_is_directory=True)
 
 
 def post_training_steps(run: Path, matchers: tuple[str, ...] = ("sift",), keypoints: str = "default",
-                        match: MatchConfig = MatchConfig()) -> list:
+                        match: MatchConfig = MatchConfig(), whitening: bool = VerifierTrainConfig.whitening) -> list:
     """After train-siamese, (the file it writes, step): the keypoint verifier, then calibration on the
     held-out individuals (with the `match` settings: --votes, --verify-top)."""
     from engine import calibrate as calibrate_command
     from engine import train_verifier as verifier_command
 
     def verifier():
-        s = verifier_command.main(VerifierTrainConfig(matchers=matchers, keypoints=keypoints),
+        s = verifier_command.main(VerifierTrainConfig(matchers=matchers, keypoints=keypoints, whitening=whitening),
                                   verifier_command.Paths(run), progress=False)
+        if "whitening" in s:
+            w = s["whitening"]
+            print(f"{run.name}: sift descriptors {'whitened' if w['fitted'] else 'as extracted'} "
+                  f"({w['correspondences']} correct matches in {w['accepted']} of {w['pairs']} pairs)", flush=True)
         for name, m in s["matchers"].items():
             print(f"{run.name}: {name} verifier held-out AUC {m['heldout_auc_validator']:.3f} "
                   f"(raw inlier count {m['heldout_auc_inlier_count']:.3f}), {m['ms_per_pair']:.1f} ms/pair",

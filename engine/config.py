@@ -39,6 +39,9 @@ class VerifierTrainConfig:
     verify: str = "default"  # keypoints.verify.VERIFY_PRESETS
     validator: str = "default"  # keypoints.validator.VALIDATOR_PRESETS
     matchers: tuple[str, ...] = ("sift",)  # local matchers to fit a validator for: sift, xfeat
+    # learn a whitening of the SIFT descriptors from the training individuals' correct matches
+    # (keypoints.whitening); False: match RootSIFT as extracted
+    whitening: bool = True
     negatives_per_query: int = 8  # hard false pairs from the top of each query's shortlist
     max_queries: int = 600
     seed: int = 0

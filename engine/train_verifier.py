@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from core.cache import record_key
 from core.errors import UserError
 from core.runtime import set_threads
 from core.stage import ALL
@@ -26,6 +27,7 @@ from keypoints.features import PRESETS as KEYPOINT_PRESETS
 from keypoints.stage import KeypointStage, XFeatStage
 from keypoints.validator import VALIDATOR_PRESETS, Validator, heldout_auc
 from keypoints.verify import FEATURE_NAMES, VERIFY_PRESETS, feature_matrix
+from keypoints.whitening import WhiteningConfig, correct_matches, fit_whitening, same_flank_pairs
 from keypoints.xfeat import XFeatConfig
 from siamese.embed import EmbedResult
 from siamese.focus import FocusMap
@@ -77,6 +79,47 @@ def matcher_stage(name: str, run, cfg: VerifierTrainConfig):
     return XFeatStage(run, XFeatConfig(), vcfg, None)
 
 
+def fit_stage_whitening(stage: KeypointStage, engine: Engine, cfg: VerifierTrainConfig, progress: bool,
+                        wcfg: WhiteningConfig = WhiteningConfig()) -> tuple[KeypointStage, dict]:
+    """The SIFT stage with descriptors whitened for this catalog (keypoints.whitening), fitted on the
+    correct matches between same-flank photos of the training individuals (held-out ones stay out);
+    the stage unchanged, with the reason, when they give too few correspondences."""
+    t0 = time.perf_counter()
+    g = engine.gallery
+    heldout = engine.run.heldout()
+    train = [i for i in range(len(g)) if g.ids[i] not in heldout]
+    local = same_flank_pairs([g.ids[i] for i in train], [g.viewpoints[i] for i in train], wcfg.max_pairs)
+    pairs = [(train[a], train[b]) for a, b in local]
+    photos = sorted({i for p in pairs for i in p} | set(train))
+    kps = stage.store.get([g.record(i) for i in photos], stage.workers, progress, desc="sift keypoints")
+    results = stage.verify([(g.record(a), g.record(b)) for a, b in pairs], progress)
+    rows_a, rows_b = [], []
+    for (a, b), res in zip(pairs, results):
+        ka, kb = kps.get(record_key(g.record(a))), kps.get(record_key(g.record(b)))
+        if res.H is None or ka is None or kb is None:
+            continue
+        idx = correct_matches(ka, kb, res.H, wcfg.match_ratio, wcfg.inlier_px)
+        rows_a.append(ka.desc[idx[:, 0]])
+        rows_b.append(kb.desc[idx[:, 1]])
+    n = int(sum(len(r) for r in rows_a))
+    info = {"pairs": len(pairs), "accepted": len(rows_a), "correspondences": n}
+    if n < wcfg.min_correspondences:
+        log.warning("descriptor whitening skipped: %d correct matches in %d accepted of %d same-flank training "
+                    "pairs (it needs %d); SIFT descriptors are matched as extracted", n, len(rows_a), len(pairs),
+                    wcfg.min_correspondences)
+        return stage, {**info, "fitted": False}
+    rng = np.random.default_rng(cfg.seed)
+    sample = np.concatenate([kp.desc[rng.permutation(len(kp.desc))[:wcfg.sample_per_photo]]
+                             for i in train if (kp := kps.get(record_key(g.record(i)))) is not None and len(kp)])
+    whitening = fit_whitening(np.concatenate(rows_a), np.concatenate(rows_b), sample, wcfg.eps)
+    whitening.save(KeypointStage.whitening_path(engine.run))
+    log.info("descriptor whitening fitted on %d correct matches (%d of %d same-flank training pairs accepted)",
+             n, len(rows_a), len(pairs))
+    fitted = KeypointStage(engine.run, stage.kcfg, stage.vcfg, None, stage.workers, focus=stage.focus,
+                           whitening=whitening)
+    return fitted, {**info, "fitted": True, "seconds": round(time.perf_counter() - t0, 1)}
+
+
 @dataclass(frozen=True)
 class Paths:
     run: Path
@@ -99,6 +142,13 @@ def main(cfg: VerifierTrainConfig, paths: Paths, threads: int | None = None, pro
                "matchers": {}, "config": asdict(cfg)}
     for name in cfg.matchers:
         stage = matcher_stage(name, engine.run, cfg)
+        if isinstance(stage, KeypointStage) and not isinstance(stage, XFeatStage):
+            old = KeypointStage.whitening_path(engine.run)
+            if old.exists():
+                old.unlink()  # fitted for the previous verifier; config.json below says whether one is used now
+            if cfg.whitening:
+                stage, summary["whitening"] = fit_stage_whitening(stage, engine, cfg, progress)
+            engine.run.update_config(whitening=None)  # replaced by the stage's settings when it whitens
         engine.run.update_config(**stage.settings())
         stage.store.get([g.record(i) for i in sorted({i for q, p, _ in triples for i in (q, p)})],
                         stage.workers, progress, desc=f"{name} keypoints")

@@ -25,12 +25,14 @@ from core.executor import current_executor
 from core.gallery import Gallery
 from core.stage import TOP, PairBatch, StageContext, StageOutput
 from keypoints.features import Keypoints, config_from_dict, config_to_dict, extract_keypoints
-from keypoints.store import KeypointStore, verify_record_pairs
+from keypoints.store import KeypointStore, WhitenedStore, verify_record_pairs
 from keypoints.validator import Validator
 from keypoints.verify import FEATURE_NAMES, PairResult, VerifyConfig, feature_matrix
+from keypoints.whitening import Whitening
 
 log = logging.getLogger(__name__)
 _KP_QUERY, _KP_GALLERY = FEATURE_NAMES.index("log_kp_query"), FEATURE_NAMES.index("log_kp_gallery")
+WHITENING_FILE = "whitening.npz"  # in the run folder, written by train-verifier
 
 
 def _pair_key(q: Record, g: Record) -> str | None:
@@ -64,8 +66,10 @@ class KeypointStage:
     evidence_prefix = ""  # the SIFT stage's evidence keeps its historical names (inliers, inliers_xy)
 
     def __init__(self, run, kcfg, vcfg: VerifyConfig, validator: Validator | None, workers: int = 2,
-                 executor=None, focus=None):
+                 executor=None, focus=None, whitening: Whitening | None = None):
         self.kcfg, self.vcfg, self.validator, self.workers = kcfg, vcfg, validator, workers
+        # descriptors as matched: whitened for the catalog (keypoints.whitening) or as extracted
+        self.whitening = whitening
         self.executor = executor  # core.executor: None or local = this process, ray = tasks
         # where the animal is (siamese.focus.FocusMap), for settings that keep keypoints there only
         focused = getattr(kcfg, "focus_keep", 1.0) < 1
@@ -76,8 +80,16 @@ class KeypointStage:
         self.pairs = FeatureCache(run.cache_dir / self.pairs_dir, "pairs:" + json.dumps(self.config(), sort_keys=True))
 
     def make_store(self, run) -> KeypointStore:
-        return KeypointStore(run.cache_dir / self.features_dir, self.kcfg, self.extractor(self.kcfg, self.focus),
-                             name=self.features_dir + (f"+focus:{self.focus.name}" if self.focus else ""))
+        name = self.features_dir + (f"+focus:{self.focus.name}" if self.focus else "")
+        raw = KeypointStore(run.cache_dir / self.features_dir, self.kcfg, self.extractor(self.kcfg, self.focus),
+                            name=name)
+        if self.whitening is None:
+            return raw
+        return WhitenedStore(run.cache_dir / f"{self.features_dir}-whitened", raw, self.whitening, name=name)
+
+    @staticmethod
+    def whitening_path(run):
+        return run.path / WHITENING_FILE
 
     @staticmethod
     def extractor(kcfg, focus=None):
@@ -100,8 +112,28 @@ class KeypointStage:
         return config_from_dict(config["keypoints"]), VerifyConfig.from_dict(config["verify"])
 
     def settings(self) -> dict:
-        """What train-verifier records in config.json for `configs` to read back."""
-        return {"keypoints": config_to_dict(self.kcfg), "verify": self.vcfg.to_dict()}
+        """What train-verifier records in config.json for `configs` (and `load`) to read back."""
+        out = {"keypoints": config_to_dict(self.kcfg), "verify": self.vcfg.to_dict()}
+        if self.whitening is not None:  # (absent rather than null: the fingerprints of runs without one stay)
+            out["whitening"] = {"file": WHITENING_FILE, "fingerprint": self.whitening.fingerprint,
+                                "correspondences": self.whitening.correspondences}
+        return out
+
+    @classmethod
+    def load_whitening(cls, run, config: dict) -> Whitening | None:
+        """The whitening config.json names, checked against its fingerprint."""
+        entry = config.get("whitening")
+        if not entry:
+            return None
+        path = run.path / entry["file"]
+        try:
+            whitening = Whitening.load(path)
+        except (OSError, KeyError, ValueError) as e:
+            raise UserError(f"{path} cannot be read ({e.__class__.__name__}: {e}): run train-verifier again") from None
+        if whitening.fingerprint != entry["fingerprint"]:
+            raise UserError(f"{path} is not the whitening config.json records (fingerprint {whitening.fingerprint}, "
+                            f"expected {entry['fingerprint']}): run train-verifier again")
+        return whitening
 
     @classmethod
     def load(cls, ctx: StageContext) -> "KeypointStage | None":
@@ -112,10 +144,12 @@ class KeypointStage:
             validator = Validator.load(path, expected_features=FEATURE_NAMES)
         except ValueError as e:
             raise UserError(f"{path} does not fit this engine ({e}): run train-verifier again") from None
-        return cls(ctx.run, *cls.configs(ctx.config), validator, ctx.workers, ctx.executor, ctx.focus)
+        return cls(ctx.run, *cls.configs(ctx.config), validator, ctx.workers, ctx.executor, ctx.focus,
+                   cls.load_whitening(ctx.run, ctx.config))
 
     def config(self) -> dict:
-        """The settings (the pair cache's fingerprint): extraction, verification, focus map."""
+        """The settings (the pair cache's fingerprint, and the vote index's): extraction, verification,
+        whitening, focus map."""
         return {**self.settings(), **({"focus": self.focus.name} if self.focus else {})}
 
     def verify(self, pairs: Sequence[tuple[Record, Record]], progress: bool = False) -> list[PairResult]:
@@ -156,7 +190,8 @@ class KeypointStage:
         with tqdm(total=len(pairs), desc=f"verifying ({self.name}, ray)", unit="pair", disable=not progress,
                   leave=False) as bar:
             for part, (res, extracted, bad) in zip(chunks, (self.executor or current_executor()).map(
-                    verify_chunk, tasks(), type(self).__name__, self.kcfg, self.vcfg, self.focus)):
+                    verify_chunk, tasks(), type(self).__name__, self.kcfg, self.vcfg, self.focus,
+                    self.whitening)):
                 results += res
                 new.update(extracted)
                 failed.update(bad)
@@ -194,9 +229,14 @@ class XFeatStage(KeypointStage):
     evidence_prefix = "xfeat_"
 
     def __init__(self, run, kcfg, vcfg: VerifyConfig, validator: Validator | None, workers: int = 1,
-                 executor=None, focus=None):
-        # torch runs its own threads inside each extraction and match: one photo or pair at a time
+                 executor=None, focus=None, whitening=None):
+        # torch runs its own threads inside each extraction and match: one photo or pair at a time;
+        # LighterGlue matches XFeat's own descriptors: no whitening
         super().__init__(run, kcfg, vcfg, validator, workers=1, executor=executor)
+
+    @classmethod
+    def load_whitening(cls, run, config: dict) -> None:
+        return None
 
     @staticmethod
     def extractor(kcfg, focus=None):  # XFeat keeps its own keypoints: no focus
@@ -228,10 +268,11 @@ REMOTE_CHUNK = 64  # pairs per Ray task: ~0.7 s of work for SIFT, far above a ta
 _WORKER_TOOLS: dict = {}
 
 
-def verify_chunk(task: dict, stage_class: str, kcfg, vcfg: VerifyConfig, focus=None) -> tuple[list, dict, dict]:
-    """A Ray task: the features of the chunk's photos (cached ones given, the others extracted here)
-    and the verification of its pairs. Returns (results in pair order, new features, unreadable
-    photos with the reason)."""
+def verify_chunk(task: dict, stage_class: str, kcfg, vcfg: VerifyConfig, focus=None,
+                 whitening: Whitening | None = None) -> tuple[list, dict, dict]:
+    """A Ray task: the features of the chunk's photos (cached ones given, the others extracted here,
+    whitened where the stage whitens) and the verification of its pairs. Returns (results in pair
+    order, new features, unreadable photos with the reason)."""
     from core.executor import kill_once_hook
     from keypoints.store import extract_arrays
     from keypoints.verify import verify_pairs
@@ -242,7 +283,8 @@ def verify_chunk(task: dict, stage_class: str, kcfg, vcfg: VerifyConfig, focus=N
     if tool_key not in _WORKER_TOOLS:  # XFeat's networks (and the focus map's) load once per worker
         _WORKER_TOOLS.clear()
         _WORKER_TOOLS[tool_key] = (cls.extractor(kcfg, focus), cls.pair_fn_for(kcfg))
-    extract, pair_fn = _WORKER_TOOLS[tool_key]
+    raw_extract, pair_fn = _WORKER_TOOLS[tool_key]
+    extract = raw_extract if whitening is None else (lambda image: whitening.keypoints(raw_extract(image)))
     arrays = dict(task["cached"])
     new, failed = {}, {}
     for q, g in task["pairs"]:

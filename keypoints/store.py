@@ -106,6 +106,36 @@ class KeypointStore:
         return out
 
 
+class WhitenedStore(KeypointStore):
+    """Keypoints of `source` with descriptors whitened (keypoints.whitening), cached as such: a photo
+    is extracted (or read from the source's cache) once, whitened once."""
+
+    def __init__(self, cache_path: Path, source: KeypointStore, whitening, name: str = "keypoints"):
+        self.cfg, self.source, self.whitening = source.cfg, source, whitening
+        # for Ray tasks that extract where the photos are (keypoints.stage.verify_chunk)
+        self.extract = lambda image: whitening.keypoints(source.extract(image))
+        self.cache = FeatureCache(cache_path, f"{name}+whitening:{whitening.fingerprint}:"
+                                  + json.dumps(config_to_dict(source.cfg), sort_keys=True))
+
+    def get(self, records: Sequence[Record], workers: int = 2, progress: bool = True,
+            desc: str = "keypoints") -> dict[str, Keypoints]:
+        keys = {record_key(r): r for r in records}
+        keys.pop(None, None)
+        out = {k: Keypoints.from_arrays(v) for k, v in self.cache.get(keys).items()}
+        known_bad = self.cache.unreadable()
+        todo = [r for k, r in keys.items() if k not in out and k not in known_bad]
+        if not todo:
+            return out
+        raw = self.source.get(todo, workers, progress, desc)
+        # as the cache gives them back (float16), so that a first run and a rerun score the same
+        new = {k: self.whitening.keypoints(kp).to_arrays("float16") for k, kp in raw.items()}
+        self.cache.add(new)
+        out.update({k: Keypoints.from_arrays(a) for k, a in new.items()})
+        source_bad = self.source.cache.unreadable()
+        self.cache.add_unreadable({k: source_bad[k] for k in map(record_key, todo) if k in source_bad})
+        return out
+
+
 def verify_record_pairs(store: KeypointStore, pairs: Sequence[tuple[Record, Record]], cfg, workers: int = 2,
                         progress: bool = True, chunk: int = 128, pair_fn=None) -> list:
     """Keypoint-verify (query record, gallery record) pairs, `chunk` pairs at a time: the keypoints

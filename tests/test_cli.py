@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
+from keypoints.whitening import Whitening
 from core.metrics import NEW_INDIVIDUAL
 from tests.conftest import ROOT
 
@@ -201,6 +202,15 @@ def test_demo_end_to_end(tmp_path):
     assert len(rows) == len(truth) and any(t["individual_id"] == NEW_INDIVIDUAL for t in truth)
     map5 = float(next(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("MAP@5")))
     assert map5 > 0.3  # chance on 20 known + new_individual is far below
+    # the demo's catalog is large enough to learn the SIFT descriptors' whitening from (5479 correct
+    # matches measured); config.json names it, and a whitening file that does not fit is refused
+    run = tmp_path / "demo" / "run"
+    white = json.loads((run / "config.json").read_text())["whitening"]
+    assert white["correspondences"] >= 2000
+    assert Whitening.load(run / white["file"]).fingerprint == white["fingerprint"]
+    (run / white["file"]).write_bytes(b"broken")
+    r = invoke("match", tmp_path / "demo" / "split" / "queries", "--run", run, "--out", tmp_path / "p.csv", "-q")
+    assert r.exit_code == 2 and "whitening.npz cannot be read" in r.output and "train-verifier" in r.output
 
 
 def test_resume_refuses_other_split_settings_and_says_when_it_starts_over(sample, tmp_path):
