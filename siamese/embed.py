@@ -27,6 +27,9 @@ from siamese.model import ModelConfig, SiameseNet, preprocess
 log = logging.getLogger(__name__)
 
 
+_NAMED_UNREADABLE: set = set()  # cache keys of unreadable photos this process has warned about
+
+
 def model_fingerprint(model: SiameseNet) -> str:
     """Identifies the feature function: settings, precision and backbone + pooling weights (not the
     centre, which is applied after the cache)."""
@@ -149,10 +152,13 @@ def embed_records(model: SiameseNet, records: Sequence[Record], cache_path: Path
     known_bad = cache.unreadable() if cache else {}
     skipped: list[tuple[Record, str]] = [(records[i], known_bad[k]) for i, k in enumerate(keys)
                                          if k in known_bad and i not in vectors]
-    if skipped:  # named again (briefly): a later command's user may not have seen the first warning
-        names = ", ".join(str(r.path) for r, _ in skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3
+    # named again, briefly, once per command: its user may not have seen the command that found them
+    unnamed = [(r, m) for r, m in skipped if record_key(r) not in _NAMED_UNREADABLE]
+    if unnamed:
+        names = ", ".join(str(r.path) for r, _ in unnamed[:3]) + (f" and {len(unnamed) - 3} more" if len(unnamed) > 3
                                                                     else "")
-        log.warning("skipped %d photo(s) found unreadable before (%s): %s", len(skipped), skipped[0][1], names)
+        log.warning("skipped %d photo(s) found unreadable before (%s): %s", len(unnamed), unnamed[0][1], names)
+        _NAMED_UNREADABLE.update(record_key(r) for r, _ in unnamed)
     todo = [i for i, k in enumerate(keys) if i not in vectors and k not in known_bad]
     failed: dict[str, str] = {}
     new: dict[str, dict[str, np.ndarray]] = {}
@@ -177,6 +183,7 @@ def embed_records(model: SiameseNet, records: Sequence[Record], cache_path: Path
             for i, (f, message, permanent) in zip(batch, out):
                 if f is None:
                     log.warning("skipped %s", message)
+                    _NAMED_UNREADABLE.add(keys[i])
                     skipped.append((records[i], message))
                     if permanent and keys[i]:
                         failed[keys[i]] = message

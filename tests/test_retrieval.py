@@ -102,7 +102,15 @@ def test_undecodable_photos_are_remembered_not_retried(sample, model, tmp_path, 
     with caplog.at_level("WARNING"):
         second = embed_records(model, records, cache, batch_size=2, progress=False)
     assert second.computed == 0 and list(second.ok) == [0] and "bad.jpg" in second.skipped[0][1]
-    assert not [r for r in caplog.records if "bad.jpg" in r.getMessage()]  # not warned again
+    assert not [r for r in caplog.records if "bad.jpg" in r.getMessage()]  # not warned again by this process
+    from siamese import embed
+
+    embed._NAMED_UNREADABLE.clear()  # as a later command starts
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        embed_records(model, records, cache, batch_size=2, progress=False)
+    named = [r.getMessage() for r in caplog.records if "bad.jpg" in r.getMessage()]
+    assert len(named) == 1 and "found unreadable before" in named[0]  # named once, not retried
     bad.write_bytes(sample.parent.joinpath(records[0].path).read_bytes())  # fixed: new size, new key
     third = embed_records(model, records, cache, batch_size=2, progress=False)
     assert third.computed == 1 and list(third.ok) == [0, 1]
