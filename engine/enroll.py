@@ -32,6 +32,12 @@ class Paths:
     decisions: Path | None = None  # or the review page's decisions.csv
 
 
+def refuse(path: Path, problems: list[str]) -> None:
+    """Every problem of an input file, one per line; nothing is enrolled until all are fixed."""
+    if problems:
+        raise UserError(f"{len(problems)} problem(s) in {path}, nothing enrolled:\n  " + "\n  ".join(problems))
+
+
 def decided_records(path: Path, images: Path | None, known: set[str],
                     in_gallery: dict[str, str] | None = None) -> tuple[list[Record], int]:
     """The photos of a decisions.csv to enroll ("match" and "new" rows) and the number of "unsure"
@@ -75,8 +81,7 @@ def decided_records(path: Path, images: Path | None, known: set[str],
             problems.append(f"{where}: image {image} not found (looked for {root / image})")
         else:
             records.append(Record(image=image, path=root / image, individual_id=ident, line=line))
-    if problems:
-        raise UserError(f"{len(problems)} problem(s) in {path}, nothing enrolled:\n  " + "\n  ".join(problems))
+    refuse(path, problems)
     return records, unsure
 
 
@@ -114,8 +119,7 @@ def main(cfg: MatchConfig, paths: Paths, threads: int | None = None, progress: b
         clash = [f"{paths.catalog}:{r.line}: image {r.image} is already in the gallery as individual "
                  f"{in_gallery[k]}, not {r.individual_id}" for r in given
                  if (k := str(Path(r.path).resolve())) in in_gallery and in_gallery[k] != r.individual_id]
-        if clash:
-            raise UserError(f"{len(clash)} problem(s) in {paths.catalog}, nothing enrolled:\n  " + "\n  ".join(clash))
+        refuse(paths.catalog, clash)
     records = [r for r in given if str(Path(r.path).resolve()) not in in_gallery]
     already = len(given) - len(records)
     extra = f", {unsure} unsure left out" if unsure else ""

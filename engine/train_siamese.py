@@ -79,7 +79,10 @@ def check_not_trained(run: RunFolder) -> None:
     if not run.weights_path.is_file():
         return
     enrolled = run.path / "enrolled.csv"
-    n = max(0, sum(1 for _ in open(enrolled, encoding="utf-8")) - 1) if enrolled.is_file() else 0
+    n = 0
+    if enrolled.is_file():
+        with open(enrolled, encoding="utf-8") as f:
+            n = max(0, sum(1 for _ in f) - 1)  # rows after the header
     lost = f" (its {n} enrolled photo(s) would be dropped unless they are in --catalog)" if n else ""
     raise UserError(f"--out {run.path} already holds a trained run (siamese.pt): --overwrite replaces it{lost}, "
                     f"--resume continues an interrupted training; or give another --out")

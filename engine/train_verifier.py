@@ -90,8 +90,7 @@ def fit_stage_whitening(stage: KeypointStage, engine: Engine, cfg: VerifierTrain
     train = [i for i in range(len(g)) if g.ids[i] not in heldout]
     local = same_flank_pairs([g.ids[i] for i in train], [g.viewpoints[i] for i in train], wcfg.max_pairs)
     pairs = [(train[a], train[b]) for a, b in local]
-    photos = sorted({i for p in pairs for i in p} | set(train))
-    kps = stage.store.get([g.record(i) for i in photos], stage.workers, progress, desc="sift keypoints")
+    kps = stage.store.get([g.record(i) for i in train], stage.workers, progress, desc="sift keypoints")
     results = stage.verify([(g.record(a), g.record(b)) for a, b in pairs], progress)
     rows_a, rows_b = [], []
     for (a, b), res in zip(pairs, results):
@@ -142,7 +141,7 @@ def main(cfg: VerifierTrainConfig, paths: Paths, threads: int | None = None, pro
                "matchers": {}, "config": asdict(cfg)}
     for name in cfg.matchers:
         stage = matcher_stage(name, engine.run, cfg)
-        if isinstance(stage, KeypointStage) and not isinstance(stage, XFeatStage):
+        if matcher_class(name) is KeypointStage:
             old = KeypointStage.whitening_path(engine.run)
             if old.exists():
                 old.unlink()  # fitted for the previous verifier; config.json below says whether one is used now

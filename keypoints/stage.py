@@ -284,7 +284,7 @@ def verify_chunk(task: dict, stage_class: str, kcfg, vcfg: VerifyConfig, focus=N
         _WORKER_TOOLS.clear()
         _WORKER_TOOLS[tool_key] = (cls.extractor(kcfg, focus), cls.pair_fn_for(kcfg))
     raw_extract, pair_fn = _WORKER_TOOLS[tool_key]
-    extract = raw_extract if whitening is None else (lambda image: whitening.keypoints(raw_extract(image)))
+    extract = raw_extract if whitening is None else whitening.extractor(raw_extract)
     arrays = dict(task["cached"])
     new, failed = {}, {}
     for q, g in task["pairs"]:

@@ -66,8 +66,14 @@ class KeypointStore:
         out = {k: Keypoints.from_arrays(v) for k, v in self.cache.get(keys).items()}
         known_bad = self.cache.unreadable()  # not retried, not warned again
         todo = [(k, r) for k, r in keys.items() if k not in out and k not in known_bad]
-        if not todo:
-            return out
+        if todo:
+            out.update(self._fill(todo, workers, progress, desc))
+        return out
+
+    def _fill(self, todo: list[tuple[str, Record]], workers: int, progress: bool, desc: str) -> dict[str, Keypoints]:
+        """The keypoints of photos not in the cache (key, record), extracted and cached; unreadable
+        ones are recorded as such."""
+        out: dict[str, Keypoints] = {}
         failed: dict[str, str] = {}
         executor = current_executor()
 
@@ -112,28 +118,20 @@ class WhitenedStore(KeypointStore):
 
     def __init__(self, cache_path: Path, source: KeypointStore, whitening, name: str = "keypoints"):
         self.cfg, self.source, self.whitening = source.cfg, source, whitening
-        # for Ray tasks that extract where the photos are (keypoints.stage.verify_chunk)
-        self.extract = lambda image: whitening.keypoints(source.extract(image))
+        self.extract = whitening.extractor(source.extract)  # what a Ray task extracts with
         self.cache = FeatureCache(cache_path, f"{name}+whitening:{whitening.fingerprint}:"
                                   + json.dumps(config_to_dict(source.cfg), sort_keys=True))
 
-    def get(self, records: Sequence[Record], workers: int = 2, progress: bool = True,
-            desc: str = "keypoints") -> dict[str, Keypoints]:
-        keys = {record_key(r): r for r in records}
-        keys.pop(None, None)
-        out = {k: Keypoints.from_arrays(v) for k, v in self.cache.get(keys).items()}
-        known_bad = self.cache.unreadable()
-        todo = [r for k, r in keys.items() if k not in out and k not in known_bad]
-        if not todo:
-            return out
-        raw = self.source.get(todo, workers, progress, desc)
+    def _fill(self, todo: list[tuple[str, Record]], workers: int, progress: bool, desc: str) -> dict[str, Keypoints]:
+        """From the source (its cache, or extracted there), whitened and cached; the source's
+        unreadable photos are recorded here too (the vote index reads them from this cache)."""
+        raw = self.source.get([r for _, r in todo], workers, progress, desc)
         # as the cache gives them back (float16), so that a first run and a rerun score the same
         new = {k: self.whitening.keypoints(kp).to_arrays("float16") for k, kp in raw.items()}
         self.cache.add(new)
-        out.update({k: Keypoints.from_arrays(a) for k, a in new.items()})
         source_bad = self.source.cache.unreadable()
-        self.cache.add_unreadable({k: source_bad[k] for k in map(record_key, todo) if k in source_bad})
-        return out
+        self.cache.add_unreadable({k: source_bad[k] for k, _ in todo if k in source_bad})
+        return {k: Keypoints.from_arrays(a) for k, a in new.items()}
 
 
 def verify_record_pairs(store: KeypointStore, pairs: Sequence[tuple[Record, Record]], cfg, workers: int = 2,

@@ -21,7 +21,7 @@ import hashlib
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import cv2
 import numpy as np
@@ -29,6 +29,7 @@ import numpy as np
 from core.runfolder import atomic_write_bytes
 from keypoints.features import Keypoints
 from keypoints.matching import match_descriptors
+
 
 @dataclass(frozen=True)
 class WhiteningConfig:
@@ -65,6 +66,10 @@ class Whitening:
 
     def keypoints(self, kp: Keypoints) -> Keypoints:
         return Keypoints(kp.xy, self.apply(kp.desc), kp.image_size)
+
+    def extractor(self, extract: Callable) -> Callable:
+        """`extract(image) -> Keypoints`, whitened."""
+        return lambda image: self.keypoints(extract(image))
 
     def save(self, path: Path) -> None:
         import io
