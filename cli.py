@@ -25,7 +25,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__,
 log = logging.getLogger("cli")
 
 
-class _TqdmHandler(logging.StreamHandler):
+class _TqdmHandler(logging.Handler):
     """Log lines through tqdm.write: a warning during a progress bar gets its own line instead of
     landing inside the bar's."""
 
@@ -33,14 +33,15 @@ class _TqdmHandler(logging.StreamHandler):
         try:
             from tqdm.auto import tqdm
 
-            tqdm.write(self.format(record), file=self.stream)
+            # the stderr of now, not of when logging was set up: a test harness swaps and closes it
+            tqdm.write(self.format(record), file=sys.stderr)
         except Exception:  # noqa: BLE001  as logging.StreamHandler does: never let a log line fail a run
             self.handleError(record)
 
 
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(message)s",
-                        handlers=[_TqdmHandler(sys.stderr)], force=True)
+                        handlers=[_TqdmHandler()], force=True)
     quiet_modules = ("PIL", "h5py", "timm", "matplotlib", "faiss", "faiss.loader", "ranker", "keypoints.validator")
     for noisy in quiet_modules if not verbose else quiet_modules[:5]:
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -101,8 +101,12 @@ def main(cfg: TrainConfig, paths: Paths, resume: bool = False, progress: bool = 
     catalog = load_catalog(catalog_csv, images_dir)
     run = RunFolder(out)
     heldout = choose_heldout(catalog, cfg.heldout_fraction, cfg.seed)
+    recorded_precision = None
     if resume:
         check_resume(run, cfg, heldout)
+        # the resumed epochs and the gallery run in the precision the checkpoint was trained in, not
+        # in a new first-use measurement's choice (which timing noise can flip on a CPU with bf16)
+        recorded_precision = run.config().get("precision") if run.config_path.is_file() else None
     elif not overwrite:
         check_not_trained(run)
     for stale in (run.verifier_path, run.calibration_path):
@@ -125,7 +129,7 @@ def main(cfg: TrainConfig, paths: Paths, resume: bool = False, progress: bool = 
     atomic_write_json(run.heldout_path, {"individuals": heldout, "validation": validation,
                                          "calibration": calibration, "seed": cfg.seed})
     model = SiameseNet(model_cfg).to(torch_device())
-    run.update_config(precision=resolve_precision(model, cfg.precision))
+    run.update_config(precision=resolve_precision(model, cfg.precision, recorded_precision))
     summary: dict = {"epochs_trained": 0}
     if cfg.epochs > 0:
         summary = fit(model, catalog, set(heldout), cfg, run, resume=resume, progress=progress,
