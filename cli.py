@@ -86,6 +86,8 @@ ExecutorOpt = Annotated[str, typer.Option(help="Where embedding, keypoint extrac
 RayAddressOpt = Annotated[Optional[str], typer.Option(help="Ray cluster to use with --executor ray (default: "
                                                       "$RAY_ADDRESS, else a local Ray started on demand).")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
+TauOpt = Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="new_individual threshold on the fused "
+                                                 "score, 0-1 (default: the calibrated one).")]
 PrecisionOpt = Annotated[str, typer.Option(help="Network precision: auto (fp32, unless the CPU computes bf16 "
                                            "natively and bf16 measures faster; bf16 or fp16 on a GPU), fp32, "
                                            "bf16, or fp16 (GPU only).")]
@@ -305,7 +307,7 @@ def calibrate(
 @app.command()
 @user_errors
 def match(
-    test_dir: Annotated[Path, typer.Argument(help="Folder of new photos (searched recursively).")],
+    test_dir: Annotated[Path, typer.Argument(metavar="TEST_DIR", help="Folder of new photos (searched recursively).")],
     run: RunOpt,
     out: Annotated[Path, typer.Option("--out", help="Predictions CSV to write (image,predictions); a JSON "
                                       "with the same stem gets the per-candidate evidence.")],
@@ -319,8 +321,7 @@ def match(
     verify_top: VerifyTopOpt = MatchConfig.verify_top,
     per_individual: PerIndividualOpt = MatchConfig.per_individual,
     votes: VotesOpt = MatchConfig.votes,
-    tau: Annotated[Optional[float], typer.Option(help="new_individual threshold (default: the calibrated "
-                                                 "one).")] = None,
+    tau: TauOpt = None,
     threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads (default: all cores).")] = None,
     precision: PrecisionOpt = "auto",
     executor: ExecutorOpt = "local", ray_address: RayAddressOpt = None,
@@ -349,7 +350,7 @@ def evaluate(
     verify_top: VerifyTopOpt = MatchConfig.verify_top,
     per_individual: PerIndividualOpt = MatchConfig.per_individual,
     votes: VotesOpt = MatchConfig.votes,
-    tau: Annotated[Optional[float], typer.Option(help="new_individual threshold (default: calibrated).")] = None,
+    tau: TauOpt = None,
     threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads (default: all cores).")] = None,
     precision: PrecisionOpt = "auto",
     executor: ExecutorOpt = "local", ray_address: RayAddressOpt = None,

@@ -60,7 +60,7 @@ def _parse_bbox(text: str, where: str) -> tuple[int, int, int, int] | None:
 
 def read_rows(csv_path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
     """(line number, row) of a UTF-8 CSV with a header naming at least `required`; cells stripped.
-    Errors name the file (and the columns found, with a hint for a semicolon-separated file)."""
+    Errors name the file (and the columns found, with a hint for a semicolon- or tab-separated file)."""
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
@@ -76,8 +76,9 @@ def read_rows(csv_path: Path, required: tuple[str, ...]) -> list[tuple[int, dict
     missing = [c for c in required if c not in columns]
     if missing:
         found = ", ".join(columns) if columns else "none (empty file?)"
-        hint = ("; the file looks semicolon-separated: save it with commas as the delimiter"
-                if len(columns) == 1 and ";" in columns[0] else "")
+        sep = next((name for ch, name in ((";", "semicolon"), ("\t", "tab")) if len(columns) == 1 and ch in columns[0]),
+                   None)
+        hint = f"; the file looks {sep}-separated: save it with commas as the delimiter" if sep else ""
         raise UserError(f"{csv_path}: missing column(s) {', '.join(missing)}; columns found: {found}{hint}")
     if not rows:
         raise UserError(f"{csv_path}: no rows after the header")

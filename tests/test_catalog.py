@@ -49,9 +49,10 @@ def test_bad_bbox_and_duplicates(tmp_path):
         load_catalog(p)
 
 
-def test_semicolon_separated_catalog_gets_a_delimiter_hint(tmp_path):
-    p = write(tmp_path, "image;individual_id\na.jpg;w1\n")
-    with pytest.raises(UserError, match="semicolon-separated: save it with commas"):
+@pytest.mark.parametrize("sep,name", [(";", "semicolon"), ("\t", "tab")])
+def test_semicolon_or_tab_separated_catalog_gets_a_delimiter_hint(tmp_path, sep, name):
+    p = write(tmp_path, f"image{sep}individual_id\na.jpg{sep}w1\n")
+    with pytest.raises(UserError, match=f"{name}-separated: save it with commas"):
         load_catalog(p)
 
 

@@ -113,7 +113,8 @@ def test_evaluate_open_set(sample, run_dir, tmp_path):
 
 @pytest.mark.parametrize("case", ["bad_column", "empty_id", "missing_image", "empty_test_dir",
                                   "old_run", "no_run", "bad_size", "non_utf8_config", "bad_calibration",
-                                  "truncated_gallery", "out_is_a_folder", "test_dir_is_a_file", "negative_threads"])
+                                  "truncated_gallery", "out_is_a_folder", "test_dir_is_a_file", "negative_threads",
+                                  "tau_above_1"])
 def test_bad_input_exits_2_with_one_sentence(case, sample, run_dir, tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"x")
     if case == "bad_column":
@@ -164,6 +165,9 @@ def test_bad_input_exits_2_with_one_sentence(case, sample, run_dir, tmp_path):
     elif case == "negative_threads":
         args = ["match", tmp_path, "--run", run_dir, "--out", tmp_path / "p.csv", "--threads", -3]
         expect = "Invalid value for '--threads'"
+    elif case == "tau_above_1":
+        args = ["match", tmp_path, "--run", run_dir, "--out", tmp_path / "p.csv", "--tau", 1.5]
+        expect = "Invalid value for '--tau'"
     elif case == "no_run":
         args = ["match", tmp_path, "--run", tmp_path / "nowhere", "--out", tmp_path / "p.csv"]
         expect = "does not exist"
