@@ -197,9 +197,12 @@ def train_siamese_cmd(
 @user_errors
 def train_verifier_cmd(
     run: RunOpt,
-    keypoints: Annotated[str, typer.Option(help="SIFT keypoint preset: default (the 3000 strongest in focus), "
-                                           "kp1500 (1500: ~0.6x the matching cost), fast (700 on a 384-pixel "
-                                           "image: ~13x cheaper) or dense (3000 from a 768-pixel image).")] =
+    keypoints: Annotated[str, typer.Option(help="SIFT keypoint preset: default (the 3000 strongest in focus, "
+                                           "described upright: for photos taken the right way up), "
+                                           "rotation-invariant (the same, described along each keypoint's "
+                                           "orientation: photos at any angle), kp1500 (1500, rotation-invariant: "
+                                           "~0.6x the matching cost), fast (700 on a 384-pixel image: ~13x "
+                                           "cheaper) or dense (3000 from a 768-pixel image).")] =
     "default",
     focus: Annotated[Optional[float], typer.Option(
         min=0.05, max=1.0, help="Share of each photo where SIFT keypoints are kept: where an ImageNet network "

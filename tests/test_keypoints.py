@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from keypoints.features import (KeypointConfig, Keypoints, PRESETS, config_from_dict, extract_keypoints, extract_many,
+from keypoints.features import (KeypointConfig, Keypoints, PRESETS, config_from_dict, config_to_dict, extract_keypoints, extract_many,
                                 root_sift)
 from keypoints.homography import HomographyConfig, apply_h, double_homography
 from keypoints.matching import match_descriptors
@@ -345,3 +345,26 @@ def test_loading_lighterglue_leaves_kornias_lightglue_defaults_alone():
     _, lighterglue = xfeat._load()
     assert LightGlue.default_conf == before
     assert lighterglue.net.conf.input_dim == 64 and lighterglue.net.conf.n_layers == 6  # its own config kept
+
+
+def test_upright_descriptors_are_not_rotation_invariant(photos):
+    """Upright SIFT (the default preset) describes every keypoint at angle 0: a photo's translated and
+    slightly warped copy still matches, a copy turned by 90 degrees no longer does (the rotation-
+    invariant default matches both), and no location and scale is described twice."""
+    up, default = PRESETS["default"], PRESETS["rotation-invariant"]
+    # a run from before the setting (no "upright" recorded) keeps its caches and reads as extracted
+    assert up.upright and "upright" not in config_to_dict(default) and config_from_dict(config_to_dict(default)) == default
+    assert config_from_dict(config_to_dict(up)) == up
+    h, w = SIZE
+    H = np.array([[0.97, 0.03, 12.0], [-0.02, 0.98, 5.0], [1e-4, -1e-4, 1.0]])
+    warped = cv2.warpPerspective(photos["a1"], H, (w, h), borderMode=cv2.BORDER_REFLECT)
+    turned = cv2.rotate(photos["a1"], cv2.ROTATE_90_CLOCKWISE)
+    n = {}
+    for name, cfg in (("up", up), ("rotation-invariant", default)):
+        a = extract_keypoints(photos["a1"], cfg)
+        n[name] = [verify_pair(a, extract_keypoints(x, cfg)).features[F["n_matches"]] for x in (warped, turned)]
+        if cfg.upright:
+            assert len({(round(x, 1), round(y, 1)) for x, y in a.xy}) > 0.9 * len(a)
+    # measured: 597 and 628 putative matches on the warped copy, 52 and 870 on the turned one
+    assert n["up"][0] >= 100 and n["rotation-invariant"][0] >= 100
+    assert n["rotation-invariant"][1] >= 100 and n["up"][1] < 0.2 * n["rotation-invariant"][1]
