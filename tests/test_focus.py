@@ -70,12 +70,13 @@ def test_a_run_from_before_the_focus_keeps_the_whole_photo(tmp_path):
     from keypoints.stage import KeypointStage
     from keypoints.verify import VerifyConfig
 
-    old = {k: v for k, v in asdict(KeypointConfig()).items() if not k.startswith("focus")}
+    # (before the upright setting too: recorded only when on, see test_keypoints)
+    old = {k: v for k, v in asdict(KeypointConfig()).items() if not k.startswith("focus") and k != "upright"}
     assert config_from_dict(old).focus_keep == 1.0
     assert config_from_dict(asdict(KeypointConfig())).focus_keep == KeypointConfig().focus_keep < 1
     # without focus the settings are recorded (and fingerprint the caches) as before it existed
     assert config_to_dict(replace(KeypointConfig(), focus_keep=1.0)) == old
-    assert config_to_dict(KeypointConfig()) == asdict(KeypointConfig())
+    assert config_to_dict(KeypointConfig()) == {k: v for k, v in asdict(KeypointConfig()).items() if k != "upright"}
     run = RunFolder(tmp_path / "run")
     assert KeypointStage(run, config_from_dict(old), VerifyConfig(), None).focus is None
     with pytest.raises(ValueError, match="focus map"):
