@@ -86,8 +86,9 @@ ExecutorOpt = Annotated[str, typer.Option(help="Where embedding, keypoint extrac
 RayAddressOpt = Annotated[Optional[str], typer.Option(help="Ray cluster to use with --executor ray (default: "
                                                       "$RAY_ADDRESS, else a local Ray started on demand).")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
-TauOpt = Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="new_individual threshold on the fused "
-                                                 "score, 0-1 (default: the calibrated one).")]
+TauOpt = Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="new_individual threshold, 0-1, on the fused "
+                                                 "score (default: the calibrated one; without calibrate, on "
+                                                 "the score of the stage that ranks).")]
 PrecisionOpt = Annotated[str, typer.Option(help="Network precision: auto (fp32, unless the CPU computes bf16 "
                                            "natively and bf16 measures faster; bf16 or fp16 on a GPU), fp32, "
                                            "bf16, or fp16 (GPU only).")]

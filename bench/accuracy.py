@@ -45,7 +45,7 @@ from siamese.model import ModelConfig  # noqa: E402
 from engine.config import VerifierTrainConfig  # noqa: E402
 from engine import train_siamese  # noqa: E402
 from engine.train_siamese import TrainConfig  # noqa: E402
-from keypoints.features import PRESETS as KEYPOINT_PRESETS  # noqa: E402
+from keypoints.features import PRESETS as KEYPOINT_PRESETS, config_to_dict  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 DATA = SHARED / "data" / "nyala"
@@ -203,6 +203,10 @@ def main() -> None:
                 train_siamese.main(cfg, train_siamese.Paths(gallery, run, DATA), progress=False, overwrite=True)
         for output, step in post_training_steps(run, matchers, keypoints, mcfg, whiten):
             keep = args.reuse or (cfg == "copy verified" and output == "verifier.json")
+            if keep and output == "verifier.json" and (run / "config.json").is_file():
+                # a verifier holds for the keypoint settings it was fitted on (a preset's may change)
+                recorded = json.loads((run / "config.json").read_text()).get("keypoints")
+                keep = recorded == config_to_dict(KEYPOINT_PRESETS[keypoints])
             if keep and output == "calibration.json" and (run / output).is_file():
                 # a calibration holds for the match settings it was fitted with (one without a record: none)
                 fitted = json.loads((run / output).read_text()).get("match")

@@ -104,9 +104,11 @@ def main(cfg: TrainConfig, paths: Paths, resume: bool = False, progress: bool = 
     recorded_precision = None
     if resume:
         check_resume(run, cfg, heldout)
-        # the resumed epochs and the gallery run in the precision the checkpoint was trained in, not
-        # in a new first-use measurement's choice (which timing noise can flip on a CPU with bf16)
-        recorded_precision = run.config().get("precision") if run.config_path.is_file() else None
+        # the resumed epochs and the gallery run in the precision the checkpoint was trained in (measured
+        # or given by --precision), not in a new first-use measurement's choice, which timing noise can
+        # flip on a CPU with bf16; on another CPU, auto measures again
+        recorded = run.config().get("precision") if run.config_path.is_file() else None
+        recorded_precision = {**recorded, "requested": "auto"} if isinstance(recorded, dict) else None
     elif not overwrite:
         check_not_trained(run)
     for stale in (run.verifier_path, run.calibration_path):

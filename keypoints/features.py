@@ -199,7 +199,8 @@ def extract_keypoints(image: np.ndarray, cfg: KeypointConfig = PRESETS["default"
     work = _working_image(gray, cfg)
     wh, ww = work.shape
     # SIFT_create's nfeatures already keeps the strongest by response before computing
-    # descriptors (cheaper); the explicit cut below makes the cap exact when responses tie.
+    # descriptors (cheaper; not when upright, below); the explicit cut makes the cap exact when
+    # responses tie.
     n_detect = max(cfg.max_keypoints, cfg.focus_candidates) if focused and cfg.max_keypoints > 0 else cfg.max_keypoints
     # upright: every keypoint is detected, the copies SIFT makes for other orientations dropped, then
     # the strongest n_detect described (so that a cap counts distinct keypoints)

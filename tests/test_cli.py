@@ -247,11 +247,12 @@ def test_resume_refuses_other_split_settings_and_says_when_it_starts_over(sample
     r = runner.invoke(app, [str(a) for a in ["train-siamese", "--catalog", sample, "--out", fresh, "--epochs", 1,
                                              "--input-size", SIZE, "--batch-size", 8, "--resume", "-v"]])
     assert r.exit_code == 0 and "no checkpoint" in r.output
-    # a resume keeps the precision its run recorded (here the other one than this CPU's): the gallery is
-    # embedded as the checkpoint was trained, whatever a new first-use measurement would say
+    # a resume keeps the precision its run recorded (here the other one than this CPU's, as if given by
+    # --precision): the gallery is embedded as the checkpoint was trained, whatever a new first-use
+    # measurement would say
     config = json.loads((fresh / "config.json").read_text())
     other = "fp32" if config["precision"]["choice"]["name"] == "bf16" else "bf16"
-    config["precision"] = {**config["precision"], "requested": "auto", "choice": {"name": other, "channels_last": True}}
+    config["precision"] = {**config["precision"], "requested": other, "choice": {"name": other, "channels_last": True}}
     (fresh / "config.json").write_text(json.dumps(config))
     r = invoke("train-siamese", "--catalog", sample, "--out", fresh, "--epochs", 1, "--input-size", SIZE,
                "--batch-size", 8, "--resume", "-q")

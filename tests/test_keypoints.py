@@ -69,10 +69,11 @@ def _is_subset(small: Keypoints, big: Keypoints) -> bool:
     return True
 
 
-def test_keypoint_cap_keeps_the_strongest_subset(photos):
-    full = extract_keypoints(photos["a1"], replace(PRESETS["default"], max_keypoints=0))
-    k50 = extract_keypoints(photos["a1"], replace(PRESETS["default"], max_keypoints=50))
-    k100 = extract_keypoints(photos["a1"], replace(PRESETS["default"], max_keypoints=100))
+@pytest.mark.parametrize("preset", ["default", "rotation-invariant"])
+def test_keypoint_cap_keeps_the_strongest_subset(photos, preset):
+    full = extract_keypoints(photos["a1"], replace(PRESETS[preset], max_keypoints=0))
+    k50 = extract_keypoints(photos["a1"], replace(PRESETS[preset], max_keypoints=50))
+    k100 = extract_keypoints(photos["a1"], replace(PRESETS[preset], max_keypoints=100))
     assert len(full) > 100 and len(k50) == 50 and len(k100) == 100
     # ranked by one score: the 50 strongest are among the 100 strongest, which are among all
     assert _is_subset(k50, k100) and _is_subset(k100, full)
