@@ -107,8 +107,7 @@ def main(cfg: TrainConfig, paths: Paths, resume: bool = False, progress: bool = 
         # the resumed epochs and the gallery run in the precision the checkpoint was trained in (measured
         # or given by --precision), not in a new first-use measurement's choice, which timing noise can
         # flip on a CPU with bf16; on another CPU, auto measures again
-        recorded = run.config().get("precision") if run.config_path.is_file() else None
-        recorded_precision = {**recorded, "requested": "auto"} if isinstance(recorded, dict) else None
+        recorded_precision = run.config().get("precision") if run.config_path.is_file() else None
     elif not overwrite:
         check_not_trained(run)
     for stale in (run.verifier_path, run.calibration_path):
@@ -131,7 +130,7 @@ def main(cfg: TrainConfig, paths: Paths, resume: bool = False, progress: bool = 
     atomic_write_json(run.heldout_path, {"individuals": heldout, "validation": validation,
                                          "calibration": calibration, "seed": cfg.seed})
     model = SiameseNet(model_cfg).to(torch_device())
-    run.update_config(precision=resolve_precision(model, cfg.precision, recorded_precision))
+    run.update_config(precision=resolve_precision(model, cfg.precision, recorded_precision, keep_given=resume))
     summary: dict = {"epochs_trained": 0}
     if cfg.epochs > 0:
         summary = fit(model, catalog, set(heldout), cfg, run, resume=resume, progress=progress,

@@ -114,15 +114,17 @@ def choose(requested: str, device_type: str, native_bf16: bool, cuda_bf16: bool,
 _memo: dict[tuple, tuple[Precision, dict]] = {}
 
 
-def resolve(model, requested: str = "auto", recorded: dict | None = None) -> dict:
+def resolve(model, requested: str = "auto", recorded: dict | None = None, keep_given: bool = False) -> dict:
     """Choose the model's precision on this machine, set it on the model and return a record of the
     choice (for config.json). A record from an earlier command on the same CPU is reused without
-    measuring again; within one process the choice is made once per network shape."""
+    measuring again (with `keep_given`, also a choice that --precision gave it rather than a
+    measurement: a resumed training keeps its precision); within one process the choice is made once
+    per network shape."""
     device = next(model.parameters()).device
     info = cpu_info() if device.type == "cpu" else {"gpu": torch.cuda.get_device_name(device)}
     same_machine = bool(recorded) and all(recorded.get(k) == v for k, v in info.items() if k != "threads")
     key = (requested, device.type, model.config.backbone, tuple(model.config.input_size))
-    if requested == "auto" and same_machine and recorded.get("requested") == "auto":
+    if requested == "auto" and same_machine and (keep_given or recorded.get("requested") == "auto"):
         precision, measured = Precision(**recorded["choice"]), recorded.get("measured_images_per_s", {})
     elif key in _memo:
         precision, measured = _memo[key]
