@@ -49,6 +49,14 @@ def test_bad_bbox_and_duplicates(tmp_path):
         load_catalog(p)
 
 
+def test_row_with_more_cells_than_the_header_names_the_line(tmp_path):
+    # an unquoted bbox: its commas split it into four cells, and the row would be read shifted
+    p = write(tmp_path, "image,individual_id,bbox\na.jpg,w1,\"1,2,3,4\"\nb.jpg,w2,1,2,30,40\n")
+    with pytest.raises(UserError, match=r"catalog.csv:3: 6 cells where the header has 3 \(image, individual_id, "
+                                        r"bbox\); a cell holding a comma .* must be in double quotes"):
+        load_catalog(p)
+
+
 @pytest.mark.parametrize("sep,name", [(";", "semicolon"), ("\t", "tab")])
 def test_semicolon_or_tab_separated_catalog_gets_a_delimiter_hint(tmp_path, sep, name):
     p = write(tmp_path, f"image{sep}individual_id\na.jpg{sep}w1\n")
