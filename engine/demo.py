@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -29,6 +30,36 @@ class Paths:
     images: Path | None = None
 
 
+# held out of training: 2 to choose the epoch, 3 for calibrate's 3 folds (train_siamese.choose_heldout)
+MIN_HELDOUT = 5
+MIN_TRAINING = 5
+
+
+def unseen_of(n_individuals: int) -> int:
+    """Individuals of your own catalog the demo keeps aside as new animals."""
+    return max(1, n_individuals // 5)
+
+
+def smallest_catalog() -> int:
+    """The fewest individuals (each with a query photo and two gallery photos) the demo can run on."""
+    return next(n for n in range(2, 1000) if n - unseen_of(n) >= MIN_HELDOUT + MIN_TRAINING)
+
+
+def heldout_fraction(gallery_csv: Path, default: float, n_unseen: int, catalog: Path) -> float:
+    """The share of the gallery's individuals the demo holds out of training for a catalog of your
+    own: the usual share where it gives MIN_HELDOUT individuals, more where it would give fewer;
+    an error naming the catalog where the gallery is too small for both."""
+    counts = Counter(r.individual_id for r in load_catalog(gallery_csv).records)
+    eligible = sum(1 for n in counts.values() if n >= 2)  # the individuals train-siamese may hold out
+    if eligible < MIN_HELDOUT + MIN_TRAINING:
+        raise UserError(f"demo --catalog {catalog}: after {n_unseen} individual(s) are kept aside as new animals, "
+                        f"the gallery has {eligible} individual(s) with 2 or more photos; the demo needs at least "
+                        f"{MIN_HELDOUT + MIN_TRAINING} ({MIN_HELDOUT} held out of training to choose the epoch and "
+                        f"calibrate, {MIN_TRAINING} or more to train on): a catalog of {smallest_catalog()} or more individuals "
+                        f"with 3 or more photos each")
+    return max(default, MIN_HELDOUT / eligible)
+
+
 def main(cfg: DemoConfig, paths: Paths, threads: int | None = None, progress: bool = True,
          precision: str = "auto") -> str:
     """The demo command: split, train-siamese, train-verifier, calibrate, match, evaluate."""
@@ -43,13 +74,16 @@ def main(cfg: DemoConfig, paths: Paths, threads: int | None = None, progress: bo
         n_unseen, source = SAMPLE_UNSEEN, "built-in synthetic sample"
     else:
         full = load_catalog(catalog, images)  # validates before any work
-        n_unseen, source = max(1, len(full.individuals()) // 5), f"{catalog}"
+        n_unseen, source = unseen_of(len(full.individuals())), f"{catalog}"
     # everything it writes goes under --out: the catalog's folder may be read-only or someone's files
     gallery_csv, queries_dir, truth_csv = split_open_set(Path(catalog), out / "split", n_unseen=n_unseen, seed=seed,
                                                          images_dir=images)
     run = out / "run"
     preset = train_siamese.PRESETS["demo"]
     tcfg = replace(preset, seed=seed, threads=threads, precision=precision)
+    if paths.catalog is not None:  # your own catalog: enough held-out individuals for calibrate's folds
+        tcfg = replace(tcfg, heldout_fraction=heldout_fraction(gallery_csv, tcfg.heldout_fraction,
+                                                               n_unseen, paths.catalog))
     log.info("1/5 train-siamese (%d epochs at most, %.0f min budget)", tcfg.epochs, tcfg.max_minutes)
     summary = train_siamese.main(tcfg, train_siamese.Paths(gallery_csv, run), progress=progress, overwrite=True)
     log.info("2/5 train-verifier")

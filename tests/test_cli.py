@@ -217,6 +217,27 @@ def test_demo_end_to_end(tmp_path):
     assert r.exit_code == 2 and "whitening.npz cannot be read" in r.output and "train-verifier" in r.output
 
 
+@pytest.mark.slow
+def test_demo_on_a_small_catalog_of_your_own(tmp_path):
+    """`demo --catalog`: a catalog too small for the demo's split stops before any work, with the
+    size it needs; one just large enough runs, holding out more than the usual 20% of the individuals
+    so that calibrate has its three folds."""
+    from engine.demo import smallest_catalog
+    from engine.synthetic import make_dataset
+
+    n = smallest_catalog()
+    assert n == 12  # the size `demo --help` and the README give
+    small = make_dataset(tmp_path / "small", n_individuals=n - 1, photos_per_individual=3, size=(96, 128))
+    r = invoke("demo", "--catalog", small, "--out", tmp_path / "out_small", "-q")
+    assert r.exit_code == 2 and f"a catalog of {n} or more individuals" in r.output, r.output
+    assert not (tmp_path / "out_small" / "run").exists()
+    enough = make_dataset(tmp_path / "enough", n_individuals=n, photos_per_individual=3, size=(96, 128))
+    r = invoke("demo", "--catalog", enough, "--out", tmp_path / "out", "-q")
+    assert r.exit_code == 0 and "demo finished" in r.output, r.output
+    heldout = json.loads((tmp_path / "out" / "run" / "heldout.json").read_text())
+    assert len(heldout["individuals"]) == 5 and len(set(heldout["individuals"]) - set(heldout["validation"])) == 3
+
+
 def test_resume_refuses_other_split_settings_and_says_when_it_starts_over(sample, tmp_path):
     run = tmp_path / "run"
     base = ["train-siamese", "--catalog", sample, "--out", run, "--epochs", 1, "--input-size", SIZE,
