@@ -67,7 +67,8 @@ def read_rows(csv_path: Path, required: tuple[str, ...]) -> list[tuple[int, dict
             columns = [c.strip() for c in (reader.fieldnames or [])]
             rows = []
             for raw in reader:  # line_num counts physical lines: right after blank or multi-line cells
-                if None in raw:  # more cells than the header names: the row's values would be shifted
+                # more (non-empty) cells than the header names: a comma inside an unquoted cell cut it
+                if None in raw and any((c or "").strip() for c in raw[None]):
                     raise UserError(f"{csv_path}:{reader.line_num}: {len(columns) + len(raw[None])} cells where the "
                                     f"header has {len(columns)} ({', '.join(columns)}); a cell holding a comma "
                                     f"(a file name, a bbox) must be in double quotes")

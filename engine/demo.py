@@ -52,11 +52,12 @@ def heldout_fraction(gallery_csv: Path, default: float, n_unseen: int, catalog: 
     counts = Counter(r.individual_id for r in load_catalog(gallery_csv).records)
     eligible = sum(1 for n in counts.values() if n >= 2)  # the individuals train-siamese may hold out
     if eligible < MIN_HELDOUT + MIN_TRAINING:
-        raise UserError(f"demo --catalog {catalog}: after {n_unseen} individual(s) are kept aside as new animals, "
-                        f"the gallery has {eligible} individual(s) with 2 or more photos; the demo needs at least "
-                        f"{MIN_HELDOUT + MIN_TRAINING} ({MIN_HELDOUT} held out of training to choose the epoch and "
-                        f"calibrate, {MIN_TRAINING} or more to train on): a catalog of {smallest_catalog()} or more individuals "
-                        f"with 3 or more photos each")
+        raise UserError(f"demo --catalog {catalog}: after {n_unseen} individual(s) are kept aside as new animals "
+                        f"and a photo of the others as queries, the gallery has {eligible} individual(s) with 2 or "
+                        f"more photos; the demo needs at least {MIN_HELDOUT + MIN_TRAINING} ({MIN_HELDOUT} held out "
+                        f"of training to choose the epoch and calibrate, {MIN_TRAINING} or more to train on). "
+                        f"A catalog of {smallest_catalog()} or more individuals with 3 or more photos each is enough "
+                        f"(which individuals are kept aside depends on --seed)")
     return max(default, MIN_HELDOUT / eligible)
 
 

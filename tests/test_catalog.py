@@ -55,6 +55,9 @@ def test_row_with_more_cells_than_the_header_names_the_line(tmp_path):
     with pytest.raises(UserError, match=r"catalog.csv:3: 6 cells where the header has 3 \(image, individual_id, "
                                         r"bbox\); a cell holding a comma .* must be in double quotes"):
         load_catalog(p)
+    # trailing empty cells (as spreadsheets export them) are no extra data
+    p = write(tmp_path, "image,individual_id\na.jpg,w1,,\nb.jpg,w2\n")
+    assert [r.individual_id for r in load_catalog(p).records] == ["w1", "w2"]
 
 
 @pytest.mark.parametrize("sep,name", [(";", "semicolon"), ("\t", "tab")])
