@@ -12,7 +12,7 @@ import io
 import json
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -123,6 +123,7 @@ class Engine:
         self.scorers: dict = {}
         self._reciprocal: dict = {}  # (k, gallery subset) -> the gallery's k-th neighbour similarity and sets
         self._warned_settings: set = set()  # match settings `tau` has already warned about (once each)
+        self._warned_views: set = set()  # query viewpoints the gallery lacks, warned about (once each)
         self._votes: VoteIndex | None = None  # keypoint votes over the gallery, built when first needed
         self._by_path: tuple | None = None  # (gallery, its indices by path): photos_by_path
         if self.calibration is not None:
@@ -208,6 +209,7 @@ class Engine:
             return []
         views = [r.viewpoint for r in recs]
         if gallery_subset is None:
+            self.warn_unknown_views(views)
             k = min(cfg.shortlist, len(self.gallery))
             index, to_gallery = self.index, None
         else:
@@ -264,6 +266,20 @@ class Engine:
         if cfg.votes > 0:
             self.add_votes(pairs, emb.embeddings, cfg, gallery_subset, hidden, progress)
         return pairs
+
+    def warn_unknown_views(self, views: Sequence[str | None]) -> None:
+        """A warning (once per viewpoint) for queries of a viewpoint the gallery has no photo of: they
+        meet only the gallery photos without a viewpoint (`EmbeddingIndex.meets`), if any."""
+        known = {v for v in self.gallery.viewpoints if v}
+        missing = Counter(v for v in views if v and known and v not in known and v not in self._warned_views)
+        if not missing:
+            return
+        self._warned_views.update(missing)
+        n_free = sum(1 for v in self.gallery.viewpoints if not v)
+        log.warning("%d query photo(s) of a viewpoint no gallery photo has (%s; the gallery's: %s) meet only the "
+                    "%d gallery photo(s) without a viewpoint%s", sum(missing.values()),
+                    ", ".join(f"{v}: {n}" for v, n in sorted(missing.items())), ", ".join(sorted(known)), n_free,
+                    "" if n_free else f", so they are answered {NEW_INDIVIDUAL}")
 
     def photos_by_path(self) -> dict[str, list[int]]:
         """Gallery indices by photo path (built once per gallery)."""

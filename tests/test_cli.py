@@ -87,6 +87,16 @@ def test_match_with_viewpoints(sample, run_dir, tmp_path):
     for q in ev["queries"]:
         assert len(q["candidates"]) == 5  # 8 individuals have right flanks: five are listed
         assert all(gallery_rows[c["gallery_image"]] == "right" for c in q["candidates"])
+    # a viewpoint no gallery photo has: such photos meet no gallery photo, and the user is told so
+    shutil.copyfile(test_dir / "0.jpg", test_dir / "3.jpg")
+    with open(tmp_path / "queries.csv", "a") as f:
+        f.write("3.jpg,front\n")
+    r = invoke("match", test_dir, "--run", run_dir, "--out", out, "--queries", tmp_path / "queries.csv", "-q")
+    assert r.exit_code == 0, r.output
+    assert ("1 query photo(s) of a viewpoint no gallery photo has (front: 1; the gallery's: left, right) meet only "
+            f"the 0 gallery photo(s) without a viewpoint, so they are answered {NEW_INDIVIDUAL}") in r.output
+    pred = {p["image"]: p for p in read_csv(out)}
+    assert pred["3.jpg"]["predictions"].split() == [NEW_INDIVIDUAL] and pred["0.jpg"]["predictions"] != NEW_INDIVIDUAL
 
 
 def test_evaluate_open_set(sample, run_dir, tmp_path):
