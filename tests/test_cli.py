@@ -239,7 +239,7 @@ def test_demo_on_a_small_catalog_of_your_own(tmp_path):
     assert n == 12  # the size `demo --help` and the README give
     small = make_dataset(tmp_path / "small", n_individuals=n - 1, photos_per_individual=3, size=(96, 128))
     r = invoke("demo", "--catalog", small, "--out", tmp_path / "out_small", "-q")
-    assert r.exit_code == 2 and f"a catalog of {n} or more individuals" in r.output, r.output
+    assert r.exit_code == 2 and f"A catalog of {n} or more individuals with 3 or more photos each is enough" in r.output, r.output
     assert not (tmp_path / "out_small" / "run").exists()
     enough = make_dataset(tmp_path / "enough", n_individuals=n, photos_per_individual=3, size=(96, 128))
     r = invoke("demo", "--catalog", enough, "--out", tmp_path / "out", "-q")
