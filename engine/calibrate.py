@@ -53,6 +53,11 @@ class CalibrateConfig:
     seed: int = 0
 
 
+def individuals_needed(cfg: CalibrateConfig) -> int:
+    """Calibration individuals calibrate needs: one per fold, and at least two."""
+    return max(2, cfg.folds)
+
+
 def fold_pairs(engine: Engine, cfg: CalibrateConfig, mcfg: MatchConfig, progress: bool):
     """Per fold: the query shortlists (all stages scored) and the truths.
 
@@ -63,8 +68,8 @@ def fold_pairs(engine: Engine, cfg: CalibrateConfig, mcfg: MatchConfig, progress
     g = engine.gallery
     heldout = engine.run.calibration_individuals()
     h_idx = np.array([i for i in range(len(g)) if g.ids[i] in heldout], dtype=np.int64)
-    if len(set(g.ids[i] for i in h_idx)) < max(2, cfg.folds):
-        raise UserError(f"calibrate needs at least {max(2, cfg.folds)} held-out individuals; this run has "
+    if len(set(g.ids[i] for i in h_idx)) < individuals_needed(cfg):
+        raise UserError(f"calibrate needs at least {individuals_needed(cfg)} held-out individuals; this run has "
                         f"{len(set(g.ids[i] for i in h_idx))} (train-siamese holds out 20% of the individuals, "
                         f"half of them to choose the training epoch: raise --heldout-fraction)")
     folds = open_set_folds([g.ids[i] for i in h_idx], cfg.folds, cfg.seed)

@@ -30,8 +30,9 @@ class Paths:
     images: Path | None = None
 
 
-# held out of training: 2 to choose the epoch, 3 for calibrate's 3 folds (train_siamese.choose_heldout)
-MIN_HELDOUT = 5
+# held out of training: one calibration individual per fold of calibrate (the demo's settings), where
+# train-siamese gives every other held-out individual to choosing the epoch (heldout[1::2]): 5
+MIN_HELDOUT = 2 * calibrate.individuals_needed(calibrate.CalibrateConfig()) - 1
 MIN_TRAINING = 5
 
 

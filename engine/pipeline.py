@@ -270,15 +270,15 @@ class Engine:
     def warn_unknown_views(self, views: Sequence[str | None]) -> None:
         """A warning (once per viewpoint) for queries of a viewpoint the gallery has no photo of: they
         meet only the gallery photos without a viewpoint (`EmbeddingIndex.meets`), if any."""
-        known = {v for v in self.gallery.viewpoints if v}
+        known = self.index.views
         missing = Counter(v for v in views if v and known and v not in known and v not in self._warned_views)
         if not missing:
             return
         self._warned_views.update(missing)
-        n_free = sum(1 for v in self.gallery.viewpoints if not v)
+        n_free = int(self.index.meets(next(iter(missing))).sum())  # (the same photos for any view it lacks)
         log.warning("%d query photo(s) of a viewpoint no gallery photo has (%s; the gallery's: %s) meet only the "
                     "%d gallery photo(s) without a viewpoint%s", sum(missing.values()),
-                    ", ".join(f"{v}: {n}" for v, n in sorted(missing.items())), ", ".join(sorted(known)), n_free,
+                    ", ".join(f"{v}: {n}" for v, n in sorted(missing.items())), ", ".join(known), n_free,
                     "" if n_free else f", so they are answered {NEW_INDIVIDUAL}")
 
     def photos_by_path(self) -> dict[str, list[int]]:

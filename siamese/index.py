@@ -73,6 +73,11 @@ class EmbeddingIndex:
                 members = np.flatnonzero((views == v) | (views == ""))
                 self._by_view[v] = members
 
+    @property
+    def views(self) -> list[str]:
+        """The gallery's viewpoints (none: a gallery without viewpoints, met whole by every query)."""
+        return sorted(self._by_view)
+
     def meets(self, view: str | None) -> np.ndarray:
         """(n,) True for the gallery photos a query of viewpoint `view` meets (the rule `search`
         follows): all of them when the view is unknown or the gallery has no viewpoints, else the
