@@ -150,6 +150,10 @@ def train_siamese_cmd(
     crop: Annotated[str, typer.Option(help="What the network sees of a photo without a bbox in the catalog: "
                                       "focus (the box around the animal, found by the ImageNet network's "
                                       "response) or none (the whole photo).")] = _TRAIN.model.crop,
+    mirror: Annotated[bool, typer.Option(help="Embed each photo as the mean of its features and its mirror "
+                                         "image's (twice the network's work per photo; more often the right "
+                                         "animal among the nearest photos, see README 'Measured').")] =
+    _TRAIN.model.mirror,
     epochs: Annotated[int, typer.Option(min=0, help="Training epochs (the time budget usually stops first); "
                                         "0 = the pretrained network, retrieval only.")] = _TRAIN.epochs,
     max_minutes: Annotated[Optional[float], typer.Option(
@@ -182,7 +186,8 @@ def train_siamese_cmd(
     from engine import train_siamese
 
     cfg = TrainConfig(model=ModelConfig(backbone=backbone, weights=str(weights) if weights else None,
-                                        input_size=_parse_size(input_size), crop=crop),
+                                        input_size=_parse_size(input_size), crop=crop,
+                                        mirror=mirror),
                       epochs=epochs, max_minutes=max_minutes, seed=seed, batch_size=batch_size, threads=threads,
                       heldout_fraction=heldout_fraction, precision=precision, freeze_blocks=freeze_blocks)
     if resume and overwrite:

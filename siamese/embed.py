@@ -73,16 +73,19 @@ def _load(rec: Record, cfg: ModelConfig):
 
 @torch.no_grad()
 def features_batch(model: SiameseNet, batch: np.ndarray, batch_size: int) -> np.ndarray:
-    """Raw pooled features. A short batch is padded to batch_size: on CPU every new input shape
+    """Raw pooled features (with `ModelConfig.mirror`, the mean of the photo's and its mirror image's).
+    A short batch is padded to batch_size: on CPU every new input shape
     costs seconds of kernel re-compilation, more than the padding."""
     device = next(model.parameters()).device
     n = len(batch)
     if n < batch_size:
         batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - n, axis=0)])
-    x = model.prepare_input(torch.from_numpy(batch).to(device))
+    x = torch.from_numpy(batch).to(device)
     with model.precision.autocast(device.type):
-        f = model.features(x)
-    return f.float().cpu().numpy()[:n]
+        f = model.features(model.prepare_input(x)).float()
+        if model.config.mirror:  # ModelConfig.mirror: the mean with the mirror image's features
+            f = (f + model.features(model.prepare_input(torch.flip(x, dims=[-1]))).float()) / 2
+    return f.cpu().numpy()[:n]
 
 
 def normalize_features(model: SiameseNet, feats: np.ndarray) -> np.ndarray:

@@ -201,3 +201,28 @@ def test_frozen_early_layers_keep_their_weights(sample, tmp_path):
     with pytest.raises(UserError, match="has 7 stages"):
         fit(SiameseNet(cfg.model), catalog, set(), TrainConfig(model=cfg.model, epochs=1, freeze_blocks=9),
             RunFolder(tmp_path / "run2"), progress=False)
+
+
+def test_mirror_embedding_is_the_mean_of_the_photo_and_its_mirror_image():
+    """ModelConfig.mirror (the default): a photo's features are the mean of its own and its mirror
+    image's, so a photo and its mirror image embed the same; without it they differ. Run folders saved
+    before the setting read back without it, and the setting is part of the cache fingerprint."""
+    from siamese.embed import features_batch, model_fingerprint
+
+    torch.manual_seed(0)
+    plain = SiameseNet(ModelConfig(input_size=(64, 96), mirror=False), load_pretrained=False).eval()
+    mirrored = SiameseNet(ModelConfig(input_size=(64, 96)), load_pretrained=False).eval()
+    mirrored.load_state_dict(plain.state_dict())
+    assert mirrored.config.mirror
+    x = np.random.default_rng(0).standard_normal((2, 3, 64, 96)).astype(np.float32)
+    flipped = np.ascontiguousarray(x[..., ::-1])
+    own, other = features_batch(plain, x, 2), features_batch(plain, flipped, 2)
+    assert np.abs(own - other).max() > 1e-3  # the network alone tells a photo from its mirror image
+    np.testing.assert_allclose(features_batch(mirrored, x, 2), (own + other) / 2, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(features_batch(mirrored, flipped, 2), features_batch(mirrored, x, 2),
+                               rtol=1e-5, atol=1e-6)
+    assert model_fingerprint(plain) != model_fingerprint(mirrored)
+    saved_before = {k: v for k, v in mirrored.config.to_dict().items() if k != "mirror"}
+    assert ModelConfig.from_dict(saved_before).mirror is False
+    assert ModelConfig.from_dict(mirrored.config.to_dict()).mirror is True
+    assert mirrored.config.resolved().mirror is True
