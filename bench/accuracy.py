@@ -16,6 +16,7 @@ Prints a table and writes bench/results/accuracy.json (and a copy in --work, kep
                            [--keypoints default,kp1500]  # keypoint presets side by side, one network
                            [--votes 0,20,20:20]  # keypoint votes[:V] side by side, one verified network
                            [--whitening on,off]  # SIFT descriptors whitened or not, one network
+                           [--mirror off,on]  # embeddings with their mirror image's or not, one network
 """
 from __future__ import annotations
 
@@ -142,6 +143,11 @@ def main() -> None:
                     help="on / off: train-verifier --whitening / --no-whitening; 'on,off' compares both on the same "
                     "trained network: the first is the run's own, the other verifies and calibrates a copy of it "
                     "(run label trained+whiten-SETTING, sharing the run's caches)")
+    ap.add_argument("--mirror", default="on" if ModelConfig.mirror else "off",
+                    help="on / off: train-siamese --mirror / --no-mirror (each photo embedded as the mean of its "
+                    "features and its mirror image's); 'off,on' compares both on the same trained and verified "
+                    "network: the first is the run's own, the other re-embeds the gallery of a copy of it and "
+                    "calibrates it (run label trained+mirror-SETTING)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
@@ -155,12 +161,17 @@ def main() -> None:
     truth = read_truth(truth_csv)
     size = tuple(int(v) for v in args.input_size.split("x"))
     table, info = {}, {}
+    mirrors = args.mirror.split(",")
+    if any(m not in ("on", "off") for m in mirrors) or len(set(mirrors)) < len(mirrors):
+        sys.exit(f"--mirror {args.mirror}: expected on, off, 'on,off' or 'off,on'")
     runs = []
     if not args.skip_baseline:
-        runs.append(("baseline", TrainConfig(model=ModelConfig(input_size=size), epochs=0, seed=args.seed)))
+        runs.append(("baseline", TrainConfig(model=ModelConfig(input_size=size, mirror=mirrors[0] == "on"), epochs=0,
+                                                 seed=args.seed)))
     label = "trained" if args.freeze_blocks == TrainConfig.freeze_blocks else f"trained_freeze{args.freeze_blocks}"
     runs.append((label,
-                 TrainConfig(model=ModelConfig(input_size=size), epochs=args.epochs, max_minutes=args.train_minutes,
+                 TrainConfig(model=ModelConfig(input_size=size, mirror=mirrors[0] == "on"), epochs=args.epochs,
+                             max_minutes=args.train_minutes,
                              seed=args.seed, freeze_blocks=args.freeze_blocks)))
     presets = args.keypoints.split(",")
     unknown = [k for k in presets if k not in KEYPOINT_PRESETS]
@@ -188,21 +199,30 @@ def main() -> None:
              for v, m in votes[1:]]
     jobs += [(f"{trained}+whiten-{w}", "copy network, shared cache", presets[0], votes[0][1], w == "on")
              for w in whitening[1:]]
+    jobs += [(f"{trained}+mirror-{m}", "copy verified, mirror " + m, presets[0], votes[0][1], white[0])
+             for m in mirrors[1:]]
     for label, cfg, keypoints, mcfg, whiten in jobs:
         run = args.work / f"run_{label}"
         t0 = time.perf_counter()
         # --reuse: what a run folder already has (a network, a verifier, a calibration) is kept
         if not (args.reuse and (run / "siamese.pt").is_file()):
-            if cfg == "copy network":
+            if isinstance(cfg, TrainConfig):
+                train_siamese.main(cfg, train_siamese.Paths(gallery, run, DATA), progress=False, overwrite=True)
+            elif cfg == "copy network":
                 copy_trained(args.work / f"run_{trained}", run)
             elif cfg == "copy network, shared cache":
                 copy_trained(args.work / f"run_{trained}", run, share_cache=True)
             elif cfg == "copy verified":
                 copy_verified(args.work / f"run_{trained}", run)
-            else:
-                train_siamese.main(cfg, train_siamese.Paths(gallery, run, DATA), progress=False, overwrite=True)
+            elif cfg.startswith("copy verified, mirror"):
+                copy_verified(args.work / f"run_{trained}", run)
+                set_mirror(run, cfg.endswith(" on"))
+        own = json.loads((run / "config.json").read_text())["train"]["model"].get("mirror", False)
+        if isinstance(cfg, TrainConfig) and own != cfg.model.mirror:
+            sys.exit(f"{run} embeds {'with' if own else 'without'} the mirror image (--reuse): give --mirror "
+                     f"{'on' if own else 'off'} first")
         for output, step in post_training_steps(run, matchers, keypoints, mcfg, whiten):
-            keep = args.reuse or (cfg == "copy verified" and output == "verifier.json")
+            keep = args.reuse or (str(cfg).startswith("copy verified") and output == "verifier.json")
             if keep and output == "verifier.json" and (run / "config.json").is_file():
                 # a verifier holds for the keypoint settings it was fitted on (a preset's may change)
                 recorded = json.loads((run / "config.json").read_text()).get("keypoints")
@@ -262,6 +282,21 @@ def copy_verified(src: Path, dst: Path) -> None:
     copy_trained(src, dst, share_cache=True)
     for f in list(src.glob("verifier*")) + list(src.glob("whitening*")):
         shutil.copy2(f, dst / f.name)
+
+
+def set_mirror(run: Path, mirror: bool) -> None:
+    """The run's network with ModelConfig.mirror set, its gallery embedded again with it (the weights
+    and the embedding centre unchanged), recorded in siamese.pt and config.json."""
+    from engine.pipeline import build_gallery
+    from siamese.model import save_model
+
+    engine = Engine.load(run)
+    engine.model.config = dataclasses.replace(engine.model.config, mirror=mirror)
+    save_model(engine.model, run / "siamese.pt")
+    build_gallery(engine.run, engine.model, engine.gallery.records(), MatchConfig(), progress=False)
+    config = json.loads((run / "config.json").read_text())
+    config["train"]["model"]["mirror"] = mirror
+    (run / "config.json").write_text(json.dumps(config, indent=1))
 
 
 def post_training_steps(run: Path, matchers: tuple[str, ...] = ("sift",), keypoints: str = "default",
