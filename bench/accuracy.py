@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.machine import describe, headline  # noqa: E402
 from core.catalog import load_catalog  # noqa: E402
+from core.runfolder import RunFolder  # noqa: E402
 from engine.matching import evaluate_pairs, format_metrics  # noqa: E402
 from engine.pipeline import (Engine, MatchConfig, fitted_settings, match_settings_of, votes_rule_stale,  # noqa: E402
                              write_predictions)
@@ -217,12 +218,14 @@ def main() -> None:
             elif cfg.startswith("copy verified, mirror"):
                 copy_verified(args.work / f"run_{trained}", run)
                 set_mirror(run, cfg.endswith(" on"))
-        own = json.loads((run / "config.json").read_text())["train"]["model"].get("mirror", False)
-        if isinstance(cfg, TrainConfig) and own != cfg.model.mirror:
+        own = (ModelConfig.from_dict(RunFolder(run).config()["train"]["model"]).mirror
+               if isinstance(cfg, TrainConfig) else None)
+        if own is not None and own != cfg.model.mirror:
             sys.exit(f"{run} embeds {'with' if own else 'without'} the mirror image (--reuse): give --mirror "
                      f"{'on' if own else 'off'} first")
         for output, step in post_training_steps(run, matchers, keypoints, mcfg, whiten):
-            keep = args.reuse or (str(cfg).startswith("copy verified") and output == "verifier.json")
+            keep = args.reuse or (isinstance(cfg, str) and cfg.startswith("copy verified")
+                                  and output == "verifier.json")
             if keep and output == "verifier.json" and (run / "config.json").is_file():
                 # a verifier holds for the keypoint settings it was fitted on (a preset's may change)
                 recorded = json.loads((run / "config.json").read_text()).get("keypoints")
@@ -294,9 +297,8 @@ def set_mirror(run: Path, mirror: bool) -> None:
     engine.model.config = dataclasses.replace(engine.model.config, mirror=mirror)
     save_model(engine.model, run / "siamese.pt")
     build_gallery(engine.run, engine.model, engine.gallery.records(), MatchConfig(), progress=False)
-    config = json.loads((run / "config.json").read_text())
-    config["train"]["model"]["mirror"] = mirror
-    (run / "config.json").write_text(json.dumps(config, indent=1))
+    train = engine.run.config()["train"]
+    engine.run.update_config(train={**train, "model": {**train["model"], "mirror": mirror}})
 
 
 def post_training_steps(run: Path, matchers: tuple[str, ...] = ("sift",), keypoints: str = "default",
