@@ -14,7 +14,7 @@ Prints a table and writes bench/results/accuracy.json (and a copy in --work, kep
 
   python bench/accuracy.py [--train-minutes 20] [--work /tmp/bench-accuracy] [--seed 0]
                            [--keypoints default,kp1500]  # keypoint presets side by side, one network
-                           [--votes 0,20,20:20]  # keypoint votes[:V] side by side, one verified network
+                           [--votes 0,20,20:20,100:300:200]  # keypoint votes[:V[:K]] side by side, one verified network
                            [--whitening on,off]  # SIFT descriptors whitened or not, one network
                            [--mirror off,on]  # embeddings with their mirror image's or not, one network
 """
@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from bench.machine import describe, headline  # noqa: E402
 from core.catalog import load_catalog  # noqa: E402
 from core.runfolder import RunFolder  # noqa: E402
-from engine.matching import evaluate_pairs, format_metrics  # noqa: E402
+from engine.matching import evaluate_pairs, format_metrics, format_places, right_animal_places  # noqa: E402
 from engine.pipeline import (Engine, MatchConfig, fitted_settings, match_settings_of, votes_rule_stale,  # noqa: E402
                              write_predictions)
 from ranker.fusion import FUSED  # noqa: E402
@@ -105,7 +105,7 @@ def evaluate_run(run: Path, queries_dir: Path, queries_csv: Path, truth: dict, o
     results = engine.rank(pairs, engine.tau(cfg))  # the engine's own answer
     pred = out_dir / f"predictions_{label}.csv"
     write_predictions(results, pred, {"run": str(run)})
-    timing = {"query_seconds": seconds / len(records),
+    timing = {"query_seconds": seconds / len(records), "right_animal": right_animal_places(engine, pairs, truth),
               "stage_seconds_per_query": {k: round(v / len(records), 4) for k, v in engine.seconds.items()},
               "embed_images_per_s": emb.images_per_second if emb.computed else None}  # None: all cached
     # query-time options, each on its own shortlists: the embedding's ranking and the engine's
@@ -136,10 +136,10 @@ def main() -> None:
                     "the first is the run's own; each other one verifies and calibrates a copy of it (run label "
                     "trained@PRESET; the query-time options are measured on the first only)")
     ap.add_argument("--votes", default=str(MatchConfig.votes),
-                    help="keypoint-vote settings VOTES[:V] (match --votes, --verify-top; V default "
-                    f"{MatchConfig.verify_top}) to compare on the same trained and verified network: the first is "
-                    "the run's own; each other one calibrates a copy of it (run label trained+votesN, "
-                    "trained+votesNvV)")
+                    help="keypoint-vote settings VOTES[:V[:K]] (match --votes, --verify-top, --shortlist; V "
+                    f"default {MatchConfig.verify_top}, K {MatchConfig.shortlist}) to compare on the same trained "
+                    "and verified network: the first is the run's own; each other one calibrates a copy of it (run "
+                    "label trained+votesN, trained+votesNvV, trained+votesNvVkK)")
     ap.add_argument("--whitening", default="on" if VerifierTrainConfig.whitening else "off",
                     help="on / off: train-verifier --whitening / --no-whitening; 'on,off' compares both on the same "
                     "trained network: the first is the run's own, the other verifies and calibrates a copy of it "
@@ -181,13 +181,12 @@ def main() -> None:
     matchers = tuple(args.matchers.split(","))
     entries = args.votes.split(",")
     try:  # (label suffix, MatchConfig) per setting
-        if len(set(entries)) < len(entries) or any(v.count(":") > 1 for v in entries):
+        if len(set(entries)) < len(entries) or any(v.count(":") > 2 for v in entries):
             raise ValueError
-        votes = [(v, MatchConfig(votes=int(v.split(":")[0]),
-                                 verify_top=int(v.split(":")[1]) if ":" in v else MatchConfig.verify_top))
-                 for v in entries]
+        votes = [(v, vote_setting(v)) for v in entries]
     except ValueError:
-        sys.exit(f"--votes {args.votes}: expected distinct VOTES[:V] entries separated by commas, e.g. 0,20,20:20")
+        sys.exit(f"--votes {args.votes}: expected distinct VOTES[:V[:K]] entries separated by commas, "
+                 "e.g. 0,20,20:20,100:300:200")
     whitening = args.whitening.split(",")
     if any(w not in ("on", "off") for w in whitening) or len(set(whitening)) < len(whitening):
         sys.exit(f"--whitening {args.whitening}: expected on, off, 'on,off' or 'off,on'")
@@ -196,7 +195,7 @@ def main() -> None:
     # (label, training or how to get the run, keypoint preset, match settings, whitening)
     jobs = [(label, cfg, presets[0], votes[0][1], white[0]) for label, cfg in runs]
     jobs += [(f"{trained}@{k}", "copy network", k, votes[0][1], white[0]) for k in presets[1:]]  # other keypoints
-    jobs += [(f"{trained}+votes{v.replace(':', 'v')}", "copy verified", presets[0], m, white[0])  # other vote settings
+    jobs += [(f"{trained}+votes{vote_label(v)}", "copy verified", presets[0], m, white[0])  # other vote settings
              for v, m in votes[1:]]
     jobs += [(f"{trained}+whiten-{w}", "copy network, shared cache", presets[0], votes[0][1], w == "on")
              for w in whitening[1:]]
@@ -238,7 +237,8 @@ def main() -> None:
             if not (keep and (run / output).is_file()):
                 step()
         info[label] = {"build_seconds": round(time.perf_counter() - t0, 1), "keypoints": keypoints,
-                       "votes": mcfg.votes, "verify_top": mcfg.verify_top, "whitening": whiten}
+                       "votes": mcfg.votes, "verify_top": mcfg.verify_top, "shortlist": mcfg.shortlist,
+                       "whitening": whiten}
         rows, timing = evaluate_run(run, qdir, qcsv, truth, args.work, label, options=isinstance(cfg, TrainConfig),
                                     cfg=mcfg)
         table.update(rows)
@@ -254,7 +254,8 @@ def main() -> None:
         print(f"{label}: engine answer MAP@5 {d['protocol_score']['map5']:.3f} (protocol score.py), "
               f"{d['query_seconds']:.3f} s/query, embedding "
               f"{'(cached)' if ips is None else f'{ips:.1f} img/s'}, built in {d['build_seconds']:.0f} s; "
-              "per query: " + ", ".join(f"{k} {v:.3f} s" for k, v in d["stage_seconds_per_query"].items()))
+              "per query: " + ", ".join(f"{k} {v:.3f} s" for k, v in d["stage_seconds_per_query"].items()) +
+              f"\n  {format_places(d['right_animal'])}")
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     report = json.dumps({"machine": machine, "table": table, "runs": info, "args": {
@@ -263,6 +264,19 @@ def main() -> None:
     for path in (out / "accuracy.json", args.work / "accuracy.json"):
         path.write_text(report)
     print(f"wrote {out / 'accuracy.json'} and {args.work / 'accuracy.json'}")
+
+
+def vote_setting(entry: str) -> MatchConfig:
+    """`--votes` entry VOTES[:V[:K]] as match settings (V: --verify-top, K: --shortlist; defaults:
+    MatchConfig's)."""
+    parts = [int(x) for x in entry.split(":")]
+    keys = ("votes", "verify_top", "shortlist")
+    return dataclasses.replace(MatchConfig(), **dict(zip(keys, parts)))
+
+
+def vote_label(entry: str) -> str:
+    """The run label suffix of a `--votes` entry: 20 -> 20, 50:100 -> 50v100, 100:300:200 -> 100v300k200."""
+    return "".join(mark + part for mark, part in zip(("", "v", "k"), entry.split(":")))
 
 
 def copy_trained(src: Path, dst: Path, share_cache: bool = False) -> None:
@@ -304,7 +318,7 @@ def set_mirror(run: Path, mirror: bool) -> None:
 def post_training_steps(run: Path, matchers: tuple[str, ...] = ("sift",), keypoints: str = "default",
                         match: MatchConfig = MatchConfig(), whitening: bool = VerifierTrainConfig.whitening) -> list:
     """After train-siamese, (the file it writes, step): the keypoint verifier, then calibration on the
-    held-out individuals (with the `match` settings: --votes, --verify-top)."""
+    held-out individuals (with the `match` settings: --votes, --verify-top, --shortlist)."""
     from engine import calibrate as calibrate_command
     from engine import train_verifier as verifier_command
 

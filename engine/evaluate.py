@@ -9,8 +9,8 @@ from core.catalog import load_catalog
 from core.metrics import NEW_INDIVIDUAL
 from core.runtime import set_threads
 from engine.config import MatchConfig
-from engine.matching import (embed_queries, evaluate_pairs, evaluate_results, format_metrics, skipped_note,
-                             truths_in_gallery)
+from engine.matching import (embed_queries, evaluate_pairs, evaluate_results, format_metrics, format_places,
+                             right_animal_places, skipped_note, truths_in_gallery)
 from engine.pipeline import Engine
 from engine.stages import stage_names
 
@@ -36,13 +36,16 @@ def main(cfg: MatchConfig, paths: Paths, threads: int | None = None, progress: b
     pairs = engine.pair_scores(catalog.records, emb, cfg, progress=progress)
     table = evaluate_pairs(engine, pairs, truth, cfg)
     metrics = evaluate_results(engine.rank(pairs, engine.tau(cfg)), truth)
+    places = right_animal_places(engine, pairs, truth)
     per_query = {k: v / max(1, len(pairs)) for k, v in {**seconds, **engine.seconds}.items()}
     engine.run.update_metrics("evaluate", {"catalog": str(paths.catalog), "tau": engine.tau(cfg), **metrics,
-                                           "ablation": table, "seconds_per_query": per_query})
+                                           "ablation": table, "right_animal": places,
+                                           "seconds_per_query": per_query})
     n_new = sum(1 for t in truth.values() if t == NEW_INDIVIDUAL)
     dt = time.perf_counter() - t0
     answer = "fused" if engine.calibration is not None else engine.stage_order()[-1]
-    return (format_metrics(table) + f"\nthe engine answers with: {answer}"
+    return (format_metrics(table) + f"\nthe engine answers with: {answer}" +
+            (f"\n{format_places(places)}" if sum(places.values()) else "") +
             "\nseconds per query: " + ", ".join(f"{k} {v:.3f}" for k, v in per_query.items()) +
             f"\nevaluated {len(truth)} labelled photos ({n_new} of individuals absent from the gallery"
             f"{skipped_note(emb)}) in {dt:.1f} s; figures saved in {engine.run.metrics_path}")

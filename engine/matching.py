@@ -7,9 +7,13 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
+from core.aggregate import aggregate_per_individual
 from core.catalog import Record, catalog_from_folder, load_catalog
 from core.errors import UserError
 from core.metrics import NEW_INDIVIDUAL, score_predictions
+from core.stage import ALL
 from engine.pipeline import Engine, MatchConfig, QueryResult
 
 METRIC_ROWS = (("MAP@5", "map5"), ("top-1", "top1"), ("top-5", "top5"), ("known top-1", "known_top1"),
@@ -99,6 +103,50 @@ def evaluate_pairs(engine: Engine, pairs, truth: dict[str, str], cfg: MatchConfi
                   else {"map5": math.nan, "top1": math.nan})
         rows[name].update(closed_map5=closed["map5"], closed_top1=closed["top1"])
     return rows
+
+
+# where the right animal of a known query ends up in the engine's closed-set ranking, and, below the
+# fifth place, how far its photos got (right_animal_places)
+PLACES = ("first", "2nd-5th", "lower, geometry found", "lower, no geometry", "shortlisted, not verified",
+          "not shortlisted")
+
+
+def right_animal_places(engine: Engine, pairs, truth: dict[str, str]) -> dict[str, int]:
+    """For the known queries (truth in the gallery): how many have their individual first, 2nd-5th
+    or lower in the engine's ranking (new_individual never proposed), and of the others why: a
+    verified photo of it with an accepted keypoint geometry (inliers) but outranked; verified
+    without any; none of its photos among the verified ones (--verify-top); none in the shortlist
+    at all (--shortlist, --votes). Tells which setting could still help and where only a better
+    matcher would."""
+    counts = dict.fromkeys(PLACES, 0)
+    verifying = [s.name for s in engine.stages if s.scope != ALL]
+    for qp in pairs:
+        t = truth.get(qp.record.image, NEW_INDIVIDUAL)
+        if t == NEW_INDIVIDUAL:
+            continue
+        ids = [engine.gallery.ids[g] for g in qp.gallery_idx]
+        mine = np.array([i == t for i in ids], dtype=bool)
+        if not mine.any():
+            counts["not shortlisted"] += 1
+            continue
+        ranked = [r.individual_id for r in aggregate_per_individual(ids, engine.default_scores(qp.stages))]
+        place = ranked.index(t) if t in ranked else len(ranked)
+        if place < 5:
+            counts["first" if place == 0 else "2nd-5th"] += 1
+        elif not any((~np.isnan(qp.stages[s][mine])).any() for s in verifying if s in qp.stages):
+            counts["shortlisted, not verified"] += 1
+        elif any(v > 0 for g in qp.gallery_idx[mine] for k, v in qp.evidence.get(int(g), {}).items()
+                 if k.endswith("inliers")):
+            counts["lower, geometry found"] += 1
+        else:
+            counts["lower, no geometry"] += 1
+    return counts
+
+
+def format_places(counts: dict[str, int]) -> str:
+    n = sum(counts.values())
+    return (f"the right animal of the {n} known queries (closed set): " +
+            ", ".join(f"{k} {v}" for k, v in counts.items()))
 
 
 def truths_in_gallery(gallery, records: list[Record]) -> dict[str, str]:

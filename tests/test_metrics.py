@@ -64,3 +64,40 @@ def test_closed_set_figures_ignore_new_individuals_and_tau():
     assert emb["known_top1"] == 0 and emb["known_top5"] == 1  # both known animals in third and second place
     assert emb["closed_map5"] == pytest.approx((1 / 2 + 1) / 2)
     assert emb["closed_top1"] == pytest.approx(1 / 2)
+
+
+def test_right_animal_places_known_answers():
+    """Each known query lands in the place its scores, verification and geometry make it; new ones
+    are not counted."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from core.catalog import Record
+    from core.stage import ALL, TOP
+    from engine.matching import PLACES, right_animal_places
+    from engine.pipeline import QueryPairs
+
+    ids = list("abcdefg")  # one photo each, gallery indices 0-6
+    engine = SimpleNamespace(gallery=SimpleNamespace(ids=ids), default_scores=lambda st: st["embedding"],
+                             stages=[SimpleNamespace(name="embedding", scope=ALL),
+                                     SimpleNamespace(name="keypoints", scope=TOP)])
+    nan = np.nan
+
+    def query(name, emb, kp, inliers_g=None, idx=tuple(range(7))):
+        evidence = {} if inliers_g is None else {6: {"inliers": inliers_g, "inliers_xy": np.zeros((0, 4))}}
+        return QueryPairs(Record(name, Path(name), None), np.array(idx),
+                          {"embedding": np.array(emb, float), "keypoints": np.array(kp, float)}, evidence)
+
+    low_g = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.1]  # g seventh
+    pairs = [query("q1", [0.9, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6], [nan] * 7),  # a first
+             query("q2", [0.9, 0.7, 0.8, 0.1, 0.1, 0.1, 0.1], [nan] * 7),  # b third
+             query("q3", low_g, [nan] * 6 + [0.2], inliers_g=12),  # g verified, geometry found, seventh
+             query("q4", low_g, [nan] * 6 + [0.1], inliers_g=0),  # g verified, no geometry
+             query("q5", low_g, [0.9] * 6 + [nan]),  # g shortlisted, never verified
+             query("q6", low_g[:6], [nan] * 6, idx=range(6)),  # g not in the shortlist
+             query("q7", low_g, [nan] * 7)]  # a new individual: not counted
+    truth = {"q1": "a", "q2": "b", "q3": "g", "q4": "g", "q5": "g", "q6": "g", "q7": NEW}
+    counts = right_animal_places(engine, pairs, truth)
+    assert list(counts) == list(PLACES) and all(v == 1 for v in counts.values())
