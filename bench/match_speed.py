@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Seconds per query of `match` with features cached, per stage, for several --votes / --verify-top
-settings on one trained and verified run.
+(/ --shortlist) settings on one trained and verified run.
 
 The run and the queries are those of `bench/accuracy.py` (its --work folder: `run_trained/` and
 `split/queries`), whose evaluation has cached every photo's embedding and keypoints and built the
@@ -11,7 +11,7 @@ shortlist, votes, pair head, keypoint verification...), the total, and the verif
 query. Nothing else should run on the machine meanwhile.
 Prints the machine, a table, and writes bench/results/match_speed.json.
 
-  python bench/match_speed.py [--work /tmp/bench-accuracy] [--settings 0:20,20:20,0:50,20:50] [--queries 100]
+  python bench/match_speed.py [--work /tmp/bench-accuracy] [--settings 0:20,20:20,0:50,20:50,100:300:200] [--queries 100]
 """
 from __future__ import annotations
 
@@ -55,7 +55,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench-accuracy"),
                     help="bench/accuracy.py's --work folder (run_trained/, split/)")
     ap.add_argument("--run", default="run_trained", help="the run folder's name in --work")
-    ap.add_argument("--settings", default="0:20,20:20,0:50,20:50", help="VOTES:V pairs to time")
+    ap.add_argument("--settings", default="0:20,20:20,0:50,20:50",
+                    help=f"VOTES:V[:K] settings to time (K: --shortlist, default {MatchConfig.shortlist})")
     ap.add_argument("--queries", type=int, default=100, help="the first N query photos of the split")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
@@ -67,21 +68,21 @@ def main() -> None:
                  "first)")
     try:
         settings = [tuple(int(x) for x in s.split(":")) for s in args.settings.split(",")]
-        if any(len(s) != 2 or s[1] < 1 for s in settings):
+        if any(len(s) not in (2, 3) or min(s[1:]) < 1 for s in settings):
             raise ValueError
     except ValueError:
-        sys.exit(f"--settings {args.settings}: expected VOTES:V pairs (V >= 1) separated by commas")
+        sys.exit(f"--settings {args.settings}: expected VOTES:V or VOTES:V:K (V, K >= 1) separated by commas")
     set_threads()
     machine = describe()
     print(headline(machine), flush=True)
     records = load_catalog(split / "queries_viewpoint.csv", split / "queries", require_labels=False).records
     records = records[: args.queries]
     rows = []
-    for votes, v in settings:
+    for votes, v, *k in settings:
         copy = args.work / f"speed_{args.run}"
         fresh_copy(run, copy)
         engine = Engine.load(copy)
-        cfg = MatchConfig(votes=votes, verify_top=v)
+        cfg = MatchConfig(votes=votes, verify_top=v, shortlist=k[0] if k else MatchConfig.shortlist)
         if votes:
             engine.vote_index()  # loaded (or built) before the clock starts
         engine.seconds.clear()
@@ -92,9 +93,9 @@ def main() -> None:
         total = (time.perf_counter() - t0) / len(records)
         verified = np.mean([np.isfinite(qp.stages["keypoints"]).sum() for qp in pairs])
         stages = {k: s / len(records) for k, s in engine.seconds.items() if s > 0}
-        rows.append({"votes": votes, "verify_top": v, "seconds_per_query": total, "verified_per_query": verified,
+        rows.append({"votes": votes, "verify_top": v, "shortlist": cfg.shortlist, "seconds_per_query": total, "verified_per_query": verified,
                      "stage_seconds_per_query": stages, "embeddings_cached": not emb.computed})
-        print(f"votes {votes:3d}  V {v:3d}: {total:.3f} s/query, {verified:.1f} verifications; "
+        print(f"votes {votes:3d}  V {v:3d}  K {cfg.shortlist:3d}: {total:.3f} s/query, {verified:.1f} verifications; "
               + ", ".join(f"{k} {s:.3f} ({s / total:.0%})" for k, s in stages.items()), flush=True)
         shutil.rmtree(copy)
     out = ROOT / "bench" / "results"
