@@ -119,6 +119,9 @@ def test_evaluate_open_set(sample, run_dir, tmp_path):
     assert "MAP@5" in r.output and "evaluated 4 labelled photos (2 of individuals absent" in r.output
     metrics = json.loads((run_dir / "metrics.json").read_text())["evaluate"]
     assert metrics["queries"] == 4 and metrics["new_share_truth"] == pytest.approx(0.5)
+    # where the right animal of each of the two known photos ended up: counted once each, and said
+    assert sum(metrics["right_animal"].values()) == 2
+    assert "the right animal of the 2 known queries (closed set): first" in r.output
 
 
 @pytest.mark.parametrize("case", ["bad_column", "empty_id", "missing_image", "empty_test_dir",
