@@ -11,7 +11,7 @@ shortlist, votes, pair head, keypoint verification...), the total, and the verif
 query. Nothing else should run on the machine meanwhile.
 Prints the machine, a table, and writes bench/results/match_speed.json.
 
-  python bench/match_speed.py [--work /tmp/bench-accuracy] [--settings 0:20,20:20,0:50,20:50,100:300:200] [--queries 100]
+  python bench/match_speed.py [--work /tmp/bench-accuracy] [--settings 0:20,20:50,100:300:200] [--queries 100]
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 from bench.machine import describe, headline  # noqa: E402
 from core.catalog import load_catalog  # noqa: E402
 from core.runtime import set_threads  # noqa: E402
+from bench.accuracy import vote_setting  # noqa: E402
 from engine.pipeline import Engine, MatchConfig  # noqa: E402
 
 PAIR_CACHES = ("pairs", "pairs-xfeat")  # verified pairs: not shared, so that each setting verifies anew
@@ -67,8 +68,11 @@ def main() -> None:
         sys.exit(f"{args.work}: no verified run {args.run}/ or split/ (run bench/accuracy.py --work {args.work} "
                  "first)")
     try:
-        settings = [tuple(int(x) for x in s.split(":")) for s in args.settings.split(",")]
-        if any(len(s) not in (2, 3) or min(s[1:]) < 1 for s in settings):
+        entries = args.settings.split(",")
+        if any(e.count(":") not in (1, 2) for e in entries):
+            raise ValueError
+        settings = [vote_setting(e) for e in entries]
+        if any(cfg.verify_top < 1 or cfg.shortlist < 1 for cfg in settings):
             raise ValueError
     except ValueError:
         sys.exit(f"--settings {args.settings}: expected VOTES:V or VOTES:V:K (V, K >= 1) separated by commas")
@@ -78,12 +82,11 @@ def main() -> None:
     records = load_catalog(split / "queries_viewpoint.csv", split / "queries", require_labels=False).records
     records = records[: args.queries]
     rows = []
-    for votes, v, *k in settings:
+    for cfg in settings:
         copy = args.work / f"speed_{args.run}"
         fresh_copy(run, copy)
         engine = Engine.load(copy)
-        cfg = MatchConfig(votes=votes, verify_top=v, shortlist=k[0] if k else MatchConfig.shortlist)
-        if votes:
+        if cfg.votes:
             engine.vote_index()  # loaded (or built) before the clock starts
         engine.seconds.clear()
         t0 = time.perf_counter()
@@ -93,10 +96,12 @@ def main() -> None:
         total = (time.perf_counter() - t0) / len(records)
         verified = np.mean([np.isfinite(qp.stages["keypoints"]).sum() for qp in pairs])
         stages = {k: s / len(records) for k, s in engine.seconds.items() if s > 0}
-        rows.append({"votes": votes, "verify_top": v, "shortlist": cfg.shortlist, "seconds_per_query": total, "verified_per_query": verified,
+        rows.append({"votes": cfg.votes, "verify_top": cfg.verify_top, "shortlist": cfg.shortlist,
+                     "seconds_per_query": total, "verified_per_query": verified,
                      "stage_seconds_per_query": stages, "embeddings_cached": not emb.computed})
-        print(f"votes {votes:3d}  V {v:3d}  K {cfg.shortlist:3d}: {total:.3f} s/query, {verified:.1f} verifications; "
-              + ", ".join(f"{k} {s:.3f} ({s / total:.0%})" for k, s in stages.items()), flush=True)
+        print(f"votes {cfg.votes:3d}  V {cfg.verify_top:3d}  K {cfg.shortlist:3d}: {total:.3f} s/query, "
+              f"{verified:.1f} verifications; " +
+              ", ".join(f"{k} {s:.3f} ({s / total:.0%})" for k, s in stages.items()), flush=True)
         shutil.rmtree(copy)
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
