@@ -27,7 +27,7 @@ from core.errors import UserError
 from core.gallery import Gallery
 from core.metrics import NEW_INDIVIDUAL
 from core.runfolder import RunFolder, atomic_write_bytes, atomic_write_json, read_json
-from core.stage import ALL, PairBatch, StageContext
+from core.stage import ALL, PairBatch, StageContext, is_active
 from engine.config import MatchConfig
 from engine.stages import load_stages
 from keypoints.features import DESC_DIM
@@ -470,13 +470,16 @@ class Engine:
         return self.scorers["fused"](stages) if self.scorers else self.pre_scores(stages)
 
     def ablation_scorers(self, cfg: MatchConfig) -> list[tuple[str, object, float]]:
-        """(name, scorer, tau) for each single stage this run has, and the fusion: side by side."""
+        """(name, scorer, tau) for each single stage that scores under `cfg`, and the fusion: side by
+        side. A stage left out (--matchers) or idle under these settings (the votes with --votes 0)
+        has no column: it would only show the scores of nothing."""
+        settings = self.match_settings(cfg)
+        running = {s.name for s in self.stages if is_active(s, settings)}
         if self.calibration is not None:
-            running = {s.name for s in self.stages} | {FUSED}  # (--matchers may leave a calibrated stage out)
             return [(name, scorer, cfg.tau if cfg.tau is not None else float(self.calibration["tau"][name]))
-                    for name, scorer in self.scorers.items() if name in running]
+                    for name, scorer in self.scorers.items() if name in running | {FUSED}]
         return [(s.name, (lambda st, n=s.name: st[n]), cfg.tau if cfg.tau is not None else s.default_tau)
-                for s in self.stages if s.scope == ALL]
+                for s in self.stages if s.scope == ALL and s.name in running]
 
     def rank(self, pairs: Sequence[QueryPairs], tau: float, scorer=None, aggregate: str = "max") -> list[QueryResult]:
         """Per-individual max (or `aggregate`) of each pair's score, then top-5 with new_individual

@@ -566,6 +566,10 @@ def test_keypoint_votes_join_the_shortlist_and_are_verified(chain, caplog):
     invoke("calibrate", "--run", run, "--votes", 0, "-q")
     cal0 = json.loads((run / "calibration.json").read_text())
     assert "votes" not in cal0["stages"] and "votes" not in cal0["fusion"]["stages"] and "keypoints" in cal0["stages"]
+    # ... and evaluates without a votes column (it would only show the scores of nothing)
+    out0 = invoke("evaluate", "--catalog", truth, "--images", qdir, "--run", run, "--votes", 0, "-q")
+    header = next(line for line in out0.splitlines() if line.startswith("metric")).split()
+    assert "votes" not in header and header[1:] == ["embedding", "siamese", "keypoints", "fused", "fused:top2mean"], out0
     # a calibration fitted when voted photos were verified beyond --verify-top (no votes_rule) warns,
     # once; one with the rule does not
     del cal["match"]["votes_rule"]
