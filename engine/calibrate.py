@@ -136,10 +136,15 @@ class Paths:
     run: Path
 
 
+FEW_INDIVIDUALS_REMEDY = ("hold out more individuals (train-siamese --heldout-fraction) or set the expected share "
+                          "of new animals (calibrate --new-rate)")
+
+
 def main(cfg: CalibrateConfig, paths: Paths, mcfg: MatchConfig = MatchConfig(), threads: int | None = None,
-         progress: bool = True, precision: str = "auto") -> dict:
+         progress: bool = True, precision: str = "auto", remedy: str = FEW_INDIVIDUALS_REMEDY) -> dict:
     """The calibrate command. `mcfg`: the shortlist and verify-top that `match` will use (recorded
-    with the calibration)."""
+    with the calibration). `remedy`: what the warning about too few held-out individuals advises
+    (the demo has its own options)."""
     run = paths.run
     t0 = time.perf_counter()
     set_threads(threads)
@@ -178,9 +183,8 @@ def main(cfg: CalibrateConfig, paths: Paths, mcfg: MatchConfig = MatchConfig(), 
         taus = {name: min([tau] + [r[name]["tau"] for r in per_fold if name in r]) for name, tau in taus.items()}
         log.warning("tau rests on %d new-individual queries of %d individuals only (fold taus %s): it may not "
                     "hold on new photos, so the lowest tau of the folds is used (%.3f: new_individual is "
-                    "answered less often); hold out more individuals (train-siamese --heldout-fraction) or "
-                    "set the expected share of new animals (calibrate --new-rate)", n_new, n_individuals,
-                    ", ".join(f"{t:.3f}" for t in fold_taus), taus[FUSED])
+                    "answered less often); %s", n_new, n_individuals,
+                    ", ".join(f"{t:.3f}" for t in fold_taus), taus[FUSED], remedy)
     calibration = {"kind": "calibration", "version": 1, "stages": stages, "fusion": fusion.to_dict(),
                    "tau": taus, "tau_rule": rule, "tau_all_folds": fitted_taus, "config": asdict(cfg),
                    "match": engine.calibration_match(mcfg), "per_fold": per_fold,

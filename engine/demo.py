@@ -33,6 +33,11 @@ class Paths:
 # held out of training: one calibration individual per fold of calibrate (the demo's settings), where
 # train-siamese gives every other held-out individual to choosing the epoch (heldout[1::2]): 5
 MIN_HELDOUT = 2 * calibrate.individuals_needed(calibrate.CalibrateConfig()) - 1
+# the demo has no --heldout-fraction or --new-rate: what calibrate's warning about few held-out
+# individuals advises here instead
+DEMO_REMEDY = ("expected in the demo (it holds out a fifth of the individuals, at least the few that calibrate "
+               "needs); to calibrate on more, run the commands one by one (train-siamese --heldout-fraction, "
+               "calibrate --new-rate)")
 MIN_TRAINING = 5
 
 
@@ -93,7 +98,7 @@ def main(cfg: DemoConfig, paths: Paths, threads: int | None = None, progress: bo
                                    precision)
     log.info("3/5 calibrate")
     calibration = calibrate.main(calibrate.CalibrateConfig(seed=seed), calibrate.Paths(run), threads=threads,
-                                 progress=progress, precision=precision)
+                                 progress=progress, precision=precision, remedy=DEMO_REMEDY)
     log.info("4/5 match the held-out photos")
     engine = Engine.load(run, precision)
     queries = load_catalog(truth_csv, queries_dir, allow_new=True)  # truth.csv lists the query photos with their answer

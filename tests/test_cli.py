@@ -219,6 +219,8 @@ def test_demo_end_to_end(tmp_path):
     assert len(rows) == len(truth) and any(t["individual_id"] == NEW_INDIVIDUAL for t in truth)
     map5 = float(next(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("MAP@5")))
     assert map5 > 0.3  # chance on 20 known + new_individual is far below
+    # the sample calibrates on 3 held-out individuals: calibrate warns, with advice the demo can follow
+    assert "tau rests on" in proc.stderr and "expected in the demo" in proc.stderr, proc.stderr[-2000:]
     # the demo's catalog is large enough to learn the SIFT descriptors' whitening from (5479 correct
     # matches measured); config.json names it, and a whitening file that does not fit is refused
     run = tmp_path / "demo" / "run"
