@@ -17,7 +17,11 @@ def average_precision_at_5(truth: str, predictions: Sequence[str]) -> float:
 
 
 def score_predictions(truth: Mapping[str, str], predictions: Mapping[str, Sequence[str]]) -> dict:
-    """Same figures as ../shared/protocol/score.py. A query with no prediction counts as wrong."""
+    """MAP@5, top-1, top-5, new-individual precision / recall / F1 (of answering `new_individual`
+    first), as the evaluation protocol's scorer computes them. A query with no prediction counts as
+    wrong. A figure about queries there are none of is None ("n/a"), where the protocol's scorer
+    prints 0: the known-animal figures without known animals, new recall and F1 without new ones.
+    New precision when nothing was answered `new_individual` is 0 by convention, as there."""
     n = len(truth)
     if n == 0:
         raise ValueError("no labelled queries to score")
@@ -44,18 +48,18 @@ def score_predictions(truth: Mapping[str, str], predictions: Mapping[str, Sequen
             known_top1 += bool(pred) and pred[0] == tid
             known_top5 += tid in pred
     prec = tp / (tp + fp) if tp + fp else 0.0
-    rec = tp / (tp + fn) if tp + fn else 0.0
+    rec = tp / (tp + fn) if tp + fn else None
     return {
         "queries": n,
         "missing": missing,
         "map5": ap / n,
         "top1": top1 / n,
         "top5": top5 / n,
-        "known_top1": known_top1 / known if known else 0.0,
-        "known_top5": known_top5 / known if known else 0.0,  # the right animal among the five answers
+        "known_top1": known_top1 / known if known else None,
+        "known_top5": known_top5 / known if known else None,  # the right animal among the five answers
         "new_precision": prec,
         "new_recall": rec,
-        "new_f1": 2 * prec * rec / (prec + rec) if prec + rec else 0.0,
+        "new_f1": None if rec is None else 2 * prec * rec / (prec + rec) if prec + rec else 0.0,
         "new_share_truth": (tp + fn) / n,
     }
 

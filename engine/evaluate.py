@@ -48,4 +48,6 @@ def main(cfg: MatchConfig, paths: Paths, threads: int | None = None, progress: b
             (f"\n{format_places(places)}" if sum(places.values()) else "") +
             "\nseconds per query: " + ", ".join(f"{k} {v:.3f}" for k, v in per_query.items()) +
             f"\nevaluated {len(truth)} labelled photos ({n_new} of individuals absent from the gallery"
-            f"{skipped_note(emb)}) in {dt:.1f} s; figures saved in {engine.run.metrics_path}")
+            # an unreadable photo has no answer: the figures count it as wrong, as the protocol's scorer does
+            f"{skipped_note(emb, 'counted as wrong answers')}) in {dt:.1f} s; figures saved in "
+            f"{engine.run.metrics_path}")

@@ -67,8 +67,8 @@ def match_records(engine: Engine, records: list[Record], cfg: MatchConfig, progr
     return results, emb
 
 
-def skipped_note(emb) -> str:
-    return f", {len(emb.skipped)} unreadable photo(s) skipped" if emb.skipped else ""
+def skipped_note(emb, outcome: str = "skipped") -> str:
+    return f", {len(emb.skipped)} unreadable photo(s) {outcome}" if emb.skipped else ""
 
 
 def format_metrics(rows: dict[str, dict]) -> str:
@@ -77,7 +77,8 @@ def format_metrics(rows: dict[str, dict]) -> str:
     width = max(12, *(len(n) + 2 for n in names))
     lines = ["metric".ljust(14) + "".join(n.rjust(width) for n in names)]
     for label, key in METRIC_ROWS:
-        lines.append(label.ljust(14) + "".join(f"{rows[n][key]:.3f}".rjust(width) for n in names))
+        lines.append(label.ljust(14) + "".join(
+            ("n/a" if rows[n][key] is None else f"{rows[n][key]:.3f}").rjust(width) for n in names))
     return "\n".join(lines)
 
 
@@ -100,7 +101,7 @@ def evaluate_pairs(engine: Engine, pairs, truth: dict[str, str], cfg: MatchConfi
     for name, scorer, tau, how in scorers + [(f"{n}:top2mean", s, t, "top2mean")]:
         rows[name] = evaluate_results(engine.rank(pairs, tau, scorer, how), truth)
         closed = (evaluate_results(engine.rank(known_pairs, -math.inf, scorer, how), known) if known
-                  else {"map5": math.nan, "top1": math.nan})
+                  else {"map5": None, "top1": None})  # no known queries: nothing to measure
         rows[name].update(closed_map5=closed["map5"], closed_top1=closed["top1"])
     return rows
 

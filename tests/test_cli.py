@@ -122,6 +122,14 @@ def test_evaluate_open_set(sample, run_dir, tmp_path):
     # where the right animal of each of the two known photos ended up: counted once each, and said
     assert sum(metrics["right_animal"].values()) == 2
     assert "the right animal of the 2 known queries (closed set): first" in r.output
+    # an unreadable photo has no answer: counted as a wrong one, and said so
+    (tmp_path / "broken.jpg").write_bytes(b"\x00" * 10)
+    with open(lab, "a") as f:
+        f.write(f"{tmp_path / 'broken.jpg'},{rows[0]['individual_id']}\n")
+    r = invoke("evaluate", "--catalog", lab, "--run", run_dir, "-q")
+    assert r.exit_code == 0 and "1 unreadable photo(s) counted as wrong answers" in r.output, r.output
+    again = json.loads((run_dir / "metrics.json").read_text())["evaluate"]
+    assert again["queries"] == 5 and again["map5"] == pytest.approx(metrics["map5"] * 4 / 5)
 
 
 @pytest.mark.parametrize("case", ["bad_column", "empty_id", "missing_image", "empty_test_dir",

@@ -570,6 +570,10 @@ def test_keypoint_votes_join_the_shortlist_and_are_verified(chain, caplog):
     out0 = invoke("evaluate", "--catalog", truth, "--images", qdir, "--run", run, "--votes", 0, "-q")
     header = next(line for line in out0.splitlines() if line.startswith("metric")).split()
     assert "votes" not in header and header[1:] == ["embedding", "siamese", "keypoints", "fused", "fused:top2mean"], out0
+    # likewise the keypoint stage with --verify-top 0 (it verifies nothing)
+    out0 = invoke("evaluate", "--catalog", truth, "--images", qdir, "--run", run, "--votes", 0, "--verify-top", 0, "-q")
+    header = next(line for line in out0.splitlines() if line.startswith("metric")).split()
+    assert header[1:] == ["embedding", "siamese", "fused", "fused:top2mean"], out0
     # a calibration fitted when voted photos were verified beyond --verify-top (no votes_rule) warns,
     # once; one with the rule does not
     del cal["match"]["votes_rule"]

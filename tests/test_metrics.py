@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from core.metrics import NEW_INDIVIDUAL as NEW, average_precision_at_5, roc_auc, score_predictions
@@ -44,7 +46,7 @@ def test_closed_set_figures_ignore_new_individuals_and_tau():
     import numpy as np
 
     from core.catalog import Record
-    from engine.matching import evaluate_pairs
+    from engine.matching import evaluate_pairs, format_metrics
     from engine.pipeline import Engine, MatchConfig, QueryPairs
 
     gallery = SimpleNamespace(ids=["a", "b", "c"], paths=["ga", "gb", "gc"])
@@ -64,6 +66,24 @@ def test_closed_set_figures_ignore_new_individuals_and_tau():
     assert emb["known_top1"] == 0 and emb["known_top5"] == 1  # both known animals in third and second place
     assert emb["closed_map5"] == pytest.approx((1 / 2 + 1) / 2)
     assert emb["closed_top1"] == pytest.approx(1 / 2)
+    # only a new individual: the known-animal figures have nothing to measure (n/a, JSON null)
+    only_new = evaluate_pairs(engine, pairs[2:], {"q3": NEW}, MatchConfig())["embedding"]
+    assert [only_new[k] for k in ("known_top1", "known_top5", "closed_map5", "closed_top1")] == [None] * 4
+    assert only_new["new_recall"] == 1 and only_new["map5"] == 1
+    table = format_metrics({"embedding": only_new})
+    assert "n/a" in next(line for line in table.splitlines() if line.startswith("closed MAP@5"))
+    assert "NaN" not in json.dumps(only_new)
+
+
+def test_figures_about_no_queries_are_none():
+    """Known-animal figures without known queries, new recall and F1 without new ones: None, where
+    the protocol's scorer prints 0; precision with nothing answered new stays 0 by convention."""
+    only_known = score_predictions({"q1": "a", "q2": "b"}, {"q1": ["a"], "q2": [NEW, "b"]})
+    assert only_known["new_recall"] is None and only_known["new_f1"] is None
+    assert only_known["new_precision"] == 0 and only_known["known_top5"] == 1
+    only_new = score_predictions({"q1": NEW}, {"q1": ["a", NEW]})
+    assert only_new["known_top1"] is None and only_new["known_top5"] is None
+    assert only_new["new_recall"] == 0 and only_new["new_f1"] == 0 and only_new["map5"] == pytest.approx(1 / 2)
 
 
 def test_right_animal_places_known_answers():
