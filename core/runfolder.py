@@ -55,6 +55,9 @@ def check_writable(path: Path, option: str = "--out") -> Path:
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{option} {path} is a folder: give a file name")
+    existing = next((p for p in path.parents if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise UserError(f"{option} {path} cannot be written: {existing} is a file, not a folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         probe = path.with_name(path.name + f".probe{os.getpid()}")

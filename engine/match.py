@@ -32,6 +32,7 @@ def main(cfg: MatchConfig, paths: Paths, threads: int | None = None, progress: b
     if Path(out).suffix.lower() == ".json":
         raise UserError(f"--out {out}: the predictions are a CSV; the evidence JSON goes beside it")
     check_writable(out)
+    check_writable(Path(out).with_suffix(".json"), "the evidence JSON of --out")  # written beside the CSV
     if report is not None:
         check_writable(report, "--report")
         taken = {Path(out).resolve(): "--out", Path(out).with_suffix(".json").resolve(): "the evidence JSON"}

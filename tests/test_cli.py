@@ -134,8 +134,8 @@ def test_evaluate_open_set(sample, run_dir, tmp_path):
 
 @pytest.mark.parametrize("case", ["bad_column", "empty_id", "missing_image", "empty_test_dir",
                                   "old_run", "no_run", "bad_size", "non_utf8_config", "bad_calibration",
-                                  "truncated_gallery", "out_is_a_folder", "test_dir_is_a_file", "negative_threads",
-                                  "tau_above_1"])
+                                  "truncated_gallery", "out_is_a_folder", "evidence_json_is_a_folder",
+                                  "out_under_a_file", "test_dir_is_a_file", "negative_threads", "tau_above_1"])
 def test_bad_input_exits_2_with_one_sentence(case, sample, run_dir, tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"x")
     if case == "bad_column":
@@ -180,6 +180,13 @@ def test_bad_input_exits_2_with_one_sentence(case, sample, run_dir, tmp_path):
         (tmp_path / "p.csv").mkdir()
         args = ["match", tmp_path, "--run", run_dir, "--out", tmp_path / "p.csv"]
         expect = "p.csv is a folder"
+    elif case == "evidence_json_is_a_folder":  # refused before matching, named as the user sees it
+        (tmp_path / "p.json").mkdir()
+        args = ["match", tmp_path, "--run", run_dir, "--out", tmp_path / "p.csv"]
+        expect = "the evidence JSON of --out " + str(tmp_path / "p.json") + " is a folder"
+    elif case == "out_under_a_file":
+        args = ["match", tmp_path, "--run", run_dir, "--out", tmp_path / "a.jpg" / "p.csv"]
+        expect = f"cannot be written: {tmp_path / 'a.jpg'} is a file, not a folder"
     elif case == "test_dir_is_a_file":
         args = ["match", tmp_path / "a.jpg", "--run", run_dir, "--out", tmp_path / "p.csv"]
         expect = "a.jpg is a file: give the folder"
