@@ -44,11 +44,12 @@ def check_resume(run: RunFolder, cfg: TrainConfig, heldout: list[str]) -> None:
     (a network trained on the old split would then be calibrated on individuals it trained on), and
     any other training setting (frozen stages, learning rates, loss, input size...), which would
     silently make the run half one recipe and half another. The budget may change."""
-    if not run.checkpoint_path.is_file():
+    from_scratch = not run.checkpoint_path.is_file()
+    if from_scratch and not run.config_path.is_file():
         log.warning("--resume: no checkpoint in %s, training starts from scratch", run.path)
-        if not run.config_path.is_file():
-            return
-        # killed before its first checkpoint: what it recorded still says which training this is
+        return
+    # without a checkpoint (killed before the first one) what the run recorded still says which training
+    # this is: checked first, so that the warning below is never followed by a refusal
     old = run.config().get("train", {})
     new = json.loads(json.dumps(cfg.to_dict()))  # tuples as the JSON lists of the run folder
     split = ("seed", "heldout_fraction")  # compared even where the old run did not record them
@@ -65,6 +66,8 @@ def check_resume(run: RunFolder, cfg: TrainConfig, heldout: list[str]) -> None:
     if run.heldout_path.is_file() and sorted(read_json(run.heldout_path)["individuals"]) != sorted(heldout):
         raise UserError(f"--resume: the catalog's held-out individuals differ from those of {run.path} (the "
                         f"catalog changed): train anew into another --out")
+    if from_scratch:
+        log.warning("--resume: no checkpoint in %s, training starts from scratch", run.path)
 
 
 @dataclass(frozen=True)

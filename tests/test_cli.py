@@ -316,6 +316,7 @@ def test_resume_refuses_other_split_settings_and_says_when_it_starts_over(sample
     r = invoke("train-siamese", "--catalog", sample, "--out", half, "--epochs", 1, "--input-size", SIZE,
                "--batch-size", 8, "--resume", "--seed", 5, "-q")
     assert r.exit_code == 2 and "--resume with --seed 5" in r.output
+    assert "starts from scratch" not in r.output  # refused: no warning that training starts
     assert sorted(p.name for p in half.iterdir()) == ["config.json"]  # nothing rewritten
     # an existing file is not a run folder
     r = invoke("train-siamese", "--catalog", sample, "--out", sample, "--epochs", 0, "-q")
