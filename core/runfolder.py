@@ -99,6 +99,7 @@ class RunFolder:
     calibration_path = property(lambda self: self.path / "calibration.json")
     metrics_path = property(lambda self: self.path / "metrics.json")
     checkpoint_path = property(lambda self: self.path / "checkpoint.pt")
+    enrolled_path = property(lambda self: self.path / "enrolled.csv")  # the catalog rows `enroll` added
     cache_dir = property(lambda self: self.path / "cache")
 
     def create(self, config: dict) -> None:

@@ -1,6 +1,7 @@
 """demo: the whole path on a sample that needs nothing outside the repo (or on the user's photos)."""
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import Counter
@@ -10,6 +11,7 @@ from pathlib import Path
 from core.catalog import load_catalog
 from core.errors import UserError
 from core.metrics import NEW_INDIVIDUAL
+from core.runfolder import RunFolder
 from engine import calibrate, train_siamese, train_verifier
 from engine.config import DemoConfig, MatchConfig, VerifierTrainConfig
 from engine.matching import evaluate_pairs, format_metrics, match_pairs
@@ -67,12 +69,28 @@ def heldout_fraction(gallery_csv: Path, default: float, n_unseen: int, catalog: 
     return max(default, MIN_HELDOUT / eligible)
 
 
+def check_replaceable(run: Path, gallery_csv: Path) -> None:
+    """The demo replaces the run of an earlier demo in the same --out (photos enrolled into it are set
+    aside by train-siamese, with a warning), never a run that something else trained there."""
+    folder = RunFolder(run)
+    if not folder.weights_path.is_file():
+        return
+    try:
+        made_from = json.loads(folder.config_path.read_text(encoding="utf-8")).get("catalog")
+    except (OSError, ValueError, AttributeError):
+        made_from = None
+    if made_from != str(gallery_csv.resolve()):
+        raise UserError(f"{run} holds a trained run that the demo did not make (its catalog: {made_from}): "
+                        f"give the demo another --out")
+
+
 def main(cfg: DemoConfig, paths: Paths, threads: int | None = None, progress: bool = True,
          precision: str = "auto") -> str:
     """The demo command: split, train-siamese, train-verifier, calibrate, match, evaluate."""
     out, catalog, images, seed = paths.out, paths.catalog, paths.images, cfg.seed
     t0 = time.perf_counter()
     out = Path(out)
+    check_replaceable(out / "run", out / "split" / "gallery.csv")
     out.mkdir(parents=True, exist_ok=True)
     if catalog is None:
         if images is not None:

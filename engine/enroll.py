@@ -13,7 +13,7 @@ from core.catalog import Record, load_catalog, read_rows
 from core.errors import UserError
 from core.gallery import Gallery
 from core.metrics import NEW_INDIVIDUAL
-from core.runfolder import atomic_write_bytes
+from core.runfolder import RunFolder, atomic_write_bytes
 from core.runtime import set_threads
 from engine.config import MatchConfig
 from engine.matching import skipped_note
@@ -21,7 +21,6 @@ from engine.pipeline import Engine
 
 DECISION_COLUMNS = ("image", "decision", "individual_id", "note")
 DECISIONS = ("match", "new", "unsure")
-ADDED_CSV = "enrolled.csv"  # in the run folder: the catalog rows enroll added, appended run after run
 
 
 @dataclass(frozen=True)
@@ -87,7 +86,7 @@ def decided_records(path: Path, images: Path | None, known: set[str],
 
 def write_added(run_dir: Path, records: list[Record]) -> Path:
     """Append the catalog rows (image,individual_id[,viewpoint]) of the photos just enrolled."""
-    out = Path(run_dir) / ADDED_CSV
+    out = RunFolder(run_dir).enrolled_path  # appended run after run
     old = out.read_bytes() if out.is_file() else b""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")

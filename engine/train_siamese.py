@@ -77,15 +77,34 @@ class Paths:
     images: Path | None = None  # image root (default: the catalog's folder)
 
 
+def enrolled_rows(run: RunFolder) -> int:
+    """How many photos `enroll` added to the run's gallery (rows of enrolled.csv)."""
+    if not run.enrolled_path.is_file():
+        return 0
+    with open(run.enrolled_path, encoding="utf-8") as f:
+        return max(0, sum(1 for _ in f) - 1)  # rows after the header
+
+
+def set_aside_enrolled(run: RunFolder) -> None:
+    """--overwrite builds the gallery from --catalog alone: the rows of the photos enrolled into the
+    replaced gallery move to a file of their own (enroll --catalog takes it as it is), so that
+    enrolled.csv keeps saying what the gallery holds and nothing is lost."""
+    n = enrolled_rows(run)
+    if not run.enrolled_path.is_file():
+        return
+    aside = run.path / f"enrolled-before-overwrite-{time.strftime('%Y%m%d-%H%M%S')}.csv"
+    os.replace(run.enrolled_path, aside)
+    if n:
+        log.warning("the replaced gallery had %d enrolled photo(s); the new one has them only if --catalog lists "
+                    "them. Their rows are in %s (`cli.py enroll --catalog %s --run %s` adds them again)", n, aside,
+                    aside, run.path)
+
+
 def check_not_trained(run: RunFolder) -> None:
     """Without --resume or --overwrite, a folder that already holds a trained run is not replaced."""
     if not run.weights_path.is_file():
         return
-    enrolled = run.path / "enrolled.csv"
-    n = 0
-    if enrolled.is_file():
-        with open(enrolled, encoding="utf-8") as f:
-            n = max(0, sum(1 for _ in f) - 1)  # rows after the header
+    n = enrolled_rows(run)
     lost = f" (its {n} enrolled photo(s) would be dropped unless they are in --catalog)" if n else ""
     raise UserError(f"--out {run.path} already holds a trained run (siamese.pt): --overwrite replaces it{lost}, "
                     f"--resume continues an interrupted training; or give another --out")
@@ -113,6 +132,8 @@ def main(cfg: TrainConfig, paths: Paths, resume: bool = False, progress: bool = 
         recorded_precision = run.config().get("precision") if run.config_path.is_file() else None
     elif not overwrite:
         check_not_trained(run)
+    else:
+        set_aside_enrolled(run)
     for stale in (run.verifier_path, run.calibration_path):
         if stale.exists():  # fitted on the previous network's scores
             log.warning("removing %s: it was fitted for the previous network (run train-verifier and "

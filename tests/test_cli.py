@@ -268,6 +268,22 @@ def test_demo_on_a_small_catalog_of_your_own(tmp_path):
     assert len(heldout["individuals"]) == 5 and len(set(heldout["individuals"]) - set(heldout["validation"])) == 3
 
 
+def test_demo_replaces_only_its_own_run(sample, run_dir, tmp_path):
+    """A run trained into --out/run by something else is refused before any work; the demo's own
+    earlier run is replaced (the test of the demo itself runs it)."""
+    out = tmp_path / "out"
+    shutil.copytree(run_dir, out / "run")
+    r = invoke("demo", "--out", out, "-q")
+    assert r.exit_code == 2 and "holds a trained run that the demo did not make" in r.output, r.output
+    assert sorted(p.name for p in out.iterdir()) == ["run"]  # no sample, no split written
+    from engine.demo import check_replaceable
+
+    config = json.loads((out / "run" / "config.json").read_text())
+    config["catalog"] = str((out / "split" / "gallery.csv").resolve())
+    (out / "run" / "config.json").write_text(json.dumps(config))
+    check_replaceable(out / "run", out / "split" / "gallery.csv")  # an earlier demo's: no error
+
+
 def test_resume_refuses_other_split_settings_and_says_when_it_starts_over(sample, tmp_path):
     run = tmp_path / "run"
     base = ["train-siamese", "--catalog", sample, "--out", run, "--epochs", 1, "--input-size", SIZE,

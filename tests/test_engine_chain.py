@@ -176,8 +176,15 @@ def test_retraining_drops_the_stale_verifier_and_calibration(chain, tmp_path):
     r = runner.invoke(app, [str(a) for a in args])
     assert r.exit_code == 2 and "already holds a trained run" in r.output and "--overwrite" in r.output
     assert (rerun / "siamese.pt").read_bytes() == weights and (rerun / "calibration.json").exists()
-    invoke(*args, "--overwrite")
+    # photos enrolled into the replaced gallery: their rows are set aside (the new gallery is --catalog's)
+    enrolled = "image,individual_id,viewpoint\n/photos/x.jpg,new_one,\n"
+    (rerun / "enrolled.csv").write_text(enrolled)
+    r = runner.invoke(app, [str(a) for a in args + ["--overwrite"]])
+    assert r.exit_code == 0 and "had 1 enrolled photo(s)" in r.output, r.output
     assert not (rerun / "verifier.json").exists() and not (rerun / "calibration.json").exists()
+    assert not (rerun / "enrolled.csv").exists()
+    [aside] = rerun.glob("enrolled-before-overwrite-*.csv")
+    assert aside.read_text() == enrolled and f"enroll --catalog {aside}" in r.output
     out = invoke("match", qdir, "--run", rerun, "--out", tmp_path / "p.csv", "-q")
     assert out.startswith("matched")
 
