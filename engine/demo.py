@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -96,7 +97,7 @@ def main(cfg: DemoConfig, paths: Paths, threads: int | None = None, progress: bo
         if images is not None:
             raise UserError("--images goes with --catalog (the built-in sample needs neither)")
         catalog = make_dataset(out / "sample", seed=seed, **SAMPLE)
-        n_unseen, source = SAMPLE_UNSEEN, "built-in synthetic sample"
+        n_unseen, source = SAMPLE_UNSEEN, "the built-in synthetic sample"
     else:
         full = load_catalog(catalog, images)  # validates before any work
         n_unseen, source = unseen_of(len(full.individuals())), f"{catalog}"
@@ -132,7 +133,7 @@ def main(cfg: DemoConfig, paths: Paths, threads: int | None = None, progress: bo
     table = evaluate_pairs(engine, pairs, truth, mcfg)
     n_new = sum(1 for t in truth.values() if t == NEW_INDIVIDUAL)
     return "\n".join([
-        f"demo on the {source}: gallery {summary['gallery_photos']} photos of "
+        f"demo on {source}: gallery {summary['gallery_photos']} photos of "
         f"{summary['gallery_individuals']} individuals, {len(truth)} query photos ({n_new} of unseen individuals)",
         f"siamese: {summary['epochs_trained']} epoch(s); verifier held-out AUC {verifier['matchers']['sift']['heldout_auc_validator']:.3f}"
         f" (inlier count {verifier['matchers']['sift']['heldout_auc_inlier_count']:.3f}); calibrated tau {tau:.3f} on "
@@ -140,5 +141,7 @@ def main(cfg: DemoConfig, paths: Paths, threads: int | None = None, progress: bo
         format_metrics(table),
         "the engine answers with: fused",
         f"outputs: run folder {run}, predictions {predictions} (+ .json), review page {report}, truth {truth_csv}",
+        "score them again (e.g. with other options): python cli.py evaluate --catalog "
+        f"{shlex.quote(str(truth_csv))} --images {shlex.quote(str(queries_dir))} --run {shlex.quote(str(run))}",
         f"demo finished in {time.perf_counter() - t0:.0f} s",
     ])

@@ -1,6 +1,7 @@
 """The CLI end to end on the synthetic sample, including the exit-code-2 cases."""
 import csv
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -234,6 +235,13 @@ def test_demo_end_to_end(tmp_path):
     assert len(rows) == len(truth) and any(t["individual_id"] == NEW_INDIVIDUAL for t in truth)
     map5 = float(next(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("MAP@5")))
     assert map5 > 0.3  # chance on 20 known + new_individual is far below
+    # the command it prints to score the queries again works as printed
+    again = next(line.split(": ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("score them again"))
+    rerun = subprocess.run([sys.executable, *shlex.split(again)[1:], "-q"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert [line for line in rerun.stdout.splitlines() if line.startswith("MAP@5")] == \
+        [line for line in proc.stdout.splitlines() if line.startswith("MAP@5")]  # the same figures
     # the sample calibrates on 3 held-out individuals: calibrate warns, with advice the demo can follow
     assert "tau rests on" in proc.stderr and "expected in the demo" in proc.stderr, proc.stderr[-2000:]
     # the demo's catalog is large enough to learn the SIFT descriptors' whitening from (5479 correct
