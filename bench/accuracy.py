@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Accuracy on the development set (../shared/data/nyala), following ../shared/protocol.
+"""Accuracy on the development set (nyala flank photos: --data), following the evaluation protocol
+(its split.py and score.py: --protocol). Neither is distributed with the engine (the photos have no
+licence to redistribute); by default both are looked for beside the repository.
 
 One seeded open-set split (the protocol's split.py: sightings kept together, ~20% of individuals
 unseen), then side by side in one run:
@@ -49,8 +51,9 @@ from engine import train_siamese  # noqa: E402
 from engine.train_siamese import TrainConfig  # noqa: E402
 from keypoints.features import PRESETS as KEYPOINT_PRESETS, config_to_dict  # noqa: E402
 
-SHARED = ROOT.parent / "shared"
-DATA = SHARED / "data" / "nyala"
+# set from --data and --protocol by main()
+DATA = ROOT.parent / "shared" / "data" / "nyala"
+PROTOCOL = ROOT.parent / "shared" / "protocol"
 log = logging.getLogger("bench.accuracy")
 
 
@@ -62,7 +65,7 @@ def make_split(work: Path, seed: int) -> tuple[Path, Path, Path, Path]:
     """The protocol's split, plus viewpoint columns recovered from metadata.csv."""
     split = work / "split"
     if not (split / "truth.csv").is_file():
-        subprocess.run([sys.executable, str(SHARED / "protocol" / "split.py"), str(DATA), str(split), str(seed)],
+        subprocess.run([sys.executable, str(PROTOCOL / "split.py"), str(DATA), str(split), str(seed)],
                        check=True)
     with open(DATA / "metadata.csv", newline="") as f:
         meta = list(csv.DictReader(f))
@@ -118,6 +121,7 @@ def evaluate_run(run: Path, queries_dir: Path, queries_csv: Path, truth: dict, o
 
 
 def main() -> None:
+    global DATA, PROTOCOL
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench-accuracy"), help="runs and splits go here")
     ap.add_argument("--seed", type=int, default=0)
@@ -149,11 +153,19 @@ def main() -> None:
                     "features and its mirror image's); 'off,on' compares both on the same trained and verified "
                     "network: the first is the run's own, the other re-embeds the gallery of a copy of it and "
                     "calibrates it (run label trained+mirror-SETTING)")
+    ap.add_argument("--data", type=Path, default=DATA,
+                    help="the development set: catalog.csv, metadata.csv (flank side) and the photos (default: %(default)s)")
+    ap.add_argument("--protocol", type=Path, default=PROTOCOL,
+                    help="the evaluation protocol's folder: split.py and score.py (default: %(default)s)")
     args = ap.parse_args()
+    DATA, PROTOCOL = args.data, args.protocol
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     if not (DATA / "catalog.csv").is_file():
-        sys.exit(f"development set not found at {DATA}: nothing to measure")
+        sys.exit(f"development set not found at {DATA} (--data): nothing to measure")
+    missing = [name for name in ("split.py", "score.py") if not (PROTOCOL / name).is_file()]
+    if missing:
+        sys.exit(f"the evaluation protocol's {' and '.join(missing)} not found in {PROTOCOL} (--protocol)")
     set_threads()
     machine = describe()
     print(headline(machine), flush=True)
@@ -243,7 +255,7 @@ def main() -> None:
                                     cfg=mcfg)
         table.update(rows)
         info[label].update(timing)
-        proto = subprocess.run([sys.executable, str(SHARED / "protocol" / "score.py"), str(truth_csv),
+        proto = subprocess.run([sys.executable, str(PROTOCOL / "score.py"), str(truth_csv),
                                 timing["predictions"]], capture_output=True, text=True, check=True)
         info[label]["protocol_score"] = json.loads(proto.stdout)
     for label in info:  # one table per run: its stages, then the options
