@@ -263,8 +263,8 @@ def calibrate(
                                                  "stage's ranking) or isotonic (steps; for large held-out "
                                                  "sets).")] = _FUSION.calibrator,
     new_rate: Annotated[Optional[float], typer.Option(help="Choose the threshold so that about this share "
-                                                      "of queries is answered new_individual (default: "
-                                                      "maximise MAP@5).")] = None,
+                                                      "of queries is answered new_individual, between 0 and 1 "
+                                                      "exclusive, e.g. 0.3 (default: maximise MAP@5).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the folds.")] = 0,
     queries_per_individual: Annotated[Optional[int], typer.Option(
         min=1, help="Photos of each held-out individual used as queries per fold (default: every photo, "
@@ -293,7 +293,7 @@ def calibrate(
     if calibrator not in ("isotonic", "logistic"):
         raise UserError(f"--calibrator {calibrator!r}: choose isotonic or logistic")
     if new_rate is not None and not 0 < new_rate < 1:
-        raise UserError("--new-rate must be between 0 and 1")
+        raise UserError(f"--new-rate {new_rate}: give a share between 0 and 1 exclusive, e.g. 0.3")
     c = command.main(command.CalibrateConfig(folds=folds, calibrator=calibrator, target_new_rate=new_rate,
                                              seed=seed, queries_per_individual=queries_per_individual),
                      command.Paths(run),

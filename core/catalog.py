@@ -84,6 +84,10 @@ def read_rows(csv_path: Path, required: tuple[str, ...]) -> list[tuple[int, dict
         sep = next((name for ch, name in ((";", "semicolon"), ("\t", "tab")) if len(columns) == 1 and ch in columns[0]),
                    None)
         hint = f"; the file looks {sep}-separated: save it with commas as the delimiter" if sep else ""
+        cased = {c: next(f for f in columns if f.lower() == c) for c in missing
+                 if any(f.lower() == c for f in columns)}
+        if cased and not sep:  # names are lower-case: `Image` is not `image`
+            hint = "; column names are lower-case: rename " + ", ".join(f"{f} to {c}" for c, f in cased.items())
         raise UserError(f"{csv_path}: missing column(s) {', '.join(missing)}; columns found: {found}{hint}")
     if not rows:
         raise UserError(f"{csv_path}: no rows after the header")

@@ -271,6 +271,10 @@ class Engine:
         """A warning (once per viewpoint) for queries of a viewpoint the gallery has no photo of: they
         meet only the gallery photos without a viewpoint (`EmbeddingIndex.meets`), if any."""
         known = self.index.views
+        if not known and any(views) and None not in self._warned_views:
+            self._warned_views.add(None)  # (None: the warning about a gallery without viewpoints)
+            log.warning("the queries give viewpoints but the gallery has none (its catalog had no viewpoint "
+                        "column): every photo is compared with the whole gallery")
         missing = Counter(v for v in views if v and known and v not in known and v not in self._warned_views)
         if not missing:
             return

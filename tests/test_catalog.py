@@ -67,6 +67,13 @@ def test_semicolon_or_tab_separated_catalog_gets_a_delimiter_hint(tmp_path, sep,
         load_catalog(p)
 
 
+def test_capitalised_column_names_get_a_hint(tmp_path):
+    p = write(tmp_path, "Image,Individual_ID,viewpoint\na.jpg,w1,left\n")
+    with pytest.raises(UserError, match="missing column.s. image, individual_id; .*column names are lower-case: "
+                                        "rename Image to image, Individual_ID to individual_id"):
+        load_catalog(p)
+
+
 def test_images_folder_option_and_missing_catalog(tmp_path):
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "a.jpg").write_bytes(b"x")

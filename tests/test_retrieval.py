@@ -209,3 +209,20 @@ def test_large_galleries_get_an_ivf_index_with_high_recall():
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(e_idx, i_idx)])
     assert recall > 0.95
     assert build_index(g, exact_max=1000).nprobe == 128
+
+
+def test_query_viewpoints_against_a_gallery_without_any_are_said_unused(caplog):
+    """A gallery built without a viewpoint column compares every query with all of it: a queries CSV
+    that gives viewpoints is told so, once."""
+    import logging
+    from types import SimpleNamespace
+
+    from engine.pipeline import Engine
+
+    engine = SimpleNamespace(index=EmbeddingIndex(np.eye(3, dtype=np.float32), ["", "", ""]), _warned_views=set())
+    with caplog.at_level(logging.WARNING, logger="engine.pipeline"):
+        Engine.warn_unknown_views(engine, [None, None])  # no viewpoints asked: nothing to say
+        assert not caplog.text
+        Engine.warn_unknown_views(engine, ["left", None])
+        Engine.warn_unknown_views(engine, ["right"])
+    assert caplog.text.count("the queries give viewpoints but the gallery has none") == 1
