@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import random
+import shlex
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -45,11 +46,16 @@ def check_resume(run: RunFolder, cfg: TrainConfig, heldout: list[str]) -> None:
     any other training setting (frozen stages, learning rates, loss, input size...), which would
     silently make the run half one recipe and half another. The budget may change."""
     from_scratch = not run.checkpoint_path.is_file()
-    if from_scratch and not run.config_path.is_file():
-        log.warning("--resume: no checkpoint in %s, training starts from scratch", run.path)
-        return
     # without a checkpoint (killed before the first one) what the run recorded still says which training
-    # this is: checked first, so that the warning below is never followed by a refusal
+    # this is: checked before the warning below, so that a refusal never follows it
+    if not from_scratch or run.config_path.is_file():
+        refuse_other_training(run, cfg, heldout)
+    if from_scratch:
+        log.warning("--resume: no checkpoint in %s, training starts from scratch", run.path)
+
+
+def refuse_other_training(run: RunFolder, cfg: TrainConfig, heldout: list[str]) -> None:
+    """`check_resume`'s refusals: other split settings, another recipe, another held-out set."""
     old = run.config().get("train", {})
     new = json.loads(json.dumps(cfg.to_dict()))  # tuples as the JSON lists of the run folder
     split = ("seed", "heldout_fraction")  # compared even where the old run did not record them
@@ -66,8 +72,6 @@ def check_resume(run: RunFolder, cfg: TrainConfig, heldout: list[str]) -> None:
     if run.heldout_path.is_file() and sorted(read_json(run.heldout_path)["individuals"]) != sorted(heldout):
         raise UserError(f"--resume: the catalog's held-out individuals differ from those of {run.path} (the "
                         f"catalog changed): train anew into another --out")
-    if from_scratch:
-        log.warning("--resume: no checkpoint in %s, training starts from scratch", run.path)
 
 
 @dataclass(frozen=True)
@@ -86,18 +90,21 @@ def enrolled_rows(run: RunFolder) -> int:
 
 
 def set_aside_enrolled(run: RunFolder) -> None:
-    """--overwrite builds the gallery from --catalog alone: the rows of the photos enrolled into the
-    replaced gallery move to a file of their own (enroll --catalog takes it as it is), so that
-    enrolled.csv keeps saying what the gallery holds and nothing is lost."""
-    n = enrolled_rows(run)
+    """train-siamese (--overwrite, or --resume of a trained run) builds the gallery from --catalog
+    alone: the rows of the photos enrolled into the previous gallery move to a file of their own
+    (enroll --catalog takes it as it is), so that enrolled.csv keeps saying what the gallery holds
+    and nothing is lost."""
     if not run.enrolled_path.is_file():
         return
-    aside = run.path / f"enrolled-before-overwrite-{time.strftime('%Y%m%d-%H%M%S')}.csv"
+    n = enrolled_rows(run)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = next(p for k in range(1, 10**6)
+                 if not (p := run.path / f"enrolled-before-retraining-{stamp}{'' if k == 1 else f'-{k}'}.csv").exists())
     os.replace(run.enrolled_path, aside)
     if n:
-        log.warning("the replaced gallery had %d enrolled photo(s); the new one has them only if --catalog lists "
-                    "them. Their rows are in %s (`cli.py enroll --catalog %s --run %s` adds them again)", n, aside,
-                    aside, run.path)
+        log.warning("the previous gallery had %d enrolled photo(s); the new one has them only if --catalog lists "
+                    "them. Their rows are in %s (`python cli.py enroll --catalog %s --run %s` adds them again)", n,
+                    aside, shlex.quote(str(aside)), shlex.quote(str(run.path)))
 
 
 def check_not_trained(run: RunFolder) -> None:
@@ -132,8 +139,7 @@ def main(cfg: TrainConfig, paths: Paths, resume: bool = False, progress: bool = 
         recorded_precision = run.config().get("precision") if run.config_path.is_file() else None
     elif not overwrite:
         check_not_trained(run)
-    else:
-        set_aside_enrolled(run)
+    set_aside_enrolled(run)  # (nothing to do for a new run folder)
     for stale in (run.verifier_path, run.calibration_path):
         if stale.exists():  # fitted on the previous network's scores
             log.warning("removing %s: it was fitted for the previous network (run train-verifier and "

@@ -311,7 +311,11 @@ def test_resume_refuses_other_split_settings_and_says_when_it_starts_over(sample
     r = invoke(*base[:-1], "--resume", "--crop", "none", "-q")
     assert r.exit_code == 2 and "--crop none, but" in r.output and "trained with focus" in r.output
     assert (run / "heldout.json").read_bytes() == heldout
-    assert invoke(*[a if a != 1 else 2 for a in base], "--resume").exit_code == 0
+    # a resume builds the gallery again from --catalog: photos enrolled into the previous one are set aside
+    (run / "enrolled.csv").write_text("image,individual_id,viewpoint\n/photos/x.jpg,new_one,\n")
+    r = invoke(*[a if a != 1 else 2 for a in base], "--resume")
+    assert r.exit_code == 0 and "the previous gallery had 1 enrolled photo(s)" in r.output, r.output
+    assert not (run / "enrolled.csv").exists() and len(list(run.glob("enrolled-before-retraining-*.csv"))) == 1
     # a config.json that does not record the seed: refused in one sentence, not a KeyError
     config = json.loads((run / "config.json").read_text())
     del config["train"]["seed"]

@@ -180,11 +180,18 @@ def test_retraining_drops_the_stale_verifier_and_calibration(chain, tmp_path):
     enrolled = "image,individual_id,viewpoint\n/photos/x.jpg,new_one,\n"
     (rerun / "enrolled.csv").write_text(enrolled)
     r = runner.invoke(app, [str(a) for a in args + ["--overwrite"]])
-    assert r.exit_code == 0 and "had 1 enrolled photo(s)" in r.output, r.output
+    assert r.exit_code == 0 and "the previous gallery had 1 enrolled photo(s)" in r.output, r.output
     assert not (rerun / "verifier.json").exists() and not (rerun / "calibration.json").exists()
     assert not (rerun / "enrolled.csv").exists()
-    [aside] = rerun.glob("enrolled-before-overwrite-*.csv")
+    [aside] = rerun.glob("enrolled-before-retraining-*.csv")
     assert aside.read_text() == enrolled and f"enroll --catalog {aside}" in r.output
+    # twice within a second: the first file set aside is kept
+    (rerun / "enrolled.csv").write_text(enrolled.replace("x.jpg", "y.jpg"))
+    from engine.train_siamese import set_aside_enrolled
+    from core.runfolder import RunFolder
+    set_aside_enrolled(RunFolder(rerun))
+    assert sorted(p.read_text() for p in rerun.glob("enrolled-before-retraining-*.csv")) == \
+        sorted([enrolled, enrolled.replace("x.jpg", "y.jpg")])
     out = invoke("match", qdir, "--run", rerun, "--out", tmp_path / "p.csv", "-q")
     assert out.startswith("matched")
 
