@@ -64,9 +64,15 @@ def md5(path: Path) -> str:
 def make_split(work: Path, seed: int) -> tuple[Path, Path, Path, Path]:
     """The protocol's split, plus viewpoint columns recovered from metadata.csv."""
     split = work / "split"
-    if not (split / "truth.csv").is_file():
+    source = {"data": str(DATA.resolve()), "seed": seed}
+    if (split / "truth.csv").is_file():
+        made = json.loads((split / "source.json").read_text()) if (split / "source.json").is_file() else source
+        if made != source:
+            sys.exit(f"{split} is the split of {made} (--data, --seed), not of {source}: give another --work")
+    else:
         subprocess.run([sys.executable, str(PROTOCOL / "split.py"), str(DATA), str(split), str(seed)],
                        check=True)
+    (split / "source.json").write_text(json.dumps(source) + "\n")
     with open(DATA / "metadata.csv", newline="") as f:
         meta = list(csv.DictReader(f))
     side = {r["image"]: r["side"] for r in meta}
@@ -161,8 +167,9 @@ def main() -> None:
     DATA, PROTOCOL = args.data, args.protocol
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-    if not (DATA / "catalog.csv").is_file():
-        sys.exit(f"development set not found at {DATA} (--data): nothing to measure")
+    missing = [name for name in ("catalog.csv", "metadata.csv") if not (DATA / name).is_file()]
+    if missing:
+        sys.exit(f"development set not found at {DATA} (--data: no {' or '.join(missing)}): nothing to measure")
     missing = [name for name in ("split.py", "score.py") if not (PROTOCOL / name).is_file()]
     if missing:
         sys.exit(f"the evaluation protocol's {' and '.join(missing)} not found in {PROTOCOL} (--protocol)")

@@ -50,7 +50,7 @@ RECIPES = {
 
 
 def closed_set(rows: dict) -> dict:
-    return {name: {"closed_top1": round(m["closed_top1"], 3), "closed_map5": round(m["closed_map5"], 3)}
+    return {name: {k: None if m[k] is None else round(m[k], 3) for k in ("closed_top1", "closed_map5")}
             for name, m in rows.items() if "closed_top1" in m}
 
 

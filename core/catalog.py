@@ -18,6 +18,7 @@ from core.metrics import NEW_INDIVIDUAL
 log = logging.getLogger(__name__)
 
 REQUIRED = ("image", "individual_id")
+OPTIONAL = ("viewpoint", "bbox", "species")  # read where the header names them (lower-case)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
@@ -104,6 +105,10 @@ def load_catalog(csv_path: Path, images_dir: Path | None = None, require_labels:
     if not root.is_dir():
         raise UserError(f"images folder {root} does not exist")
     rows = read_rows(csv_path, REQUIRED if require_labels else ("image",))
+    cased = [(c, o) for c in rows[0][1] for o in OPTIONAL if c != o and c.lower() == o]
+    if cased:  # it would be read as no column at all
+        raise UserError(f"{csv_path}: column names are lower-case: rename "
+                        + ", ".join(f"{c} to {o}" for c, o in cased))
     records = []
     for line, row in rows:
         where = f"{csv_path}:{line}"

@@ -73,11 +73,15 @@ class Stage(Protocol):
         unreadable photo scores low."""
 
     # optional: `active(settings) -> bool`, whether the stage scores anything under the match settings
-    # (Engine.match_settings); a stage without it always does. See `is_active`.
+    # (Engine.match_settings); without it, an ALL stage always does and a TOP stage where pairs are
+    # verified (--verify-top > 0). See `is_active`.
 
 
 def is_active(stage, settings: dict) -> bool:
     """Whether `stage` scores anything under the match settings `settings` (Engine.match_settings):
-    e.g. the votes stage only where votes are counted. `calibrate` fits only the active stages."""
+    e.g. the votes stage only where votes are counted, a local matcher only with --verify-top > 0.
+    `calibrate` fits, and `evaluate` shows, only the active stages."""
     active = getattr(stage, "active", None)
-    return True if active is None else bool(active(settings))
+    if active is not None:
+        return bool(active(settings))
+    return stage.scope == ALL or settings.get("verify_top", 0) > 0

@@ -72,15 +72,18 @@ def heldout_fraction(gallery_csv: Path, default: float, n_unseen: int, catalog: 
 
 def check_replaceable(run: Path, gallery_csv: Path) -> None:
     """The demo replaces the run of an earlier demo in the same --out (photos enrolled into it are set
-    aside by train-siamese, with a warning), never a run that something else trained there."""
+    aside by train-siamese, with a warning), never a run that something else trained there. A demo's
+    run says so in config.json (`made_by`, kept when the folder moves); one of an engine that did not
+    record it, by its catalog: this --out's split."""
     folder = RunFolder(run)
     if not folder.weights_path.is_file():
         return
     try:
-        made_from = json.loads(folder.config_path.read_text(encoding="utf-8")).get("catalog")
+        config = json.loads(folder.config_path.read_text(encoding="utf-8"))
+        made_by, made_from = config.get("made_by"), config.get("catalog")
     except (OSError, ValueError, AttributeError):
-        made_from = None
-    if made_from != str(gallery_csv.resolve()):
+        made_by = made_from = None
+    if made_by != "demo" and made_from != str(gallery_csv.resolve()):
         raise UserError(f"{run} holds a trained run that the demo did not make (its catalog: {made_from}): "
                         f"give the demo another --out")
 
@@ -112,6 +115,7 @@ def main(cfg: DemoConfig, paths: Paths, threads: int | None = None, progress: bo
                                                                n_unseen, paths.catalog))
     log.info("1/5 train-siamese (%d epochs at most, %.0f min budget)", tcfg.epochs, tcfg.max_minutes)
     summary = train_siamese.main(tcfg, train_siamese.Paths(gallery_csv, run), progress=progress, overwrite=True)
+    RunFolder(run).update_config(made_by="demo")  # (check_replaceable)
     log.info("2/5 train-verifier")
     verifier = train_verifier.main(VerifierTrainConfig(seed=seed), train_verifier.Paths(run), threads, progress,
                                    precision)

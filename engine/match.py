@@ -11,7 +11,7 @@ from core.runfolder import check_writable
 from core.runtime import set_threads
 from engine.config import MatchConfig
 from engine.matching import match_records, query_records, skipped_note
-from engine.pipeline import Engine, write_predictions
+from engine.pipeline import Engine, evidence_path, write_predictions
 from engine.stages import stage_names
 
 
@@ -32,10 +32,14 @@ def main(cfg: MatchConfig, paths: Paths, threads: int | None = None, progress: b
     if Path(out).suffix.lower() == ".json":
         raise UserError(f"--out {out}: the predictions are a CSV; the evidence JSON goes beside it")
     check_writable(out)
-    check_writable(Path(out).with_suffix(".json"), "the evidence JSON of --out")  # written beside the CSV
+    evidence = evidence_path(out)
+    if evidence.is_dir():
+        raise UserError(f"--out {out}: the evidence JSON goes beside it, at {evidence}, which is a folder: "
+                        f"move that folder or choose another --out")
+    check_writable(evidence, "the evidence JSON of --out")
     if report is not None:
         check_writable(report, "--report")
-        taken = {Path(out).resolve(): "--out", Path(out).with_suffix(".json").resolve(): "the evidence JSON"}
+        taken = {Path(out).resolve(): "--out", evidence.resolve(): "the evidence JSON"}
         if Path(report).resolve() in taken:
             raise UserError(f"--report {report} is {taken[Path(report).resolve()]}'s path: give the review page "
                             f"its own file name (e.g. {Path(out).with_name(Path(out).stem + '_review.html')})")

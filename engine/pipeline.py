@@ -273,8 +273,8 @@ class Engine:
         known = self.index.views
         if not known and any(views) and None not in self._warned_views:
             self._warned_views.add(None)  # (None: the warning about a gallery without viewpoints)
-            log.warning("the queries give viewpoints but the gallery has none (its catalog had no viewpoint "
-                        "column): every photo is compared with the whole gallery")
+            log.warning("the queries give viewpoints but no gallery photo has one: every photo is compared with "
+                        "the whole gallery")
         missing = Counter(v for v in views if v and known and v not in known and v not in self._warned_views)
         if not missing:
             return
@@ -503,6 +503,11 @@ class Engine:
         return out
 
 
+def evidence_path(out_csv: Path) -> Path:
+    """The JSON of evidence `write_predictions` writes beside the predictions CSV."""
+    return Path(out_csv).with_suffix(".json")
+
+
 def write_predictions(results: Sequence[QueryResult], out_csv: Path, extra: dict | None = None,
                       unreadable: Sequence[tuple[Record, str]] = ()) -> Path:
     """`image,predictions` CSV (Kaggle format) and a JSON with the same stem holding the evidence.
@@ -518,7 +523,7 @@ def write_predictions(results: Sequence[QueryResult], out_csv: Path, extra: dict
     for rec, preds in rows:
         w.writerow([rec.image, preds])
     atomic_write_bytes(out_csv, buf.getvalue().encode("utf-8"))
-    json_path = Path(out_csv).with_suffix(".json")
+    json_path = evidence_path(out_csv)
     atomic_write_json(json_path, {
         **(extra or {}),
         "new_individual_token": NEW_INDIVIDUAL,

@@ -147,11 +147,6 @@ class KeypointStage:
         return cls(ctx.run, *cls.configs(ctx.config), validator, ctx.workers, ctx.executor, ctx.focus,
                    cls.load_whitening(ctx.run, ctx.config))
 
-    @staticmethod
-    def active(settings: dict) -> bool:
-        """A local matcher scores only the pairs it verifies: none with --verify-top 0."""
-        return settings.get("verify_top", 0) > 0
-
     def config(self) -> dict:
         """The settings (the pair cache's fingerprint, and the vote index's): extraction, verification,
         whitening, focus map."""

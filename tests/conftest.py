@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-NYALA = ROOT.parent / "shared" / "data" / "nyala"
+# the development set of real photos (not distributed with the engine): $NYALA_DATA, else beside the repo
+NYALA = Path(os.environ.get("NYALA_DATA") or ROOT.parent / "shared" / "data" / "nyala")
 
 # Small, fast settings: tests check behaviour, benchmarks check accuracy.
 TINY_INPUT = (64, 96)
@@ -25,7 +26,7 @@ def sample(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def nyala() -> Path:
     if not (NYALA / "catalog.csv").is_file():
-        pytest.skip(f"real development photos not found at {NYALA} (they live in ../shared, beside the repo)")
+        pytest.skip(f"real development photos not found at {NYALA} (set NYALA_DATA to their folder)")
     return NYALA
 
 

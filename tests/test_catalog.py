@@ -72,6 +72,9 @@ def test_capitalised_column_names_get_a_hint(tmp_path):
     with pytest.raises(UserError, match="missing column.s. image, individual_id; .*column names are lower-case: "
                                         "rename Image to image, Individual_ID to individual_id"):
         load_catalog(p)
+    p = write(tmp_path, "image,individual_id,Viewpoint\na.jpg,w1,left\n")  # an optional one: not ignored
+    with pytest.raises(UserError, match="column names are lower-case: rename Viewpoint to viewpoint"):
+        load_catalog(p, check_files=False)
 
 
 def test_images_folder_option_and_missing_catalog(tmp_path):

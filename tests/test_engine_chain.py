@@ -576,14 +576,14 @@ def test_keypoint_votes_join_the_shortlist_and_are_verified(chain, caplog):
     with caplog.at_level("WARNING", logger="engine.pipeline"):
         Engine.load(run).tau(MatchConfig(votes=0))
     assert "--votes 4" in caplog.text and "--votes 0" in caplog.text
+    # evaluated with --votes 0, a run calibrated with votes shows no votes column (the scores of nothing)
+    out0 = invoke("evaluate", "--catalog", truth, "--images", qdir, "--run", run, "--votes", 0, "-q")
+    header = next(line for line in out0.splitlines() if line.startswith("metric")).split()
+    assert header[1:] == ["embedding", "siamese", "keypoints", "fused", "fused:top2mean"], out0
     # --votes 0 calibrates without the votes stage (nothing to fit: it does not score)
     invoke("calibrate", "--run", run, "--votes", 0, "-q")
     cal0 = json.loads((run / "calibration.json").read_text())
     assert "votes" not in cal0["stages"] and "votes" not in cal0["fusion"]["stages"] and "keypoints" in cal0["stages"]
-    # ... and evaluates without a votes column (it would only show the scores of nothing)
-    out0 = invoke("evaluate", "--catalog", truth, "--images", qdir, "--run", run, "--votes", 0, "-q")
-    header = next(line for line in out0.splitlines() if line.startswith("metric")).split()
-    assert "votes" not in header and header[1:] == ["embedding", "siamese", "keypoints", "fused", "fused:top2mean"], out0
     # likewise the keypoint stage with --verify-top 0 (it verifies nothing)
     out0 = invoke("evaluate", "--catalog", truth, "--images", qdir, "--run", run, "--votes", 0, "--verify-top", 0, "-q")
     header = next(line for line in out0.splitlines() if line.startswith("metric")).split()

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import asdict, replace
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -14,8 +13,8 @@ from keypoints.homography import HomographyConfig, apply_h, double_homography
 from keypoints.matching import match_descriptors
 from keypoints.verify import (FEATURE_NAMES, N_FEATURES, VERIFY_PRESETS, VerifyConfig, feature_matrix, verify_pair,
                              verify_pairs)
+from tests.conftest import NYALA
 
-NYALA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nyala"
 SIZE = (192, 256)  # (h, w) of the synthetic photos
 F = {n: i for i, n in enumerate(FEATURE_NAMES)}
 
@@ -324,7 +323,7 @@ REAL_DIFFERENT = [("images/test/15/218_rightphoto.jpg", "images/test/7/192_right
 @pytest.mark.realdata
 def test_real_nyala_pairs():
     if not (NYALA / "catalog.csv").is_file():
-        pytest.skip(f"real nyala photos not found at {NYALA}")
+        pytest.skip(f"real nyala photos not found at {NYALA} (set NYALA_DATA to their folder)")
     from core.images import load_image
 
     names = sorted({p for pair in REAL_SAME + REAL_DIFFERENT for p in pair})

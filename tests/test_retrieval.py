@@ -225,4 +225,4 @@ def test_query_viewpoints_against_a_gallery_without_any_are_said_unused(caplog):
         assert not caplog.text
         Engine.warn_unknown_views(engine, ["left", None])
         Engine.warn_unknown_views(engine, ["right"])
-    assert caplog.text.count("the queries give viewpoints but the gallery has none") == 1
+    assert caplog.text.count("the queries give viewpoints but no gallery photo has one") == 1
