@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -337,6 +338,19 @@ def test_resume_refuses_other_split_settings_and_says_when_it_starts_over(sample
                "--batch-size", 8, "--resume", "-q")
     assert r.exit_code == 0, r.output
     assert json.loads((fresh / "config.json").read_text())["precision"]["choice"]["name"] == other
+    # ... and the gallery was embedded in it: the network in that precision gives gallery.h5's embeddings,
+    # in the other precision not (bf16 and fp32 differ by far more than the tolerance)
+    from engine.pipeline import Engine
+    from siamese.embed import embed_records
+    from siamese.model import load_model
+    from siamese.precision import Precision
+
+    gallery = Engine.load(fresh).gallery
+    for name, same in ((other, True), ("fp32" if other == "bf16" else "bf16", False)):
+        model = load_model(fresh / "siamese.pt")
+        model.set_precision(Precision(name, channels_last=True))
+        emb = embed_records(model, gallery.records(), None, batch_size=8, workers=1, progress=False).embeddings
+        assert np.allclose(emb, gallery.embeddings, atol=1e-5) == same, name
     # killed before its first checkpoint: the settings it recorded still hold
     half = tmp_path / "half"
     half.mkdir()
