@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Accuracy on the development set (nyala flank photos: --data), following the evaluation protocol
 (its split.py and score.py: --protocol). Neither is distributed with the engine (the photos have no
-licence to redistribute); by default both are looked for beside the repository.
+licence to redistribute); by default both are looked for beside the repository ($NYALA_DATA, if set,
+for the photos).
 
 One seeded open-set split (the protocol's split.py: sightings kept together, ~20% of individuals
 unseen), then side by side in one run:
@@ -27,6 +28,7 @@ import csv
 import dataclasses
 import hashlib
 import json
+import os
 import logging
 import shutil
 import subprocess
@@ -52,7 +54,7 @@ from engine.train_siamese import TrainConfig  # noqa: E402
 from keypoints.features import PRESETS as KEYPOINT_PRESETS, config_to_dict  # noqa: E402
 
 # set from --data and --protocol by main()
-DATA = ROOT.parent / "shared" / "data" / "nyala"
+DATA = Path(os.environ.get("NYALA_DATA") or ROOT.parent / "shared" / "data" / "nyala")  # the development set
 PROTOCOL = ROOT.parent / "shared" / "protocol"
 log = logging.getLogger("bench.accuracy")
 

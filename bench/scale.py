@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import logging
 import resource
 import shutil
@@ -52,7 +53,7 @@ from siamese.index import EXACT_MAX, NPROBE, EmbeddingIndex, build_index  # noqa
 from engine.config import VerifierTrainConfig  # noqa: E402
 from siamese.config import TrainConfig  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data" / "nyala"
+DATA = Path(os.environ.get("NYALA_DATA") or ROOT.parent / "shared" / "data" / "nyala")  # the development set
 N_ENROLL = 1000
 REPLICA_NOISE = 1.0  # |noise| relative to the unit embedding: cosine to the source 1/sqrt(2) ~ 0.7
 log = logging.getLogger("bench.scale")

@@ -40,7 +40,7 @@ from keypoints.homography import apply_h  # noqa: E402
 from keypoints.validator import Validator, ValidatorConfig, heldout_auc  # noqa: E402
 from keypoints.verify import FEATURE_NAMES, VERIFY_PRESETS, VerifyConfig, feature_matrix, verify_pairs  # noqa: E402
 
-NYALA = ROOT.parent / "shared" / "data" / "nyala"
+NYALA = Path(os.environ.get("NYALA_DATA") or ROOT.parent / "shared" / "data" / "nyala")  # the development set
 
 
 # --------------------------------------------------------------------------------------------
