@@ -28,8 +28,8 @@ import csv
 import dataclasses
 import hashlib
 import json
-import os
 import logging
+import os
 import shutil
 import subprocess
 import sys

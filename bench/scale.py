@@ -27,8 +27,8 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import logging
+import os
 import resource
 import shutil
 import subprocess

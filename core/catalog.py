@@ -59,9 +59,12 @@ def _parse_bbox(text: str, where: str) -> tuple[int, int, int, int] | None:
     return x, y, w, h
 
 
-def read_rows(csv_path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
+def read_rows(csv_path: Path, required: tuple[str, ...],
+              optional: tuple[str, ...] = ()) -> list[tuple[int, dict[str, str]]]:
     """(line number, row) of a UTF-8 CSV with a header naming at least `required`; cells stripped.
-    Errors name the file (and the columns found, with a hint for a semicolon- or tab-separated file)."""
+    Errors name the file (and the columns found, with a hint for a semicolon- or tab-separated file,
+    or for a column named in other case, e.g. `Image`; one of the `optional` ones, e.g. `Viewpoint`,
+    would otherwise be read as no column at all)."""
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
@@ -80,18 +83,21 @@ def read_rows(csv_path: Path, required: tuple[str, ...]) -> list[tuple[int, dict
     except csv.Error as e:
         raise UserError(f"{csv_path}: malformed CSV ({e})") from None
     missing = [c for c in required if c not in columns]
+    # names are lower-case: `Image` is not `image`
+    cased = [(c, k) for k in (*missing, *optional) for c in columns if c != k and c.lower() == k]
+    rename = "column names are lower-case: rename " + ", ".join(f"{c} to {k}" for c, k in cased)
     if missing:
         found = ", ".join(columns) if columns else "none (empty file?)"
         sep = next((name for ch, name in ((";", "semicolon"), ("\t", "tab")) if len(columns) == 1 and ch in columns[0]),
                    None)
         hint = f"; the file looks {sep}-separated: save it with commas as the delimiter" if sep else ""
-        cased = {c: next(f for f in columns if f.lower() == c) for c in missing
-                 if any(f.lower() == c for f in columns)}
-        if cased and not sep:  # names are lower-case: `Image` is not `image`
-            hint = "; column names are lower-case: rename " + ", ".join(f"{f} to {c}" for c, f in cased.items())
+        if cased and not sep:
+            hint = f"; {rename}"
         raise UserError(f"{csv_path}: missing column(s) {', '.join(missing)}; columns found: {found}{hint}")
     if not rows:
         raise UserError(f"{csv_path}: no rows after the header")
+    if cased:
+        raise UserError(f"{csv_path}: {rename}")
     return rows
 
 
@@ -104,11 +110,7 @@ def load_catalog(csv_path: Path, images_dir: Path | None = None, require_labels:
     root = Path(images_dir) if images_dir is not None else csv_path.parent
     if not root.is_dir():
         raise UserError(f"images folder {root} does not exist")
-    rows = read_rows(csv_path, REQUIRED if require_labels else ("image",))
-    cased = [(c, o) for c in rows[0][1] for o in OPTIONAL if c != o and c.lower() == o]
-    if cased:  # it would be read as no column at all
-        raise UserError(f"{csv_path}: column names are lower-case: rename "
-                        + ", ".join(f"{c} to {o}" for c, o in cased))
+    rows = read_rows(csv_path, REQUIRED if require_labels else ("image",), OPTIONAL)
     records = []
     for line, row in rows:
         where = f"{csv_path}:{line}"
