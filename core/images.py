@@ -6,6 +6,7 @@ decoders are not usable on every machine (see siamese/torchvision_schemas.py).
 """
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
@@ -33,8 +34,21 @@ def _to_rgb_array(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
-def load_image(path: Path, bbox: tuple[int, int, int, int] | None = None) -> np.ndarray:
-    """HxWx3 uint8 RGB. Raises ImageError (naming the file) when it cannot be decoded."""
+def load_image(path: Path, bbox: tuple[int, int, int, int] | None = None, min_side: int | None = None) -> np.ndarray:
+    """HxWx3 uint8 RGB. Raises ImageError (naming the file) when it cannot be decoded.
+
+    With `min_side`, a JPEG may be decoded at 1/2, 1/4 or 1/8 of its size (libjpeg's scaling in the
+    DCT, ~10x faster on a 24-megapixel photo) as long as the shorter side of the result (of its
+    bbox crop) stays at least `min_side` pixels: for callers that shrink the photo to about that
+    size anyway. `load_image_reduced` also says which full-resolution size the result stands for."""
+    return load_image_reduced(path, bbox, min_side)[0]
+
+
+def load_image_reduced(path: Path, bbox: tuple[int, int, int, int] | None = None,
+                       min_side: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """(image, (h, w)): `load_image`'s result and the size it has at full resolution (equal to its
+    shape unless the decoder reduced it), so that positions found on it map to the full photo:
+    x_full = (x + 0.5) * w / image_width - 0.5."""
     path = Path(path)
     try:
         if path.stat().st_size == 0:
@@ -42,7 +56,11 @@ def load_image(path: Path, bbox: tuple[int, int, int, int] | None = None) -> np.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL's EXIF and truncation warnings become errors below
             with Image.open(path) as img:
+                full = img.size  # (w, h) as stored, before the EXIF orientation
+                if min_side and img.format == "JPEG":
+                    _draft(img, bbox, min_side)
                 img.load()
+                stored = img.size
                 img = ImageOps.exif_transpose(img)
                 arr = _to_rgb_array(img)
     except ImageError:
@@ -57,13 +75,31 @@ def load_image(path: Path, bbox: tuple[int, int, int, int] | None = None) -> np.
         transient = isinstance(e, OSError) and not isinstance(e, UnidentifiedImageError) and e.errno is not None
         raise ImageError(f"{path}: cannot decode image ({e.__class__.__name__}: {e})",
                          permanent=not transient) from None
+    H, W = arr.shape[:2]
+    # the full-resolution size in the photo's displayed orientation (the EXIF one may swap the axes)
+    FW, FH = full if (W, H) == stored else full[::-1]
+    fx, fy = W / FW, H / FH  # 1 unless reduced
     if bbox is not None:
         x, y, w, h = bbox
-        H, W = arr.shape[:2]
-        x0, y0, x1, y1 = max(0, x), max(0, y), min(W, x + w), min(H, y + h)
+        x0, y0, x1, y1 = max(0, x), max(0, y), min(FW, x + w), min(FH, y + h)
         if x1 - x0 < 2 or y1 - y0 < 2:
-            raise ImageError(f"{path}: bbox {bbox} lies outside the {W}x{H} image")
-        arr = arr[y0:y1, x0:x1]
-    if arr.shape[0] < 2 or arr.shape[1] < 2:
-        raise ImageError(f"{path}: image is only {arr.shape[1]}x{arr.shape[0]} pixels")
-    return np.ascontiguousarray(arr)
+            raise ImageError(f"{path}: bbox {bbox} lies outside the {FW}x{FH} image")
+        arr = arr[round(y0 * fy):max(round(y1 * fy), round(y0 * fy) + 1), round(x0 * fx):max(round(x1 * fx), round(x0 * fx) + 1)]
+        FW, FH = x1 - x0, y1 - y0
+    if FH < 2 or FW < 2:
+        raise ImageError(f"{path}: image is only {FW}x{FH} pixels")
+    return np.ascontiguousarray(arr), (FH, FW)
+
+
+def _draft(img: Image.Image, bbox, min_side: int) -> None:
+    """Ask the JPEG decoder for the smallest of its reductions that keeps the shorter side (of the
+    bbox crop) at `min_side` pixels or more; it keeps the full size when none does."""
+    w, h = img.size
+    short = min(w, h)
+    if bbox is not None:
+        W, H = (h, w) if img.getexif().get(0x0112) in (5, 6, 7, 8) else (w, h)  # as displayed
+        x, y, bw, bh = bbox
+        short = max(1, min(min(W, x + bw) - max(0, x), min(H, y + bh) - max(0, y)))
+    scale = min_side / short
+    if scale <= 0.5:  # half the size or less: one of 1/2, 1/4, 1/8 may do
+        img.draft(img.mode, (math.ceil(w * scale), math.ceil(h * scale)))

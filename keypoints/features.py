@@ -123,6 +123,15 @@ class Keypoints:
             image_size=(h, w),
         )
 
+    def at_size(self, size: tuple[int, int]) -> "Keypoints":
+        """The same keypoints placed in an image of `size` (h, w) that the extraction's image was a
+        reduction of (core.images.load_image_reduced): positions in the full photo's pixels."""
+        (h, w), (H, W) = self.image_size, (int(size[0]), int(size[1]))
+        if (h, w) == (H, W):
+            return self
+        xy = (self.xy + 0.5) * np.array([W / w, H / h], np.float32) - 0.5
+        return Keypoints(xy.astype(np.float32), self.desc, (H, W))
+
     @classmethod
     def empty(cls, image_size: tuple[int, int], width: int = DESC_DIM) -> "Keypoints":
         return cls(np.zeros((0, 2), np.float32), np.zeros((0, width), np.float32),

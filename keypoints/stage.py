@@ -292,7 +292,7 @@ def verify_chunk(task: dict, stage_class: str, kcfg, vcfg: VerifyConfig, focus=N
             key = record_key(rec)
             if key is None or key in arrays or key in failed or key in task["skip"]:
                 continue
-            a, message, permanent = extract_arrays(rec, extract)
+            a, message, permanent = extract_arrays(rec, extract, getattr(kcfg, "max_side", None))
             if a is not None:
                 arrays[key] = new[key] = a
             elif permanent:

@@ -19,18 +19,20 @@ from core.cache import FeatureCache, record_key
 from core.catalog import Record
 from core.errors import ImageError
 from core.executor import current_executor
-from core.images import load_image
+from core.images import load_image_reduced
 from keypoints.features import Keypoints, config_to_dict, extract_keypoints
 
 log = logging.getLogger(__name__)
 
 
-def extract_arrays(rec: Record, extract) -> tuple[dict | None, str, bool]:
+def extract_arrays(rec: Record, extract, min_side: int | None = None) -> tuple[dict | None, str, bool]:
     """(arrays as the cache stores them, "", False), or (None, reason, permanent) for an unreadable
     photo. Kept as the cache will give them back next time (float16 descriptors), so that a first
-    run and a rerun score the same."""
+    run and a rerun score the same. With `min_side` (the extraction's working size), a large JPEG
+    is decoded reduced (core.images.load_image) and the positions placed in the full photo."""
     try:
-        return extract(load_image(rec.path, rec.bbox)).to_arrays("float16"), "", False
+        image, full = load_image_reduced(rec.path, rec.bbox, min_side)
+        return extract(image).at_size(full).to_arrays("float16"), "", False
     except ImageError as e:
         return None, str(e), e.permanent
 
@@ -38,13 +40,13 @@ def extract_arrays(rec: Record, extract) -> tuple[dict | None, str, bool]:
 REMOTE_PHOTOS = 32  # photos per Ray task
 
 
-def extract_chunk(records: Sequence[Record], extract) -> list:
+def extract_chunk(records: Sequence[Record], extract, min_side: int | None = None) -> list:
     """A Ray task: extract_arrays of each photo."""
     from core.executor import kill_once_hook
 
     kill_once_hook()
     cv2.setNumThreads(1)
-    return [extract_arrays(rec, extract) for rec in records]
+    return [extract_arrays(rec, extract, min_side) for rec in records]
 
 
 class KeypointStore:
@@ -57,6 +59,11 @@ class KeypointStore:
         self.cfg = cfg
         self.extract = extract or (lambda image: extract_keypoints(image, cfg))
         self.cache = FeatureCache(cache_path, f"{name}:" + json.dumps(config_to_dict(cfg), sort_keys=True))
+
+    @property
+    def min_side(self) -> int | None:
+        """How small a large photo may be decoded: the extraction's working size."""
+        return getattr(self.cfg, "max_side", None)
 
     def get(self, records: Sequence[Record], workers: int = 2, progress: bool = True,
             desc: str = "keypoints") -> dict[str, Keypoints]:
@@ -81,10 +88,11 @@ class KeypointStore:
             """(key, (arrays, message, permanent)) per photo to do, in order: in the thread pool, or
             under Ray as chunks of photos (the results cached here)."""
             if not executor.remote:
-                yield from zip((k for k, _ in todo), pool.map(lambda item: extract_arrays(item[1], self.extract), todo))
+                yield from zip((k for k, _ in todo), pool.map(lambda item: extract_arrays(item[1], self.extract, self.min_side), todo))
                 return
             chunks = [todo[i:i + REMOTE_PHOTOS] for i in range(0, len(todo), REMOTE_PHOTOS)]
-            results = executor.map(extract_chunk, [[rec for _, rec in part] for part in chunks], self.extract)
+            results = executor.map(extract_chunk, [[rec for _, rec in part] for part in chunks], self.extract,
+                                   self.min_side)
             for part, res in zip(chunks, results):
                 yield from zip((k for k, _ in part), res)
 

@@ -56,12 +56,12 @@ def _load_resized(rec: Record, size: tuple[int, int]) -> np.ndarray | None:
     whole photo (or the catalog's bbox), not the focus box of `ModelConfig.crop`: trained on the
     boxes, the engine's closed-set top-1 fell from 0.292 / 0.285 to 0.264 / 0.236 (seeds 0 / 1),
     while the same whole-photo networks embedding the boxes gave 0.306 / 0.299."""
+    h, w = size
     try:
-        rgb = load_image(rec.path, rec.bbox)
+        rgb = load_image(rec.path, rec.bbox, min_side=math.ceil(1.15 * max(h, w)))
     except ImageError as e:
         log.warning("skipped %s", e)
         return None
-    h, w = size
     return cv2.resize(rgb, (int(w * 1.15), int(h * 1.15)), interpolation=cv2.INTER_AREA)
 
 

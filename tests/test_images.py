@@ -1,9 +1,10 @@
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
 
 from core.errors import ImageError
-from core.images import load_image
+from core.images import load_image, load_image_reduced
 
 
 def _gradient(h=20, w=30):
@@ -83,3 +84,44 @@ def test_very_large_photo_is_read_and_a_pixel_bomb_refused(tmp_path, monkeypatch
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)
     with pytest.raises(ImageError, match="big.jpg: image too large"):
         load_image(big)
+
+
+def _big_jpeg(path, h=3000, w=4000, exif=None):
+    """A camera-size JPEG: grey, one white square at x 1000-1400, y 800-1200 (as displayed)."""
+    rgb = np.full((h, w, 3), 90, np.uint8)
+    rgb[800:1200, 1000:1400] = 255
+    img = Image.fromarray(rgb)
+    if exif is not None:  # stored rotated so that the viewer's rotation gives the array above
+        img = img.transpose(Image.Transpose.ROTATE_270)
+    img.save(path, quality=95, **({"exif": exif} if exif is not None else {}))
+
+
+def test_large_jpeg_is_decoded_reduced_and_says_its_full_size(tmp_path):
+    _big_jpeg(tmp_path / "big.jpg")
+    full = load_image(tmp_path / "big.jpg")
+    small, size = load_image_reduced(tmp_path / "big.jpg", min_side=512)
+    assert full.shape == (3000, 4000, 3) and size == (3000, 4000)
+    # 1/4 keeps the shorter side at 750 >= 512; 1/8 (375) would not
+    assert small.shape == (750, 1000, 3)
+    assert small[250, 300].min() > 240 and small[100, 100].max() < 100  # the square is where it was
+    assert np.abs(small.astype(int) - cv2.resize(full, (1000, 750), interpolation=cv2.INTER_AREA)).mean() < 2
+    assert load_image(tmp_path / "big.jpg", min_side=1500).shape == (1500, 2000, 3)
+    assert load_image(tmp_path / "big.jpg", min_side=1501).shape == full.shape  # 1/2 would give 1500
+    Image.fromarray(full).save(tmp_path / "big.png")  # only JPEG decoders reduce
+    assert load_image_reduced(tmp_path / "big.png", min_side=512)[0].shape == full.shape
+
+
+def test_reduced_decoding_follows_exif_orientation_and_bbox(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 8  # rotate 90 degrees counter-clockwise to display
+    _big_jpeg(tmp_path / "r.jpg", exif=exif)
+    small, size = load_image_reduced(tmp_path / "r.jpg", min_side=512)
+    assert size == (3000, 4000) and small.shape == (750, 1000, 3)
+    assert small[250, 300].min() > 240
+    # the square's bbox (as displayed): a crop of it, reduced while its shorter side stays >= 100
+    crop, size = load_image_reduced(tmp_path / "r.jpg", bbox=(1000, 800, 400, 400), min_side=100)
+    assert size == (400, 400) and crop.shape == (100, 100, 3) and crop[2:-2, 2:-2].min() > 240
+    assert load_image(tmp_path / "r.jpg", bbox=(1000, 800, 400, 400)).shape == (400, 400, 3)
+    # a bbox past the border counts what is inside the photo: 3990-4000 is 10 px wide, no reduction
+    crop, size = load_image_reduced(tmp_path / "r.jpg", bbox=(3990, 0, 500, 3000), min_side=8)
+    assert size == (3000, 10) and crop.shape == (3000, 10, 3)

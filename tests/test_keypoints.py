@@ -368,3 +368,27 @@ def test_upright_descriptors_are_not_rotation_invariant(photos):
     # measured: 597 and 628 putative matches on the warped copy, 52 and 870 on the turned one
     assert n["up"][0] >= 100 and n["rotation-invariant"][0] >= 100
     assert n["rotation-invariant"][1] >= 100 and n["up"][1] < 0.2 * n["rotation-invariant"][1]
+
+
+def test_a_large_jpeg_is_extracted_reduced_with_positions_in_full_photo_pixels(photos, tmp_path):
+    from functools import partial
+
+    from PIL import Image
+
+    from core.catalog import Record
+    from core.images import load_image
+    from keypoints.store import extract_arrays
+
+    big = cv2.resize(photos["a1"], (2048, 1536), interpolation=cv2.INTER_CUBIC)
+    Image.fromarray(big).save(tmp_path / "big.jpg", quality=95)
+    rec = Record(image="big.jpg", path=tmp_path / "big.jpg", individual_id=None)
+    cfg = replace(PRESETS["default"], focus_keep=1.0)
+    full = extract_keypoints(load_image(rec.path), cfg)
+    arrays, message, _ = extract_arrays(rec, partial(extract_keypoints, cfg=cfg), min_side=cfg.max_side)
+    reduced = Keypoints.from_arrays(arrays)
+    assert message == "" and reduced.image_size == full.image_size == (1536, 2048)
+    assert 0.8 < len(reduced) / len(full) < 1.25
+    # decoded at 1024x768 (the shorter side stays >= 512), found on the same 512-pixel working
+    # image: most keypoints within a photo pixel of the full decode's (a working pixel is 4)
+    d = np.linalg.norm(reduced.xy[:, None] - full.xy[None], axis=2).min(axis=1)
+    assert np.mean(d < 1) > 0.8, np.percentile(d, [50, 80, 95])
