@@ -19,7 +19,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Sequence, Union
 from urllib.parse import quote
 
 import cv2
@@ -33,24 +33,29 @@ TEMPLATES = Path(__file__).resolve().parent / "templates"
 log = logging.getLogger(__name__)
 
 
+ImageSource = Union[np.ndarray, Path, str, tuple, Callable[[], Union[np.ndarray, tuple, None]], None]
+
+
 @dataclass
 class ReportCandidate:
     individual_id: str
     fused: float                             # fused P(same individual)
     stage_scores: dict[str, float | None]    # per stage; None or NaN = stage not run
     # best-matching gallery photo: RGB uint8 array, file, or a function returning the array (called
-    # once per distinct gallery_key, so a photo shown for many queries is decoded once)
-    gallery_image: np.ndarray | Path | str | Callable[[], np.ndarray | None] | None
+    # once per distinct gallery_key, so a photo shown for many queries is decoded once), or the
+    # array and the (h, w) of the photo it is a reduction of (core.images.load_image_reduced)
+    gallery_image: ImageSource
     gallery_name: str
     # (m, 4) rows x_q, y_q, x_g, y_g in pixels of the images as given above (after any crop the
-    # caller applied), or None when keypoints were not matched for this candidate
+    # caller applied; of the full photo where a reduction says its size), or None when keypoints
+    # were not matched for this candidate
     inliers_xy: np.ndarray | None = None
     gallery_key: str | None = None           # identifies the photo for the thumbnail cache
 
 
 @dataclass
 class ReportQuery:
-    query_image: np.ndarray | Path | str | None
+    query_image: ImageSource  # as gallery_image; a function is called when the page is written
     query_name: str
     truth: str | None                        # true individual, `new_individual`, or None if unknown
     confidence: float
@@ -131,10 +136,13 @@ class _Thumbnails:
     def add(self, image, px: int, key: str | None = None) -> dict | None:
         if key is not None and key in self.by_key:
             return self.by_key[key]
-        rgb = load_rgb(image() if callable(image) else image)
+        image = image() if callable(image) else image
+        image, full = image if isinstance(image, tuple) else (image, None)
+        rgb = load_rgb(image)
         thumb = None
         if rgb is not None:
             h, w = rgb.shape[:2]
+            H, W = full or (h, w)  # the photo the inlier positions are in
             scale = min(1.0, px / max(h, w))
             small = _resize(rgb, scale)
             ok, buf = cv2.imencode(".webp", cv2.cvtColor(small, cv2.COLOR_RGB2BGR),
@@ -148,7 +156,7 @@ class _Thumbnails:
                 target.write_bytes(data)
                 self.bytes += len(data)
             thumb = {"src": f"{self.prefix}/{name}", "w": small.shape[1], "h": small.shape[0],
-                     "sx": small.shape[1] / w, "sy": small.shape[0] / h}
+                     "sx": small.shape[1] / W, "sy": small.shape[0] / H}
         if key is not None:
             self.by_key[key] = thumb
         return thumb

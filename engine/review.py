@@ -9,15 +9,16 @@ from typing import Sequence
 import numpy as np
 
 from core.errors import ImageError
-from core.images import load_image
+from core.images import load_image_reduced
 from engine.pipeline import Engine, QueryResult
 from engine.report import ReportCandidate, ReportQuery, write_report
 
 
 def _image(record):
-    """The photo as the stages saw it (after the bbox crop), so inlier coordinates line up."""
+    """The photo as the stages saw it (after the bbox crop), so inlier coordinates line up: decoded
+    reduced where it is large (thumbnails are under 256 pixels), with its full size."""
     try:
-        return load_image(record.path, record.bbox)
+        return load_image_reduced(record.path, record.bbox, min_side=256)
     except ImageError:
         return None  # the report shows a placeholder
 
@@ -38,7 +39,7 @@ def write_review(engine: Engine, results: Sequence[QueryResult], path: Path, tau
                 gallery_name=Path(c.gallery_image).name,
                 inliers_xy=np.asarray(xy, np.float32).reshape(-1, 4) if xy is not None and len(xy) else None))
         top = r.candidates[0].score if r.candidates else 0.0
-        entries.append(ReportQuery(query_image=_image(r.record), query_name=r.name,
+        entries.append(ReportQuery(query_image=partial(_image, r.record), query_name=r.name,
                                    truth=(truth or {}).get(r.name), confidence=abs(top - tau),
                                    candidates=cands, predictions=r.predictions,
                                    image_path=str(Path(r.record.path).resolve())))

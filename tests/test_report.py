@@ -190,3 +190,17 @@ def test_pages_of_queries_and_first_screen_time(browser, tmp_path):
         assert errors == []
     finally:
         ctx.close()
+
+
+def test_a_reduced_photo_places_inliers_by_its_full_size(tmp_path):
+    # a 1200x1600 photo given as its 300x400 reduction: thumbnails from the reduction, inlier lines
+    # at the places of the full photo (x 800 -> half the 224-pixel thumbnail)
+    small = _texture(300, 400, 4)
+    inl = np.array([[800.0, 600.0, 800.0, 600.0]])
+    entry = ReportQuery((small, (1200, 1600)), "q.jpg", "W1", 0.9,
+                        [ReportCandidate("W1", 0.9, {}, lambda: (small, (1200, 1600)), "g.jpg", inl, "g")])
+    data = page_data(write_report(tmp_path / "r.html", [entry]).read_text())
+    q = data["queries"][0]
+    assert q["thumb"]["w"] == 224 and q["candidates"][0]["thumb"]["w"] == 176
+    line = np.frombuffer(base64.b64decode(q["candidates"][0]["inliers"]), np.uint8).tolist()
+    assert line == [112, 84, 88, 66]
