@@ -18,7 +18,8 @@ def _image(record):
     """The photo as the stages saw it (after the bbox crop), so inlier coordinates line up: decoded
     reduced where it is large (thumbnails are under 256 pixels), with its full size."""
     try:
-        return load_image_reduced(record.path, record.bbox, min_side=256)
+        rgb, reduction = load_image_reduced(record.path, record.bbox, min_side=256)
+        return rgb, reduction.size
     except ImageError:
         return None  # the report shows a placeholder
 

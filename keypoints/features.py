@@ -123,14 +123,13 @@ class Keypoints:
             image_size=(h, w),
         )
 
-    def at_size(self, size: tuple[int, int]) -> "Keypoints":
-        """The same keypoints placed in an image of `size` (h, w) that the extraction's image was a
-        reduction of (core.images.load_image_reduced): positions in the full photo's pixels."""
-        (h, w), (H, W) = self.image_size, (int(size[0]), int(size[1]))
-        if (h, w) == (H, W):
+    def in_photo(self, reduction) -> "Keypoints":
+        """The same keypoints placed in the full photo that the extraction's image was decoded
+        reduced from (a core.images.Reduction): positions in the full photo's pixels."""
+        if reduction.scale == 1 and tuple(reduction.size) == tuple(self.image_size):
             return self
-        xy = (self.xy + 0.5) * np.array([W / w, H / h], np.float32) - 0.5
-        return Keypoints(xy.astype(np.float32), self.desc, (H, W))
+        xy = reduction.to_full(self.xy).astype(np.float32)
+        return Keypoints(xy, self.desc, (int(reduction.size[0]), int(reduction.size[1])))
 
     @classmethod
     def empty(cls, image_size: tuple[int, int], width: int = DESC_DIM) -> "Keypoints":

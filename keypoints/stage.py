@@ -274,7 +274,7 @@ def verify_chunk(task: dict, stage_class: str, kcfg, vcfg: VerifyConfig, focus=N
     whitened where the stage whitens) and the verification of its pairs. Returns (results in pair
     order, new features, unreadable photos with the reason)."""
     from core.executor import kill_once_hook
-    from keypoints.store import extract_arrays
+    from keypoints.store import decode_side, extract_arrays
     from keypoints.verify import verify_pairs
 
     kill_once_hook()
@@ -292,7 +292,7 @@ def verify_chunk(task: dict, stage_class: str, kcfg, vcfg: VerifyConfig, focus=N
             key = record_key(rec)
             if key is None or key in arrays or key in failed or key in task["skip"]:
                 continue
-            a, message, permanent = extract_arrays(rec, extract, getattr(kcfg, "max_side", None))
+            a, message, permanent = extract_arrays(rec, extract, decode_side(kcfg))
             if a is not None:
                 arrays[key] = new[key] = a
             elif permanent:

@@ -25,14 +25,19 @@ from keypoints.features import Keypoints, config_to_dict, extract_keypoints
 log = logging.getLogger(__name__)
 
 
+def decode_side(cfg) -> int | None:
+    """How small a large photo may be decoded for an extraction with `cfg`: its working size."""
+    return getattr(cfg, "max_side", None)
+
+
 def extract_arrays(rec: Record, extract, min_side: int | None = None) -> tuple[dict | None, str, bool]:
     """(arrays as the cache stores them, "", False), or (None, reason, permanent) for an unreadable
     photo. Kept as the cache will give them back next time (float16 descriptors), so that a first
-    run and a rerun score the same. With `min_side` (the extraction's working size), a large JPEG
-    is decoded reduced (core.images.load_image) and the positions placed in the full photo."""
+    run and a rerun score the same. With `min_side` (`decode_side`), a large JPEG is decoded
+    reduced (core.images.load_image_reduced) and the positions placed in the full photo."""
     try:
-        image, full = load_image_reduced(rec.path, rec.bbox, min_side)
-        return extract(image).at_size(full).to_arrays("float16"), "", False
+        image, reduction = load_image_reduced(rec.path, rec.bbox, min_side)
+        return extract(image).in_photo(reduction).to_arrays("float16"), "", False
     except ImageError as e:
         return None, str(e), e.permanent
 
@@ -62,8 +67,7 @@ class KeypointStore:
 
     @property
     def min_side(self) -> int | None:
-        """How small a large photo may be decoded: the extraction's working size."""
-        return getattr(self.cfg, "max_side", None)
+        return decode_side(self.cfg)
 
     def get(self, records: Sequence[Record], workers: int = 2, progress: bool = True,
             desc: str = "keypoints") -> dict[str, Keypoints]:

@@ -22,7 +22,7 @@ from core.catalog import Record
 from core.errors import ImageError
 from core.images import load_image
 from siamese.focus import focus_crop
-from siamese.model import ModelConfig, SiameseNet, preprocess
+from siamese.model import ModelConfig, SiameseNet, decode_side, preprocess
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +57,9 @@ class EmbedResult:
 
 def load_for_model(rec: Record, cfg: ModelConfig) -> np.ndarray:
     """The photo as the network sees it: the record's bbox if the catalog gives one, else with
-    `crop="focus"` the box around the animal (siamese.focus), else the whole photo. A large JPEG is
-    decoded reduced, its shorter side at 4x the input size or more (bench/camera_photos.py: on
-    24-megapixel photos the features differ from the full decode's about as much as those of the
-    same photo saved again as a JPEG; at 2x, more)."""
-    rgb = load_image(rec.path, rec.bbox, min_side=4 * max(cfg.input_size))
+    `crop="focus"` the box around the animal (siamese.focus), else the whole photo; a large JPEG
+    decoded reduced (siamese.model.decode_side)."""
+    rgb = load_image(rec.path, rec.bbox, min_side=decode_side(cfg.input_size))
     if cfg.crop == "focus" and rec.bbox is None:
         rgb = focus_crop(rgb)
     return rgb

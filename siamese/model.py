@@ -26,6 +26,14 @@ from siamese.config import BACKBONES, ModelConfig  # noqa: F401  re-exported
 from siamese.precision import Precision
 
 
+def decode_side(input_size: tuple[int, int]) -> int:
+    """How small a large JPEG may be decoded for a network of `input_size` (core.images.load_image's
+    min_side): its shorter side at 4x the input size or more. On 24-megapixel photos the features then differ
+    from the full decode's about as much as those of the same photo saved again as a JPEG at
+    quality 85 (at 2x, more: bench/camera_photos.py)."""
+    return 4 * max(input_size)
+
+
 def preprocess(rgb: np.ndarray, cfg: ModelConfig) -> np.ndarray:
     """HxWx3 uint8 -> 3xhxw float32 normalised, resized to the model's input size."""
     h, w = cfg.input_size

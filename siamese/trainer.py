@@ -45,7 +45,7 @@ from core.aggregate import aggregate_per_individual
 from siamese.embed import embed_records, normalize_features
 from siamese.lap_miner import LapMiner, MinerConfig, noise_at
 from siamese.config import PRESETS, TrainConfig  # noqa: F401  re-exported
-from siamese.model import SiameseNet, preprocess
+from siamese.model import SiameseNet, decode_side, preprocess
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def _load_resized(rec: Record, size: tuple[int, int]) -> np.ndarray | None:
     while the same whole-photo networks embedding the boxes gave 0.306 / 0.299."""
     h, w = size
     try:
-        rgb = load_image(rec.path, rec.bbox, min_side=math.ceil(1.15 * max(h, w)))
+        rgb = load_image(rec.path, rec.bbox, min_side=decode_side(size))
     except ImageError as e:
         log.warning("skipped %s", e)
         return None

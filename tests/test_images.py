@@ -1,3 +1,5 @@
+import itertools
+
 import cv2
 import numpy as np
 import pytest
@@ -86,23 +88,29 @@ def test_very_large_photo_is_read_and_a_pixel_bomb_refused(tmp_path, monkeypatch
         load_image(big)
 
 
-def _big_jpeg(path, h=3000, w=4000, exif=None):
-    """A camera-size JPEG: grey, one white square at x 1000-1400, y 800-1200 (as displayed)."""
+def _big_jpeg(path, h=3000, w=4000, orientation=None):
+    """A camera-size JPEG: grey, one white square at x 1000-1400, y 800-1200 as displayed (stored
+    turned the other way when an EXIF orientation is given)."""
     rgb = np.full((h, w, 3), 90, np.uint8)
     rgb[800:1200, 1000:1400] = 255
     img = Image.fromarray(rgb)
-    if exif is not None:  # stored rotated so that the viewer's rotation gives the array above
-        img = img.transpose(Image.Transpose.ROTATE_270)
-    img.save(path, quality=95, **({"exif": exif} if exif is not None else {}))
+    if orientation is None:
+        img.save(path, quality=95)
+        return
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored = {6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}[orientation]
+    img.transpose(stored).save(path, quality=95, exif=exif)
 
 
-def test_large_jpeg_is_decoded_reduced_and_says_its_full_size(tmp_path):
+def test_large_jpeg_is_decoded_reduced_and_says_where_it_lies(tmp_path):
     _big_jpeg(tmp_path / "big.jpg")
     full = load_image(tmp_path / "big.jpg")
-    small, size = load_image_reduced(tmp_path / "big.jpg", min_side=512)
-    assert full.shape == (3000, 4000, 3) and size == (3000, 4000)
-    # 1/4 keeps the shorter side at 750 >= 512; 1/8 (375) would not
-    assert small.shape == (750, 1000, 3)
+    small, red = load_image_reduced(tmp_path / "big.jpg", min_side=512)
+    assert full.shape == (3000, 4000, 3) and red.size == (3000, 4000)
+    # 1/4 keeps the shorter side at 750 >= 512; 1/8 (375) would not. Decoded pixel i covers photo
+    # pixels 4i to 4i + 3: its centre is at 4i + 1.5
+    assert small.shape == (750, 1000, 3) and red.scale == 4 and red.offset == (1.5, 1.5)
     assert small[250, 300].min() > 240 and small[100, 100].max() < 100  # the square is where it was
     assert np.abs(small.astype(int) - cv2.resize(full, (1000, 750), interpolation=cv2.INTER_AREA)).mean() < 2
     assert load_image(tmp_path / "big.jpg", min_side=1500).shape == (1500, 2000, 3)
@@ -111,17 +119,61 @@ def test_large_jpeg_is_decoded_reduced_and_says_its_full_size(tmp_path):
     assert load_image_reduced(tmp_path / "big.png", min_side=512)[0].shape == full.shape
 
 
+def test_positions_on_a_reduced_odd_sized_photo_map_to_the_full_photo(tmp_path):
+    # 4001x3001 is no multiple of the reduction: the last decoded column stands for a partly empty
+    # block, so stretching the decoded image over the photo would misplace points near the far edge
+    rgb = np.full((3001, 4001, 3), 60, np.uint8)
+    spots = [(20.5, 30.5), (2000.5, 1500.5), (3899.5, 2899.5)]  # centres of 2x2 white spots (x, y)
+    for x, y in spots:
+        rgb[int(y) - 8:int(y) + 10, int(x) - 8:int(x) + 10] = 255  # 18 px wide, centred on (x, y)
+    # stored as displayed, turned half a turn, and a quarter turn either way (EXIF orientations):
+    # the partly empty blocks then lie at the start of a displayed axis
+    turns = {1: None, 3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}
+    for (orientation, turn), bbox in itertools.product(turns.items(), (None, (7, 13, 3990, 2985))):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        img = Image.fromarray(rgb)
+        (img.transpose(turn) if turn else img).save(tmp_path / "odd.jpg", quality=95, exif=exif)
+        small, red = load_image_reduced(tmp_path / "odd.jpg", bbox, min_side=300)
+        assert red.scale == 8
+        for x, y in spots:
+            x, y = (x - 7, y - 13) if bbox else (x, y)
+            # the spot's centroid on the decoded image, mapped back
+            gx, gy = int(round((x - red.offset[0]) / 8)), int(round((y - red.offset[1]) / 8))
+            win = small[max(0, gy - 4):gy + 5, max(0, gx - 4):gx + 5, 0].astype(float) - 60
+            ys, xs = np.mgrid[max(0, gy - 4):gy + 5, max(0, gx - 4):gx + 5]
+            cx, cy = (win * xs).sum() / win.sum(), (win * ys).sum() / win.sum()
+            fx, fy = red.to_full(np.array([[cx, cy]]))[0]
+            assert abs(fx - x) < 1.5 and abs(fy - y) < 1.5, (orientation, bbox, (x, y), (fx, fy))
+
+
 def test_reduced_decoding_follows_exif_orientation_and_bbox(tmp_path):
-    exif = Image.Exif()
-    exif[0x0112] = 8  # rotate 90 degrees counter-clockwise to display
-    _big_jpeg(tmp_path / "r.jpg", exif=exif)
-    small, size = load_image_reduced(tmp_path / "r.jpg", min_side=512)
-    assert size == (3000, 4000) and small.shape == (750, 1000, 3)
-    assert small[250, 300].min() > 240
-    # the square's bbox (as displayed): a crop of it, reduced while its shorter side stays >= 100
-    crop, size = load_image_reduced(tmp_path / "r.jpg", bbox=(1000, 800, 400, 400), min_side=100)
-    assert size == (400, 400) and crop.shape == (100, 100, 3) and crop[2:-2, 2:-2].min() > 240
-    assert load_image(tmp_path / "r.jpg", bbox=(1000, 800, 400, 400)).shape == (400, 400, 3)
-    # a bbox past the border counts what is inside the photo: 3990-4000 is 10 px wide, no reduction
-    crop, size = load_image_reduced(tmp_path / "r.jpg", bbox=(3990, 0, 500, 3000), min_side=8)
-    assert size == (3000, 10) and crop.shape == (3000, 10, 3)
+    for orientation in (6, 8):
+        _big_jpeg(tmp_path / "r.jpg", orientation=orientation)
+        small, red = load_image_reduced(tmp_path / "r.jpg", min_side=512)
+        assert red.size == (3000, 4000) and small.shape == (750, 1000, 3)
+        assert small[250, 300].min() > 240 and small[100, 100].max() < 100
+        # the square's bbox (as displayed): a crop of it, reduced while its shorter side stays >= 100
+        crop, red = load_image_reduced(tmp_path / "r.jpg", bbox=(1000, 800, 400, 400), min_side=100)
+        assert red.size == (400, 400) and crop.shape == (100, 100, 3) and crop[2:-2, 2:-2].min() > 240
+        assert load_image(tmp_path / "r.jpg", bbox=(1000, 800, 400, 400)).shape == (400, 400, 3)
+        # a bbox past the displayed border counts what is inside the photo: x 3990-4000, no reduction
+        crop, red = load_image_reduced(tmp_path / "r.jpg", bbox=(3990, 0, 500, 3000), min_side=8)
+        assert red.size == (3000, 10) and crop.shape == (3000, 10, 3)
+        # 2000 px wide inside the photo (4000 in the stored one's axes): 1/2, not 1/4 (500 < 512)
+        crop, red = load_image_reduced(tmp_path / "r.jpg", bbox=(2000, 0, 2500, 3000), min_side=512)
+        assert red.size == (3000, 2000) and min(crop.shape[:2]) >= 512
+
+
+def test_a_square_reduction_of_a_turned_photo_keeps_its_size(tmp_path):
+    _big_jpeg(tmp_path / "s.jpg", h=3993, w=4000, orientation=6)  # decoded at 1/8: 500x500
+    small, red = load_image_reduced(tmp_path / "s.jpg", min_side=384)
+    assert small.shape == (500, 500, 3) and red.size == (3993, 4000)
+
+
+def test_camera_files_with_preview_images_are_reduced_too(tmp_path):
+    _big_jpeg(tmp_path / "a.jpg")
+    img = Image.open(tmp_path / "a.jpg")
+    img.save(tmp_path / "m.jpg", format="MPO", save_all=True, append_images=[img.resize((160, 120))])
+    assert Image.open(tmp_path / "m.jpg").format == "MPO"
+    assert load_image(tmp_path / "m.jpg", min_side=512).shape == (750, 1000, 3)
