@@ -42,9 +42,12 @@ class Gallery:
                    keys=[record_key(r) or "" for r in records])
 
     def record(self, i: int) -> Record:
-        bbox = tuple(int(v) for v in self.bboxes[i]) if self.bboxes[i][0] >= 0 else None
         return Record(image=self.paths[i], path=Path(self.paths[i]), individual_id=self.ids[i],
-                      viewpoint=self.viewpoints[i] or None, bbox=bbox, key=self.key(i))
+                      viewpoint=self.viewpoints[i] or None, bbox=self.bbox(i), key=self.key(i))
+
+    def bbox(self, i: int) -> tuple[int, int, int, int] | None:
+        """The photo's catalog bbox (x, y, w, h), None for the whole photo."""
+        return tuple(int(v) for v in self.bboxes[i]) if self.bboxes[i][0] >= 0 else None
 
     def key(self, i: int) -> str | None:
         return (self.keys[i] or None) if self.keys else None

@@ -16,7 +16,9 @@ calibration.json, with a tau per single stage too (for the ablation table of `ev
 from __future__ import annotations
 
 import logging
+import math
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,7 +26,7 @@ import numpy as np
 
 from core.errors import UserError
 from core.metrics import NEW_INDIVIDUAL, score_predictions
-from core.runfolder import atomic_write_json
+from core.runfolder import atomic_write_json, read_json
 from core.runtime import set_threads
 from core.stage import is_active
 from engine.pipeline import Engine, MatchConfig, QueryPairs
@@ -58,6 +60,18 @@ def individuals_needed(cfg: CalibrateConfig) -> int:
     return max(2, cfg.folds)
 
 
+def heldout_needed(trained: bool, cfg: CalibrateConfig = CalibrateConfig()) -> int:
+    """Individuals train-siamese must hold out for calibrate to run: a trained run gives the smaller
+    half of them to the choice of the epoch."""
+    return 2 * individuals_needed(cfg) - 1 if trained else individuals_needed(cfg)
+
+
+def heldout_fraction_needed(eligible: int, trained: bool, cfg: CalibrateConfig = CalibrateConfig()) -> float:
+    """The smallest `train-siamese --heldout-fraction` (to the hundredth) that holds out
+    `heldout_needed` among `eligible` individuals (those with 2 or more photos)."""
+    return math.ceil(100 * heldout_needed(trained, cfg) / max(1, eligible)) / 100
+
+
 def fold_pairs(engine: Engine, cfg: CalibrateConfig, mcfg: MatchConfig, progress: bool):
     """Per fold: the query shortlists (all stages scored) and the truths.
 
@@ -69,9 +83,13 @@ def fold_pairs(engine: Engine, cfg: CalibrateConfig, mcfg: MatchConfig, progress
     heldout = engine.run.calibration_individuals()
     h_idx = np.array([i for i in range(len(g)) if g.ids[i] in heldout], dtype=np.int64)
     if len(set(g.ids[i] for i in h_idx)) < individuals_needed(cfg):
-        raise UserError(f"calibrate needs at least {individuals_needed(cfg)} held-out individuals; this run has "
-                        f"{len(set(g.ids[i] for i in h_idx))} (train-siamese holds out 20% of the individuals, "
-                        f"half of them to choose the training epoch: raise --heldout-fraction)")
+        eligible = sum(1 for n in Counter(g.ids).values() if n >= 2)
+        trained = bool(read_json(engine.run.heldout_path).get("validation"))
+        raise UserError(f"calibrate needs at least {individuals_needed(cfg)} held-out individuals (one per fold, "
+                        f"--folds); this run has {len(set(g.ids[i] for i in h_idx))}: train-siamese held out "
+                        f"too few{' (half of them choose the training epoch)' if trained else ''}. Train again "
+                        f"with --heldout-fraction {heldout_fraction_needed(eligible, trained, cfg):.2f} "
+                        f"--overwrite (your gallery has {eligible} individuals with 2 or more photos)")
     folds = open_set_folds([g.ids[i] for i in h_idx], cfg.folds, cfg.seed)
     n = cfg.queries_per_individual
     out = []

@@ -77,7 +77,10 @@ class Candidate:
     gallery_index: int  # best-matching gallery photo of this individual
     gallery_image: str
     stages: dict[str, float | None] = field(default_factory=dict)  # each stage's score, None: not run
-    evidence: dict = field(default_factory=dict)  # e.g. keypoint inliers, for a person to check
+    # e.g. keypoint inliers, for a person to check: positions in the photos as the stages saw them
+    # (after a catalog bbox's crop); `write_predictions` places them in the whole photos
+    evidence: dict = field(default_factory=dict)
+    gallery_bbox: tuple[int, int, int, int] | None = None  # the gallery photo's catalog bbox
 
 
 def alternate(order: np.ndarray, other: np.ndarray) -> np.ndarray:
@@ -498,7 +501,7 @@ class Engine:
                 g = int(qp.gallery_idx[b])
                 stage_vals = {name: (None if np.isnan(v[b]) else float(v[b])) for name, v in qp.stages.items()}
                 cands.append(Candidate(ind, float(sc), g, self.gallery.paths[g], stage_vals,
-                                       dict(qp.evidence.get(g, {}))))
+                                       dict(qp.evidence.get(g, {})), self.gallery.bbox(g)))
             out.append(QueryResult(qp.record, qp.record.image, top5_with_new(ranked, tau), cands))
         return out
 
@@ -527,17 +530,34 @@ def write_predictions(results: Sequence[QueryResult], out_csv: Path, extra: dict
     atomic_write_json(json_path, {
         **(extra or {}),
         "new_individual_token": NEW_INDIVIDUAL,
+        "inliers_xy": INLIERS_XY,
         "skipped": [{"image": rec.image, "reason": reason} for rec, reason in unreadable],
         "queries": [{
             "image": r.name, "path": str(r.record.path), "predictions": r.predictions,
+            **({"bbox": list(r.record.bbox)} if r.record.bbox else {}),
             "candidates": [{
                 "individual_id": c.individual_id, "score": round(c.score, 6), "gallery_image": c.gallery_image,
+                **({"gallery_bbox": list(c.gallery_bbox)} if c.gallery_bbox else {}),
                 **{f"{k}_score": None if v is None else round(float(v), 6) for k, v in c.stages.items()},
-                **{k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in c.evidence.items()},
+                **{k: _in_photos(v, r.record.bbox, c.gallery_bbox) if k.endswith("inliers_xy") else
+                   v.tolist() if isinstance(v, np.ndarray) else v for k, v in c.evidence.items()},
             } for c in r.candidates],
         } for r in results],
     })
     return json_path
+
+
+INLIERS_XY = ("x, y in the query photo, x, y in the gallery photo: pixels of each whole photo as displayed "
+              "(EXIF orientation applied), from its top-left corner, a catalog bbox's offset included")
+
+
+def _in_photos(xy, query_bbox, gallery_bbox) -> list:
+    """Inlier rows (x_q, y_q, x_g, y_g) found on the bbox crops, placed in the whole photos."""
+    xy = np.asarray(xy, np.float64).reshape(-1, 4).copy()
+    for cols, bbox in (((0, 1), query_bbox), ((2, 3), gallery_bbox)):
+        if bbox is not None:
+            xy[:, cols] += (max(0, bbox[0]), max(0, bbox[1]))  # the crop starts inside the photo
+    return np.round(xy, 1).tolist()
 
 
 def build_gallery(run: RunFolder, model: SiameseNet, records: Sequence[Record], cfg: MatchConfig,

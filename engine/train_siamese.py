@@ -10,6 +10,7 @@ import os
 import random
 import shlex
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -34,6 +35,20 @@ def choose_heldout(catalog: Catalog, fraction: float, seed: int) -> list[str]:
     rng = random.Random(seed)
     rng.shuffle(eligible)
     return sorted(eligible[: int(round(len(eligible) * fraction))])
+
+
+def warn_few_calibration_individuals(catalog: Catalog, calibration: list[str], cfg: TrainConfig) -> None:
+    """Before training: say so when `calibrate` will find too few held-out individuals to run, and
+    which --heldout-fraction would give them (an untrained run can still match, uncalibrated)."""
+    from engine.calibrate import CalibrateConfig, heldout_fraction_needed, individuals_needed
+
+    need = individuals_needed(CalibrateConfig())
+    if len(calibration) >= need:
+        return
+    eligible = sum(1 for n in Counter(r.individual_id for r in catalog.records).values() if n >= 2)
+    log.warning("--heldout-fraction %g leaves %d individual(s) to calibrate on; calibrate needs %d: with %d "
+                "individuals of 2 or more photos, --heldout-fraction %.2f gives them", cfg.heldout_fraction,
+                len(calibration), need, eligible, heldout_fraction_needed(eligible, cfg.epochs > 0))
 
 
 # settings a resumed training may change: its budget and how this machine runs it
@@ -159,6 +174,7 @@ def main(cfg: TrainConfig, paths: Paths, resume: bool = False, progress: bool = 
     calibration = sorted(set(heldout) - set(validation))
     atomic_write_json(run.heldout_path, {"individuals": heldout, "validation": validation,
                                          "calibration": calibration, "seed": cfg.seed})
+    warn_few_calibration_individuals(catalog, calibration, cfg)
     model = SiameseNet(model_cfg).to(torch_device())
     run.update_config(precision=resolve_precision(model, cfg.precision, recorded_precision, keep_given=resume))
     summary: dict = {"epochs_trained": 0}

@@ -392,3 +392,39 @@ def test_non_ascii_and_spaces_in_paths(tmp_path):
     out = read_csv(pred)
     assert out[0]["image"] == "photo ü 1.jpg" and out[0]["predictions"].split()[0] == rows[0]["individual_id"]
     assert (tmp_path / "revue é_files").is_dir()
+
+
+def test_evidence_positions_are_in_the_whole_photos_when_the_catalog_crops(tmp_path):
+    # the stages see the bbox crops; predictions.json places the inliers in the whole photos
+    from core.catalog import Record
+    from engine.pipeline import Candidate, QueryResult, write_predictions
+
+    query = Record(image="q.jpg", path=tmp_path / "q.jpg", individual_id=None, bbox=(100, 40, 50, 60))
+    xy = np.array([[1.0, 2.0, 3.0, 4.0], [10.0, 20.0, 30.0, 40.0]], np.float32)
+    cands = [Candidate("A", 0.9, 0, "g0.jpg", {"keypoints": 0.9}, {"inliers": 2, "inliers_xy": xy}, (-5, 7, 80, 90)),
+             Candidate("B", 0.5, 1, "g1.jpg", {"keypoints": 0.5}, {"inliers": 2, "inliers_xy": xy}, None)]
+    write_predictions([QueryResult(query, "q.jpg", ["A", "B"], cands)], tmp_path / "p.csv")
+    doc = json.loads((tmp_path / "p.json").read_text())
+    q = doc["queries"][0]
+    assert q["bbox"] == [100, 40, 50, 60] and "x, y in the query photo" in doc["inliers_xy"]
+    a, b = q["candidates"]
+    # the query crop starts at (100, 40); A's at (0, 7) (its bbox starts left of the photo); B is whole
+    assert a["gallery_bbox"] == [-5, 7, 80, 90] and a["inliers_xy"] == [[101, 42, 3, 11], [110, 60, 30, 47]]
+    assert "gallery_bbox" not in b and b["inliers_xy"] == [[101, 42, 3, 4], [110, 60, 30, 40]]
+    assert a["inliers"] == 2
+
+
+def test_too_few_calibration_individuals_are_announced_with_the_fraction_that_gives_them(sample, tmp_path):
+    # 8 individuals: the default 20% holds out 2, one of which chooses the epoch: 1 left to calibrate on
+    run = tmp_path / "run"
+    base = ["train-siamese", "--catalog", sample, "--out", run, "--epochs", 1, "--input-size", SIZE,
+            "--batch-size", 8, "-q"]
+    r = invoke(*base)
+    assert r.exit_code == 0, r.output
+    assert "leaves 1 individual(s) to calibrate on; calibrate needs 3" in r.output
+    assert "--heldout-fraction 0.63 gives them" in r.output  # 5 of 8 held out: 2 for the epoch, 3 to calibrate
+    r = invoke("calibrate", "--run", run, "-q")
+    assert r.exit_code == 2 and "Train again with --heldout-fraction 0.63 --overwrite" in r.output, r.output
+    r = invoke(*base[:-1], "--heldout-fraction", 0.63, "--overwrite", "-q")
+    assert r.exit_code == 0 and "calibrate on" not in r.output
+    assert len(json.loads((run / "heldout.json").read_text())["calibration"]) == 3

@@ -49,7 +49,7 @@ def test_closed_set_figures_ignore_new_individuals_and_tau():
     from engine.matching import evaluate_pairs, format_metrics
     from engine.pipeline import Engine, MatchConfig, QueryPairs
 
-    gallery = SimpleNamespace(ids=["a", "b", "c"], paths=["ga", "gb", "gc"])
+    gallery = SimpleNamespace(ids=["a", "b", "c"], paths=["ga", "gb", "gc"], bbox=lambda i: None)
     engine = SimpleNamespace(gallery=gallery, default_scores=lambda st: st["embedding"],
                              ablation_scorers=lambda cfg: [("embedding", lambda st: st["embedding"], 0.9)])
     engine.rank = Engine.rank.__get__(engine)
@@ -100,7 +100,7 @@ def test_right_animal_places_known_answers():
     from engine.pipeline import QueryPairs
 
     ids = list("abcdefg")  # one photo each, gallery indices 0-6
-    engine = SimpleNamespace(gallery=SimpleNamespace(ids=ids), default_scores=lambda st: st["embedding"],
+    engine = SimpleNamespace(gallery=SimpleNamespace(ids=ids, bbox=lambda i: None), default_scores=lambda st: st["embedding"],
                              stages=[SimpleNamespace(name="embedding", scope=ALL),
                                      SimpleNamespace(name="keypoints", scope=TOP)])
     nan = np.nan
