@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
-import typer
+if not sys.stderr.isatty():  # a log file: a progress bar line every 30 s, not ten a second (read at
+    os.environ.setdefault("TQDM_MININTERVAL", "30")  # tqdm's import, so before anything imports it)
 
-from core.errors import UserError
-from engine.config import DemoConfig, MatchConfig, VerifierTrainConfig
-from ranker.fusion import FusionConfig
-from siamese.config import TrainConfig
+import typer  # noqa: E402
+
+from core.errors import UserError  # noqa: E402
+from engine.config import DemoConfig, MatchConfig, VerifierTrainConfig  # noqa: E402
+from ranker.fusion import FusionConfig  # noqa: E402
+from siamese.config import TrainConfig  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__,
                   context_settings={"help_option_names": ["-h", "--help"]}, pretty_exceptions_enable=False)

@@ -6,7 +6,9 @@ decoders are not usable on every machine (see siamese/torchvision_schemas.py).
 """
 from __future__ import annotations
 
+import logging
 import math
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +17,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from core.errors import ImageError
+
+log = logging.getLogger(__name__)
 
 Image.MAX_IMAGE_PIXELS = 400_000_000  # camera-trap mosaics and drone shots can be large
 
@@ -104,6 +108,7 @@ def load_image_reduced(path: Path, bbox: tuple[int, int, int, int] | None = None
         x0, y0, x1, y1 = _clip(bbox, W, H)
         if x1 - x0 < 2 or y1 - y0 < 2:
             raise ImageError(f"{path}: bbox {bbox} lies outside the {W}x{H} image")
+        _warn_partly_outside(path, bbox, (x1 - x0) * (y1 - y0), (W, H), swap)
         # the decoded pixels wholly inside the box
         i0, j0 = -(-(x0 - base[0]) // scale), -(-(y0 - base[1]) // scale)
         i1, j1 = max((x1 - base[0]) // scale, i0 + 1), max((y1 - base[1]) // scale, j0 + 1)
@@ -118,6 +123,28 @@ def load_image_reduced(path: Path, bbox: tuple[int, int, int, int] | None = None
 # the displayed axes (x, y) that each EXIF orientation reverses (ImageOps.exif_transpose)
 _REVERSED = {2: (True, False), 3: (True, True), 4: (False, True), 6: (True, False), 7: (True, True),
              8: (False, True)}
+
+
+_WARNED: set = set()
+_WARNED_LOCK = threading.Lock()
+
+
+def _warn_partly_outside(path: Path, bbox, inside: int, size: tuple[int, int], turned: bool) -> None:
+    """Once per photo: a bbox that reaches well past the photo (a detector's box measured on the
+    photo before its EXIF rotation, or a typing error) is cropped to the part inside, with a warning."""
+    x, y, w, h = bbox
+    if inside >= 0.9 * w * h:
+        return
+    with _WARNED_LOCK:
+        if (path, tuple(bbox)) in _WARNED:
+            return
+        _WARNED.add((path, tuple(bbox)))
+    W, H = size
+    hint = ""
+    if turned and x + w <= H and y + h <= W:
+        hint = f"; it would fit the photo as stored ({H}x{W}, before its EXIF rotation): was it measured there?"
+    log.warning("%s: bbox %s reaches past the %dx%d photo (as displayed, EXIF orientation applied): %d%% of it "
+                "is inside, and only that part is used%s", path, tuple(bbox), W, H, round(100 * inside / (w * h)), hint)
 
 
 def _clip(bbox, W: int, H: int) -> tuple[int, int, int, int]:

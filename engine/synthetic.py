@@ -735,7 +735,7 @@ def split_open_set(catalog_csv: Path, out_dir: Path, n_unseen: int, queries_per_
     Writes only under out_dir: gallery.csv (absolute image paths: the photos stay where they are,
     in `images_dir`, default the catalog's folder), the queries copied to out_dir/queries/q00000.<ext>
     (anonymised), and out_dir/truth.csv
-    (`image,individual_id`, plus `viewpoint` when the catalog has one). Seeded, deterministic.
+    (`image,individual_id`, plus `viewpoint` and `bbox` where the catalog has them). Seeded, deterministic.
     Returns (gallery.csv, queries_dir, truth.csv)."""
     catalog_csv, out_dir = Path(catalog_csv), Path(out_dir)
     with open(catalog_csv, newline="") as f:
@@ -744,7 +744,6 @@ def split_open_set(catalog_csv: Path, out_dir: Path, n_unseen: int, queries_per_
         rows = list(reader)
     if "image" not in fields or "individual_id" not in fields:
         raise ValueError(f"{catalog_csv}: expected columns image,individual_id")
-    has_vp = "viewpoint" in fields
     by_id: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         by_id[r["individual_id"]].append(r)
@@ -791,11 +790,13 @@ def split_open_set(catalog_csv: Path, out_dir: Path, n_unseen: int, queries_per_
     truth_csv = out_dir / "truth.csv"
     with open(truth_csv, "w", newline="") as f:
         wr = csv.writer(f)
-        wr.writerow(["image", "individual_id"] + (["viewpoint"] if has_vp else []))
+        # the query's bbox too: matched and evaluated on the crop, as the gallery's photos are
+        extra = [c for c in ("viewpoint", "bbox") if c in fields]
+        wr.writerow(["image", "individual_id"] + extra)
         for k, (r, truth) in enumerate(queries):
             name = f"q{k:05d}{Path(r['image']).suffix.lower()}"
             shutil.copyfile(images_dir / r["image"], qdir / name)
-            wr.writerow([name, truth] + ([r["viewpoint"]] if has_vp else []))
+            wr.writerow([name, truth] + [r[c] for c in extra])
     n_new = sum(t == NEW_INDIVIDUAL for _, t in queries)
     log.info("gallery %d photos of %d individuals; queries %d (%d new)", len(gallery),
              len({r["individual_id"] for r in gallery}), len(queries), n_new)

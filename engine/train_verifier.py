@@ -157,6 +157,12 @@ def main(cfg: VerifierTrainConfig, paths: Paths, threads: int | None = None, pro
         X = feature_matrix(results)
         auc = heldout_auc(X, y, groups, seed=cfg.seed, cfg=vconf, feature_names=list(FEATURE_NAMES))
         Validator(vconf, list(FEATURE_NAMES)).fit(X, y, seed=cfg.seed).save(stage.validator_path(engine.run))
+        if auc["auc_validator"] < auc["auc_inliers"] - 0.02:
+            log.warning("%s: the validator tells held-out true pairs from false ones less well than their inlier "
+                        "count does (AUC %.3f against %.3f): %d true pairs are few to learn the geometry from. Its "
+                        "probabilities are rough (even for pairs without a geometry); calibrate weighs the stage by "
+                        "how well it scores there. More photos per individual make more true pairs",
+                        name, auc["auc_validator"], auc["auc_inliers"], int(y.sum()))
         summary["matchers"][name] = {
             "heldout_auc_validator": round(float(auc["auc_validator"]), 4),
             "heldout_auc_inlier_count": round(float(auc["auc_inliers"]), 4),

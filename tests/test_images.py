@@ -177,3 +177,16 @@ def test_camera_files_with_preview_images_are_reduced_too(tmp_path):
     img.save(tmp_path / "m.jpg", format="MPO", save_all=True, append_images=[img.resize((160, 120))])
     assert Image.open(tmp_path / "m.jpg").format == "MPO"
     assert load_image(tmp_path / "m.jpg", min_side=512).shape == (750, 1000, 3)
+
+
+def test_a_bbox_reaching_past_the_photo_is_cropped_with_one_warning(tmp_path, caplog):
+    _big_jpeg(tmp_path / "t.jpg", h=300, w=400, orientation=6)  # displayed 400x300, stored 300x400
+    with caplog.at_level("WARNING", logger="core.images"):
+        for _ in range(2):  # the embedding and the keypoints both read it: warned once
+            crop = load_image(tmp_path / "t.jpg", bbox=(20, 10, 250, 380))  # rows 10-390 of 300: 290 inside
+        assert crop.shape == (290, 250, 3)
+        load_image(tmp_path / "t.jpg", bbox=(10, 10, 300, 200))  # inside: no warning
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "bbox (20, 10, 250, 380) reaches past the 400x300 photo" in warned[0]
+    # 250x380 fits the photo as stored (300x400): the box was probably measured before the rotation
+    assert "76% of it is inside" in warned[0] and "before its EXIF rotation" in warned[0]

@@ -280,3 +280,20 @@ def test_split_open_set_with_viewpoints_keeps_a_gallery_photo_of_each_query_view
     assert all((r["individual_id"], r["viewpoint"]) in have for r in truth)
     with pytest.raises(ValueError):
         split_open_set(cat, tmp_path / "b" / "s", n_unseen=5)
+
+
+def test_split_open_set_keeps_the_queries_bboxes(tmp_path):
+    # a catalog with a detector's boxes: each query keeps its own box in truth.csv (matched on the crop)
+    data, cat = _split_fixture(tmp_path, n=6, per=3)
+    rows = _read_csv(cat)
+    boxes = {r["image"]: f"{i},{i + 1},30,20" for i, r in enumerate(rows)}
+    with open(cat, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["image", "individual_id", "bbox"])
+        w.writeheader()
+        w.writerows({"image": r["image"], "individual_id": r["individual_id"], "bbox": boxes[r["image"]]} for r in rows)
+    g, qdir, t = split_open_set(cat, tmp_path / "s", n_unseen=2, seed=0)
+    truth = _read_csv(t)
+    assert list(truth[0]) == ["image", "individual_id", "bbox"]
+    by_content = {(data / img).read_bytes(): box for img, box in boxes.items()}
+    assert all(r["bbox"] == by_content[(qdir / r["image"]).read_bytes()] for r in truth)
+    assert all(r["bbox"] == boxes[str(Path(r["image"]).relative_to(data.resolve()))] for r in _read_csv(g))
