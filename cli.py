@@ -248,8 +248,10 @@ def train_verifier_cmd(
                               focus=focus, whitening=whitening)
     s = train_verifier.main(cfg, train_verifier.Paths(run), threads, progress=not quiet, precision=precision)
     for name, m in s["matchers"].items():
+        counts = (f"on the inlier count alone; the whole geometry {m['heldout_auc_whole_geometry']:.3f}, "
+                  if m["validator_uses"] == "inliers" else "")
         typer.echo(f"{name} verifier {m['validator']}: {s['pairs']} pairs ({s['positives']} true), held-out AUC "
-                   f"{m['heldout_auc_validator']:.3f} (raw inlier count {m['heldout_auc_inlier_count']:.3f}), "
+                   f"{m['heldout_auc_validator']:.3f} ({counts}raw inlier count {m['heldout_auc_inlier_count']:.3f}), "
                    f"{m['ms_per_pair']:.1f} ms/pair")
     w = s.get("whitening")
     if w:

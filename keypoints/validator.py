@@ -61,14 +61,35 @@ def pick_device(requested: str = "auto") -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-class Validator:
-    """fit / predict / save / load around an XGBoost booster (binary logistic)."""
+# What a validator may use instead of the whole geometry: the inlier count alone, in a logistic
+# model (XGBoost's linear booster: no trees, so no ties between counts). On a small catalog (tens
+# of individuals) the full model can learn its few true pairs by heart and score held-out pairs
+# worse than their inlier count does; train-verifier then keeps this one (engine.train_verifier).
+INLIERS = ("n_inliers",)
 
-    def __init__(self, cfg: ValidatorConfig = ValidatorConfig(), feature_names: Sequence[str] | None = None):
+
+class Validator:
+    """fit / predict / save / load around an XGBoost booster (binary logistic). `uses`: the features
+    it looks at among `feature_names`, in a linear model (None: all of them, in trees); `X` always has
+    every feature's column."""
+
+    def __init__(self, cfg: ValidatorConfig = ValidatorConfig(), feature_names: Sequence[str] | None = None,
+                 uses: Sequence[str] | None = None):
         self.cfg = cfg
         self.feature_names = list(feature_names) if feature_names is not None else None
+        self.uses = list(uses) if uses is not None else None
         self.booster: xgb.Booster | None = None
         self.seed: int | None = None
+
+    def _columns(self, X: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        """X restricted to the features the model uses, and their names."""
+        names = self.feature_names
+        if self.uses is None:
+            return X, names
+        missing = [u for u in self.uses if u not in names]
+        if missing:
+            raise ValueError(f"the validator uses {', '.join(missing)}, which the features lack")
+        return X[:, [names.index(u) for u in self.uses]], self.uses
 
     def _params(self, seed: int) -> dict:
         c = self.cfg
@@ -104,8 +125,13 @@ class Validator:
             raise ValueError(f"{len(X)} rows in X but {len(y)} labels")
         if len(np.unique(y)) < 2:
             raise ValueError("the validator needs both same and different pairs to learn from")
-        d = xgb.DMatrix(X, label=y, feature_names=self.feature_names, nthread=self.cfg.n_jobs)
+        X, names = self._columns(X)
+        d = xgb.DMatrix(X, label=y, feature_names=names, nthread=self.cfg.n_jobs)
         params = self._params(seed)
+        if self.uses is not None:  # a logistic model of these few features
+            params = {**{k: v for k, v in params.items() if k in ("objective", "eval_metric", "nthread", "seed")},
+                      "booster": "gblinear", "updater": "coord_descent", "lambda": self.cfg.reg_lambda,
+                      "eta": 0.5, "device": "cpu"}
         self.booster = xgb.train(params, d, num_boost_round=self.cfg.n_estimators)
         # predictions on the CPU, so a model trained on a GPU predicts the same after save/load
         self.booster.set_param({"device": "cpu"})
@@ -120,7 +146,8 @@ class Validator:
         X = self._check_width(X)
         if len(X) == 0:
             return np.zeros(0, dtype=np.float64)
-        d = xgb.DMatrix(X, feature_names=self.feature_names, nthread=self.cfg.n_jobs)
+        X, names = self._columns(X)
+        d = xgb.DMatrix(X, feature_names=names, nthread=self.cfg.n_jobs)
         return self.booster.predict(d).astype(np.float64)
 
     def to_json(self) -> dict:
@@ -131,6 +158,7 @@ class Validator:
             "version": FORMAT_VERSION,
             "xgboost_version": xgb.__version__,
             "feature_names": self.feature_names,
+            "uses": self.uses,
             "config": asdict(self.cfg),
             "seed": self.seed,
             "booster_json": bytes(self.booster.save_raw(raw_format="json")).decode("utf-8"),
@@ -161,7 +189,7 @@ class Validator:
             raise ValueError("the saved validator was trained on other features than this code computes; "
                              "run train-verifier again")
         cfg_fields = {k: v for k, v in doc.get("config", {}).items() if k in ValidatorConfig.__dataclass_fields__}
-        v = cls(ValidatorConfig(**cfg_fields), names)
+        v = cls(ValidatorConfig(**cfg_fields), names, doc.get("uses"))  # a file without it: every feature
         booster = xgb.Booster()
         booster.load_model(bytearray(doc["booster_json"].encode("utf-8")))
         booster.set_param({"device": "cpu", "nthread": v.cfg.n_jobs})
@@ -187,9 +215,9 @@ def group_folds(groups: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
 
 def heldout_auc(X: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int = 0, n_folds: int = 5,
                 cfg: ValidatorConfig = ValidatorConfig(), feature_names: Sequence[str] | None = None,
-                baseline_feature: str = "n_inliers") -> dict:
-    """Out-of-fold AUC of the validator with folds by individual, next to the AUC of the raw
-    inlier count on the same pairs.
+                baseline_feature: str = "n_inliers", uses: Sequence[str] | None = None) -> dict:
+    """Out-of-fold AUC of the validator (using `uses` of the features: see Validator) with folds by
+    individual, next to the AUC of the raw inlier count on the same pairs.
 
     `groups` is (n,) — one individual per pair, e.g. the query's — or (n, 2) — both individuals of
     the pair. With (n, 2) a pair is tested in the fold of its first individual and the model of that
@@ -221,7 +249,7 @@ def heldout_auc(X: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int = 0,
             oof[test] = y[train].mean() if train.any() else 0.5
             log.warning("fold %d: training pairs of one class only; constant prediction", f)
             continue
-        v = Validator(cfg, names).fit(X[train], y[train], seed=seed + f)
+        v = Validator(cfg, names, uses).fit(X[train], y[train], seed=seed + f)
         oof[test] = v.predict(X[test])
         used += 1
     base = X[:, names.index(baseline_feature)]

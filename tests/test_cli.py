@@ -441,17 +441,32 @@ def test_progress_bars_written_to_a_log_file_update_every_30_seconds(tmp_path):
     assert out.returncode == 0 and out.stdout.split() == ["30", "30.0"], (out.stdout, (tmp_path / "log").read_text())
 
 
-def test_train_verifier_says_when_its_validator_is_weaker_than_counting_inliers(run_dir, tmp_path, monkeypatch):
-    # the folds' figures as a small catalog gives them (0.632 against 0.705 on 12 individuals' photos)
+def test_train_verifier_keeps_the_inlier_count_where_the_whole_geometry_scores_worse(run_dir, tmp_path,
+                                                                                    monkeypatch):
+    # the folds' figures as a small catalog gives them (12 individuals: the whole geometry 0.585, the
+    # inlier count's logistic model 0.638): the validator then looks at the inlier count alone
     import engine.train_verifier
+    from keypoints.validator import INLIERS, Validator
 
-    monkeypatch.setattr(engine.train_verifier, "heldout_auc",
-                        lambda *a, **k: {"auc_validator": 0.632, "auc_inliers": 0.705})
+    def folds(whole, inliers):
+        return lambda *a, uses=None, **k: {"auc_validator": inliers if uses else whole, "auc_inliers": 0.715}
+
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
+    monkeypatch.setattr(engine.train_verifier, "heldout_auc", folds(0.585, 0.638))
     r = invoke("train-verifier", "--run", run, "--no-whitening", "-q")
     assert r.exit_code == 0, r.output
-    assert "less well than their inlier count does (AUC 0.632 against 0.705)" in r.output
-    monkeypatch.setattr(engine.train_verifier, "heldout_auc",
-                        lambda *a, **k: {"auc_validator": 0.70, "auc_inliers": 0.705})
-    assert "less well" not in invoke("train-verifier", "--run", run, "--no-whitening", "-q").output
+    assert "less well than their inlier count (AUC 0.585 against 0.638)" in r.output
+    assert "held-out AUC 0.638 (on the inlier count alone; the whole geometry 0.585, raw inlier count 0.715)" in r.output
+    validator = Validator.load(run / "verifier.json")
+    assert validator.uses == list(INLIERS)
+    # a logistic model of the count: other features do not move it, more inliers never lower it
+    rng = np.random.default_rng(0)
+    X = rng.uniform(0, 30, (50, len(validator.feature_names))).astype(np.float32)
+    col = validator.feature_names.index("n_inliers")
+    scores = [validator.predict(np.where(np.arange(X.shape[1]) == col, n, X)) for n in (0, 5, 10, 40)]
+    assert all(np.ptp(sc) < 1e-6 for sc in scores) and scores[0][0] <= scores[1][0] <= scores[2][0] <= scores[3][0]
+    assert scores[3][0] > scores[0][0] + 0.1
+    monkeypatch.setattr(engine.train_verifier, "heldout_auc", folds(0.70, 0.71))  # within 0.02: the whole geometry
+    r = invoke("train-verifier", "--run", run, "--no-whitening", "-q")
+    assert "less well" not in r.output and Validator.load(run / "verifier.json").uses is None

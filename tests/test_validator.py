@@ -119,3 +119,21 @@ def test_heldout_auc_beats_the_inlier_count_when_other_features_carry_signal():
     out = heldout_auc(X, y, groups, seed=1, cfg=SMALL)
     assert out["auc_validator"] > 0.85 and abs(out["auc_inliers"] - 0.5) < 0.1
     assert out["n_folds_fitted"] == 5
+
+
+def test_a_validator_of_the_inlier_count_alone_ranks_as_the_count_and_round_trips(tmp_path):
+    from keypoints.validator import INLIERS
+
+    X, y = geometry_like(300, 6)
+    v = Validator(SMALL, NAMES, INLIERS).fit(X, y, seed=0)
+    Xt, _ = geometry_like(200, 7)
+    p = v.predict(Xt)
+    # a logistic model of the count: the same order as the count, whatever the other columns say
+    order = np.argsort(Xt[:, INL], kind="stable")
+    assert np.all(np.diff(p[order]) >= -1e-12) and p.max() > 0.9 and p.min() < 0.1
+    noisy = Xt.copy()
+    noisy[:, [i for i in range(N_FEATURES) if i != INL]] = 99
+    assert np.allclose(v.predict(noisy), p)
+    back = Validator.load(v.save(tmp_path / "verifier.json"), expected_features=FEATURE_NAMES)
+    assert back.uses == ["n_inliers"] and np.array_equal(back.predict(Xt), p)
+    assert Validator(SMALL, NAMES).fit(X, y, seed=0).uses is None  # the whole geometry by default
