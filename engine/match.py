@@ -52,7 +52,7 @@ def main(cfg: MatchConfig, paths: Paths, threads: int | None = None, progress: b
     if report is not None:
         from engine.review import write_review
 
-        json_path = f"{json_path}, {write_review(engine, results, report, engine.tau(cfg))}"
+        json_path = f"{json_path}, {write_review(engine, results, report, engine.tau(cfg), unreadable=emb.skipped)}"
     n_new = sum(1 for r in results if r.predictions[:1] == [NEW_INDIVIDUAL])
     dt = time.perf_counter() - t0
     return (f"matched {len(results)} photos ({n_new} new_individual first{skipped_note(emb)}) in {dt:.1f} s "

@@ -222,10 +222,10 @@ def _script_json(data) -> str:
 
 
 def write_report(path: str | os.PathLike, entries: Sequence[ReportQuery], title: str = "Matches",
-                 config: ReportConfig = ReportConfig()) -> Path:
+                 config: ReportConfig = ReportConfig(), skipped: Sequence[tuple[str, str]] = ()) -> Path:
     """Write the page and its thumbnail folder; return the page's path. The folder is filled under
     a temporary name and both are renamed into place, so an interrupted run leaves the previous
-    page whole."""
+    page whole. `skipped`: (name, reason) of the photos that could not be read, listed on the page."""
     import jinja2
 
     path = Path(path)
@@ -238,14 +238,14 @@ def write_report(path: str | os.PathLike, entries: Sequence[ReportQuery], title:
         order = sorted(range(len(entries)), key=lambda k: (_conf_key(entries[k]), str(entries[k].query_name)))
         queries = [_query_data(entries[k], thumbs, config) for k in order]
         labelled = [q for q in entries if q.truth is not None]
-        summary = [f"{len(entries)} queries"]
+        summary = [f"{len(entries)} queries"] + ([f"{len(skipped)} unreadable"] if skipped else [])
         if labelled:
             summary.append(f"{len(labelled)} with known truth, {sum(map(_rank1_correct, labelled))} right at rank 1")
         review_id = hashlib.sha1(json.dumps([title] + [q["path"] for q in queries]).encode()).hexdigest()[:16]
         env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
                                  undefined=jinja2.StrictUndefined)
         doc = env.get_template("review.html").render(
-            title=title, summary=" · ".join(summary), page_size=config.page_size,
+            title=title, summary=" · ".join(summary), page_size=config.page_size, skipped=list(skipped),
             data=_script_json({"id": review_id, "title": title, "new": NEW_INDIVIDUAL, "queries": queries,
                                "page_size": config.page_size}))
         if folder.exists():

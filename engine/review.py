@@ -25,9 +25,10 @@ def _image(record):
 
 
 def write_review(engine: Engine, results: Sequence[QueryResult], path: Path, tau: float,
-                 truth: dict[str, str] | None = None) -> Path:
+                 truth: dict[str, str] | None = None, unreadable: Sequence[tuple] = ()) -> Path:
     """Queries are ordered by how close their best score is to the threshold: the answers a
-    person should check first are those the engine was least sure of, either way."""
+    person should check first are those the engine was least sure of, either way. `unreadable`:
+    (record, reason) of the photos that could not be read, listed on the page."""
     entries = []
     for r in results:
         cands = []
@@ -45,4 +46,5 @@ def write_review(engine: Engine, results: Sequence[QueryResult], path: Path, tau
                                    candidates=cands, predictions=r.predictions,
                                    image_path=str(Path(r.record.path).resolve())))
     return write_report(path, entries, title=f"Matches against {engine.run.path.name} "
-                                            f"(new_individual below {tau:.3f})")
+                                            f"(new_individual below {tau:.3f})",
+                        skipped=[(rec.image, reason) for rec, reason in unreadable])

@@ -56,9 +56,12 @@ def test_match_exact_copies_finds_their_individual(sample, run_dir, tmp_path):
     (test_dir / "broken.jpg").write_bytes(b"\x00" * 10)
     (test_dir / "notes.txt").write_text("not a photo")  # ignored: not an image suffix
     out = tmp_path / "pred.csv"
-    r = invoke("match", test_dir, "--run", run_dir, "--out", out, "-q")
+    r = invoke("match", test_dir, "--run", run_dir, "--out", out, "--report", tmp_path / "review.html", "-q")
     assert r.exit_code == 0, r.output
     assert "1 unreadable photo(s) skipped" in r.output
+    # the review page lists it with the reason, beside the matched photos
+    page = (tmp_path / "review.html").read_text()
+    assert f"{len(rows)} queries · 1 unreadable" in page and "broken.jpg: cannot decode image" in page
     pred = {p["image"]: p["predictions"].split() for p in read_csv(out)}
     # the unreadable photo keeps its row (empty predictions), in the folder's sorted order
     assert [p["image"] for p in read_csv(out)] == sorted(["broken.jpg"] + [f"photo{k}.jpg" for k in range(len(rows))])
