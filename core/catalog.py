@@ -11,6 +11,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 from core.errors import UserError
 from core.metrics import NEW_INDIVIDUAL
@@ -57,6 +58,12 @@ def _parse_bbox(text: str, where: str) -> tuple[int, int, int, int] | None:
     if w <= 0 or h <= 0 or x < 0 or y < 0:
         raise UserError(f"{where}: bbox {text!r} needs x,y >= 0 and w,h > 0")
     return x, y, w, h
+
+
+def queryable(ids: Iterable[str]) -> list[str]:
+    """The individuals of a gallery whose photos are of `ids` that have 2 or more photos, so that one
+    can be a query against the others (sorted): those train-siamese may hold out of training."""
+    return sorted(i for i, n in Counter(ids).items() if n >= 2)
 
 
 def read_rows(csv_path: Path, required: tuple[str, ...],

@@ -18,12 +18,12 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from core.catalog import queryable
 from core.errors import UserError
 from core.metrics import NEW_INDIVIDUAL, score_predictions
 from core.runfolder import atomic_write_json, read_json
@@ -83,7 +83,7 @@ def fold_pairs(engine: Engine, cfg: CalibrateConfig, mcfg: MatchConfig, progress
     heldout = engine.run.calibration_individuals()
     h_idx = np.array([i for i in range(len(g)) if g.ids[i] in heldout], dtype=np.int64)
     if len(set(g.ids[i] for i in h_idx)) < individuals_needed(cfg):
-        eligible = sum(1 for n in Counter(g.ids).values() if n >= 2)
+        eligible = len(queryable(g.ids))
         trained = bool(read_json(engine.run.heldout_path).get("validation"))
         raise UserError(f"calibrate needs at least {individuals_needed(cfg)} held-out individuals (one per fold, "
                         f"--folds); this run has {len(set(g.ids[i] for i in h_idx))}: train-siamese held out "

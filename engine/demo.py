@@ -5,11 +5,10 @@ import json
 import logging
 import shlex
 import time
-from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from core.catalog import load_catalog
+from core.catalog import load_catalog, queryable
 from core.errors import UserError
 from core.metrics import NEW_INDIVIDUAL
 from core.runfolder import RunFolder
@@ -58,8 +57,7 @@ def heldout_fraction(gallery_csv: Path, default: float, n_unseen: int, catalog: 
     """The share of the gallery's individuals the demo holds out of training for a catalog of your
     own: the usual share where it gives MIN_HELDOUT individuals, more where it would give fewer;
     an error naming the catalog where the gallery is too small for both."""
-    counts = Counter(r.individual_id for r in load_catalog(gallery_csv).records)
-    eligible = sum(1 for n in counts.values() if n >= 2)  # the individuals train-siamese may hold out
+    eligible = len(queryable(r.individual_id for r in load_catalog(gallery_csv).records))
     if eligible < MIN_HELDOUT + MIN_TRAINING:
         raise UserError(f"demo --catalog {catalog}: after {n_unseen} individual(s) are kept aside as new animals "
                         f"and a photo of the others as queries, the gallery has {eligible} individual(s) with 2 or "

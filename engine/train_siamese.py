@@ -10,11 +10,10 @@ import os
 import random
 import shlex
 import time
-from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from core.catalog import Catalog, load_catalog
+from core.catalog import Catalog, load_catalog, queryable
 from core.errors import UserError
 from core.runfolder import RunFolder, atomic_write_json, read_json
 from core.runtime import seed_everything, set_threads, torch_device
@@ -27,11 +26,8 @@ log = logging.getLogger(__name__)
 
 
 def choose_heldout(catalog: Catalog, fraction: float, seed: int) -> list[str]:
-    """Individuals held out of training: drawn among those with >= 2 photos, so they can be queried."""
-    counts: dict[str, int] = {}
-    for r in catalog.records:
-        counts[r.individual_id] = counts.get(r.individual_id, 0) + 1
-    eligible = sorted(i for i, n in counts.items() if n >= 2)
+    """Individuals held out of training: drawn among the `queryable` ones (core.catalog)."""
+    eligible = queryable(r.individual_id for r in catalog.records)
     rng = random.Random(seed)
     rng.shuffle(eligible)
     return sorted(eligible[: int(round(len(eligible) * fraction))])
@@ -45,7 +41,7 @@ def warn_few_calibration_individuals(catalog: Catalog, calibration: list[str], c
     need = individuals_needed(CalibrateConfig())
     if len(calibration) >= need:
         return
-    eligible = sum(1 for n in Counter(r.individual_id for r in catalog.records).values() if n >= 2)
+    eligible = len(queryable(r.individual_id for r in catalog.records))
     log.warning("--heldout-fraction %g leaves %d individual(s) to calibrate on; calibrate needs %d: with %d "
                 "individuals of 2 or more photos, --heldout-fraction %.2f gives them", cfg.heldout_fraction,
                 len(calibration), need, eligible, heldout_fraction_needed(eligible, cfg.epochs > 0))

@@ -92,7 +92,8 @@ class KeypointStore:
             """(key, (arrays, message, permanent)) per photo to do, in order: in the thread pool, or
             under Ray as chunks of photos (the results cached here)."""
             if not executor.remote:
-                yield from zip((k for k, _ in todo), pool.map(lambda item: extract_arrays(item[1], self.extract, self.min_side), todo))
+                yield from zip((k for k, _ in todo),
+                               pool.map(lambda item: extract_arrays(item[1], self.extract, self.min_side), todo))
                 return
             chunks = [todo[i:i + REMOTE_PHOTOS] for i in range(0, len(todo), REMOTE_PHOTOS)]
             results = executor.map(extract_chunk, [[rec for _, rec in part] for part in chunks], self.extract,
