@@ -173,6 +173,10 @@ def train_siamese_cmd(
     freeze_blocks: Annotated[int, typer.Option(min=0, help="Keep the backbone's stem and first N stages as "
                                                "pretrained (faster epochs; 0: train every layer).")] =
     _TRAIN.freeze_blocks,
+    average_from: Annotated[float, typer.Option(min=0.0, max=1.0, help="The network kept is the mean of the "
+                                                "weights at the ends of the epochs from this share of the "
+                                                "training on (stochastic weight averaging; 1: the last epoch's).")
+                            ] = _TRAIN.average_from,
     resume: Annotated[bool, typer.Option(help="Continue from the run folder's last checkpoint, with the same "
                                          "settings (only --epochs and --max-minutes may change).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace the trained run already in --out (its network, "
@@ -193,7 +197,8 @@ def train_siamese_cmd(
                                         input_size=_parse_size(input_size), crop=crop,
                                         mirror=mirror),
                       epochs=epochs, max_minutes=max_minutes, seed=seed, batch_size=batch_size, threads=threads,
-                      heldout_fraction=heldout_fraction, precision=precision, freeze_blocks=freeze_blocks)
+                      heldout_fraction=heldout_fraction, precision=precision, freeze_blocks=freeze_blocks,
+                      average_from=average_from)
     if resume and overwrite:
         raise UserError("--resume continues the run in --out, --overwrite replaces it: give one of them")
     s = train_siamese.main(cfg, train_siamese.Paths(catalog, out, images), resume=resume, progress=not quiet,
@@ -428,7 +433,7 @@ def demo(
     catalog: Annotated[Optional[Path], typer.Option(help="Run on your own labelled photos instead of the "
                                                     "built-in synthetic sample: a fifth of the individuals are kept "
                                                     "aside as new animals, a photo of each other one is a query; "
-                                                    "12 or more individuals with 3 or more photos each.")] = None,
+                                                    "9 or more individuals with 3 or more photos each.")] = None,
     images: ImagesOpt = None,
     out: Annotated[Path, typer.Option(help="Folder for the sample, the run and the outputs.")] = Path("demo_output"),
     seed: Annotated[int, typer.Option(help="Seed of the sample and the split.")] = 0,

@@ -13,7 +13,8 @@ from siamese.embed import embed_records
 from siamese.model import ModelConfig, PairHead, SiameseNet
 from siamese.trainer import TrainConfig
 from siamese.lap_miner import LapMiner, MinerConfig
-from siamese.trainer import SubCenterArcFace, augment, batch_mined_negatives, batch_pair_weights, build_batches, fit
+from siamese.trainer import (SubCenterArcFace, _State, add_to_average, augment, averaging, batch_mined_negatives,
+                             batch_pair_weights, build_batches, fit)
 from tests.conftest import TINY_INPUT
 
 
@@ -122,7 +123,66 @@ def test_resume_continues_from_the_checkpoint(sample, tmp_path):
     second = fit(model, catalog, set(), TrainConfig(epochs=2, **base), run, resume=True, progress=False)
     assert second["epochs_trained"] == 2
     assert [h["epoch"] for h in second["history"]] == [1, 2]  # epoch 1 came from the checkpoint
+    assert first["averaged_epochs"] == 1 and second["averaged_epochs"] == 2  # the average goes on too
     assert second["history"][0] == first["history"][0]
+
+
+def test_weight_average_is_the_running_mean_of_the_epochs_weights():
+    state = _State()
+    epochs = [{"w": torch.tensor([1.0, -2.0]), "b": torch.tensor(0.5), "n": torch.tensor(k)} for k in (1, 2, 3)]
+    epochs[1]["w"], epochs[2]["w"] = torch.tensor([2.0, 0.0]), torch.tensor([6.0, 5.0])
+    for e in epochs:
+        add_to_average(state, e)
+    assert state.averaged == 3
+    assert torch.allclose(state.average["w"], torch.tensor([3.0, 1.0]))
+    assert torch.allclose(state.average["b"], torch.tensor(0.5))
+    assert state.average["n"].item() == 3  # an integer buffer (BatchNorm's counter): the latest
+    epochs[2]["w"] += 100  # the average holds copies
+    assert torch.allclose(state.average["w"], torch.tensor([3.0, 1.0]))
+
+
+def test_the_epochs_averaged():
+    cfg = TrainConfig(epochs=40, max_minutes=None, average_from=0.75)
+    joined = [e for e in range(1, 41) if averaging(cfg, e, 0.0, last=False)]
+    assert joined == list(range(30, 41))  # 30/39 >= 0.75: the last quarter of the schedule
+    cfg = TrainConfig(epochs=40, max_minutes=10.0, average_from=0.75)
+    assert not averaging(cfg, 5, 7 * 60, last=False) and averaging(cfg, 5, 8 * 60, last=False)  # by the clock
+    assert averaging(cfg, 5, 60, last=True)  # stopped by the budget: the last epoch always joins
+    assert averaging(TrainConfig(epochs=1, average_from=1.0), 1, 0.0, last=False)
+    assert not any(averaging(TrainConfig(epochs=3, average_from=None), e, 0.0, last=e == 3) for e in (1, 2, 3))
+
+
+def test_held_out_individuals_calibrate_unless_they_chose_the_network():
+    from engine.train_siamese import heldout_roles
+
+    held = ["a", "b", "c", "d", "e"]
+    assert heldout_roles(held, trained=True, averaged=True) == (["b", "d"], held)  # validated on, chosen on none
+    assert heldout_roles(held, trained=True, averaged=False) == (["b", "d"], ["a", "c", "e"])  # the best epoch
+    assert heldout_roles(held, trained=False, averaged=True) == ([], held)  # the pretrained network
+
+
+def test_training_keeps_the_mean_of_the_last_epochs_weights(sample, tmp_path, monkeypatch):
+    catalog = load_catalog(sample)
+    cfg = TrainConfig(model=ModelConfig(input_size=TINY_INPUT).resolved(), epochs=3, batch_size=16, seed=0,
+                      average_from=0.75)
+    ends = []  # the weights at each epoch's end, as the checkpoint saves them
+    save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: (
+        ends.append({n: v.clone() for n, v in obj["model"].items()}) if isinstance(obj, dict) and "optimizer" in obj
+        else None, save(obj, f, *a, **k))[1])
+    heldout = {r.individual_id for r in catalog.records[-8:]}
+    model = SiameseNet(cfg.model)
+    run = RunFolder(tmp_path / "run")
+    run.create({})
+    summary = fit(model, catalog, heldout, cfg, run, progress=False)
+    assert len(ends) == 3 and summary["averaged_epochs"] == 2  # epochs 2 and 3: 2/2 and 3/2 of the schedule
+    kept = model.state_dict()
+    for name, v in kept.items():
+        if v.is_floating_point():
+            assert torch.allclose(v, (ends[1][name] + ends[2][name]) / 2, atol=1e-6), name
+    moved = [n for n in kept if n.startswith("head.") and not torch.equal(ends[1][n], ends[2][n])]
+    assert moved  # the two epochs differ, so the mean is neither of them
+    assert summary["val_map5_head_averaged"] is not None and summary["best_val"] >= 0  # the best single epoch's, for comparison
 
 
 def test_subcenter_arcface_known_answer():
