@@ -20,6 +20,7 @@ Prints a table and writes bench/results/accuracy.json (and a copy in --work, kep
                            [--votes 0,20,20:20,100:300:200]  # keypoint votes[:V[:K]] side by side, one verified network
                            [--whitening on,off]  # SIFT descriptors whitened or not, one network
                            [--mirror off,on]  # embeddings with their mirror image's or not, one network
+                           [--network average,best]  # averaged weights or the best epoch's, one training
 """
 from __future__ import annotations
 
@@ -161,6 +162,11 @@ def main() -> None:
                     "features and its mirror image's); 'off,on' compares both on the same trained and verified "
                     "network: the first is the run's own, the other re-embeds the gallery of a copy of it and "
                     "calibrates it (run label trained+mirror-SETTING)")
+    ap.add_argument("--network", default="best" if TrainConfig.average_from is None else "average",
+                    help="average / best: the network train-siamese keeps (the mean of the weights of its last "
+                    "epochs, or the epoch with the best validation MAP@5); 'average,best' compares both from one "
+                    "training: the first is the run's own, the other the same training's other network (from its "
+                    "checkpoint) in a copy of it, verified and calibrated (run label trained+network-SETTING)")
     ap.add_argument("--data", type=Path, default=DATA,
                     help="the development set: catalog.csv, metadata.csv (flank side) and the photos (default: %(default)s)")
     ap.add_argument("--protocol", type=Path, default=PROTOCOL,
@@ -186,6 +192,9 @@ def main() -> None:
     mirrors = args.mirror.split(",")
     if any(m not in ("on", "off") for m in mirrors) or len(set(mirrors)) < len(mirrors):
         sys.exit(f"--mirror {args.mirror}: expected on, off, 'on,off' or 'off,on'")
+    networks = args.network.split(",")
+    if any(k not in ("average", "best") for k in networks) or len(set(networks)) < len(networks):
+        sys.exit(f"--network {args.network}: expected average, best, 'average,best' or 'best,average'")
     runs = []
     if not args.skip_baseline:
         runs.append(("baseline", TrainConfig(model=ModelConfig(input_size=size, mirror=mirrors[0] == "on"), epochs=0,
@@ -193,8 +202,8 @@ def main() -> None:
     label = "trained" if args.freeze_blocks == TrainConfig.freeze_blocks else f"trained_freeze{args.freeze_blocks}"
     runs.append((label,
                  TrainConfig(model=ModelConfig(input_size=size, mirror=mirrors[0] == "on"), epochs=args.epochs,
-                             max_minutes=args.train_minutes,
-                             seed=args.seed, freeze_blocks=args.freeze_blocks)))
+                             max_minutes=args.train_minutes, seed=args.seed, freeze_blocks=args.freeze_blocks,
+                             average_from=TrainConfig.average_from if networks[0] == "average" else None)))
     presets = args.keypoints.split(",")
     unknown = [k for k in presets if k not in KEYPOINT_PRESETS]
     if unknown:
@@ -222,6 +231,8 @@ def main() -> None:
              for w in whitening[1:]]
     jobs += [(f"{trained}+mirror-{m}", "copy verified, mirror " + m, presets[0], votes[0][1], white[0])
              for m in mirrors[1:]]
+    jobs += [(f"{trained}+network-{k}", "copy network, keep " + k, presets[0], votes[0][1], white[0])
+             for k in networks[1:]]
     for label, cfg, keypoints, mcfg, whiten in jobs:
         run = args.work / f"run_{label}"
         t0 = time.perf_counter()
@@ -238,11 +249,18 @@ def main() -> None:
             elif cfg.startswith("copy verified, mirror"):
                 copy_verified(args.work / f"run_{trained}", run)
                 set_mirror(run, cfg.endswith(" on"))
+            elif cfg.startswith("copy network, keep"):
+                copy_trained(args.work / f"run_{trained}", run, share_cache=True)
+                set_network(args.work / f"run_{trained}", run, cfg.rsplit(" ", 1)[1])
         own = (ModelConfig.from_dict(RunFolder(run).config()["train"]["model"]).mirror
                if isinstance(cfg, TrainConfig) else None)
         if own is not None and own != cfg.model.mirror:
             sys.exit(f"{run} embeds {'with' if own else 'without'} the mirror image (--reuse): give --mirror "
                      f"{'on' if own else 'off'} first")
+        kept = RunFolder(run).config()["train"].get("average_from") if isinstance(cfg, TrainConfig) else False
+        if kept is not False and (kept is None) != (cfg.average_from is None):
+            sys.exit(f"{run} keeps the {'best epoch' if kept is None else 'averaged weights'} (--reuse): give "
+                     f"--network {'best' if kept is None else 'average'} first")
         for output, step in post_training_steps(run, matchers, keypoints, mcfg, whiten):
             keep = args.reuse or (isinstance(cfg, str) and cfg.startswith("copy verified")
                                   and output == "verifier.json")
@@ -334,6 +352,34 @@ def set_mirror(run: Path, mirror: bool) -> None:
     build_gallery(engine.run, engine.model, engine.gallery.records(), MatchConfig(), progress=False)
     train = engine.run.config()["train"]
     engine.run.update_config(train={**train, "model": {**train["model"], "mirror": mirror}})
+
+
+def set_network(trained: Path, run: Path, keep: str) -> None:
+    """The copy `run` of the `trained` run with the other network of the same training (its
+    checkpoint's averaged weights or best epoch), its gallery embedded again, and the held-out
+    individuals split as train-siamese splits them for that network (a best epoch was chosen on half
+    of them, which calibrate then leaves out)."""
+    import torch
+
+    from core.runfolder import atomic_write_json, read_json
+    from engine.pipeline import build_gallery
+    from engine.train_siamese import heldout_roles
+    from siamese.model import save_model
+
+    ck = torch.load(trained / "checkpoint.pt", map_location="cpu", weights_only=False)
+    weights = ck.get("best_state" if keep == "best" else "average")
+    if weights is None:
+        sys.exit(f"{trained}/checkpoint.pt holds no {'best epoch' if keep == 'best' else 'averaged weights'}")
+    engine = Engine.load(run)
+    engine.model.load_state_dict(weights)
+    save_model(engine.model, run / "siamese.pt")
+    build_gallery(engine.run, engine.model, engine.gallery.records(), MatchConfig(), progress=False)
+    train = engine.run.config()["train"]
+    average_from = None if keep == "best" else (train.get("average_from") or TrainConfig.average_from)
+    engine.run.update_config(train={**train, "average_from": average_from})
+    held = read_json(engine.run.heldout_path)
+    validation, calibration = heldout_roles(held["individuals"], trained=True, averaged=average_from is not None)
+    atomic_write_json(engine.run.heldout_path, {**held, "validation": validation, "calibration": calibration})
 
 
 def post_training_steps(run: Path, matchers: tuple[str, ...] = ("sift",), keypoints: str = "default",
