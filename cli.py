@@ -433,7 +433,7 @@ def demo(
     catalog: Annotated[Optional[Path], typer.Option(help="Run on your own labelled photos instead of the "
                                                     "built-in synthetic sample: a fifth of the individuals are kept "
                                                     "aside as new animals, a photo of each other one is a query; "
-                                                    "9 or more individuals with 3 or more photos each.")] = None,
+                                                    "12 or more individuals with 3 or more photos each.")] = None,
     images: ImagesOpt = None,
     out: Annotated[Path, typer.Option(help="Folder for the sample, the run and the outputs.")] = Path("demo_output"),
     seed: Annotated[int, typer.Option(help="Seed of the sample and the split.")] = 0,

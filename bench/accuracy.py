@@ -356,14 +356,11 @@ def set_mirror(run: Path, mirror: bool) -> None:
 
 def set_network(trained: Path, run: Path, keep: str) -> None:
     """The copy `run` of the `trained` run with the other network of the same training (its
-    checkpoint's averaged weights or best epoch), its gallery embedded again, and the held-out
-    individuals split as train-siamese splits them for that network (a best epoch was chosen on half
-    of them, which calibrate then leaves out)."""
+    checkpoint's averaged weights or best epoch), its gallery embedded again (calibrate uses the same
+    held-out individuals for both)."""
     import torch
 
-    from core.runfolder import atomic_write_json, read_json
     from engine.pipeline import build_gallery
-    from engine.train_siamese import heldout_roles
     from siamese.model import save_model
 
     ck = torch.load(trained / "checkpoint.pt", map_location="cpu", weights_only=False)
@@ -377,9 +374,6 @@ def set_network(trained: Path, run: Path, keep: str) -> None:
     train = engine.run.config()["train"]
     average_from = None if keep == "best" else (train.get("average_from") or TrainConfig.average_from)
     engine.run.update_config(train={**train, "average_from": average_from})
-    held = read_json(engine.run.heldout_path)
-    validation, calibration = heldout_roles(held["individuals"], trained=True, averaged=average_from is not None)
-    atomic_write_json(engine.run.heldout_path, {**held, "validation": validation, "calibration": calibration})
 
 
 def post_training_steps(run: Path, matchers: tuple[str, ...] = ("sift",), keypoints: str = "default",

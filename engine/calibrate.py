@@ -1,8 +1,8 @@
 """calibrate: fit score calibrators, the fusion and the new_individual threshold on open-set folds.
 
 Data: the held-out individuals of the run that neither the Siamese network nor the verifier trained
-on, and that did not choose the network either (heldout.json "calibration": all of them for averaged
-weights or a pretrained network, half of them for a network kept as its best epoch). They are split by
+on, and that did not choose the training epoch either (heldout.json "calibration": half of the
+held-out individuals of a trained network, all of them for a pretrained one). They are split by
 individual into folds; in fold f the fold's individuals are "new" (all their photos leave the
 gallery, and their photos are queries with truth new_individual) and every photo of each other
 held-out individual is a query against the rest of the gallery (its own photo left out), which
@@ -60,16 +60,16 @@ def individuals_needed(cfg: CalibrateConfig) -> int:
     return max(2, cfg.folds)
 
 
-def heldout_needed(halved: bool, cfg: CalibrateConfig = CalibrateConfig()) -> int:
-    """Individuals train-siamese must hold out for calibrate to run; `halved`: a network kept as its
-    best epoch, chosen on the smaller half of them (train_siamese.heldout_roles)."""
-    return 2 * individuals_needed(cfg) - 1 if halved else individuals_needed(cfg)
+def heldout_needed(trained: bool, cfg: CalibrateConfig = CalibrateConfig()) -> int:
+    """Individuals train-siamese must hold out for calibrate to run: a trained run gives the smaller
+    half of them to the choice of the epoch."""
+    return 2 * individuals_needed(cfg) - 1 if trained else individuals_needed(cfg)
 
 
-def heldout_fraction_needed(eligible: int, halved: bool, cfg: CalibrateConfig = CalibrateConfig()) -> float:
+def heldout_fraction_needed(eligible: int, trained: bool, cfg: CalibrateConfig = CalibrateConfig()) -> float:
     """The smallest `train-siamese --heldout-fraction` (to the hundredth) that holds out
     `heldout_needed` among `eligible` individuals (those with 2 or more photos)."""
-    return math.ceil(100 * heldout_needed(halved, cfg) / max(1, eligible)) / 100
+    return math.ceil(100 * heldout_needed(trained, cfg) / max(1, eligible)) / 100
 
 
 def fold_pairs(engine: Engine, cfg: CalibrateConfig, mcfg: MatchConfig, progress: bool):
@@ -84,12 +84,11 @@ def fold_pairs(engine: Engine, cfg: CalibrateConfig, mcfg: MatchConfig, progress
     h_idx = np.array([i for i in range(len(g)) if g.ids[i] in heldout], dtype=np.int64)
     if len(set(g.ids[i] for i in h_idx)) < individuals_needed(cfg):
         eligible = len(queryable(g.ids))
-        held = read_json(engine.run.heldout_path)
-        halved = len(held.get("calibration", held["individuals"])) < len(held["individuals"])
+        trained = bool(read_json(engine.run.heldout_path).get("validation"))
         raise UserError(f"calibrate needs at least {individuals_needed(cfg)} held-out individuals (one per fold, "
                         f"--folds); this run has {len(set(g.ids[i] for i in h_idx))}: train-siamese held out "
-                        f"too few{' (half of them chose the training epoch)' if halved else ''}. Train again "
-                        f"with --heldout-fraction {heldout_fraction_needed(eligible, halved, cfg):.2f} "
+                        f"too few{' (half of them choose the training epoch)' if trained else ''}. Train again "
+                        f"with --heldout-fraction {heldout_fraction_needed(eligible, trained, cfg):.2f} "
                         f"--overwrite (your gallery has {eligible} individuals with 2 or more photos)")
     folds = open_set_folds([g.ids[i] for i in h_idx], cfg.folds, cfg.seed)
     n = cfg.queries_per_individual

@@ -32,9 +32,9 @@ class Paths:
     images: Path | None = None
 
 
-# held out of training: one calibration individual per fold of calibrate (the demo's settings): 3 where
-# the demo's network averages its weights, 5 where every other one chose its best epoch (heldout_roles)
-MIN_HELDOUT = calibrate.heldout_needed(halved=train_siamese.PRESETS["demo"].average_from is None)
+# held out of training: one calibration individual per fold of calibrate (the demo's settings), where
+# train-siamese gives every other held-out individual to choosing the epoch (heldout[1::2]): 5
+MIN_HELDOUT = calibrate.heldout_needed(trained=True)
 # the demo has no --heldout-fraction or --new-rate: what calibrate's warning about few held-out
 # individuals advises here instead
 DEMO_REMEDY = ("expected in the demo (it holds out a fifth of the individuals, at least the few that calibrate "

@@ -33,16 +33,6 @@ def choose_heldout(catalog: Catalog, fraction: float, seed: int) -> list[str]:
     return sorted(eligible[: int(round(len(eligible) * fraction))])
 
 
-def heldout_roles(heldout: list[str], trained: bool, averaged: bool) -> tuple[list[str], list[str]]:
-    """(validation, calibration) individuals. A trained network is validated on every other held-out
-    individual (the smaller half: its MAP@5 after each epoch). Where that chose the network (the best
-    epoch), calibrate gets only the others, so that tau is not fitted on individuals the choice already
-    saw; averaged weights (or the pretrained network) were chosen on none, so calibrate gets them all."""
-    validation = heldout[1::2] if trained else []
-    chose = validation if not averaged else []
-    return validation, sorted(set(heldout) - set(chose))
-
-
 def warn_few_calibration_individuals(catalog: Catalog, calibration: list[str], cfg: TrainConfig) -> None:
     """Before training: say so when `calibrate` will find too few held-out individuals to run, and
     which --heldout-fraction would give them (an untrained run can still match, uncalibrated)."""
@@ -52,10 +42,9 @@ def warn_few_calibration_individuals(catalog: Catalog, calibration: list[str], c
     if len(calibration) >= need:
         return
     eligible = len(queryable(r.individual_id for r in catalog.records))
-    halved = cfg.epochs > 0 and cfg.average_from is None  # (heldout_roles)
     log.warning("--heldout-fraction %g leaves %d individual(s) to calibrate on; calibrate needs %d: with %d "
                 "individuals of 2 or more photos, --heldout-fraction %.2f gives them", cfg.heldout_fraction,
-                len(calibration), need, eligible, heldout_fraction_needed(eligible, halved))
+                len(calibration), need, eligible, heldout_fraction_needed(eligible, cfg.epochs > 0))
 
 
 # settings a resumed training may change: its budget and how this machine runs it
@@ -175,7 +164,12 @@ def main(cfg: TrainConfig, paths: Paths, resume: bool = False, progress: bool = 
                 # gallery.h5 stores photo paths relative to this root, found again after a move
                 "images_root": str(root), "images_root_from_run": os.path.relpath(root, Path(out).resolve()),
                 "train": cfg.to_dict()})
-    validation, calibration = heldout_roles(heldout, trained=cfg.epochs > 0, averaged=cfg.average_from is not None)
+    # a trained network is validated on some held-out individuals (with TrainConfig.average_from=None
+    # they choose its epoch), calibration gets the others, so that tau is never fitted on individuals
+    # that picked the network; where none did (averaged weights), calibrating on all of them was measured
+    # no better (README "Measured")
+    validation = heldout[1::2] if cfg.epochs > 0 else []  # the smaller half
+    calibration = sorted(set(heldout) - set(validation))
     atomic_write_json(run.heldout_path, {"individuals": heldout, "validation": validation,
                                          "calibration": calibration, "seed": cfg.seed})
     warn_few_calibration_individuals(catalog, calibration, cfg)

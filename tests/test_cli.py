@@ -275,7 +275,7 @@ def test_demo_on_a_small_catalog_of_your_own(tmp_path):
     from engine.synthetic import make_dataset
 
     n = smallest_catalog()
-    assert n == 9  # the size `demo --help` and the README give
+    assert n == 12  # the size `demo --help` and the README give
     small = make_dataset(tmp_path / "small", n_individuals=n - 1, photos_per_individual=3, size=(96, 128))
     r = invoke("demo", "--catalog", small, "--out", tmp_path / "out_small", "-q")
     assert r.exit_code == 2 and f"A catalog of {n} or more individuals with 3 or more photos each is enough" in r.output, r.output
@@ -284,7 +284,7 @@ def test_demo_on_a_small_catalog_of_your_own(tmp_path):
     r = invoke("demo", "--catalog", enough, "--out", tmp_path / "out", "-q")
     assert r.exit_code == 0 and "demo finished" in r.output, r.output
     heldout = json.loads((tmp_path / "out" / "run" / "heldout.json").read_text())
-    assert len(heldout["individuals"]) == 3 == len(heldout["calibration"])  # averaged: all three calibrate
+    assert len(heldout["individuals"]) == 5 and len(set(heldout["individuals"]) - set(heldout["validation"])) == 3
 
 
 def test_demo_replaces_only_its_own_run(sample, run_dir, tmp_path):
@@ -419,18 +419,17 @@ def test_evidence_positions_are_in_the_whole_photos_when_the_catalog_crops(tmp_p
 
 
 def test_too_few_calibration_individuals_are_announced_with_the_fraction_that_gives_them(sample, tmp_path):
-    # 8 individuals: the default 20% holds out 2 (the averaged network was chosen on none of them: both
-    # calibrate), calibrate needs 3
+    # 8 individuals: the default 20% holds out 2, one of which chooses the epoch: 1 left to calibrate on
     run = tmp_path / "run"
     base = ["train-siamese", "--catalog", sample, "--out", run, "--epochs", 1, "--input-size", SIZE,
             "--batch-size", 8, "-q"]
     r = invoke(*base)
     assert r.exit_code == 0, r.output
-    assert "leaves 2 individual(s) to calibrate on; calibrate needs 3" in r.output
-    assert "--heldout-fraction 0.38 gives them" in r.output  # 3 of 8 held out
+    assert "leaves 1 individual(s) to calibrate on; calibrate needs 3" in r.output
+    assert "--heldout-fraction 0.63 gives them" in r.output  # 5 of 8 held out: 2 for the epoch, 3 to calibrate
     r = invoke("calibrate", "--run", run, "-q")
-    assert r.exit_code == 2 and "Train again with --heldout-fraction 0.38 --overwrite" in r.output, r.output
-    r = invoke(*base[:-1], "--heldout-fraction", 0.38, "--overwrite", "-q")
+    assert r.exit_code == 2 and "Train again with --heldout-fraction 0.63 --overwrite" in r.output, r.output
+    r = invoke(*base[:-1], "--heldout-fraction", 0.63, "--overwrite", "-q")
     assert r.exit_code == 0 and "calibrate on" not in r.output
     assert len(json.loads((run / "heldout.json").read_text())["calibration"]) == 3
 

@@ -152,15 +152,6 @@ def test_the_epochs_averaged():
     assert not any(averaging(TrainConfig(epochs=3, average_from=None), e, 0.0, last=e == 3) for e in (1, 2, 3))
 
 
-def test_held_out_individuals_calibrate_unless_they_chose_the_network():
-    from engine.train_siamese import heldout_roles
-
-    held = ["a", "b", "c", "d", "e"]
-    assert heldout_roles(held, trained=True, averaged=True) == (["b", "d"], held)  # validated on, chosen on none
-    assert heldout_roles(held, trained=True, averaged=False) == (["b", "d"], ["a", "c", "e"])  # the best epoch
-    assert heldout_roles(held, trained=False, averaged=True) == ([], held)  # the pretrained network
-
-
 def test_training_keeps_the_mean_of_the_last_epochs_weights(sample, tmp_path, monkeypatch):
     catalog = load_catalog(sample)
     cfg = TrainConfig(model=ModelConfig(input_size=TINY_INPUT).resolved(), epochs=3, batch_size=16, seed=0,
