@@ -372,7 +372,8 @@ def set_network(trained: Path, run: Path, keep: str) -> None:
     save_model(engine.model, run / "siamese.pt")
     build_gallery(engine.run, engine.model, engine.gallery.records(), MatchConfig(), progress=False)
     train = engine.run.config()["train"]
-    average_from = None if keep == "best" else (train.get("average_from") or TrainConfig.average_from)
+    average_from = (None if keep == "best" else TrainConfig.average_from if train.get("average_from") is None
+                    else train["average_from"])
     engine.run.update_config(train={**train, "average_from": average_from})
 
 

@@ -275,11 +275,12 @@ def training_progress(epoch: int, cfg, elapsed_s: float) -> float:
 
 
 def averaging(cfg, epochs_done: int, elapsed_s: float, last: bool) -> bool:
-    """Whether the weights at the end of this epoch join the average: from `average_from` of the
-    training on (by epochs or by the clock, as `training_progress`), and always the last epoch's."""
+    """Whether the weights at the end of this epoch join the average: those of the epochs that end
+    past `average_from` of the training (by epochs or by the clock, as `training_progress`), and
+    always the last epoch's (so 1.0 keeps the last epoch's alone)."""
     if cfg.average_from is None:
         return False
-    return last or epochs_done >= cfg.epochs or training_progress(epochs_done, cfg, elapsed_s) >= cfg.average_from
+    return last or epochs_done >= cfg.epochs or training_progress(epochs_done, cfg, elapsed_s) > cfg.average_from
 
 
 def _fmt(x: float | None) -> str:

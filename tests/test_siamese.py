@@ -149,6 +149,8 @@ def test_the_epochs_averaged():
     assert not averaging(cfg, 5, 7 * 60, last=False) and averaging(cfg, 5, 8 * 60, last=False)  # by the clock
     assert averaging(cfg, 5, 60, last=True)  # stopped by the budget: the last epoch always joins
     assert averaging(TrainConfig(epochs=1, average_from=1.0), 1, 0.0, last=False)
+    cfg = TrainConfig(epochs=40, max_minutes=None, average_from=1.0)
+    assert [e for e in range(1, 41) if averaging(cfg, e, 0.0, last=False)] == [40]  # the last epoch's alone
     assert not any(averaging(TrainConfig(epochs=3, average_from=None), e, 0.0, last=e == 3) for e in (1, 2, 3))
 
 
