@@ -402,8 +402,9 @@ def enroll(
     catalog: Annotated[Optional[Path], typer.Option("--catalog", help="Confirmed photos: CSV image,individual_id "
                                                     "(optional: viewpoint, bbox).")] = None,
     decisions: Annotated[Optional[Path], typer.Option(help="Or the review page's export: CSV image,decision,"
-                                                      "individual_id,note; 'match' and 'new' rows are "
-                                                      "enrolled, 'unsure' ones left out.")] = None,
+                                                      "individual_id,note (optional: viewpoint, bbox); "
+                                                      "'match' and 'new' rows are enrolled, 'unsure' ones "
+                                                      "left out.")] = None,
     images: Annotated[Optional[Path], typer.Option("--images", help="Folder the image paths are relative to. "
                                                    "Default: the CSV's own folder (the review page writes "
                                                    "absolute paths).")] = None,
@@ -416,7 +417,7 @@ def enroll(
 
     Give either --catalog or --decisions. Their embeddings (and keypoints, if the run has a verifier)
     are computed and the index updated; the next `match` sees them. Photos already in the gallery are
-    left as they are. The rows added are appended to RUN/enrolled.csv (image,individual_id,viewpoint),
+    left as they are. The rows added are appended to RUN/enrolled.csv (image,individual_id,viewpoint,bbox),
     ready to append to your catalog.
     """
     _setup_logging(verbose)

@@ -46,7 +46,7 @@ class Catalog:
         return sorted({r.individual_id for r in self.records if r.individual_id is not None})
 
 
-def _parse_bbox(text: str, where: str) -> tuple[int, int, int, int] | None:
+def parse_bbox(text: str, where: str) -> tuple[int, int, int, int] | None:
     text = text.strip().strip('"').strip("[]()")
     if not text:
         return None
@@ -64,6 +64,11 @@ def queryable(ids: Iterable[str]) -> list[str]:
     """The individuals of a gallery whose photos are of `ids` that have 2 or more photos, so that one
     can be a query against the others (sorted): those train-siamese may hold out of training."""
     return sorted(i for i, n in Counter(ids).items() if n >= 2)
+
+
+def format_bbox(bbox: tuple[int, int, int, int] | None) -> str:
+    """A bbox as the catalog writes it ("x,y,w,h"; empty for none), which parse_bbox reads back."""
+    return "" if bbox is None else ",".join(str(int(v)) for v in bbox)
 
 
 def read_rows(csv_path: Path, required: tuple[str, ...],
@@ -135,7 +140,7 @@ def load_catalog(csv_path: Path, images_dir: Path | None = None, require_labels:
             raise UserError(f"{where}: image {image} not found (looked for {path})")
         records.append(Record(image=image, path=path, individual_id=ind,
                               viewpoint=(row.get("viewpoint") or "").lower() or None,
-                              bbox=_parse_bbox(row.get("bbox", ""), where), line=line))
+                              bbox=parse_bbox(row.get("bbox", ""), where), line=line))
     dup = [img for img, n in Counter(r.image for r in records).items() if n > 1]
     if dup:
         at = [r.line for r in records if r.image == dup[0]]

@@ -9,7 +9,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.catalog import Record, load_catalog, read_rows
+from core.catalog import Record, format_bbox, load_catalog, parse_bbox, read_rows
 from core.errors import UserError
 from core.gallery import Gallery
 from core.metrics import NEW_INDIVIDUAL
@@ -19,7 +19,7 @@ from engine.config import MatchConfig
 from engine.matching import skipped_note
 from engine.pipeline import Engine
 
-DECISION_COLUMNS = ("image", "decision", "individual_id", "note")
+DECISION_COLUMNS = ("image", "decision", "individual_id", "note", "viewpoint", "bbox")  # the last two optional
 DECISIONS = ("match", "new", "unsure")
 
 
@@ -42,7 +42,9 @@ def decided_records(path: Path, images: Path | None, known: set[str],
     """The photos of a decisions.csv to enroll ("match" and "new" rows) and the number of "unsure"
     ones. Every problem is listed (file:line), so one pass fixes them all. A photo already in the
     gallery (`in_gallery`: resolved path -> individual) under the decided individual is kept (enroll
-    leaves it out as already there: a second run of the same decisions is not an error)."""
+    leaves it out as already there: a second run of the same decisions is not an error). The photo's
+    viewpoint and box, where the file has them (the review page writes those the queries catalog
+    gave), go with it into the gallery."""
     in_gallery = in_gallery or {}
     path = Path(path)
     if not path.is_file():
@@ -55,6 +57,13 @@ def decided_records(path: Path, images: Path | None, known: set[str],
         where = f"{path}:{line}"
         image, decision, ident = row.get("image", ""), row.get("decision", "").lower(), row.get("individual_id", "")
         seen[image] += 1
+        try:
+            bbox = parse_bbox(row.get("bbox", ""), where)
+        except UserError as e:
+            problems.append(str(e))
+            continue
+        photo = dict(image=image, path=root / image, individual_id=ident, viewpoint=row.get("viewpoint") or None,
+                     bbox=bbox, line=line)
         if not image:
             problems.append(f"{where}: empty image")
         elif seen[image] == 2:
@@ -69,7 +78,7 @@ def decided_records(path: Path, images: Path | None, known: set[str],
             if was != ident:
                 problems.append(f"{where}: image {image} is already in the gallery as individual {was}, not {ident}")
             else:
-                records.append(Record(image=image, path=root / image, individual_id=ident, line=line))
+                records.append(Record(**photo))
         elif decision == "match" and ident not in known:
             problems.append(f"{where}: individual {ident} is not in the run's gallery (for a new individual "
                             "the decision is 'new')")
@@ -79,21 +88,24 @@ def decided_records(path: Path, images: Path | None, known: set[str],
         elif not (root / image).is_file():
             problems.append(f"{where}: image {image} not found (looked for {root / image})")
         else:
-            records.append(Record(image=image, path=root / image, individual_id=ident, line=line))
+            records.append(Record(**photo))
     refuse(path, problems)
     return records, unsure
 
 
 def write_added(run_dir: Path, records: list[Record]) -> Path:
-    """Append the catalog rows (image,individual_id[,viewpoint]) of the photos just enrolled."""
+    """Append the catalog rows (image,individual_id,viewpoint,bbox) of the photos just enrolled (to a
+    file begun before the bbox column, rows without it)."""
     out = RunFolder(run_dir).enrolled_path  # appended run after run
     old = out.read_bytes() if out.is_file() else b""
+    with_bbox = not old or "bbox" in old.split(b"\n", 1)[0].decode("utf-8", "replace")
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     if not old:
-        w.writerow(["image", "individual_id", "viewpoint"])
+        w.writerow(["image", "individual_id", "viewpoint", "bbox"])
     for r in records:
-        w.writerow([str(Path(r.path).resolve()), r.individual_id, r.viewpoint or ""])
+        w.writerow([str(Path(r.path).resolve()), r.individual_id, r.viewpoint or ""]
+                   + ([format_bbox(r.bbox)] if with_bbox else []))
     atomic_write_bytes(out, old + buf.getvalue().encode("utf-8"))
     return out
 

@@ -62,6 +62,10 @@ class ReportQuery:
     candidates: list[ReportCandidate] = field(default_factory=list)
     predictions: list[str] | None = None     # the answer tokens (with `new_individual`), if known
     image_path: str | None = None            # the photo's file, written to decisions.csv (default: the name)
+    # the photo's viewpoint and box as the queries catalog gave them ("x,y,w,h"), written to
+    # decisions.csv so that enroll adds the photo as it was matched
+    viewpoint: str | None = None
+    bbox: str | None = None
 
 
 @dataclass(frozen=True)
@@ -209,6 +213,7 @@ def _query_data(q: ReportQuery, thumbs: _Thumbnails, cfg: ReportConfig) -> dict:
                       "thumb": gthumb, "inliers": inl, "n_inliers": n_in})
     ids = [c["id"] for c in cands]
     return {"name": str(q.query_name), "path": str(q.image_path or q.query_name), "truth": q.truth,
+            "viewpoint": q.viewpoint or "", "bbox": q.bbox or "",
             "confidence": _number(q.confidence), "answer": list(q.predictions or []), "thumb": qthumb,
             "candidates": cands,
             "truth_missing": q.truth is not None and q.truth != NEW_INDIVIDUAL and q.truth not in ids}

@@ -8,6 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
+from core.catalog import format_bbox
 from core.errors import ImageError
 from core.images import load_image_reduced
 from engine.pipeline import Engine, QueryResult
@@ -44,7 +45,8 @@ def write_review(engine: Engine, results: Sequence[QueryResult], path: Path, tau
         entries.append(ReportQuery(query_image=partial(_image, r.record), query_name=r.name,
                                    truth=(truth or {}).get(r.name), confidence=abs(top - tau),
                                    candidates=cands, predictions=r.predictions,
-                                   image_path=str(Path(r.record.path).resolve())))
+                                   image_path=str(Path(r.record.path).resolve()),
+                                   viewpoint=r.record.viewpoint, bbox=format_bbox(r.record.bbox) or None))
     return write_report(path, entries, title=f"Matches against {engine.run.path.name} "
                                             f"(new_individual below {tau:.3f})",
                         skipped=[(rec.image, reason) for rec, reason in unreadable])

@@ -14,6 +14,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
+from core.catalog import Record
+from engine.enroll import write_added
 from engine.synthetic import make_dataset, split_open_set
 from tests.test_report import page_data
 
@@ -294,6 +296,41 @@ def test_review_page_decisions_enroll(chain, tmp_path, browser):
     invoke("match", qd, "--run", run, "--out", tmp_path / "again.csv", "-q")
     again = json.loads((tmp_path / "again.json").read_text())
     assert again["queries"][0]["candidates"][0]["individual_id"] == "newcomer_1"
+
+
+def test_enroll_decisions_keeps_the_photos_viewpoint_and_box(chain, tmp_path):
+    """A photo matched with a viewpoint and a box (match --queries) keeps both through the review
+    page's decisions.csv into the gallery and enrolled.csv, as enroll --catalog would add it."""
+    root, run, qdir, truth = chain
+    first, second = sorted(qdir.rglob("*.jpg"))[:2]
+    h, w = cv2.imread(str(first)).shape[:2]
+    box = f"2,3,{w - 4},{h - 6}"
+    queries = tmp_path / "queries.csv"
+    queries.write_text(f'image,viewpoint,bbox\n{first.relative_to(qdir)},left,"{box}"\n{second.relative_to(qdir)},,\n')
+    page_path = tmp_path / "review.html"
+    invoke("match", qdir, "--run", run, "--out", tmp_path / "p.csv", "--queries", queries, "--report", page_path, "-q")
+    pages = {q["path"]: q for q in page_data(page_path.read_text())["queries"]}
+    q, other = pages[str(first.resolve())], pages[str(second.resolve())]
+    assert (q["viewpoint"], q["bbox"], other["viewpoint"], other["bbox"]) == ("left", box, "", "")
+    decisions = tmp_path / "decisions.csv"  # as the page exports it
+    with open(decisions, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["image", "decision", "individual_id", "note", "viewpoint", "bbox"])
+        out.writerow([q["path"], "new", "newcomer_2", "", q["viewpoint"], q["bbox"]])
+        out.writerow([other["path"], "new", "newcomer_3", "", other["viewpoint"], other["bbox"]])
+    invoke("enroll", "--decisions", decisions, "--run", run, "-q")
+    added = list(csv.DictReader(open(run / "enrolled.csv")))
+    assert [(r["image"], r["individual_id"], r["viewpoint"], r["bbox"]) for r in added] == [
+        (q["path"], "newcomer_2", "left", box), (other["path"], "newcomer_3", "", "")]
+    from core.gallery import Gallery
+    g = Gallery.load(run / "gallery.h5")
+    i, j = g.ids.index("newcomer_2"), g.ids.index("newcomer_3")
+    assert (g.viewpoints[i], g.bbox(i), g.viewpoints[j], g.bbox(j)) == ("left", (2, 3, w - 4, h - 6), "", None)
+    # an enrolled.csv begun before the bbox column gets rows of its own three columns
+    (run / "enrolled.csv").write_text("image,individual_id,viewpoint\n/photos/x.jpg,x1,\n")
+    write_added(run, [Record(image="y.jpg", path=Path("/photos/y.jpg"), individual_id="y1", viewpoint="right",
+                             bbox=(1, 2, 3, 4))])
+    assert (run / "enrolled.csv").read_text().splitlines()[1:] == ["/photos/x.jpg,x1,", "/photos/y.jpg,y1,right"]
 
 
 def test_enroll_decisions_refuses_bad_rows_naming_their_lines(chain, tmp_path):

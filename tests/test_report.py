@@ -58,7 +58,8 @@ def report(tmp_path):
                     [cand("W1", 0.97, grey_g, "g1.jpg", inl), cand("W2", 0.2, path_img, "g2.jpg")],
                     ["W1", NEW_INDIVIDUAL, "W2"]),
         ReportQuery(_texture(200, 200, 2), "<script>alert(1)</script>&.jpg", NEW_INDIVIDUAL, 0.41,
-                    [cand('W"3', 0.41, tmp_path / "nowhere.jpg", "g<3>.jpg")], [NEW_INDIVIDUAL, 'W"3']),
+                    [cand('W"3', 0.41, tmp_path / "nowhere.jpg", "g<3>.jpg")], [NEW_INDIVIDUAL, 'W"3'],
+                    viewpoint="left", bbox="10,20,150,90"),
         ReportQuery(tmp_path / "unreadable.jpg", "doubt.jpg", "W9", 0.05,
                     [cand("W4", 0.05, disk, "g4.jpg", inl), cand("W9", 0.04, disk, "g9.jpg")], None),
         ReportQuery(_texture(100, 150, 3), "unlabelled.jpg", None, float("nan"), [], None),
@@ -168,6 +169,8 @@ def test_page_renders_and_records_decisions_by_keyboard(browser, report, tmp_pat
         assert [(r["image"], r["decision"], r["individual_id"], r["note"]) for r in rows] == [
             ("unlabelled.jpg", "unsure", "", ""), ("doubt.jpg", "match", "W9", ""),
             ("<script>alert(1)</script>&.jpg", "new", "Nyx, the 2nd", 'says "hi"')]
+        # the photo's viewpoint and box as the queries catalog gave them, for enroll
+        assert [(r["viewpoint"], r["bbox"]) for r in rows] == [("", ""), ("", ""), ("left", "10,20,150,90")]
         assert errors == []
     finally:
         ctx.close()
