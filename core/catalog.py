@@ -53,7 +53,7 @@ def parse_bbox(text: str, where: str) -> tuple[int, int, int, int] | None:
     parts = [p for p in text.replace(";", ",").replace(" ", ",").split(",") if p]
     try:
         x, y, w, h = (int(round(float(p))) for p in parts)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: inf
         raise UserError(f"{where}: bbox {text!r} is not four numbers x,y,w,h") from None
     if w <= 0 or h <= 0 or x < 0 or y < 0:
         raise UserError(f"{where}: bbox {text!r} needs x,y >= 0 and w,h > 0")

@@ -3,6 +3,7 @@ without retraining. From a labelled catalog, or from the review page's decisions
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import time
 from collections import Counter
@@ -25,7 +26,7 @@ DECISIONS = ("match", "new", "unsure")
 
 @dataclass(frozen=True)
 class Paths:
-    catalog: Path | None  # confirmed photos (image,individual_id[,viewpoint])
+    catalog: Path | None  # confirmed photos (image,individual_id[,viewpoint][,bbox])
     run: Path
     images: Path | None = None
     decisions: Path | None = None  # or the review page's decisions.csv
@@ -50,20 +51,23 @@ def decided_records(path: Path, images: Path | None, known: set[str],
     if not path.is_file():
         raise UserError(f"decisions file {path} does not exist")
     root = Path(images) if images is not None else path.parent
-    rows = read_rows(path, DECISION_COLUMNS[:3])
+    rows = read_rows(path, DECISION_COLUMNS[:3], DECISION_COLUMNS[3:])
     problems, records, unsure = [], [], 0
     seen: Counter = Counter()
-    for line, row in rows:
-        where = f"{path}:{line}"
-        image, decision, ident = row.get("image", ""), row.get("decision", "").lower(), row.get("individual_id", "")
-        seen[image] += 1
+
+    def enrolled(row: dict, where: str, record: Record) -> None:
+        """A photo to enroll, with the viewpoint and box of its row (as the catalog reads them)."""
         try:
             bbox = parse_bbox(row.get("bbox", ""), where)
         except UserError as e:
             problems.append(str(e))
-            continue
-        photo = dict(image=image, path=root / image, individual_id=ident, viewpoint=row.get("viewpoint") or None,
-                     bbox=bbox, line=line)
+            return
+        records.append(dataclasses.replace(record, viewpoint=row.get("viewpoint", "").lower() or None, bbox=bbox))
+
+    for line, row in rows:
+        where = f"{path}:{line}"
+        image, decision, ident = row.get("image", ""), row.get("decision", "").lower(), row.get("individual_id", "")
+        seen[image] += 1
         if not image:
             problems.append(f"{where}: empty image")
         elif seen[image] == 2:
@@ -78,7 +82,7 @@ def decided_records(path: Path, images: Path | None, known: set[str],
             if was != ident:
                 problems.append(f"{where}: image {image} is already in the gallery as individual {was}, not {ident}")
             else:
-                records.append(Record(**photo))
+                enrolled(row, where, Record(image=image, path=root / image, individual_id=ident, line=line))
         elif decision == "match" and ident not in known:
             problems.append(f"{where}: individual {ident} is not in the run's gallery (for a new individual "
                             "the decision is 'new')")
@@ -88,25 +92,29 @@ def decided_records(path: Path, images: Path | None, known: set[str],
         elif not (root / image).is_file():
             problems.append(f"{where}: image {image} not found (looked for {root / image})")
         else:
-            records.append(Record(**photo))
+            enrolled(row, where, Record(image=image, path=root / image, individual_id=ident, line=line))
     refuse(path, problems)
     return records, unsure
 
 
 def write_added(run_dir: Path, records: list[Record]) -> Path:
-    """Append the catalog rows (image,individual_id,viewpoint,bbox) of the photos just enrolled (to a
-    file begun before the bbox column, rows without it)."""
+    """Append the catalog rows (image,individual_id,viewpoint,bbox) of the photos just enrolled, by the
+    file's own column names (a file begun before the bbox column gets it in its header)."""
     out = RunFolder(run_dir).enrolled_path  # appended run after run
-    old = out.read_bytes() if out.is_file() else b""
-    with_bbox = not old or "bbox" in old.split(b"\n", 1)[0].decode("utf-8", "replace")
+    old = out.read_text(encoding="utf-8-sig") if out.is_file() else ""
+    header, _, body = old.partition("\n")
+    columns = next(csv.reader([header]), []) if header.strip() else []
+    columns = [c.strip() for c in columns] or ["image", "individual_id", "viewpoint"]
+    if "bbox" not in columns:  # a file begun before the column: its rows read it as empty
+        columns.append("bbox")
     buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    if not old:
-        w.writerow(["image", "individual_id", "viewpoint", "bbox"])
+    w = csv.DictWriter(buf, fieldnames=columns, restval="", extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    buf.write(body if not body or body.endswith("\n") else body + "\n")
     for r in records:
-        w.writerow([str(Path(r.path).resolve()), r.individual_id, r.viewpoint or ""]
-                   + ([format_bbox(r.bbox)] if with_bbox else []))
-    atomic_write_bytes(out, old + buf.getvalue().encode("utf-8"))
+        w.writerow({"image": str(Path(r.path).resolve()), "individual_id": r.individual_id,
+                    "viewpoint": r.viewpoint or "", "bbox": format_bbox(r.bbox)})
+    atomic_write_bytes(out, buf.getvalue().encode("utf-8"))
     return out
 
 

@@ -4,7 +4,7 @@
 and a sidecar folder `<stem>_files/` of review-size WebP thumbnails, one per distinct photo. The page
 needs no server and loads nothing from the network: it opens from disk, renders one page of queries
 at a time, draws keypoint matches as SVG lines over the thumbnails, keeps the reviewer's decisions in
-the browser's storage and exports them as decisions.csv (image,decision,individual_id,note) for
+the browser's storage and exports them as decisions.csv (image,decision,individual_id,note,viewpoint,bbox) for
 `cli.py enroll --decisions`. Queries come doubtful first (confidence ascending) so a researcher checks
 the answers that most need a human eye before the easy ones.
 """

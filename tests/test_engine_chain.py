@@ -326,27 +326,31 @@ def test_enroll_decisions_keeps_the_photos_viewpoint_and_box(chain, tmp_path):
     g = Gallery.load(run / "gallery.h5")
     i, j = g.ids.index("newcomer_2"), g.ids.index("newcomer_3")
     assert (g.viewpoints[i], g.bbox(i), g.viewpoints[j], g.bbox(j)) == ("left", (2, 3, w - 4, h - 6), "", None)
-    # an enrolled.csv begun before the bbox column gets rows of its own three columns
-    (run / "enrolled.csv").write_text("image,individual_id,viewpoint\n/photos/x.jpg,x1,\n")
+    # an enrolled.csv begun before the bbox column (and without a final newline) gets the column
+    (run / "enrolled.csv").write_text("image,individual_id,viewpoint\n/photos/x.jpg,x1,")
     write_added(run, [Record(image="y.jpg", path=Path("/photos/y.jpg"), individual_id="y1", viewpoint="right",
                              bbox=(1, 2, 3, 4))])
-    assert (run / "enrolled.csv").read_text().splitlines()[1:] == ["/photos/x.jpg,x1,", "/photos/y.jpg,y1,right"]
+    assert (run / "enrolled.csv").read_text().splitlines() == [
+        "image,individual_id,viewpoint,bbox", "/photos/x.jpg,x1,", '/photos/y.jpg,y1,right,"1,2,3,4"']
 
 
 def test_enroll_decisions_refuses_bad_rows_naming_their_lines(chain, tmp_path):
     root, run, qdir, truth = chain
-    photo = sorted(qdir.rglob("*.jpg"))[0]
+    photo, second, third = sorted(qdir.rglob("*.jpg"))[:3]
     gallery_id = list(csv.DictReader(open(root / "split" / "gallery.csv")))[0]["individual_id"]
     bad = tmp_path / "decisions.csv"
-    bad.write_text("image,decision,individual_id,note\n"
-                   f"{photo},match,nobody_77,\n"
-                   f"{photo.with_name('missing.jpg')},new,x1,\n"
-                   f"{photo},maybe,,\n"
-                   f"{photo.parent / 'other.jpg'},new,{gallery_id},\n")
+    bad.write_text("image,decision,individual_id,note,viewpoint,bbox\n"
+                   f"{photo},match,nobody_77,,,\n"
+                   f"{photo.with_name('missing.jpg')},new,x1,,,\n"
+                   f"{photo},maybe,,,,\n"
+                   f"{photo.parent / 'other.jpg'},new,{gallery_id},,,\n"
+                   f'{second},new,x2,,left,"1,2,inf,4"\n'
+                   f"{third},unsure,,,,nonsense\n")  # left out anyway: its box is not read
     r = runner.invoke(app, ["enroll", "--decisions", str(bad), "--run", str(run), "-q"])
     assert r.exit_code == 2
     text = " ".join(r.output.split())
-    assert "4 problem(s)" in text and "nothing enrolled" in text
+    assert "5 problem(s)" in text and "nothing enrolled" in text
+    assert f"{bad}:6: bbox '1,2,inf,4' is not four numbers" in text and f"{bad}:7" not in text
     assert f"{bad}:2: individual nobody_77 is not in the run's gallery" in text
     assert f"{bad}:3: image" in text and "not found" in text
     assert f"{bad}:4: image" in text and "more than one decision" in text
