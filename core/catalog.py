@@ -46,7 +46,7 @@ class Catalog:
         return sorted({r.individual_id for r in self.records if r.individual_id is not None})
 
 
-def parse_bbox(text: str, where: str) -> tuple[int, int, int, int] | None:
+def _parse_bbox(text: str, where: str) -> tuple[int, int, int, int] | None:
     text = text.strip().strip('"').strip("[]()")
     if not text:
         return None
@@ -67,8 +67,17 @@ def queryable(ids: Iterable[str]) -> list[str]:
 
 
 def format_bbox(bbox: tuple[int, int, int, int] | None) -> str:
-    """A bbox as the catalog writes it ("x,y,w,h"; empty for none), which parse_bbox reads back."""
+    """A bbox as the catalog writes it ("x,y,w,h"; empty for none), which row_record reads back."""
     return "" if bbox is None else ",".join(str(int(v)) for v in bbox)
+
+
+def row_record(row: dict[str, str], where: str, line: int, image: str, path: Path,
+               individual_id: str | None) -> Record:
+    """The photo of a CSV row with the row's viewpoint (lower-case) and bbox, read as the catalog
+    reads them (also from decisions.csv); a bad bbox raises UserError naming `where`."""
+    return Record(image=image, path=path, individual_id=individual_id,
+                  viewpoint=(row.get("viewpoint") or "").lower() or None,
+                  bbox=_parse_bbox(row.get("bbox", ""), where), line=line)
 
 
 def read_rows(csv_path: Path, required: tuple[str, ...],
@@ -138,9 +147,7 @@ def load_catalog(csv_path: Path, images_dir: Path | None = None, require_labels:
         path = root / image
         if check_files and not path.is_file():
             raise UserError(f"{where}: image {image} not found (looked for {path})")
-        records.append(Record(image=image, path=path, individual_id=ind,
-                              viewpoint=(row.get("viewpoint") or "").lower() or None,
-                              bbox=parse_bbox(row.get("bbox", ""), where), line=line))
+        records.append(row_record(row, where, line, image, path, ind))
     dup = [img for img, n in Counter(r.image for r in records).items() if n > 1]
     if dup:
         at = [r.line for r in records if r.image == dup[0]]

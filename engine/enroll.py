@@ -3,14 +3,13 @@ without retraining. From a labelled catalog, or from the review page's decisions
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.catalog import Record, format_bbox, load_catalog, parse_bbox, read_rows
+from core.catalog import Record, format_bbox, load_catalog, read_rows, row_record
 from core.errors import UserError
 from core.gallery import Gallery
 from core.metrics import NEW_INDIVIDUAL
@@ -55,14 +54,12 @@ def decided_records(path: Path, images: Path | None, known: set[str],
     problems, records, unsure = [], [], 0
     seen: Counter = Counter()
 
-    def enrolled(row: dict, where: str, record: Record) -> None:
-        """A photo to enroll, with the viewpoint and box of its row (as the catalog reads them)."""
+    def enrolled(row: dict, where: str, line: int, image: str, ident: str) -> None:
+        """A photo to enroll, with the viewpoint and box of its row (a bad box is one more problem)."""
         try:
-            bbox = parse_bbox(row.get("bbox", ""), where)
+            records.append(row_record(row, where, line, image, root / image, ident))
         except UserError as e:
             problems.append(str(e))
-            return
-        records.append(dataclasses.replace(record, viewpoint=row.get("viewpoint", "").lower() or None, bbox=bbox))
 
     for line, row in rows:
         where = f"{path}:{line}"
@@ -82,7 +79,7 @@ def decided_records(path: Path, images: Path | None, known: set[str],
             if was != ident:
                 problems.append(f"{where}: image {image} is already in the gallery as individual {was}, not {ident}")
             else:
-                enrolled(row, where, Record(image=image, path=root / image, individual_id=ident, line=line))
+                enrolled(row, where, line, image, ident)
         elif decision == "match" and ident not in known:
             problems.append(f"{where}: individual {ident} is not in the run's gallery (for a new individual "
                             "the decision is 'new')")
@@ -92,7 +89,7 @@ def decided_records(path: Path, images: Path | None, known: set[str],
         elif not (root / image).is_file():
             problems.append(f"{where}: image {image} not found (looked for {root / image})")
         else:
-            enrolled(row, where, Record(image=image, path=root / image, individual_id=ident, line=line))
+            enrolled(row, where, line, image, ident)
     refuse(path, problems)
     return records, unsure
 

@@ -46,7 +46,7 @@ def write_review(engine: Engine, results: Sequence[QueryResult], path: Path, tau
                                    truth=(truth or {}).get(r.name), confidence=abs(top - tau),
                                    candidates=cands, predictions=r.predictions,
                                    image_path=str(Path(r.record.path).resolve()),
-                                   viewpoint=r.record.viewpoint, bbox=format_bbox(r.record.bbox) or None))
+                                   viewpoint=r.record.viewpoint, bbox=format_bbox(r.record.bbox)))
     return write_report(path, entries, title=f"Matches against {engine.run.path.name} "
                                             f"(new_individual below {tau:.3f})",
                         skipped=[(rec.image, reason) for rec, reason in unreadable])
