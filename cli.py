@@ -158,6 +158,10 @@ def train_siamese_cmd(
                                          "image's (twice the network's work per photo; more often the right "
                                          "animal among the nearest photos, see README 'Measured').")] =
     _TRAIN.model.mirror,
+    views: Annotated[str, typer.Option(help="What of each photo is embedded, comma-separated, the features "
+                                       "averaged: box (what --crop gives), centre (the middle 80% of the box), "
+                                       "photo (the whole photo). More views, more of the network's work per "
+                                       "photo (see README 'Measured').")] = ",".join(_TRAIN.model.views),
     epochs: Annotated[int, typer.Option(min=0, help="Training epochs (the time budget usually stops first); "
                                         "0 = the pretrained network, retrieval only.")] = _TRAIN.epochs,
     max_minutes: Annotated[Optional[float], typer.Option(
@@ -195,7 +199,7 @@ def train_siamese_cmd(
 
     cfg = TrainConfig(model=ModelConfig(backbone=backbone, weights=str(weights) if weights else None,
                                         input_size=_parse_size(input_size), crop=crop,
-                                        mirror=mirror),
+                                        mirror=mirror, views=tuple(v.strip() for v in views.split(","))),
                       epochs=epochs, max_minutes=max_minutes, seed=seed, batch_size=batch_size, threads=threads,
                       heldout_fraction=heldout_fraction, precision=precision, freeze_blocks=freeze_blocks,
                       average_from=average_from)

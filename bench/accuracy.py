@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.machine import describe, headline  # noqa: E402
 from core.catalog import load_catalog  # noqa: E402
+from core.errors import UserError  # noqa: E402
 from core.runfolder import RunFolder  # noqa: E402
 from engine.matching import evaluate_pairs, format_metrics, format_places, right_animal_places  # noqa: E402
 from engine.pipeline import (Engine, MatchConfig, fitted_settings, match_settings_of, votes_rule_stale,  # noqa: E402
@@ -162,6 +163,11 @@ def main() -> None:
                     "features and its mirror image's); 'off,on' compares both on the same trained and verified "
                     "network: the first is the run's own, the other re-embeds the gallery of a copy of it and "
                     "calibrates it (run label trained+mirror-SETTING)")
+    ap.add_argument("--views", default="+".join(ModelConfig.views),
+                    help="the views of each photo embedded, their features averaged (train-siamese --views; views "
+                    "joined by +, e.g. box+centre+photo); 'box,box+centre+photo' compares them on the same trained "
+                    "and verified network: the first is the run's own, each other one re-embeds the gallery of a "
+                    "copy of it and calibrates it (run label trained+views-box+centre+photo)")
     ap.add_argument("--network", default="best" if TrainConfig.average_from is None else "average",
                     help="average / best: the network train-siamese keeps (the mean of the weights of its last "
                     "epochs, or the epoch with the best validation MAP@5); 'average,best' compares both from one "
@@ -192,16 +198,25 @@ def main() -> None:
     mirrors = args.mirror.split(",")
     if any(m not in ("on", "off") for m in mirrors) or len(set(mirrors)) < len(mirrors):
         sys.exit(f"--mirror {args.mirror}: expected on, off, 'on,off' or 'off,on'")
+    view_sets = [tuple(v.split("+")) for v in args.views.split(",")]
+    try:
+        for v in view_sets:
+            ModelConfig(views=v)
+    except UserError as e:
+        sys.exit(f"--views {args.views}: {e}")
+    if len(set(view_sets)) < len(view_sets):
+        sys.exit(f"--views {args.views}: each set of views once")
     networks = args.network.split(",")
     if any(k not in ("average", "best") for k in networks) or len(set(networks)) < len(networks):
         sys.exit(f"--network {args.network}: expected average, best, 'average,best' or 'best,average'")
     runs = []
+    model = ModelConfig(input_size=size, mirror=mirrors[0] == "on", views=view_sets[0])
     if not args.skip_baseline:
-        runs.append(("baseline", TrainConfig(model=ModelConfig(input_size=size, mirror=mirrors[0] == "on"), epochs=0,
+        runs.append(("baseline", TrainConfig(model=model, epochs=0,
                                                  seed=args.seed)))
     label = "trained" if args.freeze_blocks == TrainConfig.freeze_blocks else f"trained_freeze{args.freeze_blocks}"
     runs.append((label,
-                 TrainConfig(model=ModelConfig(input_size=size, mirror=mirrors[0] == "on"), epochs=args.epochs,
+                 TrainConfig(model=model, epochs=args.epochs,
                              max_minutes=args.train_minutes, seed=args.seed, freeze_blocks=args.freeze_blocks,
                              average_from=TrainConfig.average_from if networks[0] == "average" else None)))
     presets = args.keypoints.split(",")
@@ -231,6 +246,8 @@ def main() -> None:
              for w in whitening[1:]]
     jobs += [(f"{trained}+mirror-{m}", "copy verified, mirror " + m, presets[0], votes[0][1], white[0])
              for m in mirrors[1:]]
+    jobs += [(f"{trained}+views-{'+'.join(v)}", "copy verified, views " + "+".join(v), presets[0], votes[0][1],
+              white[0]) for v in view_sets[1:]]
     jobs += [(f"{trained}+network-{k}", "copy network, keep " + k, presets[0], votes[0][1], white[0])
              for k in networks[1:]]
     for label, cfg, keypoints, mcfg, whiten in jobs:
@@ -246,17 +263,22 @@ def main() -> None:
                 copy_trained(args.work / f"run_{trained}", run, share_cache=True)
             elif cfg == "copy verified":
                 copy_verified(args.work / f"run_{trained}", run)
+            elif cfg.startswith("copy verified, views"):
+                copy_verified(args.work / f"run_{trained}", run)
+                set_model(run, views=tuple(cfg.rsplit(" ", 1)[1].split("+")))
             elif cfg.startswith("copy verified, mirror"):
                 copy_verified(args.work / f"run_{trained}", run)
-                set_mirror(run, cfg.endswith(" on"))
+                set_model(run, mirror=cfg.endswith(" on"))
             elif cfg.startswith("copy network, keep"):
                 copy_trained(args.work / f"run_{trained}", run, share_cache=True)
                 set_network(args.work / f"run_{trained}", run, cfg.rsplit(" ", 1)[1])
-        own = (ModelConfig.from_dict(RunFolder(run).config()["train"]["model"]).mirror
-               if isinstance(cfg, TrainConfig) else None)
-        if own is not None and own != cfg.model.mirror:
-            sys.exit(f"{run} embeds {'with' if own else 'without'} the mirror image (--reuse): give --mirror "
-                     f"{'on' if own else 'off'} first")
+        own = ModelConfig.from_dict(RunFolder(run).config()["train"]["model"]) if isinstance(cfg, TrainConfig) else None
+        if own is not None and own.mirror != cfg.model.mirror:
+            sys.exit(f"{run} embeds {'with' if own.mirror else 'without'} the mirror image (--reuse): give --mirror "
+                     f"{'on' if own.mirror else 'off'} first")
+        if own is not None and own.views != cfg.model.views:
+            sys.exit(f"{run} embeds the views {'+'.join(own.views)} (--reuse): give --views {'+'.join(own.views)} "
+                     "first")
         kept = RunFolder(run).config()["train"].get("average_from") if isinstance(cfg, TrainConfig) else False
         if kept is not False and (kept is None) != (cfg.average_from is None):
             sys.exit(f"{run} keeps the {'best epoch' if kept is None else 'averaged weights'} (--reuse): give "
@@ -340,18 +362,18 @@ def copy_verified(src: Path, dst: Path) -> None:
         shutil.copy2(f, dst / f.name)
 
 
-def set_mirror(run: Path, mirror: bool) -> None:
-    """The run's network with ModelConfig.mirror set, its gallery embedded again with it (the weights
-    and the embedding centre unchanged), recorded in siamese.pt and config.json."""
+def set_model(run: Path, **settings) -> None:
+    """The run's network with these ModelConfig settings (mirror, views), its gallery embedded again
+    with them (the weights and the embedding centre unchanged), recorded in siamese.pt and config.json."""
     from engine.pipeline import build_gallery
     from siamese.model import save_model
 
     engine = Engine.load(run)
-    engine.model.config = dataclasses.replace(engine.model.config, mirror=mirror)
+    engine.model.config = dataclasses.replace(engine.model.config, **settings)
     save_model(engine.model, run / "siamese.pt")
     build_gallery(engine.run, engine.model, engine.gallery.records(), MatchConfig(), progress=False)
     train = engine.run.config()["train"]
-    engine.run.update_config(train={**train, "model": {**train["model"], "mirror": mirror}})
+    engine.run.update_config(train={**train, "model": engine.model.config.to_dict()})
 
 
 def set_network(trained: Path, run: Path, keep: str) -> None:

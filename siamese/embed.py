@@ -9,7 +9,7 @@ import hashlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -33,7 +33,10 @@ _NAMED_UNREADABLE: set = set()  # cache keys of unreadable photos this process h
 def model_fingerprint(model: SiameseNet) -> str:
     """Identifies the feature function: settings, precision and backbone + pooling weights (not the
     centre, which is applied after the cache)."""
-    h = hashlib.sha1(repr(sorted(model.config.to_dict().items())).encode())
+    settings = model.config.to_dict()
+    if tuple(settings["views"]) == ("box",):  # the one view of run folders from before views: their caches hold
+        del settings["views"]
+    h = hashlib.sha1(repr(sorted(settings.items())).encode())
     h.update(model.precision.name.encode())
     for name, t in list(model.backbone.state_dict().items()) + [("gem_p", model.pool.p.detach())]:
         h.update(name.encode())
@@ -56,18 +59,32 @@ class EmbedResult:
 
 
 def load_for_model(rec: Record, cfg: ModelConfig) -> np.ndarray:
-    """The photo as the network sees it: the record's bbox if the catalog gives one, else with
-    `crop="focus"` the box around the animal (siamese.focus), else the whole photo; a large JPEG
-    decoded reduced (siamese.model.decode_side)."""
-    rgb = load_image(rec.path, rec.bbox, min_side=decode_side(cfg.input_size))
-    if cfg.crop == "focus" and rec.bbox is None:
-        rgb = focus_crop(rgb)
-    return rgb
+    """The photo as the network sees it (its "box" view): the record's bbox if the catalog gives one,
+    else with `crop="focus"` the box around the animal (siamese.focus), else the whole photo; a large
+    JPEG decoded reduced (siamese.model.decode_side)."""
+    return load_views(rec, replace(cfg, views=("box",)))[0]
+
+
+def load_views(rec: Record, cfg: ModelConfig) -> list[np.ndarray]:
+    """The photo's `ModelConfig.views`, in that order: "box" (load_for_model), "centre" (the middle
+    80% of the box per side), "photo" (the whole decoded photo, or the catalog's bbox)."""
+    photo = load_image(rec.path, rec.bbox, min_side=decode_side(cfg.input_size))
+    box = focus_crop(photo) if cfg.crop == "focus" and rec.bbox is None else photo
+    out = []
+    for view in cfg.views:
+        if view == "centre":
+            h, w = box.shape[:2]
+            dy, dx = int(round(0.1 * h)), int(round(0.1 * w))
+            out.append(box[dy:h - dy, dx:w - dx] if h - 2 * dy > 0 and w - 2 * dx > 0 else box)
+        else:
+            out.append(box if view == "box" else photo)
+    return out
 
 
 def _load(rec: Record, cfg: ModelConfig):
+    """(views x 3 x h x w network input, None), or (None, the ImageError)."""
     try:
-        return preprocess(load_for_model(rec, cfg), cfg), None
+        return np.stack([preprocess(v, cfg) for v in load_views(rec, cfg)]), None
     except ImageError as e:
         return None, e
 
@@ -97,7 +114,12 @@ def normalize_features(model: SiameseNet, feats: np.ndarray) -> np.ndarray:
 def _features_of(model: SiameseNet, loaded: list, batch_size: int) -> list[tuple[np.ndarray | None, str, bool]]:
     """(features, "", False) per decoded photo, (None, reason, permanent) per unreadable one."""
     good = [arr for arr, err in loaded if err is None]
-    feats = iter(features_batch(model, np.stack(good), batch_size)) if good else iter(())
+    feats = iter(())
+    if good:  # every view of every photo, batch_size images at a time; a photo's views averaged
+        views = np.concatenate(good)
+        f = np.concatenate([features_batch(model, views[i:i + batch_size], batch_size)
+                            for i in range(0, len(views), batch_size)])
+        feats = iter(f.reshape(len(good), len(good[0]), -1).mean(axis=1))
     return [(next(feats), "", False) if err is None else (None, str(err), err.permanent) for _, err in loaded]
 
 

@@ -32,7 +32,7 @@ import logging
 import math
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import cv2
 import numpy as np
@@ -201,7 +201,12 @@ def validation_map5(model: SiameseNet, records: list[Record], batch_size: int, r
     model's centre is first set to the mean of these photos' features (before training)."""
     if len(records) < 3:
         return {}
-    emb = embed_records(model, records, None, batch_size, progress=False)
+    # the box alone, whatever ModelConfig.views says: validation costs one view per photo and epoch
+    config, model.config = model.config, replace(model.config, views=("box",))
+    try:
+        emb = embed_records(model, records, None, batch_size, progress=False)
+    finally:
+        model.config = config
     if set_center and len(emb.ok):
         model.center.copy_(torch.from_numpy(emb.features.mean(0)).to(model.center.device))
         emb.embeddings = normalize_features(model, emb.features)

@@ -144,3 +144,39 @@ def test_the_network_embeds_the_box_and_trains_on_the_whole_photo(tmp_path):
     np.testing.assert_allclose(trained, cv2.resize(img, (int(96 * 1.15), int(64 * 1.15)),
                                                    interpolation=cv2.INTER_AREA), atol=1)
     assert ModelConfig.from_dict({k: v for k, v in whole.to_dict().items() if k != "crop"}).crop == "none"
+
+
+def test_views_of_a_photo_frame_the_box_its_centre_and_the_whole_photo(tmp_path):
+    """ModelConfig.views: "box" is load_for_model's crop, "centre" its middle 80% per side, "photo"
+    the whole photo (with a catalog bbox, the bbox); in the order asked. Unknown or repeated views
+    are refused in words; run folders saved before views read back with the box alone."""
+    import cv2
+
+    from core.catalog import Record
+    from core.errors import UserError
+    from siamese.config import ModelConfig
+    from siamese.embed import load_for_model, load_views
+
+    img = np.full((240, 360, 3), 128, np.uint8)
+    img[60:180, 90:270] = textured()[60:180, 90:270]
+    path = tmp_path / "p.png"
+    cv2.imwrite(str(path), img)
+    rec = Record(image="p.png", path=path, individual_id="a")
+    cfg = ModelConfig(input_size=(64, 96), views=("photo", "box", "centre"))
+    photo, box, centre = load_views(rec, cfg)
+    assert photo.shape == (240, 360, 3)
+    np.testing.assert_array_equal(box, load_for_model(rec, cfg))
+    assert box.shape[0] * box.shape[1] < 0.7 * 240 * 360
+    h, w = box.shape[:2]
+    dy, dx = round(0.1 * h), round(0.1 * w)
+    np.testing.assert_array_equal(centre, box[dy:h - dy, dx:w - dx])
+    given = Record(image="p.png", path=path, individual_id="a", bbox=(10, 20, 100, 50))
+    photo, box, centre = load_views(given, cfg)
+    assert photo.shape == box.shape == (50, 100, 3) and centre.shape == (40, 80, 3)
+    for bad in (("box", "box"), ("box", "side"), ()):
+        with pytest.raises(UserError, match="views"):
+            ModelConfig(views=bad)
+    assert ModelConfig().views == ("box", "centre", "photo")  # the default
+    saved_before = {k: v for k, v in cfg.to_dict().items() if k != "views"}
+    assert ModelConfig.from_dict(saved_before).views == ("box",)
+    assert ModelConfig.from_dict(cfg.to_dict()).views == ("photo", "box", "centre")

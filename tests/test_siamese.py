@@ -279,3 +279,40 @@ def test_mirror_embedding_is_the_mean_of_the_photo_and_its_mirror_image():
     assert ModelConfig.from_dict(saved_before).mirror is False
     assert ModelConfig.from_dict(mirrored.config.to_dict()).mirror is True
     assert mirrored.config.resolved().mirror is True
+
+
+def test_views_embedding_is_the_mean_of_each_views_features(tmp_path):
+    """ModelConfig.views: a photo's features are the mean of those of its views (each view's through
+    the network alone), also when the views of a batch of photos exceed one network batch; the
+    views are part of the cache fingerprint, and validation in training embeds the box alone and
+    leaves the network's views as set."""
+    import cv2
+
+    from core.catalog import Record
+    from siamese.embed import features_batch, load_views, model_fingerprint
+    from siamese.model import preprocess
+    from siamese.trainer import validation_map5
+
+    rng = np.random.default_rng(0)
+    recs = []
+    for i in range(3):
+        img = rng.integers(0, 255, (90, 150, 3), dtype=np.uint8)
+        cv2.imwrite(str(tmp_path / f"{i}.png"), img)
+        recs.append(Record(image=f"{i}.png", path=tmp_path / f"{i}.png", individual_id=str(i % 2)))
+    torch.manual_seed(0)
+    views = ("box", "centre", "photo")
+    one = SiameseNet(ModelConfig(input_size=(64, 96), views=("box",)), load_pretrained=False).eval()
+    three = SiameseNet(ModelConfig(input_size=(64, 96), views=views), load_pretrained=False).eval()
+    three.load_state_dict(one.state_dict())
+    got = embed_records(three, recs, None, batch_size=2, progress=False).features
+    for rec, f in zip(recs, got):
+        x = np.stack([preprocess(v, three.config) for v in load_views(rec, three.config)])
+        per_view = features_batch(one, x, 3)
+        assert np.abs(per_view[0] - per_view[1]).max() > 1e-4  # the views differ
+        np.testing.assert_allclose(f, per_view.mean(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(embed_records(one, recs, None, batch_size=2, progress=False).features,
+                               np.stack([features_batch(one, preprocess(load_views(r, one.config)[0], one.config)[None],
+                                                        2)[0] for r in recs]), rtol=1e-4, atol=1e-5)
+    assert model_fingerprint(one) != model_fingerprint(three)
+    validation_map5(three, recs, 2)
+    assert three.config.views == views
