@@ -141,6 +141,16 @@ def _parse_size(text: str) -> tuple[int, int]:
     return h, w
 
 
+def _parse_views(text: str) -> tuple[str, ...]:
+    from siamese.config import views_problem
+
+    views = tuple(v.strip().lower() for v in text.split(","))
+    problem = views_problem(views)
+    if problem:
+        raise UserError(f"--views {text!r}: {problem}")
+    return views
+
+
 @app.command("train-siamese")
 @user_errors
 def train_siamese_cmd(
@@ -160,8 +170,10 @@ def train_siamese_cmd(
     _TRAIN.model.mirror,
     views: Annotated[str, typer.Option(help="What of each photo is embedded, comma-separated, the features "
                                        "averaged: box (what --crop gives), centre (the middle 80% of the box), "
-                                       "photo (the whole photo). More views, more of the network's work per "
-                                       "photo (see README 'Measured').")] = ",".join(_TRAIN.model.views),
+                                       "photo (the whole photo, or its catalog bbox; with --crop none or a bbox "
+                                       "it is the box and counts once). Each view costs one more pass of the "
+                                       "network per photo (see README 'Three views').")] =
+    ",".join(_TRAIN.model.views),
     epochs: Annotated[int, typer.Option(min=0, help="Training epochs (the time budget usually stops first); "
                                         "0 = the pretrained network, retrieval only.")] = _TRAIN.epochs,
     max_minutes: Annotated[Optional[float], typer.Option(
@@ -182,7 +194,8 @@ def train_siamese_cmd(
                                                 "training on (stochastic weight averaging; 1: the last epoch's).")
                             ] = _TRAIN.average_from,
     resume: Annotated[bool, typer.Option(help="Continue from the run folder's last checkpoint, with the same "
-                                         "settings (only --epochs and --max-minutes may change).")] = False,
+                                         "settings (only --epochs and --max-minutes may change, and how photos "
+                                         "are embedded: --views, --mirror).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace the trained run already in --out (its network, "
                                             "gallery, verifier and calibration; photos enrolled since are "
                                             "dropped unless they are in --catalog).")] = False,
@@ -199,7 +212,7 @@ def train_siamese_cmd(
 
     cfg = TrainConfig(model=ModelConfig(backbone=backbone, weights=str(weights) if weights else None,
                                         input_size=_parse_size(input_size), crop=crop,
-                                        mirror=mirror, views=tuple(v.strip() for v in views.split(","))),
+                                        mirror=mirror, views=_parse_views(views)),
                       epochs=epochs, max_minutes=max_minutes, seed=seed, batch_size=batch_size, threads=threads,
                       heldout_fraction=heldout_fraction, precision=precision, freeze_blocks=freeze_blocks,
                       average_from=average_from)

@@ -20,6 +20,7 @@ Prints a table and writes bench/results/accuracy.json (and a copy in --work, kep
                            [--votes 0,20,20:20,100:300:200]  # keypoint votes[:V[:K]] side by side, one verified network
                            [--whitening on,off]  # SIFT descriptors whitened or not, one network
                            [--mirror off,on]  # embeddings with their mirror image's or not, one network
+                           [--views box,box+centre+photo]  # the views of a photo embedded (+ joins them), one network
                            [--network average,best]  # averaged weights or the best epoch's, one training
 """
 from __future__ import annotations
@@ -198,7 +199,7 @@ def main() -> None:
     mirrors = args.mirror.split(",")
     if any(m not in ("on", "off") for m in mirrors) or len(set(mirrors)) < len(mirrors):
         sys.exit(f"--mirror {args.mirror}: expected on, off, 'on,off' or 'off,on'")
-    view_sets = [tuple(v.split("+")) for v in args.views.split(",")]
+    view_sets = [tuple(v.strip() for v in entry.split("+")) for entry in args.views.split(",")]
     try:
         for v in view_sets:
             ModelConfig(views=v)
@@ -254,7 +255,7 @@ def main() -> None:
         run = args.work / f"run_{label}"
         t0 = time.perf_counter()
         # --reuse: what a run folder already has (a network, a verifier, a calibration) is kept
-        if not (args.reuse and (run / "siamese.pt").is_file()):
+        if not (args.reuse and (run / "siamese.pt").is_file() and embeds_as_asked(run, cfg)):
             if isinstance(cfg, TrainConfig):
                 train_siamese.main(cfg, train_siamese.Paths(gallery, run, DATA), progress=False, overwrite=True)
             elif cfg == "copy network":
@@ -360,6 +361,16 @@ def copy_verified(src: Path, dst: Path) -> None:
     copy_trained(src, dst, share_cache=True)
     for f in list(src.glob("verifier*")) + list(src.glob("whitening*")):
         shutil.copy2(f, dst / f.name)
+
+
+def embeds_as_asked(run: Path, how) -> bool:
+    """Whether a copy made to embed otherwise ("copy verified, views V" or "..., mirror on|off") records
+    that setting: set_model records it last, so a copy interrupted before is made again."""
+    if not isinstance(how, str) or not how.startswith(("copy verified, views", "copy verified, mirror")):
+        return True
+    model = ModelConfig.from_dict(RunFolder(run).config()["train"]["model"])
+    asked = how.rsplit(" ", 1)[1]
+    return model.views == tuple(asked.split("+")) if "views" in how else model.mirror == (asked == "on")
 
 
 def set_model(run: Path, **settings) -> None:

@@ -24,6 +24,19 @@ CROPS = ("focus", "none")
 VIEWS = ("box", "centre", "photo")
 
 
+def views_problem(views: tuple[str, ...]) -> str | None:
+    """What is wrong with a choice of ModelConfig.views, in words (None: nothing)."""
+    unknown = [v for v in views if v not in VIEWS]
+    if not views or unknown:
+        hint = " (it is spelled centre)" if "center" in unknown else ""
+        return (f"{', '.join(repr(v) for v in unknown) or 'nothing'} is no view{hint}: choose one or more of "
+                f"{', '.join(VIEWS)}, e.g. box,centre,photo")
+    twice = sorted({v for v in views if views.count(v) > 1})
+    if twice:
+        return f"{', '.join(twice)} given twice: each view once"
+    return None
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     backbone: str = "mobilenetv2_100"
@@ -61,9 +74,12 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.crop not in CROPS:
             raise UserError(f"crop {self.crop!r}: choose one of {', '.join(CROPS)}")
-        if not self.views or any(v not in VIEWS for v in self.views) or len(set(self.views)) < len(self.views):
-            raise UserError(f"views {','.join(self.views) or '(none)'}: choose one or more distinct of "
-                            f"{', '.join(VIEWS)}, e.g. box,centre,photo")
+        if isinstance(self.views, str):
+            raise UserError(f"views {self.views!r}: give a sequence of view names, e.g. ('box', 'centre', 'photo')")
+        object.__setattr__(self, "views", tuple(self.views))
+        problem = views_problem(self.views)
+        if problem:
+            raise UserError(f"views {','.join(self.views)}: {problem}")
 
     def resolved(self) -> "ModelConfig":
         preset = BACKBONES.get(self.backbone, {})

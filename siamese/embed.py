@@ -34,7 +34,7 @@ def model_fingerprint(model: SiameseNet) -> str:
     """Identifies the feature function: settings, precision and backbone + pooling weights (not the
     centre, which is applied after the cache)."""
     settings = model.config.to_dict()
-    if tuple(settings["views"]) == ("box",):  # the one view of run folders from before views: their caches hold
+    if tuple(settings["views"]) == ("box",):  # as before views existed: older caches stay valid
         del settings["views"]
     h = hashlib.sha1(repr(sorted(settings.items())).encode())
     h.update(model.precision.name.encode())
@@ -67,17 +67,23 @@ def load_for_model(rec: Record, cfg: ModelConfig) -> np.ndarray:
 
 def load_views(rec: Record, cfg: ModelConfig) -> list[np.ndarray]:
     """The photo's `ModelConfig.views`, in that order: "box" (load_for_model), "centre" (the middle
-    80% of the box per side), "photo" (the whole decoded photo, or the catalog's bbox)."""
+    80% of the box per side), "photo" (the whole decoded photo, or the catalog's bbox). A view that
+    is the same image as an earlier one is left out, so that it counts once: "photo" and "box" are
+    one image with a catalog bbox, with crop="none" or where the focus box keeps the whole photo."""
     photo = load_image(rec.path, rec.bbox, min_side=decode_side(cfg.input_size))
-    box = focus_crop(photo) if cfg.crop == "focus" and rec.bbox is None else photo
-    out = []
+    box = photo
+    if cfg.crop == "focus" and rec.bbox is None and any(v in ("box", "centre") for v in cfg.views):
+        box = focus_crop(photo)
+        box = photo if box.shape == photo.shape else box
+    out: list[np.ndarray] = []
     for view in cfg.views:
+        image = box if view == "box" else photo
         if view == "centre":
             h, w = box.shape[:2]
             dy, dx = int(round(0.1 * h)), int(round(0.1 * w))
-            out.append(box[dy:h - dy, dx:w - dx] if h - 2 * dy > 0 and w - 2 * dx > 0 else box)
-        else:
-            out.append(box if view == "box" else photo)
+            image = box[dy:h - dy, dx:w - dx] if h - 2 * dy > 0 and w - 2 * dx > 0 else box
+        if not any(image is seen for seen in out):
+            out.append(image)
     return out
 
 
@@ -115,11 +121,11 @@ def _features_of(model: SiameseNet, loaded: list, batch_size: int) -> list[tuple
     """(features, "", False) per decoded photo, (None, reason, permanent) per unreadable one."""
     good = [arr for arr, err in loaded if err is None]
     feats = iter(())
-    if good:  # every view of every photo, batch_size images at a time; a photo's views averaged
+    if good:  # every view of every photo, batch_size images at a time; each photo's views averaged
         views = np.concatenate(good)
         f = np.concatenate([features_batch(model, views[i:i + batch_size], batch_size)
                             for i in range(0, len(views), batch_size)])
-        feats = iter(f.reshape(len(good), len(good[0]), -1).mean(axis=1))
+        feats = iter([part.mean(axis=0) for part in np.split(f, np.cumsum([len(a) for a in good])[:-1])])
     return [(next(feats), "", False) if err is None else (None, str(err), err.permanent) for _, err in loaded]
 
 

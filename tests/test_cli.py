@@ -141,7 +141,8 @@ def test_evaluate_open_set(sample, run_dir, tmp_path):
 @pytest.mark.parametrize("case", ["bad_column", "empty_id", "missing_image", "empty_test_dir",
                                   "old_run", "no_run", "bad_size", "non_utf8_config", "bad_calibration",
                                   "truncated_gallery", "out_is_a_folder", "evidence_json_is_a_folder",
-                                  "out_under_a_file", "test_dir_is_a_file", "negative_threads", "tau_above_1"])
+                                  "out_under_a_file", "test_dir_is_a_file", "negative_threads", "tau_above_1",
+                                  "bad_crop", "bad_views", "repeated_view"])
 def test_bad_input_exits_2_with_one_sentence(case, sample, run_dir, tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"x")
     if case == "bad_column":
@@ -208,6 +209,12 @@ def test_bad_input_exits_2_with_one_sentence(case, sample, run_dir, tmp_path):
     elif case == "bad_crop":
         args = ["train-siamese", "--catalog", sample, "--out", tmp_path / "r", "--crop", "tight"]
         expect = "crop 'tight': choose one of focus, none"
+    elif case == "bad_views":
+        args = ["train-siamese", "--catalog", sample, "--out", tmp_path / "r", "--views", "box,center"]
+        expect = "--views 'box,center': 'center' is no view (it is spelled centre)"
+    elif case == "repeated_view":
+        args = ["train-siamese", "--catalog", sample, "--out", tmp_path / "r", "--views", "box, photo,Box"]
+        expect = "--views 'box, photo,Box': box given twice"
     else:
         args = ["train-siamese", "--catalog", sample, "--out", tmp_path / "r", "--input-size", "big"]
         expect = "is not HEIGHTxWIDTH"
@@ -215,6 +222,7 @@ def test_bad_input_exits_2_with_one_sentence(case, sample, run_dir, tmp_path):
     assert r.exit_code == 2, r.output
     assert expect in r.output and "Traceback" not in r.output
     assert not (tmp_path / "p.csv").is_file() and not list(tmp_path.glob("*.tmp*"))
+    assert not (tmp_path / "r").exists()  # train-siamese refused before making its run folder
 
 
 def test_help_explains_every_command():

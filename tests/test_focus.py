@@ -1,6 +1,7 @@
 """The focus map (where the animal is) and the keypoints kept in focus."""
 from __future__ import annotations
 
+import json
 import pickle
 from dataclasses import asdict, replace
 
@@ -148,8 +149,9 @@ def test_the_network_embeds_the_box_and_trains_on_the_whole_photo(tmp_path):
 
 def test_views_of_a_photo_frame_the_box_its_centre_and_the_whole_photo(tmp_path):
     """ModelConfig.views: "box" is load_for_model's crop, "centre" its middle 80% per side, "photo"
-    the whole photo (with a catalog bbox, the bbox); in the order asked. Unknown or repeated views
-    are refused in words; run folders saved before views read back with the box alone."""
+    the whole photo; in the order asked, an image that two views share once (a catalog bbox or
+    crop="none": photo and box). Unknown or repeated views are refused in words; run folders saved
+    before views read back with the box alone."""
     import cv2
 
     from core.catalog import Record
@@ -170,13 +172,17 @@ def test_views_of_a_photo_frame_the_box_its_centre_and_the_whole_photo(tmp_path)
     h, w = box.shape[:2]
     dy, dx = round(0.1 * h), round(0.1 * w)
     np.testing.assert_array_equal(centre, box[dy:h - dy, dx:w - dx])
+    # with a catalog bbox the photo is the box: that image counts once
     given = Record(image="p.png", path=path, individual_id="a", bbox=(10, 20, 100, 50))
-    photo, box, centre = load_views(given, cfg)
-    assert photo.shape == box.shape == (50, 100, 3) and centre.shape == (40, 80, 3)
-    for bad in (("box", "box"), ("box", "side"), ()):
-        with pytest.raises(UserError, match="views"):
+    photo, centre = load_views(given, cfg)
+    assert photo.shape == (50, 100, 3) and centre.shape == (40, 80, 3)
+    assert len(load_views(rec, replace(cfg, crop="none"))) == 2
+    for bad, says in ((("box", "box"), "box given twice"), (("box", "side"), "'side' is no view"),
+                      ((), "nothing is no view"), ("box", "a sequence")):
+        with pytest.raises(UserError, match=says):
             ModelConfig(views=bad)
     assert ModelConfig().views == ("box", "centre", "photo")  # the default
+    assert ModelConfig(views=["box", "photo"]).views == ("box", "photo")  # a list becomes a tuple
     saved_before = {k: v for k, v in cfg.to_dict().items() if k != "views"}
     assert ModelConfig.from_dict(saved_before).views == ("box",)
-    assert ModelConfig.from_dict(cfg.to_dict()).views == ("photo", "box", "centre")
+    assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg  # as config.json keeps it

@@ -281,9 +281,10 @@ def test_mirror_embedding_is_the_mean_of_the_photo_and_its_mirror_image():
     assert mirrored.config.resolved().mirror is True
 
 
-def test_views_embedding_is_the_mean_of_each_views_features(tmp_path):
+def test_views_embedding_is_the_mean_of_each_views_features(tmp_path, monkeypatch):
     """ModelConfig.views: a photo's features are the mean of those of its views (each view's through
-    the network alone), also when the views of a batch of photos exceed one network batch; the
+    the network alone), also when the views of a batch of photos exceed one network batch and when
+    photos of one batch have different counts of views (a catalog bbox: photo and box one); the
     views are part of the cache fingerprint, and validation in training embeds the box alone and
     leaves the network's views as set."""
     import cv2
@@ -296,15 +297,19 @@ def test_views_embedding_is_the_mean_of_each_views_features(tmp_path):
     rng = np.random.default_rng(0)
     recs = []
     for i in range(3):
-        img = rng.integers(0, 255, (90, 150, 3), dtype=np.uint8)
+        img = np.full((90, 150, 3), 128, np.uint8)  # textured in its middle: the focus box is smaller
+        img[20:70, 30:120] = rng.integers(0, 255, (50, 90, 3), dtype=np.uint8)
         cv2.imwrite(str(tmp_path / f"{i}.png"), img)
         recs.append(Record(image=f"{i}.png", path=tmp_path / f"{i}.png", individual_id=str(i % 2)))
+    # with a catalog bbox the photo is the box: two views, in the same batch as photos of three
+    recs.insert(1, Record(image="0.png", path=tmp_path / "0.png", individual_id="1", bbox=(10, 5, 120, 80)))
     torch.manual_seed(0)
     views = ("box", "centre", "photo")
     one = SiameseNet(ModelConfig(input_size=(64, 96), views=("box",)), load_pretrained=False).eval()
     three = SiameseNet(ModelConfig(input_size=(64, 96), views=views), load_pretrained=False).eval()
     three.load_state_dict(one.state_dict())
     got = embed_records(three, recs, None, batch_size=2, progress=False).features
+    assert [len(load_views(r, three.config)) for r in recs] == [3, 2, 3, 3]
     for rec, f in zip(recs, got):
         x = np.stack([preprocess(v, three.config) for v in load_views(rec, three.config)])
         per_view = features_batch(one, x, 3)
@@ -314,5 +319,20 @@ def test_views_embedding_is_the_mean_of_each_views_features(tmp_path):
                                np.stack([features_batch(one, preprocess(load_views(r, one.config)[0], one.config)[None],
                                                         2)[0] for r in recs]), rtol=1e-4, atol=1e-5)
     assert model_fingerprint(one) != model_fingerprint(three)
+    # the box alone hashes as before views existed (without the setting): older caches stay valid
+    import hashlib
+    h = hashlib.sha1(repr(sorted((k, v) for k, v in one.config.to_dict().items() if k != "views")).encode())
+    h.update(one.precision.name.encode())
+    for name, t in list(one.backbone.state_dict().items()) + [("gem_p", one.pool.p.detach())]:
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    assert model_fingerprint(one) == h.hexdigest()
+    seen = []
+
+    def recording(model, *args, **kwargs):
+        seen.append(model.config.views)
+        return embed_records(model, *args, **kwargs)
+
+    monkeypatch.setattr("siamese.trainer.embed_records", recording)
     validation_map5(three, recs, 2)
-    assert three.config.views == views
+    assert seen == [("box",)] and three.config.views == views
