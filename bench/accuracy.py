@@ -43,13 +43,13 @@ sys.path.insert(0, str(ROOT))
 
 from bench.machine import describe, headline  # noqa: E402
 from core.catalog import load_catalog  # noqa: E402
-from core.errors import UserError  # noqa: E402
 from core.runfolder import RunFolder  # noqa: E402
 from engine.matching import evaluate_pairs, format_metrics, format_places, right_animal_places  # noqa: E402
 from engine.pipeline import (Engine, MatchConfig, fitted_settings, match_settings_of, votes_rule_stale,  # noqa: E402
                              write_predictions)
 from ranker.fusion import FUSED  # noqa: E402
 from core.runtime import set_threads  # noqa: E402
+from siamese.config import views_problem  # noqa: E402
 from siamese.model import ModelConfig  # noqa: E402
 from engine.config import VerifierTrainConfig  # noqa: E402
 from engine import train_siamese  # noqa: E402
@@ -191,25 +191,24 @@ def main() -> None:
     set_threads()
     machine = describe()
     print(headline(machine), flush=True)
-    args.work.mkdir(parents=True, exist_ok=True)
-    gallery, qdir, qcsv, truth_csv = make_split(args.work, args.seed)
-    truth = read_truth(truth_csv)
-    size = tuple(int(v) for v in args.input_size.split("x"))
-    table, info = {}, {}
+    # these options are checked before the split is written
     mirrors = args.mirror.split(",")
     if any(m not in ("on", "off") for m in mirrors) or len(set(mirrors)) < len(mirrors):
         sys.exit(f"--mirror {args.mirror}: expected on, off, 'on,off' or 'off,on'")
     view_sets = [tuple(v.strip() for v in entry.split("+")) for entry in args.views.split(",")]
-    try:
-        for v in view_sets:
-            ModelConfig(views=v)
-    except UserError as e:
-        sys.exit(f"--views {args.views}: {e}")
+    problem = next((p for p in map(views_problem, view_sets) if p), None)
+    if problem:
+        sys.exit(f"--views {args.views}: {problem} (views joined by +, sets of views by commas)")
     if len(set(view_sets)) < len(view_sets):
         sys.exit(f"--views {args.views}: each set of views once")
     networks = args.network.split(",")
     if any(k not in ("average", "best") for k in networks) or len(set(networks)) < len(networks):
         sys.exit(f"--network {args.network}: expected average, best, 'average,best' or 'best,average'")
+    args.work.mkdir(parents=True, exist_ok=True)
+    gallery, qdir, qcsv, truth_csv = make_split(args.work, args.seed)
+    truth = read_truth(truth_csv)
+    size = tuple(int(v) for v in args.input_size.split("x"))
+    table, info = {}, {}
     runs = []
     model = ModelConfig(input_size=size, mirror=mirrors[0] == "on", views=view_sets[0])
     if not args.skip_baseline:
