@@ -63,12 +63,12 @@ class ModelConfig:
     # the views of each photo (VIEWS) embedded, their features averaged (each with its mirror image's):
     # the animal at three framings, so that a photo framed tighter or looser than the gallery's still
     # meets it. Training is unchanged (it sees the whole photo's random crops); the held-out validation
-    # during training embeds the box alone. On the development set (README "Three views": four
-    # trained networks, two per seed, each with the box alone and then with the three views, verified
-    # and calibrated on its own) closed-set MAP@5 rose on all four (mean 0.554 -> 0.565) and known
-    # animals' top-5 on three, level on one (0.618 -> 0.639); new-individual F1 fell on three (0.596 ->
-    # 0.584). Three times the network's work per photo embedded. Run folders from before this setting
-    # read back as ("box",).
+    # during training embeds the box alone. On the development set (README "Three views": five
+    # trained networks, each with the box alone and with the three views, verified and calibrated on
+    # its own) closed-set MAP@5 rose on all five (mean 0.555 -> 0.567) and known animals' top-5 on
+    # four, level on one (0.614 -> 0.640); new-individual F1 fell on four (0.592 -> 0.577). Three
+    # times the network's work per photo embedded. Run folders from before this setting read back
+    # as ("box",).
     views: tuple[str, ...] = ("box", "centre", "photo")
 
     def __post_init__(self) -> None:
