@@ -263,12 +263,9 @@ def main() -> None:
                 copy_trained(args.work / f"run_{trained}", run, share_cache=True)
             elif cfg == "copy verified":
                 copy_verified(args.work / f"run_{trained}", run)
-            elif cfg.startswith("copy verified, views"):
+            elif embedding_asked(cfg):  # "copy verified, views V" or "copy verified, mirror on|off"
                 copy_verified(args.work / f"run_{trained}", run)
-                set_model(run, views=tuple(cfg.rsplit(" ", 1)[1].split("+")))
-            elif cfg.startswith("copy verified, mirror"):
-                copy_verified(args.work / f"run_{trained}", run)
-                set_model(run, mirror=cfg.endswith(" on"))
+                set_model(run, **embedding_asked(cfg))
             elif cfg.startswith("copy network, keep"):
                 copy_trained(args.work / f"run_{trained}", run, share_cache=True)
                 set_network(args.work / f"run_{trained}", run, cfg.rsplit(" ", 1)[1])
@@ -362,14 +359,24 @@ def copy_verified(src: Path, dst: Path) -> None:
         shutil.copy2(f, dst / f.name)
 
 
+def embedding_asked(how) -> dict:
+    """The ModelConfig settings a job's copy embeds with: {"views": ...} for "copy verified, views V",
+    {"mirror": ...} for "copy verified, mirror on|off", {} for any other job."""
+    if isinstance(how, str) and how.startswith("copy verified, views"):
+        return {"views": tuple(how.rsplit(" ", 1)[1].split("+"))}
+    if isinstance(how, str) and how.startswith("copy verified, mirror"):
+        return {"mirror": how.endswith(" on")}
+    return {}
+
+
 def embeds_as_asked(run: Path, how) -> bool:
-    """Whether a copy made to embed otherwise ("copy verified, views V" or "..., mirror on|off") records
-    that setting: set_model records it last, so a copy interrupted before is made again."""
-    if not isinstance(how, str) or not how.startswith(("copy verified, views", "copy verified, mirror")):
+    """Whether the run records the embedding settings its job asks for (embedding_asked): set_model
+    records them last, so a copy interrupted before is made again."""
+    asked = embedding_asked(how)
+    if not asked:
         return True
     model = ModelConfig.from_dict(RunFolder(run).config()["train"]["model"])
-    asked = how.rsplit(" ", 1)[1]
-    return model.views == tuple(asked.split("+")) if "views" in how else model.mirror == (asked == "on")
+    return all(getattr(model, k) == v for k, v in asked.items())
 
 
 def set_model(run: Path, **settings) -> None:
