@@ -17,16 +17,15 @@ stage's closed top-1 0.403 -> 0.424 / 0.389 -> 0.451, the validator's held-out A
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Sequence
 
 import cv2
 import numpy as np
 
-from core.runfolder import atomic_write_bytes
+import core.whitening
+from core.whitening import whitening_from_differences
 from keypoints.features import Keypoints
 from keypoints.matching import match_descriptors
 
@@ -43,26 +42,9 @@ class WhiteningConfig:
     max_pairs: int = 4000  # same-flank photo pairs verified to find correspondences (the first ones by photo order)
 
 
-@dataclass(frozen=True)
-class Whitening:
-    """`apply(desc)` = rows of `P (desc - mean)`, each L2-normalised."""
-
-    P: np.ndarray  # float32 (k, D)
-    mean: np.ndarray  # float32 (D,)
-    correspondences: int = 0  # how many it was fitted on (for the record)
-
-    @property
-    def fingerprint(self) -> str:
-        h = hashlib.sha1(np.ascontiguousarray(self.P, np.float32).tobytes())
-        h.update(np.ascontiguousarray(self.mean, np.float32).tobytes())
-        return h.hexdigest()[:16]
-
-    def apply(self, desc: np.ndarray) -> np.ndarray:
-        if len(desc) == 0:
-            return np.zeros((0, self.P.shape[0]), np.float32)
-        x = (np.asarray(desc, np.float32) - self.mean) @ self.P.T
-        x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-        return np.ascontiguousarray(x, dtype=np.float32)
+class Whitening(core.whitening.Whitening):
+    """`apply(desc)` = rows of `P (desc - mean)`, each L2-normalised (`core.whitening`), and the same on
+    a photo's keypoints."""
 
     def keypoints(self, kp: Keypoints) -> Keypoints:
         return Keypoints(kp.xy, self.apply(kp.desc), kp.image_size)
@@ -71,33 +53,14 @@ class Whitening:
         """`extract(image) -> Keypoints`, whitened."""
         return lambda image: self.keypoints(extract(image))
 
-    def save(self, path: Path) -> None:
-        import io
-
-        buf = io.BytesIO()
-        np.savez(buf, P=self.P, mean=self.mean, correspondences=np.int64(self.correspondences))
-        atomic_write_bytes(Path(path), buf.getvalue())
-
-    @classmethod
-    def load(cls, path: Path) -> "Whitening":
-        with np.load(path) as z:
-            return cls(z["P"].astype(np.float32), z["mean"].astype(np.float32), int(z["correspondences"]))
-
 
 def fit_whitening(desc_a: np.ndarray, desc_b: np.ndarray, sample: np.ndarray, eps: float = 1e-3) -> Whitening:
     """The whitening from correct correspondences (rows of desc_a match rows of desc_b) and a sample
     of all descriptors (for the mean and the directions that tell photos apart)."""
     if len(desc_a) != len(desc_b) or len(desc_a) < 2:
         raise ValueError(f"need two equally long sets of matching descriptors, got {len(desc_a)} and {len(desc_b)}")
-    diff = np.asarray(desc_a, np.float64) - np.asarray(desc_b, np.float64)
-    w, V = np.linalg.eigh(diff.T @ diff / len(diff))
-    w = np.maximum(w, eps * w.max())
-    P1 = (V / np.sqrt(w)) @ V.T  # C_S^-1/2
-    X = np.asarray(sample, np.float64)
-    mean = X.mean(0)
-    _, V2 = np.linalg.eigh(np.cov(((X - mean) @ P1.T).T))
-    P = V2[:, ::-1].T @ P1  # rotation to the principal axes of the whitened data (no reduction)
-    return Whitening(P.astype(np.float32), mean.astype(np.float32), len(diff))
+    return whitening_from_differences(np.asarray(desc_a, np.float64) - np.asarray(desc_b, np.float64), sample, eps,
+                                      cls=Whitening)
 
 
 def correct_matches(kp_a: Keypoints, kp_b: Keypoints, H: np.ndarray, ratio: float, px: float) -> np.ndarray:
