@@ -193,9 +193,13 @@ def train_siamese_cmd(
                                                 "weights at the ends of the epochs from this share of the "
                                                 "training on (stochastic weight averaging; 1: the last epoch's).")
                             ] = _TRAIN.average_from,
+    whiten_embedding: Annotated[bool, typer.Option(
+        help="After training, learn a whitening of the embedding from the gallery photos of the individuals "
+             "trained on (the directions in which one animal's photos differ are shrunk) and search the "
+             "whitened embeddings for the shortlist (see README 'Embedding whitening').")] = _TRAIN.whiten_embedding,
     resume: Annotated[bool, typer.Option(help="Continue from the run folder's last checkpoint, with the same "
                                          "settings (only --epochs and --max-minutes may change, and how photos "
-                                         "are embedded: --views, --mirror).")] = False,
+                                         "are embedded and searched: --views, --mirror, --whiten-embedding).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace the trained run already in --out (its network, "
                                             "gallery, verifier and calibration; photos enrolled since are "
                                             "dropped unless they are in --catalog).")] = False,
@@ -215,14 +219,15 @@ def train_siamese_cmd(
                                         mirror=mirror, views=_parse_views(views)),
                       epochs=epochs, max_minutes=max_minutes, seed=seed, batch_size=batch_size, threads=threads,
                       heldout_fraction=heldout_fraction, precision=precision, freeze_blocks=freeze_blocks,
-                      average_from=average_from)
+                      average_from=average_from, whiten_embedding=whiten_embedding)
     if resume and overwrite:
         raise UserError("--resume continues the run in --out, --overwrite replaces it: give one of them")
     s = train_siamese.main(cfg, train_siamese.Paths(catalog, out, images), resume=resume, progress=not quiet,
                            overwrite=overwrite)
     skipped = f", {len(s['skipped'])} unreadable photo(s) skipped" if s["skipped"] else ""
+    white = ", embedding whitened for search" if s["embedding_whitening"]["fitted"] else ""
     typer.echo(f"run {out}: {s['epochs_trained']} epoch(s) trained, gallery {s['gallery_photos']} photos of "
-               f"{s['gallery_individuals']} individuals{skipped}, {s['seconds']:.0f} s")
+               f"{s['gallery_individuals']} individuals{skipped}{white}, {s['seconds']:.0f} s")
 
 
 @app.command("train-verifier")

@@ -22,6 +22,7 @@ Prints a table and writes bench/results/accuracy.json (and a copy in --work, kep
                            [--mirror off,on]  # embeddings with their mirror image's or not, one network
                            [--views box,box+centre+photo]  # the views of a photo embedded (+ joins them), one network
                            [--network average,best]  # averaged weights or the best epoch's, one training
+                           [--embedding-whitening off,on]  # the shortlist searches whitened embeddings or not, one network
 """
 from __future__ import annotations
 
@@ -174,6 +175,11 @@ def main() -> None:
                     "epochs, or the epoch with the best validation MAP@5); 'average,best' compares both from one "
                     "training: the first is the run's own, the other the same training's other network (from its "
                     "checkpoint) in a copy of it, verified and calibrated (run label trained+network-SETTING)")
+    ap.add_argument("--embedding-whitening", default="on" if TrainConfig.whiten_embedding else "off",
+                    help="on / off: train-siamese --whiten-embedding / --no-whiten-embedding (the shortlist searches "
+                    "embeddings whitened on the training individuals' photos); 'off,on' compares both on the same "
+                    "trained and verified network: the first is the run's own, the other fits or removes the "
+                    "whitening in a copy of it and calibrates it (run label trained+ewhiten-SETTING)")
     ap.add_argument("--data", type=Path, default=DATA,
                     help="the development set: catalog.csv, metadata.csv (flank side) and the photos (default: %(default)s)")
     ap.add_argument("--protocol", type=Path, default=PROTOCOL,
@@ -201,6 +207,9 @@ def main() -> None:
         sys.exit(f"--views {args.views}: {problem} (views joined by +, sets of views by commas)")
     if len(set(view_sets)) < len(view_sets):
         sys.exit(f"--views {args.views}: each set of views once")
+    ewhiten = args.embedding_whitening.split(",")
+    if any(w not in ("on", "off") for w in ewhiten) or len(set(ewhiten)) < len(ewhiten):
+        sys.exit(f"--embedding-whitening {args.embedding_whitening}: expected on, off, 'on,off' or 'off,on'")
     networks = args.network.split(",")
     if any(k not in ("average", "best") for k in networks) or len(set(networks)) < len(networks):
         sys.exit(f"--network {args.network}: expected average, best, 'average,best' or 'best,average'")
@@ -212,13 +221,14 @@ def main() -> None:
     runs = []
     model = ModelConfig(input_size=size, mirror=mirrors[0] == "on", views=view_sets[0])
     if not args.skip_baseline:
-        runs.append(("baseline", TrainConfig(model=model, epochs=0,
-                                                 seed=args.seed)))
+        runs.append(("baseline", TrainConfig(model=model, epochs=0, seed=args.seed,
+                                             whiten_embedding=ewhiten[0] == "on")))
     label = "trained" if args.freeze_blocks == TrainConfig.freeze_blocks else f"trained_freeze{args.freeze_blocks}"
     runs.append((label,
                  TrainConfig(model=model, epochs=args.epochs,
                              max_minutes=args.train_minutes, seed=args.seed, freeze_blocks=args.freeze_blocks,
-                             average_from=TrainConfig.average_from if networks[0] == "average" else None)))
+                             average_from=TrainConfig.average_from if networks[0] == "average" else None,
+                             whiten_embedding=ewhiten[0] == "on")))
     presets = args.keypoints.split(",")
     unknown = [k for k in presets if k not in KEYPOINT_PRESETS]
     if unknown:
@@ -250,6 +260,8 @@ def main() -> None:
               white[0]) for v in view_sets[1:]]
     jobs += [(f"{trained}+network-{k}", "copy network, keep " + k, presets[0], votes[0][1], white[0])
              for k in networks[1:]]
+    jobs += [(f"{trained}+ewhiten-{w}", "copy verified, embedding whitening " + w, presets[0], votes[0][1],
+              white[0]) for w in ewhiten[1:]]
     for label, cfg, keypoints, mcfg, whiten in jobs:
         run = args.work / f"run_{label}"
         t0 = time.perf_counter()
@@ -266,6 +278,9 @@ def main() -> None:
             elif embedding_asked(cfg):  # "copy verified, views V" or "copy verified, mirror on|off"
                 copy_verified(args.work / f"run_{trained}", run)
                 set_model(run, **embedding_asked(cfg))
+            elif cfg.startswith("copy verified, embedding whitening"):
+                copy_verified(args.work / f"run_{trained}", run)
+                set_embedding_whitening(run, cfg.endswith(" on"))
             elif cfg.startswith("copy network, keep"):
                 copy_trained(args.work / f"run_{trained}", run, share_cache=True)
                 set_network(args.work / f"run_{trained}", run, cfg.rsplit(" ", 1)[1])
@@ -276,6 +291,10 @@ def main() -> None:
         if own is not None and own.views != cfg.model.views:
             sys.exit(f"{run} embeds the views {'+'.join(own.views)} (--reuse): give --views {'+'.join(own.views)} "
                      "first")
+        if isinstance(cfg, TrainConfig) and RunFolder(run).embedding_whitening_path.is_file() != cfg.whiten_embedding:
+            has = RunFolder(run).embedding_whitening_path.is_file()
+            sys.exit(f"{run} searches {'whitened' if has else 'unwhitened'} embeddings (--reuse): give "
+                     f"--embedding-whitening {'on' if has else 'off'} first")
         kept = RunFolder(run).config()["train"].get("average_from") if isinstance(cfg, TrainConfig) else False
         if kept is not False and (kept is None) != (cfg.average_from is None):
             sys.exit(f"{run} keeps the {'best epoch' if kept is None else 'averaged weights'} (--reuse): give "
@@ -370,8 +389,11 @@ def embedding_asked(how) -> dict:
 
 
 def embeds_as_asked(run: Path, how) -> bool:
-    """Whether the run records the embedding settings its job asks for (embedding_asked): set_model
-    records them last, so a copy interrupted before is made again."""
+    """Whether the run records the embedding settings its job asks for (embedding_asked; the embedding
+    whitening: its file): set_model and set_embedding_whitening write them last, so a copy interrupted
+    before is made again."""
+    if isinstance(how, str) and how.startswith("copy verified, embedding whitening"):
+        return RunFolder(run).embedding_whitening_path.is_file() == how.endswith(" on")
     asked = embedding_asked(how)
     if not asked:
         return True
@@ -389,8 +411,27 @@ def set_model(run: Path, **settings) -> None:
     engine.model.config = dataclasses.replace(engine.model.config, **settings)
     save_model(engine.model, run / "siamese.pt")
     build_gallery(engine.run, engine.model, engine.gallery.records(), MatchConfig(), progress=False)
+    refit_embedding_whitening(run)
     train = engine.run.config()["train"]
     engine.run.update_config(train={**train, "model": engine.model.config.to_dict()})
+
+
+def set_embedding_whitening(run: Path, on: bool) -> None:
+    """The run's embedding whitening fitted as train-siamese fits it (on the gallery photos of the
+    individuals not held out), or removed; the network and gallery unchanged."""
+    from core.gallery import Gallery
+
+    folder = RunFolder(run)
+    w = train_siamese.write_embedding_whitening(folder, Gallery.load(folder.gallery_path, folder.images_root()),
+                                                folder.heldout(), on)
+    print(f"{run.name}: embedding {'whitened' if w['fitted'] else 'not whitened'} for search", flush=True)
+
+
+def refit_embedding_whitening(run: Path) -> None:
+    """After the gallery is embedded again (another network or embedding setting): the run's embedding
+    whitening, if it has one, fitted again on the new embeddings (as train-siamese would)."""
+    if RunFolder(run).embedding_whitening_path.is_file():
+        set_embedding_whitening(run, True)
 
 
 def set_network(trained: Path, run: Path, keep: str) -> None:
@@ -410,6 +451,7 @@ def set_network(trained: Path, run: Path, keep: str) -> None:
     engine.model.load_state_dict(weights)
     save_model(engine.model, run / "siamese.pt")
     build_gallery(engine.run, engine.model, engine.gallery.records(), MatchConfig(), progress=False)
+    refit_embedding_whitening(run)
     train = engine.run.config()["train"]
     average_from = (None if keep == "best" else TrainConfig.average_from if train.get("average_from") is None
                     else train["average_from"])

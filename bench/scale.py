@@ -106,8 +106,10 @@ def build_scaled(base: Path, n: int, work: Path, seed: int) -> Path:
         return run
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
-    for name in ("config.json", "siamese.pt", "verifier.json", "calibration.json", "heldout.json"):
-        shutil.copy2(base / name, run / name)
+    for name in ("config.json", "siamese.pt", "verifier.json", "calibration.json", "heldout.json",
+                 "embedding_whitening.npz", "whitening.npz"):
+        if (base / name).is_file():  # (the whitenings: where the base run has them)
+            shutil.copy2(base / name, run / name)
     g = Gallery.load(base / "gallery.h5")
     real = len(g)
     rng = np.random.default_rng(seed)
@@ -127,7 +129,8 @@ def build_scaled(base: Path, n: int, work: Path, seed: int) -> Path:
     engine = Engine.load(base)
     emb_fp = model_fingerprint(engine.model)
     kp_src = engine.stage("keypoints").store.cache
-    kp_dst = FeatureCache(run / "cache" / "keypoints", kp_src.fingerprint)
+    # (cache/keypoints-whitened where the base run whitens its descriptors: the store the stage reads)
+    kp_dst = FeatureCache(run / Path(kp_src.folder).relative_to(base), kp_src.fingerprint)
     base_kp = kp_src.get(sorted(set(g.keys)))
 
     def fill(f):
@@ -167,8 +170,8 @@ def stage_seconds(run: Path, queries_csv: Path, votes: int = 0) -> tuple[dict, E
     emb = engine.embed(records, cfg, progress=False)
     t["embed (cached)"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    index = EmbeddingIndex(engine.gallery.embeddings)
-    index.search(emb.embeddings[:1], 1)  # built on first use
+    index = EmbeddingIndex(engine.search_embeddings)
+    index.search(engine.searchable(emb.embeddings[:1]), 1)  # built on first use
     t["index build"] = time.perf_counter() - t0
     engine.index = index
     pairs = engine.pair_scores(records, emb, cfg)
@@ -180,7 +183,7 @@ def stage_seconds(run: Path, queries_csv: Path, votes: int = 0) -> tuple[dict, E
     per_query = {k: v / q for k, v in t.items() if k != "index build"}
     per_query["total"] = sum(per_query.values())
     return {"index_build_s": t["index build"], "index": "exact" if index.exact else "IVF",
-            "seconds_per_query": per_query, "queries": q}, engine, emb.embeddings
+            "seconds_per_query": per_query, "queries": q}, engine, engine.searchable(emb.embeddings)
 
 
 def recall_at_k(gallery_emb: np.ndarray, queries: np.ndarray, k: int = 50, nprobes=(32, 64, NPROBE)) -> dict:
@@ -267,7 +270,7 @@ def main() -> None:
         row, engine, q_emb = stage_seconds(run, queries_csv, args.votes)
         row["gallery_build_s"] = round(built, 1)
         if row["index"] != "exact" or n == max(sizes):
-            row["ivf_vs_exact"] = recall_at_k(engine.gallery.embeddings, q_emb)
+            row["ivf_vs_exact"] = recall_at_k(engine.search_embeddings, q_emb)
         if not args.skip_enroll:
             row["enroll_1000_s"] = round(enroll_seconds(run, enroll_csv), 1)
         rows[n] = row

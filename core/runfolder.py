@@ -3,6 +3,7 @@
   config.json       resolved settings, package versions, seed, format version
   siamese.pt        backbone + pair head weights
   gallery.h5        gallery embeddings (matrix in gallery order) with image paths, IDs, viewpoints
+  embedding_whitening.npz  the embedding's whitening for search (siamese.index), when fitted
   heldout.json      individuals held out of Siamese training (calibration data)
   verifier.json     XGBoost validator            calibration.json  calibrators, fusion, tau
   metrics.json      figures of the last train/evaluate
@@ -95,6 +96,7 @@ class RunFolder:
     weights_path = property(lambda self: self.path / "siamese.pt")
     gallery_path = property(lambda self: self.path / "gallery.h5")
     heldout_path = property(lambda self: self.path / "heldout.json")
+    embedding_whitening_path = property(lambda self: self.path / "embedding_whitening.npz")
     verifier_path = property(lambda self: self.path / "verifier.json")
     calibration_path = property(lambda self: self.path / "calibration.json")
     metrics_path = property(lambda self: self.path / "metrics.json")

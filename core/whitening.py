@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,12 +36,16 @@ class Whitening:
         h.update(np.ascontiguousarray(self.mean, np.float32).tobytes())
         return h.hexdigest()[:16]
 
-    def apply(self, x: np.ndarray) -> np.ndarray:
-        if len(x) == 0:
-            return np.zeros((0, self.P.shape[0]), np.float32)
-        y = (np.asarray(x, np.float32) - self.mean) @ self.P.T
-        y /= np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
-        return np.ascontiguousarray(y, dtype=np.float32)
+    def apply(self, x: np.ndarray, chunk: int = 16384) -> np.ndarray:
+        """Rows of `x` whitened, `chunk` rows at a time (a gallery of 100k embeddings needs no
+        transient copies of its size)."""
+        x = np.asarray(x, np.float32)
+        out = np.empty((len(x), self.P.shape[0]), np.float32)
+        for start in range(0, len(x), chunk):
+            y = (x[start:start + chunk] - self.mean) @ self.P.T
+            y /= np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+            out[start:start + chunk] = y
+        return out
 
     def save(self, path: Path) -> None:
         buf = io.BytesIO()
@@ -49,8 +54,18 @@ class Whitening:
 
     @classmethod
     def load(cls, path: Path) -> "Whitening":
-        with np.load(path) as z:
-            return cls(z["P"].astype(np.float32), z["mean"].astype(np.float32), int(z["correspondences"]))
+        """The whitening saved at `path`; ValueError when the file is not one (truncated, another
+        format, arrays of the wrong shapes or not finite), OSError when it cannot be read."""
+        try:
+            with np.load(path) as z:
+                out = cls(z["P"].astype(np.float32), z["mean"].astype(np.float32), int(z["correspondences"]))
+        except (zipfile.BadZipFile, EOFError, KeyError, TypeError) as e:
+            raise ValueError(f"not a saved whitening ({e.__class__.__name__}: {e})") from None
+        if out.P.ndim != 2 or out.mean.ndim != 1 or out.P.shape[1] != out.mean.shape[0]:
+            raise ValueError(f"P of shape {out.P.shape} and mean of shape {out.mean.shape} do not fit together")
+        if not (np.isfinite(out.P).all() and np.isfinite(out.mean).all()):
+            raise ValueError("P or mean holds values that are not finite")
+        return out
 
 
 def whitening_from_differences(diff: np.ndarray, sample: np.ndarray, eps: float, cls=Whitening) -> Whitening:
@@ -62,6 +77,8 @@ def whitening_from_differences(diff: np.ndarray, sample: np.ndarray, eps: float,
     if len(diff) < 2:
         raise ValueError(f"need at least two differences to fit a whitening, got {len(diff)}")
     w, V = np.linalg.eigh(diff.T @ diff / len(diff))
+    if not w.max() > 0:
+        raise ValueError("the differences are all zero: nothing to learn a whitening from")
     w = np.maximum(w, eps * w.max())
     P1 = (V / np.sqrt(w)) @ V.T  # C_S^-1/2
     X = np.asarray(sample, np.float64)

@@ -36,7 +36,7 @@ from ranker.fusion import FUSED, ScoreFusion, calibrated_scorers
 from ranker.rerank import gallery_reciprocal_sets, k_reciprocal_rescore
 from siamese.embed import EmbedResult, embed_records, normalize_features
 from siamese.focus import FocusMap
-from siamese.index import EmbeddingIndex
+from siamese.index import EmbeddingIndex, load_embedding_whitening
 from siamese.model import SiameseNet, load_model
 from siamese.precision import resolve as resolve_precision
 
@@ -118,17 +118,16 @@ class Engine:
 
     def __init__(self, run: RunFolder, model: SiameseNet, gallery: Gallery, config: dict,
                  stages: Sequence[str] | None = None):
-        self.run, self.model, self.gallery, self.config = run, model, gallery, config
-        self.index = EmbeddingIndex(gallery.embeddings, gallery.viewpoints)
+        self.run, self.model, self.config = run, model, config
+        # the embedding's whitening for search, or None
+        self.whitening = load_embedding_whitening(run, gallery.embeddings.shape[1])
         self.stages = load_stages(StageContext(run, config, gallery, model, focus=FocusMap()), stages)
         self.calibration = read_json(run.calibration_path) if run.calibration_path.is_file() else None
         self.seconds: dict[str, float] = defaultdict(float)  # time spent in the shortlist and each stage
         self.scorers: dict = {}
-        self._reciprocal: dict = {}  # (k, gallery subset) -> the gallery's k-th neighbour similarity and sets
         self._warned_settings: set = set()  # match settings `tau` has already warned about (once each)
         self._warned_views: set = set()  # query viewpoints the gallery lacks, warned about (once each)
-        self._votes: VoteIndex | None = None  # keypoint votes over the gallery, built when first needed
-        self._by_path: tuple | None = None  # (gallery, its indices by path): photos_by_path
+        self.set_gallery(gallery)
         if self.calibration is not None:
             try:
                 self.scorers = calibrated_scorers(ScoreFusion.from_dict(self.calibration["fusion"]))
@@ -136,6 +135,21 @@ class Engine:
             except (KeyError, TypeError, ValueError, IndexError) as e:
                 raise UserError(f"{run.calibration_path} is malformed ({e.__class__.__name__}: {e}): run "
                                 f"`cli.py calibrate` again") from None
+
+    def set_gallery(self, gallery: Gallery) -> None:
+        """Match against `gallery`: its embeddings as searched (`searchable`) and their index; what
+        was found in the previous gallery is forgotten."""
+        self.gallery = gallery
+        self.search_embeddings = self.searchable(gallery.embeddings)
+        self.index = EmbeddingIndex(self.search_embeddings, gallery.viewpoints)
+        self._reciprocal: dict = {}  # (k, gallery subset) -> the gallery's k-th neighbour similarity and sets
+        self._votes: VoteIndex | None = None  # keypoint votes over the gallery, built when first needed
+        self._by_path: tuple | None = None  # (gallery, its indices by path): photos_by_path
+
+    def searchable(self, embeddings: np.ndarray) -> np.ndarray:
+        """Embeddings as the shortlist search compares them: whitened where the run has a whitening
+        (`siamese.index.fit_embedding_whitening`), else as they are. The pair head reads them as they are."""
+        return embeddings if self.whitening is None else self.whitening.apply(embeddings)
 
     @classmethod
     def load(cls, run_path: Path, precision: str = "auto", stages: Sequence[str] | None = None) -> "Engine":
@@ -205,7 +219,8 @@ class Engine:
         With `cfg.per_individual` N > 0, at most N photos of one individual (its nearest), found by
         searching deeper (up to CAP_MAX_DEPTH photos) until K remain. With `cfg.votes` L > 0, the L
         photos with the most keypoint votes follow (`add_votes`; the cap does not apply to them, and
-        they carry the plain cosine, also under query expansion or re-ranking)."""
+        they carry the query's cosine as searched (`searchable`), without query expansion or
+        re-ranking)."""
         t0 = time.perf_counter()
         recs = [records[i] for i in emb.ok]
         if not recs:
@@ -217,7 +232,7 @@ class Engine:
             index, to_gallery = self.index, None
         else:
             k = min(cfg.shortlist, len(gallery_subset))
-            index = EmbeddingIndex(self.gallery.embeddings[gallery_subset],
+            index = EmbeddingIndex(self.search_embeddings[gallery_subset],
                                    [self.gallery.viewpoints[g] for g in gallery_subset])
             to_gallery = gallery_subset
         # each query's own photo(s): the gallery photo at its path and own[i]; never shortlisted or voted for
@@ -229,6 +244,8 @@ class Engine:
         hidden_m = np.full((len(recs), max(1, max(len(h) for h in hidden))), -2, np.int64)
         for qi, h in enumerate(hidden):
             hidden_m[qi, :len(h)] = h
+
+        query_emb = self.searchable(emb.embeddings)
 
         def search(q, depth):
             sims, idx = index.search(q, depth, views)
@@ -247,9 +264,9 @@ class Engine:
         max_depth = min(index.n, CAP_MAX_DEPTH)
         depth = k + 1 if cfg.per_individual <= 0 else min(4 * (k + 1), max_depth)
         while True:
-            sims, idx = search(emb.embeddings, depth)
+            sims, idx = search(query_emb, depth)
             if cfg.query_expansion > 0:
-                sims, idx = search(self.expand_queries(emb.embeddings, sims, idx, not_own(idx),
+                sims, idx = search(self.expand_queries(query_emb, sims, idx, not_own(idx),
                                                        cfg.query_expansion), depth)
             keep = not_own(idx)
             if cfg.per_individual <= 0:
@@ -267,7 +284,7 @@ class Engine:
                  for qi, rec in enumerate(recs)]
         self.seconds["shortlist"] += time.perf_counter() - t0
         if cfg.votes > 0:
-            self.add_votes(pairs, emb.embeddings, cfg, gallery_subset, hidden, progress)
+            self.add_votes(pairs, query_emb, cfg, gallery_subset, hidden, progress)
         return pairs
 
     def warn_unknown_views(self, views: Sequence[str | None]) -> None:
@@ -342,7 +359,8 @@ class Engine:
     def add_votes(self, pairs: Sequence[QueryPairs], query_emb: np.ndarray, cfg: MatchConfig,
                   gallery_subset: np.ndarray | None, hidden: Sequence[np.ndarray], progress: bool = False) -> None:
         """Each query's `cfg.votes` gallery photos with the most keypoint votes (at least one) join its
-        shortlist (after the embedding's photos; those already in it stay where they are), in
+        shortlist (after the embedding's photos; those already in it stay where they are; `query_emb`: the
+        queries' embeddings as searched, `searchable`), in
         `qp.voted` for `verify_picks`; every shortlisted photo gets its vote count (the `votes` stage). A
         query meets the same photos as in the embedding's search: its viewpoint, the subset, never
         its own photo(s) (`hidden[i]`, gallery indices, for query i). Loading or building the vote
@@ -372,7 +390,7 @@ class Engine:
             top = top[votes[top] > 0]
             new = top[~np.isin(top, qp.gallery_idx)]
             if len(new):
-                sims = self.gallery.embeddings[new] @ np.asarray(query_emb[qi], np.float32)
+                sims = self.search_embeddings[new] @ np.asarray(query_emb[qi], np.float32)
                 qp.gallery_idx = np.concatenate([qp.gallery_idx, new])
                 qp.similarity = np.concatenate([qp.similarity, sims.astype(np.float64)])
             position = {int(g): j for j, g in enumerate(qp.gallery_idx)}
@@ -423,7 +441,7 @@ class Engine:
         out = q.astype(np.float32).copy()
         for i in range(len(q)):
             top, w = idx[i][keep[i]][:n], np.clip(sims[i][keep[i]][:n], 0, None) ** 3
-            out[i] += (w[:, None] * self.gallery.embeddings[top]).sum(axis=0)
+            out[i] += (w[:, None] * self.search_embeddings[top]).sum(axis=0)
         return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
     def pair_scores(self, records: Sequence[Record], emb: EmbedResult, cfg: MatchConfig,

@@ -15,9 +15,11 @@ from pathlib import Path
 
 from core.catalog import Catalog, load_catalog, queryable
 from core.errors import UserError
+from core.gallery import Gallery
 from core.runfolder import RunFolder, atomic_write_json, read_json
 from core.runtime import seed_everything, set_threads, torch_device
 from engine.pipeline import MatchConfig, build_gallery
+from siamese.index import MIN_WHITENING_PHOTOS, fit_embedding_whitening
 from siamese.model import SiameseNet, save_model
 from siamese.precision import resolve as resolve_precision
 from siamese.trainer import PRESETS, TrainConfig, fit  # noqa: F401  PRESETS: the command's presets
@@ -48,7 +50,7 @@ def warn_few_calibration_individuals(catalog: Catalog, calibration: list[str], c
 
 
 # settings a resumed training may change: its budget and how this machine runs it
-RESUMABLE = frozenset({"epochs", "max_minutes", "threads", "precision"})
+RESUMABLE = frozenset({"epochs", "max_minutes", "threads", "precision", "whiten_embedding"})
 
 
 def check_resume(run: RunFolder, cfg: TrainConfig, heldout: list[str]) -> None:
@@ -83,6 +85,27 @@ def refuse_other_training(run: RunFolder, cfg: TrainConfig, heldout: list[str]) 
     if run.heldout_path.is_file() and sorted(read_json(run.heldout_path)["individuals"]) != sorted(heldout):
         raise UserError(f"--resume: the catalog's held-out individuals differ from those of {run.path} (the "
                         f"catalog changed): train anew into another --out")
+
+
+def write_embedding_whitening(run: RunFolder, gallery: Gallery, heldout: set[str], fit: bool) -> dict:
+    """With `fit`, the embedding's whitening for search (siamese.index), fitted on the gallery photos of
+    the individuals not held out (those calibrate and validate are never fitted on), saved in the run
+    folder; without, or when they are too few, none (a previous one removed). What was done, for the
+    metrics."""
+    members = [i for i, ident in enumerate(gallery.ids) if ident not in heldout]
+    whitening = None
+    if fit:
+        whitening = fit_embedding_whitening(gallery.embeddings[members], [gallery.ids[i] for i in members],
+                                            [gallery.viewpoints[i] for i in members])
+        if whitening is None:
+            log.warning("too few photos of the training individuals in groups of two or more of one individual "
+                        "and viewpoint (%d needed) to whiten the embedding: searched as it is",
+                        MIN_WHITENING_PHOTOS)
+    if whitening is None:
+        run.embedding_whitening_path.unlink(missing_ok=True)
+        return {"fitted": False}
+    whitening.save(run.embedding_whitening_path)
+    return {"fitted": True, "photos": len(members), "differences": whitening.correspondences}
 
 
 @dataclass(frozen=True)
@@ -182,6 +205,7 @@ def main(cfg: TrainConfig, paths: Paths, resume: bool = False, progress: bool = 
     gallery, emb = build_gallery(run, model, catalog.records, MatchConfig(batch_size=cfg.batch_size), progress,
                                  set_center=cfg.epochs == 0)
     save_model(model, run.weights_path)
+    summary["embedding_whitening"] = write_embedding_whitening(run, gallery, set(heldout), cfg.whiten_embedding)
     summary.update({
         "gallery_photos": len(gallery), "gallery_individuals": len(set(gallery.ids)),
         "skipped": [{"image": r.image, "line": r.line, "reason": msg} for r, msg in emb.skipped],

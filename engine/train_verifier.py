@@ -49,9 +49,17 @@ def build_training_pairs(engine: Engine, cfg: VerifierTrainConfig):
     queries = np.sort(rng.choice(eligible, min(cfg.max_queries, len(eligible)), replace=False))
     emb = EmbedResult(g.embeddings[queries], np.arange(len(queries)))
     records = [g.record(int(i)) for i in queries]
-    # the embedding's shortlists (the validator is not fitted yet, so no keypoint votes either)
-    shortlists = engine.pair_scores(records, emb, MatchConfig(shortlist=50, verify_top=0, votes=0),
-                                    gallery_subset=train_idx)
+    # the embedding's shortlists (the validator is not fitted yet, so no keypoint votes either), searched
+    # without the embedding whitening: fitted on these very photos, it would make their shortlists easier
+    # (fewer hard negatives) than a new photo's
+    whitening, engine.whitening = engine.whitening, None
+    engine.set_gallery(g)
+    try:
+        shortlists = engine.pair_scores(records, emb, MatchConfig(shortlist=50, verify_top=0, votes=0),
+                                        gallery_subset=train_idx)
+    finally:
+        engine.whitening = whitening
+        engine.set_gallery(g)
     triples = []
     for q, qp in zip(queries, shortlists):
         scores = engine.default_scores(qp.stages)

@@ -152,6 +152,9 @@ class TrainConfig:
     # on (stochastic weight averaging; 1.0: the last epoch's), or None: the epoch with the best
     # validation MAP@5 of the held-out individuals (see README "Measured")
     average_from: float | None = 0.75
+    # after training, fit a whitening of the embedding for the shortlist search on the gallery photos of
+    # the individuals trained on (siamese.index.fit_embedding_whitening; see README "Embedding whitening")
+    whiten_embedding: bool = True
 
     def to_dict(self) -> dict:
         d = asdict(self)

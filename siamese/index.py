@@ -10,6 +10,11 @@ time (linear in the gallery) and memory make IVF worth its build.
 
 With viewpoints, one sub-index per viewpoint: a query of known viewpoint searches only its own
 (a left flank never meets a right flank); a query of unknown viewpoint searches all.
+
+The engine searches whitened embeddings where the run folder has a whitening
+(`fit_embedding_whitening`, fitted by `train-siamese` on the training individuals' gallery photos):
+the directions in which photos of one animal differ (light, pose, framing) are shrunk before the
+cosine, the ones that tell animals apart kept.
 """
 from __future__ import annotations
 
@@ -18,6 +23,10 @@ from typing import Sequence
 
 import faiss
 import numpy as np
+
+from core.errors import UserError
+from core.runfolder import RunFolder
+from core.whitening import Whitening, whitening_from_differences
 
 log = logging.getLogger(__name__)
 
@@ -127,3 +136,43 @@ class EmbeddingIndex:
                 scores[rows, :kk] = s
                 idx[rows, :kk] = np.where(i >= 0, members[np.maximum(i, 0)], -1)
         return scores, idx
+
+
+EMBEDDING_WHITENING_EPS = 0.01  # eigenvalue floor, x the largest (core.whitening; 0.01-0.1 measured alike)
+MIN_WHITENING_PHOTOS = 20  # photos in groups of two or more; fewer: no whitening
+
+
+def fit_embedding_whitening(embeddings: np.ndarray, ids: Sequence[str], viewpoints: Sequence[str | None],
+                            eps: float = EMBEDDING_WHITENING_EPS,
+                            min_photos: int = MIN_WHITENING_PHOTOS) -> Whitening | None:
+    """The whitening of the embedding for search (`core.whitening`), fitted on labelled photos: the
+    differences are each photo's embedding minus the mean of its individual's photos of the same
+    viewpoint (groups of two or more photos), the sample all the photos. None when fewer than
+    `min_photos` photos are in such groups."""
+    x = np.asarray(embeddings, np.float64)
+    groups: dict[tuple, list[int]] = {}
+    for i, key in enumerate(zip(ids, viewpoints)):
+        groups.setdefault((str(key[0]), key[1] or ""), []).append(i)
+    members = [g for g in groups.values() if len(g) > 1]
+    if sum(len(g) for g in members) < min_photos:
+        return None
+    diff = np.concatenate([x[g] - x[g].mean(axis=0) for g in members])
+    if not np.abs(diff).max() > 0:
+        return None  # (each group's photos embed alike: duplicates)
+    return whitening_from_differences(diff, x, eps)
+
+
+def load_embedding_whitening(run: RunFolder, dim: int) -> Whitening | None:
+    """The run folder's embedding whitening for embeddings of `dim` dimensions, None where it has none
+    (runs from before it, or `train-siamese --no-whiten-embedding`)."""
+    path = run.embedding_whitening_path
+    if not path.is_file():
+        return None
+    try:
+        whitening = Whitening.load(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is unreadable ({e}): run `cli.py train-siamese` again") from None
+    if whitening.P.shape[1] != dim:
+        raise UserError(f"{path} whitens {whitening.P.shape[1]}-dimensional embeddings, the gallery's have {dim}: "
+                        "run `cli.py train-siamese` again")
+    return whitening

@@ -39,7 +39,7 @@ def trained(tmp_path_factory):
     run = root / "run"
     out = invoke("train-siamese", "--catalog", gallery, "--out", run, "--epochs", 1, "--input-size", "64x96",
                  "--batch-size", 16, "--heldout-fraction", 0.4, "-q")
-    assert "1 epoch(s) trained" in out
+    assert "1 epoch(s) trained" in out and "embedding whitened for search" in out
     verified = root / "run_verified"
     shutil.copytree(run, verified)
     invoke("train-verifier", "--run", verified, "-q")
@@ -181,8 +181,10 @@ def test_retraining_drops_the_stale_verifier_and_calibration(chain, tmp_path):
     # photos enrolled into the replaced gallery: their rows are set aside (the new gallery is --catalog's)
     enrolled = "image,individual_id,viewpoint\n/photos/x.jpg,new_one,\n"
     (rerun / "enrolled.csv").write_text(enrolled)
-    r = runner.invoke(app, [str(a) for a in args + ["--overwrite"]])
+    assert (rerun / "embedding_whitening.npz").exists()
+    r = runner.invoke(app, [str(a) for a in args + ["--overwrite", "--no-whiten-embedding"]])
     assert r.exit_code == 0 and "the previous gallery had 1 enrolled photo(s)" in r.output, r.output
+    assert "whitened" not in r.output and not (rerun / "embedding_whitening.npz").exists()  # (the old one removed)
     assert not (rerun / "verifier.json").exists() and not (rerun / "calibration.json").exists()
     assert not (rerun / "enrolled.csv").exists()
     [aside] = rerun.glob("enrolled-before-retraining-*.csv")
@@ -454,15 +456,61 @@ def shortlists_with_and_without(run, qdir, **option):
         records, emb, MatchConfig(votes=0, **option))
 
 
+def test_shortlist_searches_the_whitened_embeddings(chain, tmp_path):
+    """train-siamese fitted the embedding's whitening on the photos of the individuals it trained on
+    (never a held-out one): the shortlist is the nearest photos by the whitened cosine, which is its
+    similarity; the pair head still reads the embeddings as they are. Without the file, the plain
+    cosine; an unreadable one is refused, naming it."""
+    from core.gallery import Gallery
+    from core.whitening import Whitening
+    from engine.pipeline import Engine, MatchConfig
+    from siamese.embed import EmbedResult
+
+    root, run, qdir, truth = chain
+    w = Whitening.load(run / "embedding_whitening.npz")
+    gallery = Gallery.load(run / "gallery.h5")
+    held = set(json.loads((run / "heldout.json").read_text())["individuals"])
+    from collections import Counter
+    counts = Counter(i for i in gallery.ids if i not in held)  # (no viewpoints in this sample)
+    assert w.correspondences == sum(c for c in counts.values() if c > 1) > 0
+    engine = Engine.load(run)
+    records = gallery.records()[:6]
+    emb = EmbedResult(gallery.embeddings[:6], np.arange(6))
+    for i, qp in enumerate(engine.shortlist(records, emb, MatchConfig(shortlist=5, votes=0))):
+        white = w.apply(gallery.embeddings) @ w.apply(gallery.embeddings[i:i + 1])[0]
+        white[i] = -np.inf  # (its own photo is never shortlisted)
+        np.testing.assert_allclose(qp.similarity, white[qp.gallery_idx], atol=1e-5)
+        np.testing.assert_allclose(qp.similarity, np.sort(white)[::-1][:5], atol=1e-5)  # the 5 nearest
+    assert not np.allclose(engine.search_embeddings, gallery.embeddings)
+    assert engine.stage("embedding").default_tau == 0.25  # (the whitened cosine runs lower: uncalibrated runs)
+    plain = tmp_path / "plain"
+    shutil.copytree(run, plain)
+    (plain / "embedding_whitening.npz").unlink()
+    assert Engine.load(plain).stage("embedding").default_tau == 0.50
+    for i, qp in enumerate(Engine.load(plain).shortlist(records, emb, MatchConfig(shortlist=5, votes=0))):
+        np.testing.assert_allclose(qp.similarity, gallery.embeddings[qp.gallery_idx] @ gallery.embeddings[i],
+                                   atol=1e-5)
+    data = (run / "embedding_whitening.npz").read_bytes()
+    small = Whitening(np.eye(4, dtype=np.float32), np.zeros(4, np.float32))
+    for broken, said in ((b"not a whitening", "is unreadable"), (data[:len(data) // 2], "is unreadable"),
+                         (data[:-10], "is unreadable"), (None, "whitens 4-dimensional embeddings")):
+        if broken is None:
+            small.save(plain / "embedding_whitening.npz")
+        else:
+            (plain / "embedding_whitening.npz").write_bytes(broken)
+        r = runner.invoke(app, ["match", str(qdir), "--run", str(plain), "--out", str(tmp_path / "p.csv"), "-q"])
+        assert r.exit_code == 2 and f"embedding_whitening.npz {said}" in r.output, r.output
+
+
 def test_query_expansion_searches_with_the_averaged_query(chain):
     root, run, qdir, truth = chain
     engine, emb, plain, expanded = shortlists_with_and_without(run, qdir, query_expansion=2)
-    q, first = emb.embeddings[0], plain[0]
-    g = engine.gallery.embeddings[first.gallery_idx[:2]]
+    q, first = engine.searchable(emb.embeddings)[0], plain[0]  # (the search's whitened embeddings)
+    g = engine.search_embeddings[first.gallery_idx[:2]]
     w = np.clip(first.similarity[:2], 0, None) ** 3
     q2 = q + (w[:, None] * g).sum(axis=0)
     q2 /= np.linalg.norm(q2)
-    sims = engine.gallery.embeddings[expanded[0].gallery_idx] @ q2
+    sims = engine.search_embeddings[expanded[0].gallery_idx] @ q2
     np.testing.assert_allclose(expanded[0].similarity, sims, atol=1e-5)
     out = invoke("evaluate", "--catalog", truth, "--images", qdir, "--run", run, "--query-expansion", 2, "-q")
     assert "closed top-1" in out
@@ -503,7 +551,6 @@ def test_shortlist_cap_searches_deeper_until_k_remain(chain, monkeypatch, caplog
     from engine import pipeline
     from engine.pipeline import Engine, MatchConfig
     from siamese.embed import EmbedResult
-    from siamese.index import EmbeddingIndex
 
     root, run, qdir, truth = chain
     engine = Engine.load(run)
@@ -516,9 +563,9 @@ def test_shortlist_cap_searches_deeper_until_k_remain(chain, monkeypatch, caplog
     emb = q + spread * rng.normal(size=(len(ids), d)) / np.sqrt(d)
     emb = (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
     views = ["left"] * 465 + ["right"] * 5
-    engine.gallery = Gallery(paths=[f"/nowhere/{i}.jpg" for i in range(len(ids))], ids=ids, viewpoints=views,
-                             bboxes=np.full((len(ids), 4), -1), embeddings=emb)
-    engine.index = EmbeddingIndex(emb, views)
+    engine.whitening = None  # (searched as they are)
+    engine.set_gallery(Gallery(paths=[f"/nowhere/{i}.jpg" for i in range(len(ids))], ids=ids, viewpoints=views,
+                               bboxes=np.full((len(ids), 4), -1), embeddings=emb))
     records = [Record(image=f"{v}.jpg", path=Path(f"/nowhere/q-{v}.jpg"), individual_id=None, viewpoint=v)
                for v in ("left", "right")]
     queries = EmbedResult(np.stack([q, q]).astype(np.float32), np.arange(2))
@@ -592,8 +639,8 @@ def test_keypoint_votes_join_the_shortlist_and_are_verified(chain, caplog):
             assert list(v.gallery_idx[:2]) == list(p.gallery_idx)  # the embedding's photos first, in order
             assert list(v.gallery_idx[v.voted]) == top and set(v.gallery_idx) == set(p.gallery_idx) | set(top)
             assert allowed[v.gallery_idx].all()
-            np.testing.assert_allclose(v.similarity, engine.gallery.embeddings[v.gallery_idx] @ emb.embeddings[i],
-                                       atol=1e-5)
+            np.testing.assert_allclose(v.similarity, engine.search_embeddings[v.gallery_idx]
+                                       @ engine.searchable(emb.embeddings)[i], atol=1e-5)
             grew += len(v.gallery_idx) > 2
     assert grew  # votes found photos that the embedding's shortlist did not hold
     for rec, qp in zip(records, engine.pair_scores(records, emb, MatchConfig(shortlist=2, votes=4, verify_top=3))):
@@ -654,7 +701,7 @@ def test_k_reciprocal_rerank_reorders_the_shortlist(chain):
     root, run, qdir, truth = chain
     engine, _, plain, reranked = shortlists_with_and_without(run, qdir, rerank=3)
     # the same by brute force: the gallery's 3 nearest neighbours from the full similarity matrix
-    g = engine.gallery.embeddings
+    g = engine.search_embeddings
     sim = g @ g.T
     np.fill_diagonal(sim, -np.inf)
     near = np.argsort(-sim, axis=1, kind="stable")[:, :3]
