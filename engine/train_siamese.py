@@ -179,6 +179,8 @@ def main(cfg: TrainConfig, paths: Paths, resume: bool = False, progress: bool = 
             log.warning("removing %s: it was fitted for the previous network (run train-verifier and "
                         "calibrate again)", stale)
             stale.unlink()
+    # fitted for the previous network's embeddings; fitted again after the gallery (a killed run keeps none)
+    run.embedding_whitening_path.unlink(missing_ok=True)
     model_cfg = cfg.model.resolved()
     cfg = replace(cfg, model=model_cfg)
     root = Path(images_dir if images_dir is not None else Path(catalog_csv).parent).resolve()
