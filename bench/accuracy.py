@@ -198,18 +198,15 @@ def main() -> None:
     machine = describe()
     print(headline(machine), flush=True)
     # these options are checked before the split is written
-    mirrors = args.mirror.split(",")
-    if any(m not in ("on", "off") for m in mirrors) or len(set(mirrors)) < len(mirrors):
-        sys.exit(f"--mirror {args.mirror}: expected on, off, 'on,off' or 'off,on'")
+    mirrors = on_off("--mirror", args.mirror)
+    whitening = on_off("--whitening", args.whitening)
+    ewhiten = on_off("--embedding-whitening", args.embedding_whitening)
     view_sets = [tuple(v.strip() for v in entry.split("+")) for entry in args.views.split(",")]
     problem = next((p for p in map(views_problem, view_sets) if p), None)
     if problem:
         sys.exit(f"--views {args.views}: {problem} (views joined by +, sets of views by commas)")
     if len(set(view_sets)) < len(view_sets):
         sys.exit(f"--views {args.views}: each set of views once")
-    ewhiten = args.embedding_whitening.split(",")
-    if any(w not in ("on", "off") for w in ewhiten) or len(set(ewhiten)) < len(ewhiten):
-        sys.exit(f"--embedding-whitening {args.embedding_whitening}: expected on, off, 'on,off' or 'off,on'")
     networks = args.network.split(",")
     if any(k not in ("average", "best") for k in networks) or len(set(networks)) < len(networks):
         sys.exit(f"--network {args.network}: expected average, best, 'average,best' or 'best,average'")
@@ -242,9 +239,6 @@ def main() -> None:
     except ValueError:
         sys.exit(f"--votes {args.votes}: expected distinct VOTES[:V[:K]] entries separated by commas, "
                  "e.g. 0,20,20:20,100:300:200")
-    whitening = args.whitening.split(",")
-    if any(w not in ("on", "off") for w in whitening) or len(set(whitening)) < len(whitening):
-        sys.exit(f"--whitening {args.whitening}: expected on, off, 'on,off' or 'off,on'")
     white = [w == "on" for w in whitening]
     trained = runs[-1][0]
     # (label, training or how to get the run, keypoint preset, match settings, whitening)
@@ -278,9 +272,9 @@ def main() -> None:
             elif embedding_asked(cfg):  # "copy verified, views V" or "copy verified, mirror on|off"
                 copy_verified(args.work / f"run_{trained}", run)
                 set_model(run, **embedding_asked(cfg))
-            elif cfg.startswith("copy verified, embedding whitening"):
+            elif whitening_asked(cfg) is not None:  # "copy verified, embedding whitening on|off"
                 copy_verified(args.work / f"run_{trained}", run)
-                set_embedding_whitening(run, cfg.endswith(" on"))
+                set_embedding_whitening(run, whitening_asked(cfg))
             elif cfg.startswith("copy network, keep"):
                 copy_trained(args.work / f"run_{trained}", run, share_cache=True)
                 set_network(args.work / f"run_{trained}", run, cfg.rsplit(" ", 1)[1])
@@ -291,8 +285,8 @@ def main() -> None:
         if own is not None and own.views != cfg.model.views:
             sys.exit(f"{run} embeds the views {'+'.join(own.views)} (--reuse): give --views {'+'.join(own.views)} "
                      "first")
-        if isinstance(cfg, TrainConfig) and RunFolder(run).embedding_whitening_path.is_file() != cfg.whiten_embedding:
-            has = RunFolder(run).embedding_whitening_path.is_file()
+        has = RunFolder(run).embedding_whitening_path.is_file()
+        if isinstance(cfg, TrainConfig) and has != cfg.whiten_embedding:
             sys.exit(f"{run} searches {'whitened' if has else 'unwhitened'} embeddings (--reuse): give "
                      f"--embedding-whitening {'on' if has else 'off'} first")
         kept = RunFolder(run).config()["train"].get("average_from") if isinstance(cfg, TrainConfig) else False
@@ -378,6 +372,14 @@ def copy_verified(src: Path, dst: Path) -> None:
         shutil.copy2(f, dst / f.name)
 
 
+def on_off(option: str, value: str) -> list[str]:
+    """An on / off option's settings ("on", "off", "on,off" or "off,on"), or exit saying what is expected."""
+    settings = value.split(",")
+    if any(v not in ("on", "off") for v in settings) or len(set(settings)) < len(settings):
+        sys.exit(f"{option} {value}: expected on, off, 'on,off' or 'off,on'")
+    return settings
+
+
 def embedding_asked(how) -> dict:
     """The ModelConfig settings a job's copy embeds with: {"views": ...} for "copy verified, views V",
     {"mirror": ...} for "copy verified, mirror on|off", {} for any other job."""
@@ -388,12 +390,20 @@ def embedding_asked(how) -> dict:
     return {}
 
 
+def whitening_asked(how) -> bool | None:
+    """Whether a job's copy searches whitened embeddings: True / False for "copy verified, embedding
+    whitening on|off", None for any other job."""
+    if isinstance(how, str) and how.startswith("copy verified, embedding whitening"):
+        return how.endswith(" on")
+    return None
+
+
 def embeds_as_asked(run: Path, how) -> bool:
     """Whether the run records the embedding settings its job asks for (embedding_asked; the embedding
-    whitening: its file): set_model and set_embedding_whitening write them last, so a copy interrupted
-    before is made again."""
-    if isinstance(how, str) and how.startswith("copy verified, embedding whitening"):
-        return RunFolder(run).embedding_whitening_path.is_file() == how.endswith(" on")
+    whitening, whitening_asked: its file): set_model and set_embedding_whitening write them last, so a
+    copy interrupted before is made again."""
+    if whitening_asked(how) is not None:
+        return RunFolder(run).embedding_whitening_path.is_file() == whitening_asked(how)
     asked = embedding_asked(how)
     if not asked:
         return True
@@ -410,28 +420,30 @@ def set_model(run: Path, **settings) -> None:
     engine = Engine.load(run)
     engine.model.config = dataclasses.replace(engine.model.config, **settings)
     save_model(engine.model, run / "siamese.pt")
-    build_gallery(engine.run, engine.model, engine.gallery.records(), MatchConfig(), progress=False)
-    refit_embedding_whitening(run)
+    gallery, _ = build_gallery(engine.run, engine.model, engine.gallery.records(), MatchConfig(), progress=False)
+    refit_embedding_whitening(run, gallery)
     train = engine.run.config()["train"]
     engine.run.update_config(train={**train, "model": engine.model.config.to_dict()})
 
 
-def set_embedding_whitening(run: Path, on: bool) -> None:
+def set_embedding_whitening(run: Path, on: bool, gallery=None) -> None:
     """The run's embedding whitening fitted as train-siamese fits it (on the gallery photos of the
-    individuals not held out), or removed; the network and gallery unchanged."""
+    individuals not held out; `gallery`: the run's, if already loaded), or removed; the network and
+    gallery unchanged."""
     from core.gallery import Gallery
 
     folder = RunFolder(run)
-    w = train_siamese.write_embedding_whitening(folder, Gallery.load(folder.gallery_path, folder.images_root()),
-                                                folder.heldout(), on)
+    gallery = gallery if gallery is not None else Gallery.load(folder.gallery_path, folder.images_root())
+    w = train_siamese.write_embedding_whitening(folder, gallery, folder.heldout(), on)
     print(f"{run.name}: embedding {'whitened' if w['fitted'] else 'not whitened'} for search", flush=True)
 
 
-def refit_embedding_whitening(run: Path) -> None:
-    """After the gallery is embedded again (another network or embedding setting): the run's embedding
-    whitening, if it has one, fitted again on the new embeddings (as train-siamese would)."""
+def refit_embedding_whitening(run: Path, gallery) -> None:
+    """After the gallery is embedded again (another network or embedding setting; `gallery`, as
+    build_gallery returned it): the run's embedding whitening, if it has one, fitted again on the new
+    embeddings (as train-siamese would)."""
     if RunFolder(run).embedding_whitening_path.is_file():
-        set_embedding_whitening(run, True)
+        set_embedding_whitening(run, True, gallery)
 
 
 def set_network(trained: Path, run: Path, keep: str) -> None:
@@ -450,8 +462,8 @@ def set_network(trained: Path, run: Path, keep: str) -> None:
     engine = Engine.load(run)
     engine.model.load_state_dict(weights)
     save_model(engine.model, run / "siamese.pt")
-    build_gallery(engine.run, engine.model, engine.gallery.records(), MatchConfig(), progress=False)
-    refit_embedding_whitening(run)
+    gallery, _ = build_gallery(engine.run, engine.model, engine.gallery.records(), MatchConfig(), progress=False)
+    refit_embedding_whitening(run, gallery)
     train = engine.run.config()["train"]
     average_from = (None if keep == "best" else TrainConfig.average_from if train.get("average_from") is None
                     else train["average_from"])
