@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.machine import describe, headline  # noqa: E402
 from core.catalog import load_catalog  # noqa: E402
-from core.runfolder import RunFolder  # noqa: E402
+from core.runfolder import RunFolder, atomic_write_json, read_json  # noqa: E402
 from engine.matching import evaluate_pairs, format_metrics, format_places, right_animal_places  # noqa: E402
 from engine.pipeline import (Engine, MatchConfig, fitted_settings, match_settings_of, votes_rule_stale,  # noqa: E402
                              write_predictions)
@@ -54,7 +54,7 @@ from siamese.config import views_problem  # noqa: E402
 from siamese.model import ModelConfig  # noqa: E402
 from engine.config import VerifierTrainConfig  # noqa: E402
 from engine import train_siamese  # noqa: E402
-from engine.train_siamese import TrainConfig  # noqa: E402
+from engine.train_siamese import TrainConfig, heldout_roles  # noqa: E402
 from keypoints.features import PRESETS as KEYPOINT_PRESETS, config_to_dict  # noqa: E402
 
 # set from --data and --protocol by main()
@@ -468,6 +468,12 @@ def set_network(trained: Path, run: Path, keep: str) -> None:
     average_from = (None if keep == "best" else TrainConfig.average_from if train.get("average_from") is None
                     else train["average_from"])
     engine.run.update_config(train={**train, "average_from": average_from})
+    # the best epoch was chosen by the validation individuals: they do not calibrate it (heldout_roles)
+    held = read_json(run / "heldout.json")
+    held["validation"], held["calibration"] = heldout_roles(
+        held["individuals"], dataclasses.replace(TrainConfig(), epochs=int(train.get("epochs") or 1),
+                                                 average_from=average_from))
+    atomic_write_json(run / "heldout.json", held)
 
 
 def post_training_steps(run: Path, matchers: tuple[str, ...] = ("sift",), keypoints: str = "default",

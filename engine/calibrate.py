@@ -60,16 +60,16 @@ def individuals_needed(cfg: CalibrateConfig) -> int:
     return max(2, cfg.folds)
 
 
-def heldout_needed(trained: bool, cfg: CalibrateConfig = CalibrateConfig()) -> int:
-    """Individuals train-siamese must hold out for calibrate to run: a trained run gives the smaller
-    half of them to the choice of the epoch."""
-    return 2 * individuals_needed(cfg) - 1 if trained else individuals_needed(cfg)
+def heldout_needed(epoch_chosen: bool, cfg: CalibrateConfig = CalibrateConfig()) -> int:
+    """Individuals train-siamese must hold out for calibrate to run: a training that keeps its best
+    epoch (`--average-from none`) gives the smaller half of them to that choice."""
+    return 2 * individuals_needed(cfg) - 1 if epoch_chosen else individuals_needed(cfg)
 
 
-def heldout_fraction_needed(eligible: int, trained: bool, cfg: CalibrateConfig = CalibrateConfig()) -> float:
+def heldout_fraction_needed(eligible: int, epoch_chosen: bool, cfg: CalibrateConfig = CalibrateConfig()) -> float:
     """The smallest `train-siamese --heldout-fraction` (to the hundredth) that holds out
     `heldout_needed` among `eligible` individuals (those with 2 or more photos)."""
-    return math.ceil(100 * heldout_needed(trained, cfg) / max(1, eligible)) / 100
+    return math.ceil(100 * heldout_needed(epoch_chosen, cfg) / max(1, eligible)) / 100
 
 
 def fold_pairs(engine: Engine, cfg: CalibrateConfig, mcfg: MatchConfig, progress: bool):
@@ -84,11 +84,13 @@ def fold_pairs(engine: Engine, cfg: CalibrateConfig, mcfg: MatchConfig, progress
     h_idx = np.array([i for i in range(len(g)) if g.ids[i] in heldout], dtype=np.int64)
     if len(set(g.ids[i] for i in h_idx)) < individuals_needed(cfg):
         eligible = len(queryable(g.ids))
-        trained = bool(read_json(engine.run.heldout_path).get("validation"))
+        doc = read_json(engine.run.heldout_path) if engine.run.heldout_path.is_file() else {}
+        # some held-out individuals chose the training epoch and do not calibrate
+        chosen = len(heldout) < len(doc.get("individuals", ()))
         raise UserError(f"calibrate needs at least {individuals_needed(cfg)} held-out individuals (one per fold, "
                         f"--folds); this run has {len(set(g.ids[i] for i in h_idx))}: train-siamese held out "
-                        f"too few{' (half of them choose the training epoch)' if trained else ''}. Train again "
-                        f"with --heldout-fraction {heldout_fraction_needed(eligible, trained, cfg):.2f} "
+                        f"too few{' (half of them chose the training epoch)' if chosen else ''}. Train again "
+                        f"with --heldout-fraction {heldout_fraction_needed(eligible, chosen, cfg):.2f} "
                         f"--overwrite (your gallery has {eligible} individuals with 2 or more photos)")
     folds = open_set_folds([g.ids[i] for i in h_idx], cfg.folds, cfg.seed)
     n = cfg.queries_per_individual

@@ -32,9 +32,10 @@ class Paths:
     images: Path | None = None
 
 
-# held out of training: one calibration individual per fold of calibrate (the demo's settings), where
-# train-siamese gives every other held-out individual to choosing the epoch (heldout[1::2]): 5
-MIN_HELDOUT = calibrate.heldout_needed(trained=True)
+# held out of training: one calibration individual per fold of calibrate (the demo's settings), also
+# where train-siamese gives every other held-out individual to choosing the epoch (heldout[1::2],
+# --average-from none): 5 (with averaged weights, the default, all five calibrate)
+MIN_HELDOUT = calibrate.heldout_needed(epoch_chosen=True)
 # the demo has no --heldout-fraction or --new-rate: what calibrate's warning about few held-out
 # individuals advises here instead
 DEMO_REMEDY = ("expected in the demo (it holds out a fifth of the individuals, at least the few that calibrate "

@@ -428,19 +428,35 @@ def test_evidence_positions_are_in_the_whole_photos_when_the_catalog_crops(tmp_p
 
 
 def test_too_few_calibration_individuals_are_announced_with_the_fraction_that_gives_them(sample, tmp_path):
-    # 8 individuals: the default 20% holds out 2, one of which chooses the epoch: 1 left to calibrate on
+    # 8 individuals: the default 20% holds out 2 (the averaged weights are chosen by neither, so both
+    # calibrate): calibrate needs 3
     run = tmp_path / "run"
     base = ["train-siamese", "--catalog", sample, "--out", run, "--epochs", 1, "--input-size", SIZE,
             "--batch-size", 8, "-q"]
     r = invoke(*base)
     assert r.exit_code == 0, r.output
-    assert "leaves 1 individual(s) to calibrate on; calibrate needs 3" in r.output
-    assert "--heldout-fraction 0.63 gives them" in r.output  # 5 of 8 held out: 2 for the epoch, 3 to calibrate
+    assert "leaves 2 individual(s) to calibrate on; calibrate needs 3" in r.output
+    assert "--heldout-fraction 0.38 gives them" in r.output  # 3 of 8 held out
     r = invoke("calibrate", "--run", run, "-q")
-    assert r.exit_code == 2 and "Train again with --heldout-fraction 0.63 --overwrite" in r.output, r.output
-    r = invoke(*base[:-1], "--heldout-fraction", 0.63, "--overwrite", "-q")
+    assert r.exit_code == 2 and "Train again with --heldout-fraction 0.38 --overwrite" in r.output, r.output
+    assert "chose the training epoch" not in r.output
+    r = invoke(*base[:-1], "--heldout-fraction", 0.38, "--overwrite", "-q")
     assert r.exit_code == 0 and "calibrate on" not in r.output
     assert len(json.loads((run / "heldout.json").read_text())["calibration"]) == 3
+
+
+def test_heldout_individuals_calibrate_unless_they_chose_the_epoch():
+    from engine.calibrate import heldout_fraction_needed
+    from engine.train_siamese import TrainConfig, heldout_roles
+    held = [f"id{i}" for i in range(7)]
+    # averaged weights (the default): validated on every other one, chosen by none, all calibrate
+    assert heldout_roles(held, TrainConfig()) == (["id1", "id3", "id5"], held)
+    # the best epoch by validation: its validation individuals never calibrate
+    assert heldout_roles(held, TrainConfig(average_from=None)) == (["id1", "id3", "id5"], ["id0", "id2", "id4", "id6"])
+    # untrained: nothing validated, all calibrate
+    assert heldout_roles(held, TrainConfig(epochs=0, average_from=None)) == ([], held)
+    # 3 calibration individuals among 8: 3 held out, or 5 where 2 of them choose the epoch
+    assert (heldout_fraction_needed(8, False), heldout_fraction_needed(8, True)) == (0.38, 0.63)
 
 
 def test_progress_bars_written_to_a_log_file_update_every_30_seconds(tmp_path):

@@ -75,9 +75,8 @@ def test_verifier_calibrate_match_evaluate(siamese_only):
     assert len(cal["per_fold"]) == 3 and "fused" in out
     assert len(cal["tau_folds"]["values"]) == 3 and "over folds" in out
     held = json.loads((run / "heldout.json").read_text())
-    assert held["validation"] and held["calibration"]  # a trained run: the epoch was chosen on some
-    assert set(held["validation"]).isdisjoint(held["calibration"])
-    assert sorted(held["validation"] + held["calibration"]) == sorted(held["individuals"])
+    # a trained run is validated on some; its averaged weights were chosen by none: all of them calibrate
+    assert held["validation"] and set(held["validation"]) < set(held["calibration"]) == set(held["individuals"])
     # every photo of a calibration individual, in each fold: as a new animal all of them, as a known
     # one all but one (so that the gallery keeps one of its photos)
     from collections import Counter
