@@ -174,7 +174,9 @@ def main() -> None:
                     help="average / best: the network train-siamese keeps (the mean of the weights of its last "
                     "epochs, or the epoch with the best validation MAP@5); 'average,best' compares both from one "
                     "training: the first is the run's own, the other the same training's other network (from its "
-                    "checkpoint) in a copy of it, verified and calibrated (run label trained+network-SETTING)")
+                    "checkpoint) in a copy of it, verified and calibrated (run label trained+network-SETTING); each is "
+                    "calibrated on the held-out individuals that did not choose it: all of them for the average, all "
+                    "but the validation half for the best epoch")
     ap.add_argument("--embedding-whitening", default="on" if TrainConfig.whiten_embedding else "off",
                     help="on / off: train-siamese --whiten-embedding / --no-whiten-embedding (the shortlist searches "
                     "embeddings whitened on the training individuals' photos); 'off,on' compares both on the same "
@@ -448,8 +450,11 @@ def refit_embedding_whitening(run: Path, gallery) -> None:
 
 def set_network(trained: Path, run: Path, keep: str) -> None:
     """The copy `run` of the `trained` run with the other network of the same training (its
-    checkpoint's averaged weights or best epoch), its gallery embedded again (calibrate uses the same
-    held-out individuals for both)."""
+    checkpoint's averaged weights or best epoch), its gallery embedded again. The held-out individuals
+    that calibrate follow the network (engine.train_siamese.heldout_roles): all of them for averaged
+    weights, all but the validation half for the best epoch (which they chose), so the two differ in
+    their calibration too (40 individuals and MAP@5's tau, or 20 and the lowest fold tau, on the
+    development set)."""
     import torch
 
     from engine.pipeline import build_gallery
@@ -459,21 +464,21 @@ def set_network(trained: Path, run: Path, keep: str) -> None:
     weights = ck.get("best_state" if keep == "best" else "average")
     if weights is None:
         sys.exit(f"{trained}/checkpoint.pt holds no {'best epoch' if keep == 'best' else 'averaged weights'}")
-    engine = Engine.load(run)
-    engine.model.load_state_dict(weights)
-    save_model(engine.model, run / "siamese.pt")
-    gallery, _ = build_gallery(engine.run, engine.model, engine.gallery.records(), MatchConfig(), progress=False)
-    refit_embedding_whitening(run, gallery)
-    train = engine.run.config()["train"]
+    train = RunFolder(run).config()["train"]
     average_from = (None if keep == "best" else TrainConfig.average_from if train.get("average_from") is None
                     else train["average_from"])
-    engine.run.update_config(train={**train, "average_from": average_from})
-    # the best epoch was chosen by the validation individuals: they do not calibrate it (heldout_roles)
+    # first (a copy killed later is not reused with the other network's roles: it has the run's siamese.pt)
     held = read_json(run / "heldout.json")
     held["validation"], held["calibration"] = heldout_roles(
         held["individuals"], dataclasses.replace(TrainConfig(), epochs=int(train.get("epochs") or 1),
                                                  average_from=average_from))
     atomic_write_json(run / "heldout.json", held)
+    engine = Engine.load(run)
+    engine.model.load_state_dict(weights)
+    save_model(engine.model, run / "siamese.pt")
+    gallery, _ = build_gallery(engine.run, engine.model, engine.gallery.records(), MatchConfig(), progress=False)
+    refit_embedding_whitening(run, gallery)
+    engine.run.update_config(train={**train, "average_from": average_from})
 
 
 def post_training_steps(run: Path, matchers: tuple[str, ...] = ("sift",), keypoints: str = "default",

@@ -1,8 +1,8 @@
 """calibrate: fit score calibrators, the fusion and the new_individual threshold on open-set folds.
 
 Data: the held-out individuals of the run that neither the Siamese network nor the verifier trained
-on, and that did not choose the training epoch either (heldout.json "calibration": half of the
-held-out individuals of a trained network, all of them for a pretrained one). They are split by
+on, and that did not choose the training epoch either (heldout.json "calibration": all of them,
+but for the validation half where the best epoch by validation was kept instead of averaged weights). They are split by
 individual into folds; in fold f the fold's individuals are "new" (all their photos leave the
 gallery, and their photos are queries with truth new_individual) and every photo of each other
 held-out individual is a query against the rest of the gallery (its own photo left out), which
@@ -26,7 +26,7 @@ import numpy as np
 from core.catalog import queryable
 from core.errors import UserError
 from core.metrics import NEW_INDIVIDUAL, score_predictions
-from core.runfolder import atomic_write_json, read_json
+from core.runfolder import atomic_write_json
 from core.runtime import set_threads
 from core.stage import is_active
 from engine.pipeline import Engine, MatchConfig, QueryPairs
@@ -62,7 +62,8 @@ def individuals_needed(cfg: CalibrateConfig) -> int:
 
 def heldout_needed(epoch_chosen: bool, cfg: CalibrateConfig = CalibrateConfig()) -> int:
     """Individuals train-siamese must hold out for calibrate to run: a training that keeps its best
-    epoch (`--average-from none`) gives the smaller half of them to that choice."""
+    epoch by validation (`TrainConfig.average_from=None`, e.g. `bench/accuracy.py --network best`) gives
+    the smaller half of them to that choice."""
     return 2 * individuals_needed(cfg) - 1 if epoch_chosen else individuals_needed(cfg)
 
 
@@ -84,9 +85,10 @@ def fold_pairs(engine: Engine, cfg: CalibrateConfig, mcfg: MatchConfig, progress
     h_idx = np.array([i for i in range(len(g)) if g.ids[i] in heldout], dtype=np.int64)
     if len(set(g.ids[i] for i in h_idx)) < individuals_needed(cfg):
         eligible = len(queryable(g.ids))
-        doc = read_json(engine.run.heldout_path) if engine.run.heldout_path.is_file() else {}
-        # some held-out individuals chose the training epoch and do not calibrate
-        chosen = len(heldout) < len(doc.get("individuals", ()))
+        # half of the held-out individuals chose the epoch of a network kept as its best epoch (not averaged;
+        # a run folder from before averaged weights records none)
+        train = engine.run.config().get("train") or {}
+        chosen = (train.get("epochs") or 0) > 0 and train.get("average_from") is None
         raise UserError(f"calibrate needs at least {individuals_needed(cfg)} held-out individuals (one per fold, "
                         f"--folds); this run has {len(set(g.ids[i] for i in h_idx))}: train-siamese held out "
                         f"too few{' (half of them chose the training epoch)' if chosen else ''}. Train again "
@@ -145,7 +147,7 @@ def tau_rule(cfg: CalibrateConfig, n_individuals: int) -> str:
     "fold_min": the lowest of that tau and the taus chosen on each fold's complement. Few new animals
     make MAP@5's best tau a guess that errs towards answering new_individual too often (the cow faces
     above); the lowest fold tau is the most cautious choice the data supports. On the development
-    set (20 individuals, 4 networks) it measured level with the MAP@5 tau (see README)."""
+    set (then 20 calibration individuals, 4 networks) it measured level with the MAP@5 tau (see README)."""
     if cfg.target_new_rate is not None:
         return "rate"
     return "map5" if n_individuals >= MIN_NEW_INDIVIDUALS else "fold_min"

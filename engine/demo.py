@@ -34,7 +34,7 @@ class Paths:
 
 # held out of training: one calibration individual per fold of calibrate (the demo's settings), also
 # where train-siamese gives every other held-out individual to choosing the epoch (heldout[1::2],
-# --average-from none): 5 (with averaged weights, the default, all five calibrate)
+# TrainConfig.average_from=None): 5 (with averaged weights, the default, all five calibrate)
 MIN_HELDOUT = calibrate.heldout_needed(epoch_chosen=True)
 # the demo has no --heldout-fraction or --new-rate: what calibrate's warning about few held-out
 # individuals advises here instead
@@ -63,7 +63,7 @@ def heldout_fraction(gallery_csv: Path, default: float, n_unseen: int, catalog: 
         raise UserError(f"demo --catalog {catalog}: after {n_unseen} individual(s) are kept aside as new animals "
                         f"and a photo of the others as queries, the gallery has {eligible} individual(s) with 2 or "
                         f"more photos; the demo needs at least {MIN_HELDOUT + MIN_TRAINING} ({MIN_HELDOUT} held out "
-                        f"of training to choose the epoch and calibrate, {MIN_TRAINING} or more to train on). "
+                        f"of training to validate and calibrate on, {MIN_TRAINING} or more to train on). "
                         f"A catalog of {smallest_catalog()} or more individuals with 3 or more photos each is enough "
                         f"(which individuals are kept aside depends on --seed)")
     return max(default, MIN_HELDOUT / eligible)
