@@ -46,8 +46,8 @@ def heldout_roles(heldout: list[str], cfg: TrainConfig) -> tuple[list[str], list
     validated on the smaller half after each epoch. Where they choose its epoch (`epoch_chosen`),
     calibration gets only the others, so that tau is never fitted on individuals that picked the
     network; averaged weights are chosen by none, so every held-out individual calibrates (twice as
-    many: on six development networks MAP@5 0.620 -> 0.625, new-individual F1 0.566 -> 0.580, tau
-    nearer the test queries' best; README "Measured")."""
+    many: on seven development networks MAP@5 0.622 -> 0.626, new-individual F1 0.571 -> 0.580, not
+    on every network; README "Measured")."""
     validation = heldout[1::2] if cfg.epochs > 0 else []
     calibration = sorted(set(heldout) - set(validation)) if epoch_chosen(cfg) else sorted(heldout)
     return validation, calibration
