@@ -211,7 +211,11 @@ def main() -> None:
         sys.exit(f"--views {args.views}: each set of views once")
     networks = args.network.split(",")
     if any(k not in ("average", "best") for k in networks) or len(set(networks)) < len(networks):
-        sys.exit(f"--network {args.network}: expected average, best, 'average,best' or 'best,average'")
+        sys.exit(f"--network {args.network}: expected average, best or 'average,best'")
+    if networks[0] == "best" and "average" in networks:
+        # averaging() adds no epoch to the mean when average_from is None: its checkpoint holds no average
+        sys.exit(f"--network {args.network}: a training that keeps its best epoch keeps no averaged weights; "
+                 "give 'average,best' (the averaged training's checkpoint also holds its best epoch)")
     args.work.mkdir(parents=True, exist_ok=True)
     gallery, qdir, qcsv, truth_csv = make_split(args.work, args.seed)
     truth = read_truth(truth_csv)
