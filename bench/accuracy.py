@@ -473,9 +473,7 @@ def set_network(trained: Path, run: Path, keep: str) -> None:
                     else train["average_from"])
     # first (a copy killed later is not reused with the other network's roles: it has the run's siamese.pt)
     held = read_json(run / "heldout.json")
-    held["validation"], held["calibration"] = heldout_roles(
-        held["individuals"], dataclasses.replace(TrainConfig(), epochs=int(train.get("epochs") or 1),
-                                                 average_from=average_from))
+    held["validation"], held["calibration"] = heldout_roles(held["individuals"], train["epochs"], average_from)
     atomic_write_json(run / "heldout.json", held)
     engine = Engine.load(run)
     engine.model.load_state_dict(weights)

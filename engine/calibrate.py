@@ -60,17 +60,24 @@ def individuals_needed(cfg: CalibrateConfig) -> int:
     return max(2, cfg.folds)
 
 
-def heldout_needed(epoch_chosen: bool, cfg: CalibrateConfig = CalibrateConfig()) -> int:
+def epoch_chosen(epochs: int, average_from: float | None) -> bool:
+    """Whether held-out individuals choose the network (the best epoch by their validation MAP@5):
+    those cannot calibrate. Averaged weights (`average_from`) and an untrained run are chosen by none.
+    From a TrainConfig's `epochs` and `average_from`, or a run folder's recorded ones."""
+    return epochs > 0 and average_from is None
+
+
+def heldout_needed(chosen: bool, cfg: CalibrateConfig = CalibrateConfig()) -> int:
     """Individuals train-siamese must hold out for calibrate to run: a training that keeps its best
-    epoch by validation (`TrainConfig.average_from=None`, e.g. `bench/accuracy.py --network best`) gives
-    the smaller half of them to that choice."""
-    return 2 * individuals_needed(cfg) - 1 if epoch_chosen else individuals_needed(cfg)
+    epoch by validation (`chosen`: `epoch_chosen`, e.g. `bench/accuracy.py --network best`) gives the
+    smaller half of them to that choice."""
+    return 2 * individuals_needed(cfg) - 1 if chosen else individuals_needed(cfg)
 
 
-def heldout_fraction_needed(eligible: int, epoch_chosen: bool, cfg: CalibrateConfig = CalibrateConfig()) -> float:
+def heldout_fraction_needed(eligible: int, chosen: bool, cfg: CalibrateConfig = CalibrateConfig()) -> float:
     """The smallest `train-siamese --heldout-fraction` (to the hundredth) that holds out
     `heldout_needed` among `eligible` individuals (those with 2 or more photos)."""
-    return math.ceil(100 * heldout_needed(epoch_chosen, cfg) / max(1, eligible)) / 100
+    return math.ceil(100 * heldout_needed(chosen, cfg) / max(1, eligible)) / 100
 
 
 def fold_pairs(engine: Engine, cfg: CalibrateConfig, mcfg: MatchConfig, progress: bool):
@@ -88,7 +95,7 @@ def fold_pairs(engine: Engine, cfg: CalibrateConfig, mcfg: MatchConfig, progress
         # half of the held-out individuals chose the epoch of a network kept as its best epoch (not averaged;
         # a run folder from before averaged weights records none)
         train = engine.run.config().get("train") or {}
-        chosen = (train.get("epochs") or 0) > 0 and train.get("average_from") is None
+        chosen = epoch_chosen(train.get("epochs") or 0, train.get("average_from"))
         raise UserError(f"calibrate needs at least {individuals_needed(cfg)} held-out individuals (one per fold, "
                         f"--folds); this run has {len(set(g.ids[i] for i in h_idx))}: train-siamese held out "
                         f"too few{' (half of them chose the training epoch)' if chosen else ''}. Train again "

@@ -35,7 +35,7 @@ class Paths:
 # held out of training: one calibration individual per fold of calibrate (the demo's settings), also
 # where train-siamese gives every other held-out individual to choosing the epoch (heldout[1::2],
 # TrainConfig.average_from=None): 5 (with averaged weights, the default, all five calibrate)
-MIN_HELDOUT = calibrate.heldout_needed(epoch_chosen=True)
+MIN_HELDOUT = calibrate.heldout_needed(chosen=True)
 # the demo has no --heldout-fraction or --new-rate: what calibrate's warning about few held-out
 # individuals advises here instead
 DEMO_REMEDY = ("expected in the demo (it holds out a fifth of the individuals, at least the few that calibrate "

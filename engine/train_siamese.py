@@ -18,6 +18,7 @@ from core.errors import UserError
 from core.gallery import Gallery
 from core.runfolder import RunFolder, atomic_write_json, read_json
 from core.runtime import seed_everything, set_threads, torch_device
+from engine.calibrate import CalibrateConfig, epoch_chosen, heldout_fraction_needed, individuals_needed
 from engine.pipeline import MatchConfig, build_gallery
 from siamese.index import MIN_WHITENING_PHOTOS, fit_embedding_whitening
 from siamese.model import SiameseNet, save_model
@@ -35,36 +36,30 @@ def choose_heldout(catalog: Catalog, fraction: float, seed: int) -> list[str]:
     return sorted(eligible[: int(round(len(eligible) * fraction))])
 
 
-def epoch_chosen(cfg: TrainConfig) -> bool:
-    """Whether held-out individuals choose the network (the best epoch by their validation MAP@5):
-    those cannot calibrate. Averaged weights (`average_from`) and an untrained run are chosen by none."""
-    return cfg.epochs > 0 and cfg.average_from is None
-
-
-def heldout_roles(heldout: list[str], cfg: TrainConfig) -> tuple[list[str], list[str]]:
-    """(validation, calibration) individuals among the (sorted) held-out ones. A trained network is
+def heldout_roles(heldout: list[str], epochs: int, average_from: float | None) -> tuple[list[str], list[str]]:
+    """(validation, calibration) individuals among the (sorted) held-out ones, for a training of
+    `epochs` keeping `average_from` (TrainConfig's, or a run folder's recorded ones). A trained network is
     validated on the smaller half after each epoch. Where they choose its epoch (`epoch_chosen`),
     calibration gets only the others, so that tau is never fitted on individuals that picked the
     network; averaged weights are chosen by none, so every held-out individual calibrates (twice as
     many: on seven development networks MAP@5 0.622 -> 0.626, new-individual F1 0.571 -> 0.580, not
     on every network; README "Measured")."""
-    validation = heldout[1::2] if cfg.epochs > 0 else []
-    calibration = sorted(set(heldout) - set(validation)) if epoch_chosen(cfg) else sorted(heldout)
+    validation = heldout[1::2] if epochs > 0 else []
+    calibration = sorted(set(heldout) - set(validation)) if epoch_chosen(epochs, average_from) else sorted(heldout)
     return validation, calibration
 
 
 def warn_few_calibration_individuals(catalog: Catalog, calibration: list[str], cfg: TrainConfig) -> None:
     """Before training: say so when `calibrate` will find too few held-out individuals to run, and
     which --heldout-fraction would give them (an untrained run can still match, uncalibrated)."""
-    from engine.calibrate import CalibrateConfig, heldout_fraction_needed, individuals_needed
-
     need = individuals_needed(CalibrateConfig())
     if len(calibration) >= need:
         return
     eligible = len(queryable(r.individual_id for r in catalog.records))
     log.warning("--heldout-fraction %g leaves %d individual(s) to calibrate on; calibrate needs %d: with %d "
                 "individuals of 2 or more photos, --heldout-fraction %.2f gives them", cfg.heldout_fraction,
-                len(calibration), need, eligible, heldout_fraction_needed(eligible, epoch_chosen(cfg)))
+                len(calibration), need, eligible,
+                heldout_fraction_needed(eligible, epoch_chosen(cfg.epochs, cfg.average_from)))
 
 
 # settings a resumed training may change: its budget and how this machine runs it
@@ -207,7 +202,7 @@ def main(cfg: TrainConfig, paths: Paths, resume: bool = False, progress: bool = 
                 # gallery.h5 stores photo paths relative to this root, found again after a move
                 "images_root": str(root), "images_root_from_run": os.path.relpath(root, Path(out).resolve()),
                 "train": cfg.to_dict()})
-    validation, calibration = heldout_roles(heldout, cfg)
+    validation, calibration = heldout_roles(heldout, cfg.epochs, cfg.average_from)
     atomic_write_json(run.heldout_path, {"individuals": heldout, "validation": validation,
                                          "calibration": calibration, "seed": cfg.seed})
     warn_few_calibration_individuals(catalog, calibration, cfg)

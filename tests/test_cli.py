@@ -458,12 +458,13 @@ def test_heldout_individuals_calibrate_unless_they_chose_the_epoch():
     from engine.calibrate import heldout_fraction_needed
     from engine.train_siamese import TrainConfig, heldout_roles
     held = [f"id{i}" for i in range(7)]
+    default = TrainConfig()
     # averaged weights (the default): validated on every other one, chosen by none, all calibrate
-    assert heldout_roles(held, TrainConfig()) == (["id1", "id3", "id5"], held)
+    assert heldout_roles(held, default.epochs, default.average_from) == (["id1", "id3", "id5"], held)
     # the best epoch by validation: its validation individuals never calibrate
-    assert heldout_roles(held, TrainConfig(average_from=None)) == (["id1", "id3", "id5"], ["id0", "id2", "id4", "id6"])
+    assert heldout_roles(held, default.epochs, None) == (["id1", "id3", "id5"], ["id0", "id2", "id4", "id6"])
     # untrained: nothing validated, all calibrate
-    assert heldout_roles(held, TrainConfig(epochs=0, average_from=None)) == ([], held)
+    assert heldout_roles(held, 0, None) == ([], held)
     # 3 calibration individuals among 8: 3 held out, or 5 where 2 of them choose the epoch
     assert (heldout_fraction_needed(8, False), heldout_fraction_needed(8, True)) == (0.38, 0.63)
 
