@@ -93,3 +93,18 @@ def test_precision_is_part_of_the_cache_fingerprint_and_bf16_stays_close_to_fp32
     assert (cos(fp32, contiguous) > 0.99999).all()
     # bf16 keeps 8 bits of mantissa: close, but not the same function
     assert (cos(fp32, bf16) > 0.99).all() and not torch.equal(fp32, bf16)
+
+
+def test_benchmark_headline_names_the_cpu_generation():
+    # lscpu's model name can be generic ("AMD EPYC" with and without native bf16): the headline of
+    # every benchmark adds family / model / stepping of the first CPU
+    from bench.machine import cpu_generation, headline
+    two_cpus = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n"
+                "stepping\t: 1\n\nprocessor\t: 1\ncpu family\t: 6\nmodel\t\t: 167\nstepping\t: 0\n")
+    assert cpu_generation(two_cpus) == "family 25 model 17 stepping 1"
+    assert cpu_generation("processor : 0\nCPU implementer : 0x41\n") == ""  # ARM: not given
+    info = {"cpu": "AMD EPYC", "cpu_generation": "family 25 model 1 stepping 1", "torch_cpu_capability": "AVX2",
+            "native_bf16": [], "threads": 2, "torch": "2.13.0+cpu"}
+    assert headline(info) == ("machine: AMD EPYC family 25 model 1 stepping 1 (AVX2, native bf16: no), 2 threads; "
+                              "torch 2.13.0+cpu")
+    assert headline({**info, "cpu_generation": ""}).startswith("machine: AMD EPYC (AVX2")
