@@ -7,7 +7,6 @@ P(same individual). Each of the four features is symmetric in a and b, so the he
 from __future__ import annotations
 
 import io
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import siamese.torchvision_schemas  # noqa: F401  must precede timm

@@ -32,7 +32,7 @@ import logging
 import math
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np

@@ -6,7 +6,6 @@ import base64
 import csv
 import json
 import re
-import time
 
 import cv2
 import numpy as np
