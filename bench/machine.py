@@ -1,35 +1,19 @@
 """What every benchmark prints first: the machine it measured on (the CPU changes between sessions)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from siamese.precision import cpu_info
+from siamese.precision import cpu_info, cpuinfo_fields
 
 
 def cpu_generation(cpuinfo: str | None = None) -> str:
-    """"family F model M stepping S" of the first CPU in /proc/cpuinfo (x86), or "" where it is not
-    given. The model name alone can be generic ("AMD EPYC" for CPUs with and without native bf16)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return ""
-    found: dict[str, str] = {}
-    for line in cpuinfo.splitlines():
-        key, sep, value = line.partition(":")
-        key = key.strip()
-        if not sep:
-            if found:
-                break  # the end of the first CPU's block
-            continue
-        if key in ("cpu family", "model", "stepping") and key not in found:
-            found[key] = value.strip()
-    if "cpu family" not in found or "model" not in found:
+    """"family F model M stepping S" of the first CPU in /proc/cpuinfo (or `cpuinfo`; x86), or "" where
+    it is not given. The model name alone can be generic ("AMD EPYC" for CPUs with and without native
+    bf16)."""
+    f = cpuinfo_fields(cpuinfo)
+    if "cpu family" not in f or "model" not in f:
         return ""
-    return " ".join(f"{label} {found[key]}" for label, key in
-                    (("family", "cpu family"), ("model", "model"), ("stepping", "stepping")) if key in found)
+    return f"family {f['cpu family']} model {f['model']}" + (f" stepping {f['stepping']}" if "stepping" in f else "")
 
 
 def describe() -> dict:

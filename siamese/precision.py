@@ -47,18 +47,28 @@ class Precision:
         return asdict(self)
 
 
+def cpuinfo_fields(text: str | None = None) -> dict[str, str]:
+    """Each key of /proc/cpuinfo (or of `text`) with its first value, i.e. the first CPU's; {} where
+    there is no such file (not Linux)."""
+    if text is None:
+        try:
+            text = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return {}
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
 def cpu_info() -> dict:
-    """The CPU model, torch's CPU kernel level and whether the CPU computes bf16 natively."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model in ("", platform.machine(), platform.processor()):
-                model = value.strip()
-            elif key.strip() in ("flags", "Features") and not flags:
-                flags = set(value.split())
-    except OSError:  # not Linux: no flags, so no claim of native bf16
-        pass
+    """The CPU model, torch's CPU kernel level and whether the CPU computes bf16 natively (no flags, as
+    off Linux: no claim of native bf16)."""
+    fields = cpuinfo_fields()
+    model = fields["model name"] if "model name" in fields else platform.processor() or platform.machine()
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
     native = sorted(flags & {"avx512_bf16", "amx_bf16"})
     return {"cpu": model, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "native_bf16": native, "threads": torch.get_num_threads()}
