@@ -121,6 +121,11 @@ VotesOpt = Annotated[int, typer.Option(min=0, help="Gallery photos proposed per 
                                        "voting for the photos of its nearest ones), added to the embedding's "
                                        "shortlist; they take every other one of the --verify-top checks by the "
                                        "local matchers. The votes are also a score of their own (0: off).")]
+IndividualWeightOpt = Annotated[Optional[float], typer.Option(
+    min=0.0, max=1.0, help="Share of the embedding's score that is the query's cosine to the mean of the "
+                           "candidate individual's photos of that viewpoint, the rest its cosine to the photo "
+                           "(0: the photo alone). Default: calibrate fits 0.25; match and evaluate use the "
+                           "calibration's.")]
 QueryExpansionOpt = Annotated[int, typer.Option(min=0, help="Search again with each query averaged with its "
                                                 "best N gallery photos (query expansion; 0: off).")]
 RerankOpt = Annotated[int, typer.Option(min=0, help="k-reciprocal re-ranking of each shortlist with K "
@@ -306,6 +311,7 @@ def calibrate(
     verify_top: VerifyTopOpt = MatchConfig.verify_top,
     per_individual: PerIndividualOpt = MatchConfig.per_individual,
     votes: VotesOpt = MatchConfig.votes,
+    individual_weight: IndividualWeightOpt = None,
     threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads (default: all cores).")] = None,
     precision: PrecisionOpt = "auto",
     executor: ExecutorOpt = "local", ray_address: RayAddressOpt = None,
@@ -316,8 +322,8 @@ def calibrate(
     Uses the individuals held out of training, in open-set folds (each fold's individuals are new
     animals: their photos leave the gallery and are queries; every photo of the others is a query
     against the rest of the gallery); prints per-fold MAP@5 and its spread, then refits on all folds
-    (calibration.json). Calibrate with the --shortlist, --verify-top, --per-individual and --votes
-    that match will use (match warns when they differ), and again after changing them.
+    (calibration.json). Calibrate with the --shortlist, --verify-top, --per-individual, --votes and
+    --individual-weight that match will use (match warns when they differ), and again after changing them.
     """
     _setup_logging(verbose)
     _use_executor(executor, ray_address)
@@ -331,7 +337,7 @@ def calibrate(
                                              seed=seed, queries_per_individual=queries_per_individual),
                      command.Paths(run),
                      MatchConfig(shortlist=shortlist, verify_top=verify_top, per_individual=per_individual,
-                                 votes=votes),
+                                 votes=votes, individual_weight=individual_weight),
                      threads, progress=not quiet,
                      precision=precision)
     lines = ["score".ljust(12) + "MAP@5 (mean ± sd over folds)".rjust(30) + "new F1".rjust(10) + "tau".rjust(10)]
@@ -363,6 +369,7 @@ def match(
     verify_top: VerifyTopOpt = MatchConfig.verify_top,
     per_individual: PerIndividualOpt = MatchConfig.per_individual,
     votes: VotesOpt = MatchConfig.votes,
+    individual_weight: IndividualWeightOpt = None,
     tau: TauOpt = None,
     threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads (default: all cores).")] = None,
     precision: PrecisionOpt = "auto",
@@ -378,7 +385,7 @@ def match(
     from engine import match as command
 
     cfg = MatchConfig(shortlist=shortlist, verify_top=verify_top, per_individual=per_individual, votes=votes,
-                      tau=tau, query_expansion=query_expansion, rerank=rerank,
+                      individual_weight=individual_weight, tau=tau, query_expansion=query_expansion, rerank=rerank,
                       matchers=_names(matchers, "--matchers") if matchers is not None else None)
     typer.echo(command.main(cfg, command.Paths(test_dir, run, out, queries, report), threads, progress=not quiet,
                             precision=precision))
@@ -392,6 +399,7 @@ def evaluate(
     verify_top: VerifyTopOpt = MatchConfig.verify_top,
     per_individual: PerIndividualOpt = MatchConfig.per_individual,
     votes: VotesOpt = MatchConfig.votes,
+    individual_weight: IndividualWeightOpt = None,
     tau: TauOpt = None,
     threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads (default: all cores).")] = None,
     precision: PrecisionOpt = "auto",
@@ -411,7 +419,7 @@ def evaluate(
     from engine import evaluate as command
 
     cfg = MatchConfig(shortlist=shortlist, verify_top=verify_top, per_individual=per_individual, votes=votes,
-                      tau=tau, query_expansion=query_expansion, rerank=rerank,
+                      individual_weight=individual_weight, tau=tau, query_expansion=query_expansion, rerank=rerank,
                       matchers=_names(matchers, "--matchers") if matchers is not None else None)
     typer.echo(command.main(cfg, command.Paths(catalog, run, images), threads, progress=not quiet,
                             precision=precision))

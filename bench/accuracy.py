@@ -23,6 +23,7 @@ Prints a table and writes bench/results/accuracy.json (and a copy in --work, kep
                            [--views box,box+centre+photo]  # the views of a photo embedded (+ joins them), one network
                            [--network average,best]  # averaged weights or the best epoch's, one training
                            [--embedding-whitening off,on]  # the shortlist searches whitened embeddings or not, one network
+                           [--individual-weight 0.25,0]  # embedding score a share per individual or not, one network
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ from ranker.fusion import FUSED  # noqa: E402
 from core.runtime import set_threads  # noqa: E402
 from siamese.config import views_problem  # noqa: E402
 from siamese.model import ModelConfig  # noqa: E402
-from engine.config import VerifierTrainConfig  # noqa: E402
+from engine.config import INDIVIDUAL_WEIGHT, VerifierTrainConfig  # noqa: E402
 from engine import train_siamese  # noqa: E402
 from engine.train_siamese import TrainConfig, heldout_roles  # noqa: E402
 from keypoints.features import PRESETS as KEYPOINT_PRESETS, config_to_dict  # noqa: E402
@@ -182,6 +183,11 @@ def main() -> None:
                     "embeddings whitened on the training individuals' photos); 'off,on' compares both on the same "
                     "trained and verified network: the first is the run's own, the other fits or removes the "
                     "whitening in a copy of it and calibrates it (run label trained+ewhiten-SETTING)")
+    ap.add_argument("--individual-weight", default=str(INDIVIDUAL_WEIGHT),
+                    help="shares of the embedding's score that are the cosine to the candidate individual's mean "
+                    "(calibrate / match --individual-weight), comma-separated, e.g. '0.25,0': the first is the "
+                    "run's own; each other one calibrates a copy of the same verified network (run label "
+                    "trained+indivW)")
     ap.add_argument("--data", type=Path, default=DATA,
                     help="the development set: catalog.csv, metadata.csv (flank side) and the photos (default: %(default)s)")
     ap.add_argument("--protocol", type=Path, default=PROTOCOL,
@@ -209,6 +215,13 @@ def main() -> None:
         sys.exit(f"--views {args.views}: {problem} (views joined by +, sets of views by commas)")
     if len(set(view_sets)) < len(view_sets):
         sys.exit(f"--views {args.views}: each set of views once")
+    try:
+        weights = [float(w) for w in args.individual_weight.split(",")]
+    except ValueError:
+        weights = []
+    if not weights or any(not 0 <= w <= 1 for w in weights) or len(set(weights)) < len(weights):
+        sys.exit(f"--individual-weight {args.individual_weight}: expected distinct shares between 0 and 1, "
+                 "comma-separated, e.g. 0.25,0")
     networks = args.network.split(",")
     if any(k not in ("average", "best") for k in networks) or len(set(networks)) < len(networks):
         sys.exit(f"--network {args.network}: expected average, best or 'average,best'")
@@ -241,7 +254,7 @@ def main() -> None:
     try:  # (label suffix, MatchConfig) per setting
         if len(set(entries)) < len(entries) or any(v.count(":") > 2 for v in entries):
             raise ValueError
-        votes = [(v, vote_setting(v)) for v in entries]
+        votes = [(v, dataclasses.replace(vote_setting(v), individual_weight=weights[0])) for v in entries]
     except ValueError:
         sys.exit(f"--votes {args.votes}: expected distinct VOTES[:V[:K]] entries separated by commas, "
                  "e.g. 0,20,20:20,100:300:200")
@@ -252,6 +265,8 @@ def main() -> None:
     jobs += [(f"{trained}@{k}", "copy network", k, votes[0][1], white[0]) for k in presets[1:]]  # other keypoints
     jobs += [(f"{trained}+votes{vote_label(v)}", "copy verified", presets[0], m, white[0])  # other vote settings
              for v, m in votes[1:]]
+    jobs += [(f"{trained}+indiv{w:g}", "copy verified", presets[0],  # other individual weights
+              dataclasses.replace(votes[0][1], individual_weight=w), white[0]) for w in weights[1:]]
     jobs += [(f"{trained}+whiten-{w}", "copy network, shared cache", presets[0], votes[0][1], w == "on")
              for w in whitening[1:]]
     jobs += [(f"{trained}+mirror-{m}", "copy verified, mirror " + m, presets[0], votes[0][1], white[0])
@@ -314,7 +329,7 @@ def main() -> None:
             if not (keep and (run / output).is_file()):
                 step()
         info[label] = {"build_seconds": round(time.perf_counter() - t0, 1), "keypoints": keypoints,
-                       "votes": mcfg.votes, "verify_top": mcfg.verify_top, "shortlist": mcfg.shortlist,
+                       "votes": mcfg.votes, "individual_weight": mcfg.individual_weight, "verify_top": mcfg.verify_top, "shortlist": mcfg.shortlist,
                        "whitening": whiten}
         rows, timing = evaluate_run(run, qdir, qcsv, truth, args.work, label, options=isinstance(cfg, TrainConfig),
                                     cfg=mcfg)

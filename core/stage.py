@@ -30,7 +30,9 @@ class PairBatch:
     query_embeddings: np.ndarray  # (n_queries, D) float32
     query_pos: np.ndarray  # (n,) int: index into `queries`
     gallery_idx: np.ndarray  # (n,) int: index into the gallery
-    similarity: np.ndarray  # (n,) float: the shortlist's cosine similarity
+    # (n,) float: the shortlist's cosine similarity, blended with the cosine to the photo's individual's
+    # mean where the match settings ask for it (engine.pipeline.Engine.pair_scores)
+    similarity: np.ndarray
     votes: np.ndarray | None = None  # (n,) float: the shortlist's keypoint votes (NaN: not counted)
 
     def __len__(self) -> int:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,7 @@ from core.metrics import NEW_INDIVIDUAL, score_predictions
 from core.runfolder import atomic_write_json
 from core.runtime import set_threads
 from core.stage import is_active
+from engine.config import INDIVIDUAL_WEIGHT
 from engine.pipeline import Engine, MatchConfig, QueryPairs
 from core.aggregate import aggregate_per_individual
 from ranker.fusion import FUSED, FusionConfig, ScoreFusion, calibrated_scorers
@@ -171,12 +172,14 @@ FEW_INDIVIDUALS_REMEDY = ("hold out more individuals (train-siamese --heldout-fr
 
 def main(cfg: CalibrateConfig, paths: Paths, mcfg: MatchConfig = MatchConfig(), threads: int | None = None,
          progress: bool = True, precision: str = "auto", remedy: str = FEW_INDIVIDUALS_REMEDY) -> dict:
-    """The calibrate command. `mcfg`: the shortlist and verify-top that `match` will use (recorded
-    with the calibration). `remedy`: what the warning about too few held-out individuals advises
+    """The calibrate command. `mcfg`: the shortlist, verify-top, votes and individual weight (None:
+    INDIVIDUAL_WEIGHT) that `match` will use (recorded with the calibration). `remedy`: what the warning about too few held-out individuals advises
     (the demo has its own options)."""
     run = paths.run
     t0 = time.perf_counter()
     set_threads(threads)
+    if mcfg.individual_weight is None:  # calibrate fits the default, whatever an earlier calibration had
+        mcfg = replace(mcfg, individual_weight=INDIVIDUAL_WEIGHT)
     engine = Engine.load(run, precision)
     data = fold_pairs(engine, cfg, mcfg, progress)
     # only the stages that score under these settings (the votes stage only where votes are counted:

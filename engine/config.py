@@ -4,6 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# `calibrate`'s share of the embedding stage's score that is the query's cosine to the mean of the
+# candidate individual's gallery photos of that viewpoint (the rest: its cosine to the photo). On the
+# development set (two networks, protocol seeds 0 / 1, AMD EPYC fp32, V = 50, calibration refitted, the
+# same pairs): closed top-1 0.479 -> 0.479 / 0.514 -> 0.542, MAP@5 0.606 -> 0.613 / 0.637 -> 0.649,
+# known top-5 0.590 -> 0.597 / 0.646 -> 0.653, new F1 0.564 -> 0.584 / 0.597 -> 0.615; 0.5 and 0.75
+# were worse or mixed (README "Measured")
+INDIVIDUAL_WEIGHT = 0.25
 
 @dataclass(frozen=True)
 class MatchConfig:
@@ -30,6 +37,10 @@ class MatchConfig:
     matchers: tuple[str, ...] | None = None  # local matchers to use (sift, xfeat); None: all the run has
     query_expansion: int = 0  # > 0: search again with the query averaged with its best k gallery photos
     rerank: int = 0  # > 0: k-reciprocal re-ranking of the shortlist with k neighbours (ranker.rerank)
+    # share of the embedding stage's score that is the cosine to the mean of the candidate's individual's
+    # photos of that viewpoint (Engine.individual_weight). A calibrated setting: None is the calibration's
+    # (0 for calibrations from before it, and without calibration), and INDIVIDUAL_WEIGHT for `calibrate`
+    individual_weight: float | None = None
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -28,7 +28,7 @@ from core.gallery import Gallery
 from core.metrics import NEW_INDIVIDUAL
 from core.runfolder import RunFolder, atomic_write_bytes, atomic_write_json, read_json
 from core.stage import ALL, PairBatch, StageContext, is_active
-from engine.config import MatchConfig
+from engine.config import INDIVIDUAL_WEIGHT, MatchConfig
 from engine.stages import load_stages
 from keypoints.features import DESC_DIM
 from keypoints.votes import VoteConfig, VoteIndex
@@ -36,7 +36,7 @@ from ranker.fusion import FUSED, ScoreFusion, calibrated_scorers
 from ranker.rerank import gallery_reciprocal_sets, k_reciprocal_rescore
 from siamese.embed import EmbedResult, embed_records, normalize_features
 from siamese.focus import FocusMap
-from siamese.index import EmbeddingIndex, load_embedding_whitening
+from siamese.index import EmbeddingIndex, IndividualMeans, load_embedding_whitening
 from siamese.model import SiameseNet, load_model
 from siamese.precision import resolve as resolve_precision
 
@@ -58,16 +58,23 @@ def votes_rule_stale(match: dict | None) -> bool:
 
 def match_settings_of(cfg: MatchConfig, votes_available: bool) -> dict:
     """The settings a calibration holds for (recorded in calibration.json's "match", compared by
-    `Engine.tau`): votes count only where the run can count them (`Engine.votes_available`)."""
+    `Engine.tau`): votes count only where the run can count them (`Engine.votes_available`); an
+    individual weight of None is `calibrate`'s (INDIVIDUAL_WEIGHT; `Engine.match_settings` gives the
+    engine's own)."""
+    weight = INDIVIDUAL_WEIGHT if cfg.individual_weight is None else cfg.individual_weight
     return {"shortlist": cfg.shortlist, "verify_top": cfg.verify_top, "per_individual": cfg.per_individual,
-            "votes": cfg.votes if votes_available else 0}
+            "votes": cfg.votes if votes_available else 0, "individual_weight": float(weight)}
+
+
+# settings calibration.json's "match" did not record before they existed: each was off (0)
+SETTINGS_ADDED = ("per_individual", "votes", "individual_weight")
 
 
 def fitted_settings(match: dict | None, now: dict) -> dict:
     """The settings of calibration.json's "match" record, keyed like `now` (`match_settings_of`):
-    calibrations from before --per-individual and --votes had neither (0); no record at all reads as
-    `now`."""
-    return {k: match.get(k, 0 if k in ("per_individual", "votes") else None) for k in now} if match else now
+    calibrations from before --per-individual, --votes and --individual-weight had none of them (0);
+    no record at all reads as `now`."""
+    return {k: match.get(k, 0 if k in SETTINGS_ADDED else None) for k in now} if match else now
 
 
 @dataclass
@@ -101,6 +108,9 @@ class QueryPairs:
     stages: dict[str, np.ndarray]  # stage -> (k,) float, NaN where the stage did not run
     evidence: dict[int, dict] = field(default_factory=dict)  # gallery index -> e.g. keypoint inliers
     similarity: np.ndarray | None = None  # (k,) the shortlist search's cosine
+    # (k,) the cosine to the mean of each photo's individual's photos of its viewpoint (IndividualMeans;
+    # None: not computed, individual weight 0)
+    individual: np.ndarray | None = None
     voted: np.ndarray | None = None  # positions of the photos keypoint votes proposed, most votes first
     votes: np.ndarray | None = None  # (k,) each photo's keypoint votes (None: not counted)
 
@@ -145,6 +155,7 @@ class Engine:
         self._reciprocal: dict = {}  # (k, gallery subset) -> the gallery's k-th neighbour similarity and sets
         self._votes: VoteIndex | None = None  # keypoint votes over the gallery, built when first needed
         self._by_path: tuple | None = None  # (gallery, its indices by path): photos_by_path
+        self._means: IndividualMeans | None = None  # each individual's mean embedding, built when first needed
 
     def searchable(self, embeddings: np.ndarray) -> np.ndarray:
         """Embeddings as the shortlist search compares them: whitened where the run has a whitening
@@ -220,7 +231,9 @@ class Engine:
         searching deeper (up to CAP_MAX_DEPTH photos) until K remain. With `cfg.votes` L > 0, the L
         photos with the most keypoint votes follow (`add_votes`; the cap does not apply to them, and
         they carry the query's cosine as searched (`searchable`), without query expansion or
-        re-ranking)."""
+        re-ranking). Where the individual weight is above 0 (`individual_weight`), each photo's
+        `qp.individual`: the query's cosine (as searched) to the mean of the photo's individual's
+        photos of its viewpoint, among the same photos, the query's own left out."""
         t0 = time.perf_counter()
         recs = [records[i] for i in emb.ok]
         if not recs:
@@ -285,6 +298,12 @@ class Engine:
         self.seconds["shortlist"] += time.perf_counter() - t0
         if cfg.votes > 0:
             self.add_votes(pairs, query_emb, cfg, gallery_subset, hidden, progress)
+        if self.individual_weight(cfg) > 0:
+            t0 = time.perf_counter()
+            means = self.individual_means()
+            for qi, qp in enumerate(pairs):
+                qp.individual = means.cosines(query_emb[qi], qp.gallery_idx, hidden[qi], gallery_subset)
+            self.seconds["shortlist"] += time.perf_counter() - t0
         return pairs
 
     def warn_unknown_views(self, views: Sequence[str | None]) -> None:
@@ -334,7 +353,24 @@ class Engine:
 
     def match_settings(self, cfg: MatchConfig) -> dict:
         """The settings a calibration holds for (`match_settings_of`), under this run and gallery."""
-        return match_settings_of(cfg, self.votes_available())
+        return match_settings_of(replace(cfg, individual_weight=self.individual_weight(cfg)), self.votes_available())
+
+    def individual_weight(self, cfg: MatchConfig) -> float:
+        """The share of the embedding stage's score that is the cosine to the candidate individual's mean
+        (`MatchConfig.individual_weight`): the setting's, else the calibration's, which is 0 for a
+        calibration from before the setting existed (its fusion was fitted on the photo's cosine alone),
+        and 0 without calibration."""
+        if cfg.individual_weight is not None:
+            return float(cfg.individual_weight)
+        if self.calibration is not None:
+            return float((self.calibration.get("match") or {}).get("individual_weight", 0.0))
+        return 0.0
+
+    def individual_means(self) -> IndividualMeans:
+        """Each individual's mean embedding per viewpoint over the gallery (built once per gallery)."""
+        if self._means is None:
+            self._means = IndividualMeans(self.search_embeddings, self.gallery.ids, self.gallery.viewpoints)
+        return self._means
 
     def vote_index(self, progress: bool = False) -> VoteIndex | None:
         """The keypoint vote index over the gallery (keypoints.votes), loaded from the run's cache or
@@ -448,8 +484,14 @@ class Engine:
                     gallery_subset: np.ndarray | None = None, progress: bool = False,
                     own: np.ndarray | None = None) -> list[QueryPairs]:
         """Every stage's score for each query's shortlist of gallery photos (`shortlist`). A TOP
-        stage scores each query's V pairs of `verify_picks` (NaN elsewhere)."""
+        stage scores each query's V pairs of `verify_picks` (NaN elsewhere). The embedding stage's score
+        is the shortlist's cosine to the photo, blended with the cosine to the photo's individual's mean
+        (`qp.individual`) by `individual_weight`."""
         pairs = self.shortlist(records, emb, cfg, gallery_subset, own, progress)  # (it books its seconds)
+        weight = self.individual_weight(cfg)
+        # the embedding's score of each pair: the cosine to the photo, `weight` of it to its individual's mean
+        similarity = [qp.similarity if qp.individual is None else (1 - weight) * qp.similarity + weight * qp.individual
+                      for qp in pairs]
         for stage in self.stages:
             if stage.scope != ALL and cfg.verify_top <= 0:
                 continue
@@ -464,7 +506,7 @@ class Engine:
             pos = np.concatenate(picks).astype(np.int64)
             batch = PairBatch([qp.record for qp in pairs], emb.embeddings, qpos,
                               np.array([pairs[q].gallery_idx[j] for q, j in zip(qpos, pos)], dtype=np.int64),
-                              np.array([pairs[q].similarity[j] for q, j in zip(qpos, pos)], dtype=np.float64),
+                              np.array([similarity[q][j] for q, j in zip(qpos, pos)], dtype=np.float64),
                               np.array([np.nan if pairs[q].votes is None else pairs[q].votes[j]
                                         for q, j in zip(qpos, pos)], dtype=np.float64))
             t0 = time.perf_counter()

@@ -138,6 +138,51 @@ class EmbeddingIndex:
         return scores, idx
 
 
+class IndividualMeans:
+    """The mean of each individual's gallery photos of one viewpoint (their embeddings as searched):
+    a query's cosine to it tells how well the query fits the animal as a whole, where its cosine to
+    one photo may be a chance resemblance (the embedding stage's score per individual,
+    `MatchConfig.individual_weight`). Photos without a viewpoint are a group of their own."""
+
+    def __init__(self, embeddings: np.ndarray, ids: Sequence[str], viewpoints: Sequence[str | None]):
+        self.embeddings = np.asarray(embeddings, dtype=np.float64)
+        groups: dict[tuple, int] = {}
+        self.group = np.array([groups.setdefault((i, v or ""), len(groups)) for i, v in zip(ids, viewpoints)],
+                              dtype=np.int64)
+        self.n_groups = len(groups)
+        self._sums: tuple | None = None  # (members key, (groups, D) sums): one gallery subset at a time
+
+    def sums(self, members: np.ndarray | None) -> np.ndarray:
+        """Each group's sum of embeddings over the gallery photos `members` (None: all)."""
+        key = None if members is None else members.tobytes()
+        if self._sums is None or self._sums[0] != key:
+            rows = np.arange(len(self.group)) if members is None else np.asarray(members, np.int64)
+            sums = np.zeros((self.n_groups, self.embeddings.shape[1]))
+            np.add.at(sums, self.group[rows], self.embeddings[rows])
+            self._sums = (key, sums)
+        return self._sums[1]
+
+    def cosines(self, query: np.ndarray, gallery_idx: np.ndarray, hidden: np.ndarray = (),
+                members: np.ndarray | None = None) -> np.ndarray:
+        """(k,) the cosine of `query` (as searched) to the mean of the group of each photo in
+        `gallery_idx`, over the photos `members` (None: all) but `hidden` (gallery indices: the
+        query's own photos, which must not vouch for themselves)."""
+        gallery_idx = np.asarray(gallery_idx, np.int64)
+        if not len(gallery_idx):
+            return np.zeros(0)
+        groups, inverse = np.unique(self.group[gallery_idx], return_inverse=True)
+        means = self.sums(members)[groups].copy()
+        hidden = np.unique(np.asarray(hidden, np.int64))  # (a photo hidden twice leaves once)
+        if members is not None:
+            hidden = hidden[np.isin(hidden, members)]
+        for h in hidden[hidden >= 0]:
+            at = np.flatnonzero(groups == self.group[h])
+            means[at] -= self.embeddings[h]
+        norms = np.linalg.norm(means, axis=1)
+        cos = np.where(norms > 1e-9, means @ np.asarray(query, np.float64) / np.maximum(norms, 1e-12), 0.0)
+        return cos[inverse]
+
+
 EMBEDDING_WHITENING_EPS = 0.01  # eigenvalue floor, x the largest (core.whitening; 0.01-0.1 measured alike)
 MIN_WHITENING_PHOTOS = 20  # photos in groups of two or more; fewer: no whitening
 

@@ -11,7 +11,8 @@ from core.stage import ALL, PairBatch, StageContext, StageOutput
 class EmbeddingStage:
     """Cosine similarity of the (centred, L2-normalised) embeddings as the shortlist search compares
     them (whitened where the run has an embedding whitening, `Engine.searchable`): the shortlist's own
-    score."""
+    score, a share of it (`MatchConfig.individual_weight`) the cosine to the mean of the photo's
+    individual's photos of its viewpoint (`siamese.index.IndividualMeans`)."""
     name = "embedding"
     scope = ALL
     # Before calibration, new_individual goes before the first candidate whose cosine is below this.

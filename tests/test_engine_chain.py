@@ -127,6 +127,7 @@ def test_tau_rule_follows_the_number_of_individuals(chain, monkeypatch, caplog):
     """Enough calibration individuals: tau is MAP@5's best over all folds, even where a fold chose a
     lower one; --new-rate: the rate's tau, never lowered."""
     from engine import calibrate as command
+    from engine.config import INDIVIDUAL_WEIGHT
     from engine.pipeline import MatchConfig
     root, run, qdir, truth = chain
     invoke("calibrate", "--run", run, "-q")
@@ -145,7 +146,7 @@ def test_tau_rule_follows_the_number_of_individuals(chain, monkeypatch, caplog):
     assert rate["tau_rule"] == "rate" and rate["config"]["target_new_rate"] == 0.5
     assert rate["tau"] == rate["tau_all_folds"]  # the rate's tau, not lowered
     assert rate["match"] == {"shortlist": 50, "verify_top": 50, "per_individual": 1, "votes": MatchConfig.votes,
-                             "votes_rule": "share_v"}
+                             "individual_weight": INDIVIDUAL_WEIGHT, "votes_rule": "share_v"}
     # match warns when its settings differ from the calibrated ones; a calibration from before
     # --per-individual had no cap
     from engine.pipeline import Engine
@@ -692,6 +693,63 @@ def test_keypoint_votes_join_the_shortlist_and_are_verified(chain, caplog):
     with caplog.at_level("WARNING", logger="engine.pipeline"):
         Engine.load(run).tau(MatchConfig(votes=4))
     assert "on top of --verify-top" not in caplog.text
+
+
+def test_embedding_score_per_individual_is_calibrated_and_recorded(chain, caplog):
+    """--individual-weight W: the embedding stage's score is (1 - W) x the cosine to the photo + W x the
+    cosine to the mean of its individual's photos of its viewpoint (as searched); calibrate fits
+    INDIVIDUAL_WEIGHT and records it, match uses the calibration's, and a calibration from before the
+    setting keeps the photo's cosine alone."""
+    from core.catalog import catalog_from_folder
+    from engine.config import INDIVIDUAL_WEIGHT
+    from engine.pipeline import Engine, MatchConfig
+
+    root, run, qdir, truth = chain
+    engine = Engine.load(run)
+    assert engine.calibration is None and engine.individual_weight(MatchConfig()) == 0
+    records = catalog_from_folder(qdir).records
+    emb = engine.embed(records, MatchConfig(), progress=False)
+    q = engine.searchable(emb.embeddings)
+    ids = np.asarray(engine.gallery.ids, dtype=object)
+    views = np.asarray([v or "" for v in engine.gallery.viewpoints], dtype=object)
+    plain = engine.pair_scores(records, emb, MatchConfig(individual_weight=0, verify_top=0))
+    half = engine.pair_scores(records, emb, MatchConfig(individual_weight=0.5, verify_top=0))
+    differ = 0
+    for i, (p, h) in enumerate(zip(plain, half)):
+        assert p.individual is None and list(p.gallery_idx) == list(h.gallery_idx)
+        np.testing.assert_allclose(p.stages["embedding"], p.similarity)
+        mean = [engine.search_embeddings[(ids == ids[g]) & (views == views[g])].sum(axis=0) for g in h.gallery_idx]
+        individual = np.array([m @ q[i] / np.linalg.norm(m) for m in mean])
+        np.testing.assert_allclose(h.stages["embedding"], 0.5 * p.similarity + 0.5 * individual, atol=1e-5)
+        np.testing.assert_allclose(h.stages["siamese"], p.stages["siamese"])  # the other stages as they were
+        differ += not np.allclose(individual, p.similarity, atol=1e-4)
+    assert differ  # individuals with several photos: the mean is not the photo
+    invoke("calibrate", "--run", run, "-q")
+    cal = json.loads((run / "calibration.json").read_text())
+    assert cal["match"]["individual_weight"] == INDIVIDUAL_WEIGHT > 0
+    logging.getLogger().handlers = [caplog.handler]  # the CLI's logging setup replaced pytest's
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="engine.pipeline"):
+        engine = Engine.load(run)
+        assert engine.individual_weight(MatchConfig()) == INDIVIDUAL_WEIGHT
+        engine.tau(MatchConfig())
+        assert not caplog.text
+        engine.tau(MatchConfig(individual_weight=0))
+        assert f"--individual-weight {INDIVIDUAL_WEIGHT}" in caplog.text and "--individual-weight 0.0" in caplog.text
+        caplog.clear()
+        # a calibration from before the setting: its fusion was fitted on the photo's cosine alone
+        del cal["match"]["individual_weight"]
+        (run / "calibration.json").write_text(json.dumps(cal))
+        old = Engine.load(run)
+        assert old.individual_weight(MatchConfig()) == 0
+        old.tau(MatchConfig())
+        assert not caplog.text
+        assert all(qp.individual is None for qp in old.pair_scores(records, emb, MatchConfig(verify_top=0)))
+    # calibrate fits the default, not the weight of the calibration it replaces; or the one asked for
+    invoke("calibrate", "--run", run, "-q")
+    assert json.loads((run / "calibration.json").read_text())["match"]["individual_weight"] == INDIVIDUAL_WEIGHT
+    invoke("calibrate", "--run", run, "--individual-weight", 0, "-q")
+    assert json.loads((run / "calibration.json").read_text())["match"]["individual_weight"] == 0
 
 
 def test_k_reciprocal_rerank_reorders_the_shortlist(chain):

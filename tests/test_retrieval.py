@@ -12,7 +12,7 @@ from core.cache import FeatureCache, record_key
 from core.errors import ImageError
 from core.catalog import load_catalog
 from siamese.embed import embed_records
-from siamese.index import EmbeddingIndex, build_index
+from siamese.index import EmbeddingIndex, IndividualMeans, build_index
 from siamese.model import ModelConfig, SiameseNet
 from tests.conftest import TINY_INPUT
 
@@ -191,6 +191,34 @@ def test_meets_is_the_rule_search_follows():
         found = set(idx[0][idx[0] >= 0].tolist())
         assert found == set(np.flatnonzero(index.meets(view)).tolist()) and len(found) == expected
     assert EmbeddingIndex(g).meets("left").all()
+
+
+def test_individual_means_by_viewpoint_subset_and_hidden_photos():
+    """Known answers: the cosine to the normalised sum of the candidate's individual's photos of the
+    same viewpoint, over a gallery subset, the query's own photos left out (once, even if named twice)."""
+    e = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [0, 1, 1], [1, 0, 1]], np.float32)
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    ids = ["a", "a", "a", "b", "b", "a"]
+    views = ["left", "left", "right", "left", None, "left"]
+    means = IndividualMeans(e, ids, views)
+    q = np.array([1.0, 0.0, 0.0])
+
+    def cos(rows):
+        m = e[rows].sum(axis=0)
+        return float(m @ q / np.linalg.norm(m))
+    # photo 0's group: a/left = photos 0, 1, 5; photo 2: a/right alone; photo 3: b/left; photo 4: b/no view
+    np.testing.assert_allclose(means.cosines(q, [0, 2, 3, 4, 1]),
+                               [cos([0, 1, 5]), cos([2]), cos([3]), cos([4]), cos([0, 1, 5])], atol=1e-9)
+    # the query is photo 0: it leaves a/left's mean, its photos keep their place
+    np.testing.assert_allclose(means.cosines(q, [1, 3, 5], hidden=[0, 0]), [cos([1, 5]), cos([3]), cos([1, 5])],
+                               atol=1e-9)
+    # a subset without photo 5 (a calibration fold); a hidden photo outside the subset changes nothing
+    subset = np.array([0, 1, 2, 3, 4])
+    np.testing.assert_allclose(means.cosines(q, [1, 3], hidden=[0], members=subset), [cos([1]), cos([3])], atol=1e-9)
+    np.testing.assert_allclose(means.cosines(q, [1], hidden=[5], members=subset), [cos([0, 1])], atol=1e-9)
+    # back to the whole gallery (the subset's sums are not reused for it)
+    np.testing.assert_allclose(means.cosines(q, [1]), [cos([0, 1, 5])], atol=1e-9)
+    assert means.cosines(q, []).shape == (0,)
 
 
 def test_large_galleries_get_an_ivf_index_with_high_recall():
