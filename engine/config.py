@@ -6,10 +6,11 @@ from dataclasses import dataclass
 
 # `calibrate`'s share of the embedding stage's score that is the query's cosine to the mean of the
 # candidate individual's gallery photos of that viewpoint (the rest: its cosine to the photo). On the
-# development set (two networks, protocol seeds 0 / 1, AMD EPYC fp32, V = 50, calibration refitted, the
-# same pairs): closed top-1 0.479 -> 0.479 / 0.514 -> 0.542, MAP@5 0.606 -> 0.613 / 0.637 -> 0.649,
-# known top-5 0.590 -> 0.597 / 0.646 -> 0.653, new F1 0.564 -> 0.584 / 0.597 -> 0.615; 0.5 and 0.75
-# were worse or mixed (README "Measured")
+# development set, against weight 0 on the same networks (protocol seeds 0 / 1, AMD EPYC fp32, V = 50):
+# two fresh networks, MAP@5 0.603 -> 0.617 / 0.626 -> 0.627, new F1 0.571 -> 0.583 / 0.580 -> 0.580,
+# closed top-1 0.472 -> 0.486 / 0.542 -> 0.549, known top-5 0.639 -> 0.646 / 0.674 -> 0.660; on two earlier
+# ones, where 0.5 and 0.75 were worse or mixed, MAP@5 +0.007 / +0.012, new F1 +0.020 / +0.018 (README
+# "Measured")
 INDIVIDUAL_WEIGHT = 0.25
 
 @dataclass(frozen=True)
