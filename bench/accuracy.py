@@ -329,8 +329,8 @@ def main() -> None:
             if not (keep and (run / output).is_file()):
                 step()
         info[label] = {"build_seconds": round(time.perf_counter() - t0, 1), "keypoints": keypoints,
-                       "votes": mcfg.votes, "individual_weight": mcfg.individual_weight, "verify_top": mcfg.verify_top, "shortlist": mcfg.shortlist,
-                       "whitening": whiten}
+                       "votes": mcfg.votes, "individual_weight": mcfg.individual_weight, "verify_top": mcfg.verify_top,
+                       "shortlist": mcfg.shortlist, "whitening": whiten}
         rows, timing = evaluate_run(run, qdir, qcsv, truth, args.work, label, options=isinstance(cfg, TrainConfig),
                                     cfg=mcfg)
         table.update(rows)

@@ -173,8 +173,8 @@ FEW_INDIVIDUALS_REMEDY = ("hold out more individuals (train-siamese --heldout-fr
 def main(cfg: CalibrateConfig, paths: Paths, mcfg: MatchConfig = MatchConfig(), threads: int | None = None,
          progress: bool = True, precision: str = "auto", remedy: str = FEW_INDIVIDUALS_REMEDY) -> dict:
     """The calibrate command. `mcfg`: the shortlist, verify-top, votes and individual weight (None:
-    INDIVIDUAL_WEIGHT) that `match` will use (recorded with the calibration). `remedy`: what the warning about too few held-out individuals advises
-    (the demo has its own options)."""
+    INDIVIDUAL_WEIGHT) that `match` will use (recorded with the calibration). `remedy`: what the
+    warning about too few held-out individuals advises (the demo has its own options)."""
     run = paths.run
     t0 = time.perf_counter()
     set_threads(threads)

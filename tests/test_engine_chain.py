@@ -703,6 +703,7 @@ def test_embedding_score_per_individual_is_calibrated_and_recorded(chain, caplog
     from core.catalog import catalog_from_folder
     from engine.config import INDIVIDUAL_WEIGHT
     from engine.pipeline import Engine, MatchConfig
+    from siamese.embed import EmbedResult
 
     root, run, qdir, truth = chain
     engine = Engine.load(run)
@@ -724,6 +725,20 @@ def test_embedding_score_per_individual_is_calibrated_and_recorded(chain, caplog
         np.testing.assert_allclose(h.stages["siamese"], p.stages["siamese"])  # the other stages as they were
         differ += not np.allclose(individual, p.similarity, atol=1e-4)
     assert differ  # individuals with several photos: the mean is not the photo
+    # calibration's queries are gallery photos, in a fold's gallery subset: the means are over the subset,
+    # the query's own photo left out
+    g = engine.gallery
+    picks = np.arange(0, len(g), 5)
+    subset = np.setdiff1d(np.arange(len(g)), np.arange(1, len(g), 3))
+    fold = engine.shortlist([g.record(int(i)) for i in picks], EmbedResult(g.embeddings[picks], np.arange(len(picks))),
+                            MatchConfig(individual_weight=0.5), gallery_subset=subset, own=picks)
+    in_subset = np.isin(np.arange(len(g)), subset)
+    for i, qp in zip(picks, fold):
+        keep = in_subset.copy()
+        keep[i] = False
+        mean = [engine.search_embeddings[keep & (ids == ids[j]) & (views == views[j])].sum(axis=0) for j in qp.gallery_idx]
+        expected = [m @ engine.search_embeddings[i] / np.linalg.norm(m) for m in mean]
+        np.testing.assert_allclose(qp.individual, expected, atol=1e-5)
     invoke("calibrate", "--run", run, "-q")
     cal = json.loads((run / "calibration.json").read_text())
     assert cal["match"]["individual_weight"] == INDIVIDUAL_WEIGHT > 0
