@@ -20,7 +20,7 @@ if not sys.stderr.isatty():  # a log file: a progress bar line every 30 s, not t
 import typer  # noqa: E402
 
 from core.errors import UserError  # noqa: E402
-from engine.config import DemoConfig, MatchConfig, VerifierTrainConfig  # noqa: E402
+from engine.config import INDIVIDUAL_WEIGHT, DemoConfig, MatchConfig, VerifierTrainConfig  # noqa: E402
 from ranker.fusion import FusionConfig  # noqa: E402
 from siamese.config import TrainConfig  # noqa: E402
 
@@ -124,8 +124,8 @@ VotesOpt = Annotated[int, typer.Option(min=0, help="Gallery photos proposed per 
 IndividualWeightOpt = Annotated[Optional[float], typer.Option(
     min=0.0, max=1.0, help="Share of the embedding's score that is the query's cosine to the mean of the "
                            "candidate individual's photos of that viewpoint, the rest its cosine to the photo "
-                           "(0: the photo alone). Default: calibrate fits 0.25; match and evaluate use the "
-                           "calibration's.")]
+                           f"(0: the photo alone). Default: calibrate fits {INDIVIDUAL_WEIGHT:g}; match and "
+                           "evaluate use the calibration's.")]
 QueryExpansionOpt = Annotated[int, typer.Option(min=0, help="Search again with each query averaged with its "
                                                 "best N gallery photos (query expansion; 0: off).")]
 RerankOpt = Annotated[int, typer.Option(min=0, help="k-reciprocal re-ranking of each shortlist with K "

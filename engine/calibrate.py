@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,6 @@ from core.metrics import NEW_INDIVIDUAL, score_predictions
 from core.runfolder import atomic_write_json
 from core.runtime import set_threads
 from core.stage import is_active
-from engine.config import INDIVIDUAL_WEIGHT
 from engine.pipeline import Engine, MatchConfig, QueryPairs
 from core.aggregate import aggregate_per_individual
 from ranker.fusion import FUSED, FusionConfig, ScoreFusion, calibrated_scorers
@@ -178,8 +177,7 @@ def main(cfg: CalibrateConfig, paths: Paths, mcfg: MatchConfig = MatchConfig(), 
     run = paths.run
     t0 = time.perf_counter()
     set_threads(threads)
-    if mcfg.individual_weight is None:  # calibrate fits the default, whatever an earlier calibration had
-        mcfg = replace(mcfg, individual_weight=INDIVIDUAL_WEIGHT)
+    mcfg = mcfg.to_fit()  # the default weight, whatever the calibration it replaces had
     engine = Engine.load(run, precision)
     data = fold_pairs(engine, cfg, mcfg, progress)
     # only the stages that score under these settings (the votes stage only where votes are counted:

@@ -2,7 +2,7 @@
 reads its defaults from here."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 # `calibrate`'s share of the embedding stage's score that is the query's cosine to the mean of the
 # candidate individual's gallery photos of that viewpoint (the rest: its cosine to the photo). On the
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 # ones, where 0.5 and 0.75 were worse or mixed, MAP@5 +0.007 / +0.012, new F1 +0.020 / +0.018 (README
 # "Measured")
 INDIVIDUAL_WEIGHT = 0.25
+
 
 @dataclass(frozen=True)
 class MatchConfig:
@@ -42,6 +43,10 @@ class MatchConfig:
     # photos of that viewpoint (Engine.individual_weight). A calibrated setting: None is the calibration's
     # (0 for calibrations from before it, and without calibration), and INDIVIDUAL_WEIGHT for `calibrate`
     individual_weight: float | None = None
+
+    def to_fit(self) -> "MatchConfig":
+        """These settings as `calibrate` fits them: an individual weight of None is INDIVIDUAL_WEIGHT."""
+        return self if self.individual_weight is not None else replace(self, individual_weight=INDIVIDUAL_WEIGHT)
 
 
 @dataclass(frozen=True)

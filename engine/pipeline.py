@@ -28,7 +28,7 @@ from core.gallery import Gallery
 from core.metrics import NEW_INDIVIDUAL
 from core.runfolder import RunFolder, atomic_write_bytes, atomic_write_json, read_json
 from core.stage import ALL, PairBatch, StageContext, is_active
-from engine.config import INDIVIDUAL_WEIGHT, MatchConfig
+from engine.config import MatchConfig
 from engine.stages import load_stages
 from keypoints.features import DESC_DIM
 from keypoints.votes import VoteConfig, VoteIndex
@@ -59,9 +59,9 @@ def votes_rule_stale(match: dict | None) -> bool:
 def match_settings_of(cfg: MatchConfig, votes_available: bool) -> dict:
     """The settings a calibration holds for (recorded in calibration.json's "match", compared by
     `Engine.tau`): votes count only where the run can count them (`Engine.votes_available`); an
-    individual weight of None is `calibrate`'s (INDIVIDUAL_WEIGHT; `Engine.match_settings` gives the
+    individual weight of None is `calibrate`'s (`MatchConfig.to_fit`; `Engine.match_settings` gives the
     engine's own)."""
-    weight = INDIVIDUAL_WEIGHT if cfg.individual_weight is None else cfg.individual_weight
+    weight = cfg.to_fit().individual_weight
     return {"shortlist": cfg.shortlist, "verify_top": cfg.verify_top, "per_individual": cfg.per_individual,
             "votes": cfg.votes if votes_available else 0, "individual_weight": float(weight)}
 

@@ -145,7 +145,7 @@ class IndividualMeans:
     `MatchConfig.individual_weight`). Photos without a viewpoint are a group of their own."""
 
     def __init__(self, embeddings: np.ndarray, ids: Sequence[str], viewpoints: Sequence[str | None]):
-        self.embeddings = np.asarray(embeddings, dtype=np.float64)
+        self.embeddings = embeddings  # (the searched ones, not copied: the sums are float64)
         groups: dict[tuple, int] = {}
         self.group = np.array([groups.setdefault((i, v or ""), len(groups)) for i, v in zip(ids, viewpoints)],
                               dtype=np.int64)
