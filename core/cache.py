@@ -167,12 +167,25 @@ class FeatureCache:
         if len(valid) <= max_shards:
             return 0
         smallest = sorted(valid, key=lambda p: p.stat().st_size)[: len(valid) - max_shards // 2 + 1]
-        sources = [(p, f) for p in smallest if (f := self._open(p)) is not None]
+        # newest first (names carry the time they were written): a key written again keeps its latest
+        # entry, as `get` reads it, and none that a newer shard left as it is holds again
+        sources = [(p, f) for p in sorted(smallest, key=lambda p: p.name, reverse=True)
+                   if (f := self._open(p)) is not None]
+        newer_kept: dict[str, set[str]] = {}  # per source: keys of the unmerged shards written after it
+        for p in (p for p in valid if p not in smallest):
+            f = self._open(p)
+            if f is not None:
+                with f:
+                    names = set(f)
+                for src, _ in sources:
+                    if p.name > src.name:
+                        newer_kept.setdefault(src.name, set()).update(names)
 
         def merge(out):
-            for _, src in sources:
+            for p, src in sources:
+                skip = newer_kept.get(p.name, set())
                 for name in src:
-                    if name not in out:
+                    if name not in out and name not in skip:
                         src.copy(src[name], out, name)
 
         try:

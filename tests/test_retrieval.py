@@ -300,3 +300,19 @@ def test_embedding_whitening_groups_by_individual_and_viewpoint_and_needs_enough
     w = fit_embedding_whitening(x, ids, [None] * 24)
     assert w is not None and w.correspondences == 24
     assert fit_embedding_whitening(x[:18], ids[:18], [None] * 18) is None  # 18 photos < 20
+
+
+@pytest.mark.parametrize("rewrite_merged", [True, False])
+def test_a_key_written_again_keeps_its_latest_entry_through_a_merge(tmp_path, rewrite_merged):
+    """An entry written again (a pair result verified anew) wins over the old one whether the merge
+    takes both shards (newest first) or only the old one (a newer unmerged shard holds the key)."""
+    c = FeatureCache(tmp_path / "c", "m")
+    c.add({"k": {"x": np.zeros(3, np.float32)}})
+    for i in range(cache_module.MAX_SHARDS - 2):
+        c.add({f"o{i}": {"x": np.full(3, i, np.float32)}})
+    # the new entry in a small shard (merged with the old) or in a large one (left as it is)
+    c.add({"k": {"x": np.full(3 if rewrite_merged else 50000, 7, np.float32)}})
+    assert c.get(["k"])["k"]["x"][0] == 7
+    c.add({"last": {"x": np.full(3, -1, np.float32)}})  # one too many: the smallest are merged
+    assert len(list((tmp_path / "c").glob("shard-*.h5"))) < cache_module.MAX_SHARDS
+    assert c.get(["k"])["k"]["x"][0] == 7 and c.get(["o3"])["o3"]["x"][0] == 3
