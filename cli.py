@@ -257,13 +257,20 @@ def train_verifier_cmd(
         "--whitening/--no-whitening", help="Learn a whitening of the SIFT descriptors from the correct matches "
         "between photos of the same training individual and flank, and match the whitened descriptors "
         "(skipped, with a warning, when the catalog gives too few).")] = VerifierTrainConfig.whitening,
+    inlier_weights: Annotated[bool, typer.Option(
+        "--inlier-weights/--no-inlier-weights", help="Learn which inliers tell individuals apart (the coat "
+        "pattern) and which any two animals of the species or one place share (heads, horns, background), "
+        "from the descriptors and positions of the training pairs' inliers; the validator then reads the mean "
+        "and sum of that weight over a pair's inliers beside the geometry (skipped, with a warning, when the "
+        "training pairs give too few).")] = VerifierTrainConfig.inlier_weights,
     seed: Annotated[int, typer.Option(help="Seed for sampling and the validator.")] = 0,
     threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads (default: all cores).")] = None,
     precision: PrecisionOpt = "auto",
     executor: ExecutorOpt = "local", ray_address: RayAddressOpt = None,
     quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ):
-    """Fit the keypoint verifier: SIFT/RootSIFT matches, double homography, XGBoost on the geometry.
+    """Fit the keypoint verifier: SIFT/RootSIFT matches, double homography, XGBoost on the geometry
+    and on learned weights of the inliers (which of them tell individuals apart).
 
     True pairs and hard false pairs (from the retrieval shortlist) come from the run's training
     photos; prints the held-out AUC (folds by individual) beside the raw inlier count's.
@@ -277,7 +284,7 @@ def train_verifier_cmd(
         raise UserError(f"--keypoints {keypoints!r}: choose one of {', '.join(PRESETS)}")
     cfg = VerifierTrainConfig(keypoints=keypoints, verify=keypoints if keypoints == "fast" else "default",
                               max_queries=max_queries, seed=seed, matchers=_names(matchers, "--matchers"),
-                              focus=focus, whitening=whitening)
+                              focus=focus, whitening=whitening, inlier_weights=inlier_weights)
     s = train_verifier.main(cfg, train_verifier.Paths(run), threads, progress=not quiet, precision=precision)
     for name, m in s["matchers"].items():
         counts = (f"on the inlier count alone; the whole geometry {m['heldout_auc_whole_geometry']:.3f}, "
@@ -285,6 +292,10 @@ def train_verifier_cmd(
         typer.echo(f"{name} verifier {m['validator']}: {s['pairs']} pairs ({s['positives']} true), held-out AUC "
                    f"{m['heldout_auc_validator']:.3f} ({counts}raw inlier count {m['heldout_auc_inlier_count']:.3f}), "
                    f"{m['ms_per_pair']:.1f} ms/pair")
+    for name, iw in s.get("inlier_weights", {}).items():
+        typer.echo(f"{name} inlier weights: " + (
+            f"fitted on {iw['inliers']} inliers of {iw['pairs_with_inliers_true']} true and "
+            f"{iw['pairs_with_inliers_false']} false pairs" if iw["fitted"] else f"none ({iw['reason']})"))
     w = s.get("whitening")
     if w:
         typer.echo(f"sift descriptors {'whitened' if w['fitted'] else 'as extracted'}: {w['correspondences']} correct "

@@ -19,6 +19,7 @@ Prints a table and writes bench/results/accuracy.json (and a copy in --work, kep
                            [--keypoints default,kp1500]  # keypoint presets side by side, one network
                            [--votes 0,20,20:20,100:300:200]  # keypoint votes[:V[:K]] side by side, one verified network
                            [--whitening on,off]  # SIFT descriptors whitened or not, one network
+                           [--inlier-weights off,on]  # the validator reads inlier weights or not, one network
                            [--mirror off,on]  # embeddings with their mirror image's or not, one network
                            [--views box,box+centre+photo]  # the views of a photo embedded (+ joins them), one network
                            [--network average,best]  # averaged weights or the best epoch's, one training
@@ -161,6 +162,10 @@ def main() -> None:
                     help="on / off: train-verifier --whitening / --no-whitening; 'on,off' compares both on the same "
                     "trained network: the first is the run's own, the other verifies and calibrates a copy of it "
                     "(run label trained+whiten-SETTING, sharing the run's caches)")
+    ap.add_argument("--inlier-weights", default="on" if VerifierTrainConfig.inlier_weights else "off",
+                    help="on / off: train-verifier --inlier-weights / --no-inlier-weights; 'off,on' compares both on "
+                    "the same trained network: the first is the run's own, the other verifies and calibrates a copy "
+                    "of it (run label trained+iweights-SETTING, sharing the run's caches)")
     ap.add_argument("--mirror", default="on" if ModelConfig.mirror else "off",
                     help="on / off: train-siamese --mirror / --no-mirror (each photo embedded as the mean of its "
                     "features and its mirror image's); 'off,on' compares both on the same trained and verified "
@@ -208,6 +213,7 @@ def main() -> None:
     # these options are checked before the split is written
     mirrors = on_off("--mirror", args.mirror)
     whitening = on_off("--whitening", args.whitening)
+    iweights = on_off("--inlier-weights", args.inlier_weights)
     ewhiten = on_off("--embedding-whitening", args.embedding_whitening)
     view_sets = [tuple(v.strip() for v in entry.split("+")) for entry in args.views.split(",")]
     problem = next((p for p in map(views_problem, view_sets) if p), None)
@@ -258,26 +264,30 @@ def main() -> None:
     except ValueError:
         sys.exit(f"--votes {args.votes}: expected distinct VOTES[:V[:K]] entries separated by commas, "
                  "e.g. 0,20,20:20,100:300:200")
-    white = [w == "on" for w in whitening]
+    # train-verifier's settings of the run's own verifier (the fifth element of a job)
+    verifier = {"whitening": whitening[0] == "on", "inlier_weights": iweights[0] == "on"}
     trained = runs[-1][0]
-    # (label, training or how to get the run, keypoint preset, match settings, whitening)
-    jobs = [(label, cfg, presets[0], votes[0][1], white[0]) for label, cfg in runs]
-    jobs += [(f"{trained}@{k}", "copy network", k, votes[0][1], white[0]) for k in presets[1:]]  # other keypoints
-    jobs += [(f"{trained}+votes{vote_label(v)}", "copy verified", presets[0], m, white[0])  # other vote settings
+    # (label, training or how to get the run, keypoint preset, match settings, train-verifier settings)
+    jobs = [(label, cfg, presets[0], votes[0][1], verifier) for label, cfg in runs]
+    jobs += [(f"{trained}@{k}", "copy network", k, votes[0][1], verifier) for k in presets[1:]]  # other keypoints
+    jobs += [(f"{trained}+votes{vote_label(v)}", "copy verified", presets[0], m, verifier)  # other vote settings
              for v, m in votes[1:]]
     jobs += [(f"{trained}+indiv{w:g}", "copy verified", presets[0],  # other individual weights
-              dataclasses.replace(votes[0][1], individual_weight=w), white[0]) for w in weights[1:]]
-    jobs += [(f"{trained}+whiten-{w}", "copy network, shared cache", presets[0], votes[0][1], w == "on")
+              dataclasses.replace(votes[0][1], individual_weight=w), verifier) for w in weights[1:]]
+    jobs += [(f"{trained}+whiten-{w}", "copy network, shared cache", presets[0], votes[0][1],
+              {**verifier, "whitening": w == "on"})
              for w in whitening[1:]]
-    jobs += [(f"{trained}+mirror-{m}", "copy verified, mirror " + m, presets[0], votes[0][1], white[0])
+    jobs += [(f"{trained}+mirror-{m}", "copy verified, mirror " + m, presets[0], votes[0][1], verifier)
              for m in mirrors[1:]]
     jobs += [(f"{trained}+views-{'+'.join(v)}", "copy verified, views " + "+".join(v), presets[0], votes[0][1],
-              white[0]) for v in view_sets[1:]]
-    jobs += [(f"{trained}+network-{k}", "copy network, keep " + k, presets[0], votes[0][1], white[0])
+              verifier) for v in view_sets[1:]]
+    jobs += [(f"{trained}+network-{k}", "copy network, keep " + k, presets[0], votes[0][1], verifier)
              for k in networks[1:]]
     jobs += [(f"{trained}+ewhiten-{w}", "copy verified, embedding whitening " + w, presets[0], votes[0][1],
-              white[0]) for w in ewhiten[1:]]
-    for label, cfg, keypoints, mcfg, whiten in jobs:
+              verifier) for w in ewhiten[1:]]
+    jobs += [(f"{trained}+iweights-{w}", "copy network, shared cache", presets[0], votes[0][1],
+              {**verifier, "inlier_weights": w == "on"}) for w in iweights[1:]]
+    for label, cfg, keypoints, mcfg, vsettings in jobs:
         run = args.work / f"run_{label}"
         t0 = time.perf_counter()
         # --reuse: what a run folder already has (a network, a verifier, a calibration) is kept
@@ -314,13 +324,17 @@ def main() -> None:
         if kept is not False and (kept is None) != (cfg.average_from is None):
             sys.exit(f"{run} keeps the {'best epoch' if kept is None else 'averaged weights'} (--reuse): give "
                      f"--network {'best' if kept is None else 'average'} first")
-        for output, step in post_training_steps(run, matchers, keypoints, mcfg, whiten):
+        for output, step in post_training_steps(run, matchers, keypoints, mcfg, **vsettings):
             keep = args.reuse or (isinstance(cfg, str) and cfg.startswith("copy verified")
                                   and output == "verifier.json")
             if keep and output == "verifier.json" and (run / "config.json").is_file():
                 # a verifier holds for the keypoint settings it was fitted on (a preset's may change)
                 recorded = json.loads((run / "config.json").read_text()).get("keypoints")
                 keep = recorded == config_to_dict(KEYPOINT_PRESETS[keypoints])
+                # and for the inlier weights it was asked for (a verifier from before them: none)
+                metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
+                fitted_with = metrics.get("train_verifier", {}).get("config", {})
+                keep = keep and bool(fitted_with.get("inlier_weights", False)) == vsettings["inlier_weights"]
             if keep and output == "calibration.json" and (run / output).is_file():
                 # a calibration holds for the match settings it was fitted with (one without a record: none)
                 fitted = json.loads((run / output).read_text()).get("match")
@@ -330,7 +344,7 @@ def main() -> None:
                 step()
         info[label] = {"build_seconds": round(time.perf_counter() - t0, 1), "keypoints": keypoints,
                        "votes": mcfg.votes, "individual_weight": mcfg.individual_weight, "verify_top": mcfg.verify_top,
-                       "shortlist": mcfg.shortlist, "whitening": whiten}
+                       "shortlist": mcfg.shortlist, **vsettings}
         rows, timing = evaluate_run(run, qdir, qcsv, truth, args.work, label, options=isinstance(cfg, TrainConfig),
                                     cfg=mcfg)
         table.update(rows)
@@ -379,7 +393,7 @@ def copy_trained(src: Path, dst: Path, share_cache: bool = False) -> None:
         sys.exit(f"{src}: no trained network to copy (run without --reuse first)")
     dst.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
-        if f.is_file() and not f.name.startswith(("verifier", "calibration", "whitening")):
+        if f.is_file() and not f.name.startswith(("verifier", "calibration", "whitening", "inlier_weights")):
             shutil.copy2(f, dst / f.name)
     if share_cache and not (dst / "cache").exists():
         (dst / "cache").symlink_to((src / "cache").resolve(), target_is_directory=True)
@@ -389,7 +403,7 @@ def copy_verified(src: Path, dst: Path) -> None:
     """A run folder holding `src`'s network, gallery and verifiers, sharing its cache (a link), without
     its calibration."""
     copy_trained(src, dst, share_cache=True)
-    for f in list(src.glob("verifier*")) + list(src.glob("whitening*")):
+    for f in list(src.glob("verifier*")) + list(src.glob("whitening*")) + list(src.glob("inlier_weights*")):
         shutil.copy2(f, dst / f.name)
 
 
@@ -499,14 +513,16 @@ def set_network(trained: Path, run: Path, keep: str) -> None:
 
 
 def post_training_steps(run: Path, matchers: tuple[str, ...] = ("sift",), keypoints: str = "default",
-                        match: MatchConfig = MatchConfig(), whitening: bool = VerifierTrainConfig.whitening) -> list:
+                        match: MatchConfig = MatchConfig(), whitening: bool = VerifierTrainConfig.whitening,
+                        inlier_weights: bool = VerifierTrainConfig.inlier_weights) -> list:
     """After train-siamese, (the file it writes, step): the keypoint verifier, then calibration on the
     held-out individuals (with the `match` settings: --votes, --verify-top, --shortlist)."""
     from engine import calibrate as calibrate_command
     from engine import train_verifier as verifier_command
 
     def verifier():
-        s = verifier_command.main(VerifierTrainConfig(matchers=matchers, keypoints=keypoints, whitening=whitening),
+        s = verifier_command.main(VerifierTrainConfig(matchers=matchers, keypoints=keypoints, whitening=whitening,
+                                                      inlier_weights=inlier_weights),
                                   verifier_command.Paths(run), progress=False)
         if "whitening" in s:
             w = s["whitening"]

@@ -59,6 +59,9 @@ class VerifierTrainConfig:
     # learn a whitening of the SIFT descriptors from the training individuals' correct matches
     # (keypoints.whitening); False: match RootSIFT as extracted
     whitening: bool = True
+    # learn which inliers tell individuals apart (keypoints.inlier_weights): the validator reads the mean
+    # and sum of their weight beside the geometry; False: the geometry alone
+    inlier_weights: bool = True
     negatives_per_query: int = 8  # hard false pairs from the top of each query's shortlist
     max_queries: int = 600
     seed: int = 0

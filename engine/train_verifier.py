@@ -24,6 +24,8 @@ from engine.config import VerifierTrainConfig
 from engine.pipeline import Engine, MatchConfig
 from engine.stages import MATCHERS, STAGES, matcher_class
 from keypoints.features import PRESETS as KEYPOINT_PRESETS
+from keypoints.inlier_weights import (WEIGHT_FEATURES, InlierWeightConfig, InlierWeights, fit_inlier_weights,
+                                      inlier_rows)
 from keypoints.stage import KeypointStage, XFeatStage
 from keypoints.validator import INLIERS, VALIDATOR_PRESETS, Validator, heldout_auc
 from keypoints.verify import FEATURE_NAMES, VERIFY_PRESETS, feature_matrix
@@ -132,14 +134,37 @@ class Paths:
     run: Path
 
 
-def choose_validator(X, y, groups, seed: int, vconf, name: str) -> dict:
+def fit_stage_inlier_weights(stage: KeypointStage, engine: Engine, triples, results, y: np.ndarray,
+                             groups: np.ndarray, cfg: VerifierTrainConfig) -> tuple[InlierWeights | None, np.ndarray, dict]:
+    """The model of single inliers (keypoints.inlier_weights) fitted on the inliers of the training pairs,
+    and the pairs' weight features out of fold (for the validator to be fitted on)."""
+    t0 = time.perf_counter()
+    g = engine.gallery
+    kps = stage.store.get([g.record(i) for i in sorted({i for q, p, _ in triples for i in (q, p)})],
+                          stage.workers, progress=False)
+    blocks = []
+    for (q, p, _), res in zip(triples, results):
+        kq, kg = kps.get(record_key(g.record(q))), kps.get(record_key(g.record(p)))
+        ok = res.n_inliers and res.inlier_idx is not None and kq is not None and kg is not None
+        blocks.append(inlier_rows(kq, kg, res.inlier_idx) if ok else None)
+    width = next((b.shape[1] for b in blocks if b is not None), 0)
+    blocks = [b if b is not None else np.zeros((0, width), np.float32) for b in blocks]
+    # one thread, as the validator: the same model whatever the machine's cores (~25 s on the development set)
+    model, W, info = fit_inlier_weights(blocks, y, groups, InlierWeightConfig(), seed=cfg.seed)
+    if model is None:
+        log.warning("%s: no model of inliers (%s); the validator reads the geometry alone", stage.matcher,
+                    info["reason"])
+    return model, W, {**info, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def choose_validator(X, y, groups, seed: int, vconf, name: str, feature_names=FEATURE_NAMES) -> dict:
     """The held-out figures of the validator to fit, with what it `uses`: the whole geometry, or the
     inlier count alone (a logistic model: keypoints.validator.INLIERS) where that scores the held-out
     pairs better by more than 0.02 of AUC. On a small catalog the whole model learns its few true pairs
     by heart (12 individuals: 0.585 against 0.638 for the count's model, and probabilities of ~0.9 for
     pairs without a geometry); on the development set it is kept (README "Measured")."""
-    whole = heldout_auc(X, y, groups, seed=seed, cfg=vconf, feature_names=list(FEATURE_NAMES))
-    inliers = heldout_auc(X, y, groups, seed=seed, cfg=vconf, feature_names=list(FEATURE_NAMES), uses=INLIERS)
+    whole = heldout_auc(X, y, groups, seed=seed, cfg=vconf, feature_names=list(feature_names))
+    inliers = heldout_auc(X, y, groups, seed=seed, cfg=vconf, feature_names=list(feature_names), uses=INLIERS)
     use_count = inliers["auc_validator"] > whole["auc_validator"] + 0.02
     if use_count:
         log.warning("%s: the whole geometry scores held-out pairs less well than their inlier count (AUC %.3f "
@@ -177,13 +202,25 @@ def main(cfg: VerifierTrainConfig, paths: Paths, threads: int | None = None, pro
         engine.run.update_config(**stage.settings())
         stage.store.get([g.record(i) for i in sorted({i for q, p, _ in triples for i in (q, p)})],
                         stage.workers, progress, desc=f"{name} keypoints")
+        stage.keep_inlier_idx = cfg.inlier_weights
         tv = time.perf_counter()  # keypoints are cached now: this times matching and geometry alone
         results = stage.verify([(g.record(q), g.record(p)) for q, p, _ in triples], progress)
         ms_per_pair = 1000 * (time.perf_counter() - tv) / max(1, len(triples))
-        X = feature_matrix(results)
-        auc = choose_validator(X, y, groups, cfg.seed, vconf, name)
+        X, names = feature_matrix(results), list(FEATURE_NAMES)
+        stage.inlier_weights_path(engine.run).unlink(missing_ok=True)  # the previous verifier's
+        weights_entry = None
+        if cfg.inlier_weights:
+            model, W, summary.setdefault("inlier_weights", {})[name] = fit_stage_inlier_weights(
+                stage, engine, triples, results, y, groups, cfg)
+            if model is not None:
+                model.save(stage.inlier_weights_path(engine.run))
+                weights_entry = {"file": stage.inlier_weights_path(engine.run).name, "fingerprint": model.fingerprint}
+                X, names = np.concatenate([X, W], axis=1), names + list(WEIGHT_FEATURES)
+        recorded = {k: v for k, v in (engine.run.config().get("inlier_weights") or {}).items() if k != name}
+        engine.run.update_config(inlier_weights={**recorded, **({name: weights_entry} if weights_entry else {})})
+        auc = choose_validator(X, y, groups, cfg.seed, vconf, name, names)
         uses = INLIERS if auc["uses"] == "inliers" else None
-        Validator(vconf, list(FEATURE_NAMES), uses).fit(X, y, seed=cfg.seed).save(stage.validator_path(engine.run))
+        Validator(vconf, names, uses).fit(X, y, seed=cfg.seed).save(stage.validator_path(engine.run))
         summary["matchers"][name] = {
             "heldout_auc_validator": round(float(auc["auc_validator"]), 4),
             "heldout_auc_inlier_count": round(float(auc["auc_inliers"]), 4),
@@ -196,6 +233,10 @@ def main(cfg: VerifierTrainConfig, paths: Paths, threads: int | None = None, pro
         if other not in cfg.matchers and path.exists():
             log.warning("removing %s: %s was not refitted with the others", path, other)
             path.unlink()
+        if other not in cfg.matchers:
+            cls.inlier_weights_path(engine.run).unlink(missing_ok=True)
+    engine.run.update_config(inlier_weights={k: v for k, v in (engine.run.config().get("inlier_weights") or {}).items()
+                                             if k in cfg.matchers})
     if engine.run.calibration_path.exists():
         log.warning("removing %s: it was fitted with the previous verifier (run calibrate again)",
                     engine.run.calibration_path)

@@ -25,6 +25,7 @@ from core.executor import current_executor
 from core.gallery import Gallery
 from core.stage import TOP, PairBatch, StageContext, StageOutput
 from keypoints.features import Keypoints, config_from_dict, config_to_dict, extract_keypoints
+from keypoints.inlier_weights import WEIGHT_FEATURES, InlierWeights, pair_weight_features
 from keypoints.store import KeypointStore, WhitenedStore, verify_record_pairs
 from keypoints.validator import Validator
 from keypoints.verify import FEATURE_NAMES, PairResult, VerifyConfig, feature_matrix
@@ -40,18 +41,36 @@ def _pair_key(q: Record, g: Record) -> str | None:
     return None if kq is None or kg is None else f"{kq}||{kg}"
 
 
+def load_recorded(run, entry: dict | None, loader, what: str):
+    """The file a config.json entry {"file", "fingerprint"} names in the run folder, read by `loader` and
+    checked against the fingerprint recorded with it; None without an entry."""
+    if not entry:
+        return None
+    path = run.path / entry["file"]
+    try:
+        obj = loader(path)
+    except (OSError, KeyError, ValueError) as e:
+        raise UserError(f"{path} cannot be read ({e.__class__.__name__}: {e}): run train-verifier again") from None
+    if obj.fingerprint != entry["fingerprint"]:
+        raise UserError(f"{path} is not the {what} config.json records (fingerprint {obj.fingerprint}, "
+                        f"expected {entry['fingerprint']}): run train-verifier again")
+    return obj
+
+
 def _to_arrays(r: PairResult) -> dict[str, np.ndarray]:
     return {"features": r.features.astype(np.float32),
             "H": np.full((3, 3), np.nan) if r.H is None else np.asarray(r.H, np.float64),
             "inliers_xy": np.asarray(r.inliers_xy, np.float32).reshape(-1, 4),
             "counts": np.array([r.n_inliers, r.n_matches], np.int64),
-            "reject": np.frombuffer(r.reject.encode(), np.uint8)}
+            "reject": np.frombuffer(r.reject.encode(), np.uint8),
+            "inlier_idx": np.zeros((0, 2), np.int32) if r.inlier_idx is None else np.asarray(r.inlier_idx, np.int32)}
 
 
 def _from_arrays(a: dict[str, np.ndarray]) -> PairResult:
     H = None if np.isnan(a["H"]).any() else a["H"]
+    idx = a.get("inlier_idx")  # absent from results cached before the indices were kept
     return PairResult(a["features"], H, a["inliers_xy"], int(a["counts"][0]), int(a["counts"][1]),
-                      bytes(a["reject"]).decode())
+                      bytes(a["reject"]).decode(), None if idx is None else np.asarray(idx, np.int64).reshape(-1, 2))
 
 
 class KeypointStage:
@@ -64,10 +83,17 @@ class KeypointStage:
     pairs_dir = "pairs"  # under the run's cache/
     features_dir = "keypoints"  # per-photo features, under the run's cache/ (also the cache's name)
     evidence_prefix = ""  # the SIFT stage's evidence keeps its historical names (inliers, inliers_xy)
+    inlier_weights_file = "inlier_weights.json"  # in the run folder, written by train-verifier
 
     def __init__(self, run, kcfg, vcfg: VerifyConfig, validator: Validator | None, workers: int = 2,
-                 executor=None, focus=None, whitening: Whitening | None = None):
+                 executor=None, focus=None, whitening: Whitening | None = None,
+                 inlier_weights: InlierWeights | None = None):
         self.kcfg, self.vcfg, self.validator, self.workers = kcfg, vcfg, validator, workers
+        # the model of single inliers (keypoints.inlier_weights) whose features the validator reads too
+        self.inlier_weights = inlier_weights
+        # results need their inlier indices (cached ones from before they were kept are verified again):
+        # with a model of inliers, and while train-verifier fits one
+        self.keep_inlier_idx = inlier_weights is not None
         # descriptors as matched: whitened for the catalog (keypoints.whitening) or as extracted
         self.whitening = whitening
         self.executor = executor  # core.executor: None or local = this process, ray = tasks
@@ -107,6 +133,17 @@ class KeypointStage:
         return run.verifier_path
 
     @classmethod
+    def inlier_weights_path(cls, run):
+        return run.path / cls.inlier_weights_file
+
+    @classmethod
+    def load_inlier_weights(cls, run, config: dict) -> InlierWeights | None:
+        """The model of single inliers config.json names for this matcher, checked against its fingerprint;
+        None for a run whose verifier was fitted without one."""
+        return load_recorded(run, (config.get("inlier_weights") or {}).get(cls.matcher), InlierWeights.load,
+                             "model of inliers")
+
+    @classmethod
     def configs(cls, config: dict):
         """(extraction, verification) settings recorded in config.json by train-verifier."""
         return config_from_dict(config["keypoints"]), VerifyConfig.from_dict(config["verify"])
@@ -122,30 +159,21 @@ class KeypointStage:
     @classmethod
     def load_whitening(cls, run, config: dict) -> Whitening | None:
         """The whitening config.json names, checked against its fingerprint."""
-        entry = config.get("whitening")
-        if not entry:
-            return None
-        path = run.path / entry["file"]
-        try:
-            whitening = Whitening.load(path)
-        except (OSError, KeyError, ValueError) as e:
-            raise UserError(f"{path} cannot be read ({e.__class__.__name__}: {e}): run train-verifier again") from None
-        if whitening.fingerprint != entry["fingerprint"]:
-            raise UserError(f"{path} is not the whitening config.json records (fingerprint {whitening.fingerprint}, "
-                            f"expected {entry['fingerprint']}): run train-verifier again")
-        return whitening
+        return load_recorded(run, config.get("whitening"), Whitening.load, "whitening")
 
     @classmethod
     def load(cls, ctx: StageContext) -> "KeypointStage | None":
         path = cls.validator_path(ctx.run)
         if not path.is_file():
             return None
+        weights = cls.load_inlier_weights(ctx.run, ctx.config)
         try:
-            validator = Validator.load(path, expected_features=FEATURE_NAMES)
+            validator = Validator.load(path, expected_features=list(FEATURE_NAMES) + (
+                list(WEIGHT_FEATURES) if weights is not None else []))
         except ValueError as e:
             raise UserError(f"{path} does not fit this engine ({e}): run train-verifier again") from None
         return cls(ctx.run, *cls.configs(ctx.config), validator, ctx.workers, ctx.executor, ctx.focus,
-                   cls.load_whitening(ctx.run, ctx.config))
+                   cls.load_whitening(ctx.run, ctx.config), weights)
 
     def config(self) -> dict:
         """The settings (the pair cache's fingerprint, and the vote index's): extraction, verification,
@@ -156,6 +184,8 @@ class KeypointStage:
         """Verification results of (query, gallery) record pairs, through the pair cache."""
         keys = [_pair_key(q, g) for q, g in pairs]
         cached = {k: _from_arrays(v) for k, v in self.pairs.get({k for k in keys if k}).items()}
+        if self.keep_inlier_idx:  # cached before the inlier indices were kept: verified again
+            cached = {k: r for k, r in cached.items() if not (r.n_inliers and r.inlier_idx is None)}
         todo = [i for i, k in enumerate(keys) if k is None or k not in cached]
         if (self.executor or current_executor()).remote:
             fresh = self._verify_remote([pairs[i] for i in todo], progress)
@@ -209,7 +239,7 @@ class KeypointStage:
         record_pairs = [(batch.queries[qp], gallery.record(int(g))) for qp, g in zip(batch.query_pos,
                                                                                     batch.gallery_idx)]
         results = self.verify(record_pairs, progress)
-        probs = self.validator.predict(feature_matrix(results)) if results else np.zeros(0)
+        probs = self.validator.predict(self.features(results, record_pairs)) if results else np.zeros(0)
         evidence = [{
             "inliers": res.n_inliers,
             # compact until written: a match keeps these for every query it answers
@@ -220,6 +250,16 @@ class KeypointStage:
         return StageOutput(np.asarray(probs, dtype=np.float64), evidence)
 
 
+    def features(self, results: Sequence[PairResult], record_pairs: Sequence[tuple[Record, Record]]) -> np.ndarray:
+        """The validator's input for verification `results` of `record_pairs`: `feature_names` columns."""
+        X = feature_matrix(results)
+        if self.inlier_weights is None:
+            return X
+        W = pair_weight_features(self.inlier_weights, results, record_pairs,
+                                 lambda recs: self.store.get(recs, self.workers, progress=False), record_key)
+        return np.concatenate([X, W], axis=1)
+
+
 class XFeatStage(KeypointStage):
     """XFeat keypoints matched by LighterGlue, then the same double homography and validator recipe."""
     name = "xfeat"
@@ -227,12 +267,13 @@ class XFeatStage(KeypointStage):
     pairs_dir = "pairs-xfeat"
     features_dir = "xfeat"
     evidence_prefix = "xfeat_"
+    inlier_weights_file = "inlier_weights-xfeat.json"
 
     def __init__(self, run, kcfg, vcfg: VerifyConfig, validator: Validator | None, workers: int = 1,
-                 executor=None, focus=None, whitening=None):
+                 executor=None, focus=None, whitening=None, inlier_weights: InlierWeights | None = None):
         # torch runs its own threads inside each extraction and match: one photo or pair at a time;
         # LighterGlue matches XFeat's own descriptors: no whitening
-        super().__init__(run, kcfg, vcfg, validator, workers=1, executor=executor)
+        super().__init__(run, kcfg, vcfg, validator, workers=1, executor=executor, inlier_weights=inlier_weights)
 
     @classmethod
     def load_whitening(cls, run, config: dict) -> None:

@@ -100,6 +100,9 @@ class PairResult:
     n_inliers: int  # accepted inliers (0 when the geometry was rejected)
     n_matches: int
     reject: str = ""  # "" when accepted, else the reason (too_few_matches, mirrored, scale, ...)
+    # int32 (m, 2): the query's and the gallery's keypoint of each row of inliers_xy (accepted only);
+    # None for a result cached before they were kept (keypoints.inlier_weights reads them)
+    inlier_idx: np.ndarray | None = None
 
     @property
     def score(self) -> float:
@@ -197,7 +200,7 @@ def verify_matches(kp_query: Keypoints, kp_gallery: Keypoints, m: Matches,
     H_pix = np.linalg.inv(frame_transform(kp_gallery.image_size)) @ g.H @ frame_transform(kp_query.image_size)
     H_pix /= H_pix[2, 2]
     inl = np.concatenate([xy_q, xy_g], axis=1).astype(np.float32)
-    return PairResult(f.astype(np.float32), H_pix, inl, n_in, n_matches, "")
+    return PairResult(f.astype(np.float32), H_pix, inl, n_in, n_matches, "", m.idx[sel].astype(np.int32))
 
 
 def verify_pairs(pairs: Sequence[tuple[Hashable, Hashable]],

@@ -23,6 +23,22 @@ def sample(tmp_path_factory) -> Path:
                         seed=1, size=(96, 128), viewpoints=("left", "right"))
 
 
+PHOTO_SIZE = (192, 256)  # (h, w) of the `photos` fixture's synthetic photos
+
+
+@pytest.fixture(scope="session")
+def photos():
+    """Two photos of individual A, one of individual B (left flank, seeded): keypoint tests' known answers."""
+    import numpy as np
+
+    from engine.synthetic import make_individual, render_photo
+
+    a, b = make_individual("A", 101), make_individual("B", 202)
+    rng = np.random.default_rng(1)
+    return {"a1": render_photo(a, rng, "left", PHOTO_SIZE), "a2": render_photo(a, rng, "left", PHOTO_SIZE),
+            "b": render_photo(b, rng, "left", PHOTO_SIZE)}
+
+
 @pytest.fixture(scope="session")
 def nyala() -> Path:
     if not (NYALA / "catalog.csv").is_file():

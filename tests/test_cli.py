@@ -273,6 +273,24 @@ def test_demo_end_to_end(tmp_path):
     (run / white["file"]).write_bytes(data[:len(data) // 2])  # (a truncated zip: BadZipFile)
     r = invoke("match", tmp_path / "demo" / "split" / "queries", "--run", run, "--out", tmp_path / "p.csv", "-q")
     assert r.exit_code == 2 and "whitening.npz cannot be read" in r.output and "train-verifier" in r.output
+    (run / white["file"]).write_bytes(data)
+    # and the model of inliers (191 true and 304 false training pairs with inliers measured): config.json
+    # names it, the validator reads its features, and a file that is not the one recorded is refused
+    from keypoints.inlier_weights import WEIGHT_FEATURES, InlierWeights
+    from keypoints.verify import FEATURE_NAMES
+
+    entry = json.loads((run / "config.json").read_text())["inlier_weights"]["sift"]
+    info = json.loads((run / "metrics.json").read_text())["train_verifier"]["inlier_weights"]["sift"]
+    assert info["fitted"] and min(info["pairs_with_inliers_true"], info["pairs_with_inliers_false"]) >= 100
+    assert InlierWeights.load(run / entry["file"]).fingerprint == entry["fingerprint"] == info["fingerprint"]
+    verifier = json.loads((run / "verifier.json").read_text())
+    assert verifier["feature_names"] == list(FEATURE_NAMES) + list(WEIGHT_FEATURES)
+    entry["fingerprint"] = "0" * 16
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["inlier_weights"]["sift"] = entry
+    (run / "config.json").write_text(json.dumps(cfg))
+    r = invoke("match", tmp_path / "demo" / "split" / "queries", "--run", run, "--out", tmp_path / "p.csv", "-q")
+    assert r.exit_code == 2 and "inlier_weights.json is not the model of inliers config.json records" in r.output
 
 
 @pytest.mark.slow

@@ -69,6 +69,14 @@ def test_verifier_calibrate_match_evaluate(siamese_only):
     # this small sample gives too few correct matches to learn a whitening from: said, and skipped
     assert "descriptor whitening skipped" in out and "sift descriptors as extracted" in out
     assert json.loads((run / "config.json").read_text())["whitening"] is None
+    # nor enough false pairs with inliers (15 measured) to learn which inliers tell individuals apart:
+    # said, and the validator reads the geometry alone
+    from keypoints.verify import FEATURE_NAMES
+
+    assert "sift inlier weights: none (" in out and "false training pairs with inliers" in out
+    assert json.loads((run / "config.json").read_text())["inlier_weights"] == {}
+    assert not (run / "inlier_weights.json").exists()
+    assert json.loads((run / "verifier.json").read_text())["feature_names"] == list(FEATURE_NAMES)
     out = invoke("calibrate", "--run", run, "--folds", 3, "-q")
     cal = json.loads((run / "calibration.json").read_text())
     assert set(cal["tau"]) == {"votes", "embedding", "siamese", "keypoints", "fused"}

@@ -13,25 +13,13 @@ from keypoints.homography import HomographyConfig, apply_h, double_homography
 from keypoints.matching import match_descriptors
 from keypoints.verify import (FEATURE_NAMES, N_FEATURES, VERIFY_PRESETS, VerifyConfig, feature_matrix, verify_pair,
                              verify_pairs)
-from tests.conftest import NYALA
+from tests.conftest import NYALA, PHOTO_SIZE as SIZE
 
-SIZE = (192, 256)  # (h, w) of the synthetic photos
 F = {n: i for i, n in enumerate(FEATURE_NAMES)}
 
 
 def corners(h: int, w: int) -> np.ndarray:
     return np.array([[0, 0], [w - 1, 0], [w - 1, h - 1], [0, h - 1]], dtype=float)
-
-
-@pytest.fixture(scope="module")
-def photos():
-    """Two photos of individual A, one of individual B (left flank, seeded)."""
-    from engine.synthetic import make_individual, render_photo
-
-    a, b = make_individual("A", 101), make_individual("B", 202)
-    rng = np.random.default_rng(1)
-    return {"a1": render_photo(a, rng, "left", SIZE), "a2": render_photo(a, rng, "left", SIZE),
-            "b": render_photo(b, rng, "left", SIZE)}
 
 
 @pytest.fixture(scope="module")
