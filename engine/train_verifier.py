@@ -64,7 +64,9 @@ def build_training_pairs(engine: Engine, cfg: VerifierTrainConfig):
         engine.set_gallery(g)
     triples = []
     for q, qp in zip(queries, shortlists):
-        scores = engine.default_scores(qp.stages)
+        # the pair head's order, whether or not the run holds a calibration (fitted with the verifier
+        # about to be replaced): the same pairs for a run verified again as for a fresh one
+        scores = engine.pre_scores(qp.stages)
         order = np.argsort(-scores, kind="stable")
         same = ids[qp.gallery_idx] == g.ids[q]
         pos = [int(qp.gallery_idx[j]) for j in order if same[j]][:2]

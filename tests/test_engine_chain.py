@@ -173,6 +173,26 @@ def test_tau_rule_follows_the_number_of_individuals(chain, monkeypatch, caplog):
         assert not caplog.text
 
 
+def test_train_verifier_pairs_do_not_depend_on_a_stale_calibration(chain):
+    """train-verifier on a calibrated run (verified again) mines the same pairs as on a fresh one: the
+    pair head's order, not the fusion of the calibration it is about to replace."""
+    from core.stage import ALL
+    from engine.config import VerifierTrainConfig
+    from engine.pipeline import Engine
+    from engine.stages import STAGES
+    from engine.train_verifier import build_training_pairs
+
+    _, run, _, _ = chain
+    invoke("calibrate", "--run", run, "--folds", 3, "-q")
+    stages = [s.name for s in STAGES if s.scope == ALL]
+    calibrated = Engine.load(run, stages=stages)
+    assert calibrated.scorers  # the fusion is there to be used
+    with_calibration = build_training_pairs(calibrated, VerifierTrainConfig())
+    (run / "calibration.json").unlink()
+    fresh = build_training_pairs(Engine.load(run, stages=stages), VerifierTrainConfig())
+    assert with_calibration == fresh and any(t[2] == 0 for t in fresh) and any(t[2] == 1 for t in fresh)
+
+
 def test_retraining_drops_the_stale_verifier_and_calibration(chain, tmp_path):
     root, run, qdir, truth = chain
     rerun = tmp_path / "rerun"
