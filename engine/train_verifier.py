@@ -26,7 +26,7 @@ from engine.stages import MATCHERS, STAGES, matcher_class
 from keypoints.features import PRESETS as KEYPOINT_PRESETS
 from keypoints.inlier_weights import (WEIGHT_FEATURES, InlierWeightConfig, InlierWeights, fit_inlier_weights,
                                       inlier_rows)
-from keypoints.stage import KeypointStage, XFeatStage
+from keypoints.stage import WEIGHT_CHUNK, KeypointStage, XFeatStage
 from keypoints.validator import INLIERS, VALIDATOR_PRESETS, Validator, heldout_auc
 from keypoints.verify import FEATURE_NAMES, VERIFY_PRESETS, feature_matrix
 from keypoints.whitening import WhiteningConfig, correct_matches, fit_whitening, same_flank_pairs
@@ -142,13 +142,15 @@ def fit_stage_inlier_weights(stage: KeypointStage, engine: Engine, triples, resu
     and the pairs' weight features out of fold (for the validator to be fitted on)."""
     t0 = time.perf_counter()
     g = engine.gallery
-    kps = stage.store.get([g.record(i) for i in sorted({i for q, p, _ in triples for i in (q, p)})],
-                          stage.workers, progress=False)
-    blocks = []
-    for (q, p, _), res in zip(triples, results):
-        kq, kg = kps.get(record_key(g.record(q))), kps.get(record_key(g.record(p)))
-        ok = res.n_inliers and res.inlier_idx is not None and kq is not None and kg is not None
-        blocks.append(inlier_rows(kq, kg, res.inlier_idx) if ok else None)
+    blocks, pairs = [], list(zip(triples, results))
+    for start in range(0, len(pairs), WEIGHT_CHUNK):  # the keypoints of a chunk of pairs at a time
+        part = pairs[start:start + WEIGHT_CHUNK]
+        kps = stage.store.get([g.record(i) for i in sorted({i for (q, p, _), _ in part for i in (q, p)})],
+                              stage.workers, progress=False)
+        for (q, p, _), res in part:
+            kq, kg = kps.get(record_key(g.record(q))), kps.get(record_key(g.record(p)))
+            ok = res.n_inliers and res.inlier_idx is not None and kq is not None and kg is not None
+            blocks.append(inlier_rows(kq, kg, res.inlier_idx) if ok else None)
     width = next((b.shape[1] for b in blocks if b is not None), 0)
     blocks = [b if b is not None else np.zeros((0, width), np.float32) for b in blocks]
     # one thread, as the validator: the same model whatever the machine's cores (~25 s on the development set)

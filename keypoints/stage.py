@@ -34,6 +34,7 @@ from keypoints.whitening import Whitening
 log = logging.getLogger(__name__)
 _KP_QUERY, _KP_GALLERY = FEATURE_NAMES.index("log_kp_query"), FEATURE_NAMES.index("log_kp_gallery")
 WHITENING_FILE = "whitening.npz"  # in the run folder, written by train-verifier
+WEIGHT_CHUNK = 128  # pairs whose photos' keypoints are read at once for the inlier weights
 
 
 def _pair_key(q: Record, g: Record) -> str | None:
@@ -253,11 +254,13 @@ class KeypointStage:
     def features(self, results: Sequence[PairResult], record_pairs: Sequence[tuple[Record, Record]]) -> np.ndarray:
         """The validator's input for verification `results` of `record_pairs`: `feature_names` columns."""
         X = feature_matrix(results)
-        if self.inlier_weights is None:
+        if self.inlier_weights is None or not len(X):
             return X
-        W = pair_weight_features(self.inlier_weights, results, record_pairs,
-                                 lambda recs: self.store.get(recs, self.workers, progress=False), record_key)
-        return np.concatenate([X, W], axis=1)
+        # the photos' keypoints a chunk of pairs at a time, as verification reads them: bounded memory
+        W = [pair_weight_features(self.inlier_weights, results[i:i + WEIGHT_CHUNK], record_pairs[i:i + WEIGHT_CHUNK],
+                                  lambda recs: self.store.get(recs, self.workers, progress=False), record_key)
+             for i in range(0, len(results), WEIGHT_CHUNK)]
+        return np.concatenate([X, np.concatenate(W)], axis=1)
 
 
 class XFeatStage(KeypointStage):

@@ -131,3 +131,36 @@ def test_pair_cache_keeps_inlier_indices_and_reverifies_entries_cached_without_t
     again = stage.verify([pair])[0]
     assert np.array_equal(again.inlier_idx, fresh.inlier_idx)
     assert "inlier_idx" in stage.pairs.get({_pair_key(*pair)})[_pair_key(*pair)]  # and caches it anew
+
+
+def test_a_stage_reads_weights_a_chunk_of_pairs_at_a_time_with_the_same_result(photos, tmp_path, monkeypatch):
+    """The validator's input of a stage with a model of inliers: the geometry, then the mean and sum of
+    the inlier weights, the same whether the photos' keypoints are read for all pairs at once or pair by
+    pair (the chunk bounds memory on large batches)."""
+    import keypoints.stage as stage_module
+    from core.catalog import Record
+    from core.runfolder import RunFolder
+    from keypoints.stage import KeypointStage
+    from keypoints.verify import FEATURE_NAMES, VerifyConfig, feature_matrix
+
+    recs = {}
+    for name in ("a1", "a2", "b"):
+        path = tmp_path / f"{name}.png"
+        cv2.imwrite(str(path), photos[name][:, :, ::-1])
+        recs[name] = Record(image=path.name, path=path, individual_id=name[0])
+    rng = np.random.default_rng(0)
+    X = rng.random((400, 2 * 128 + POSITION_COLUMNS)).astype(np.float32)
+    model = InlierWeights.fit(X, (X[:, 0] > 0.5).astype(int), InlierWeightConfig(n_estimators=5))
+    stage = KeypointStage(RunFolder(tmp_path / "run"), KeypointConfig(focus_keep=1.0), VerifyConfig(), None,
+                          inlier_weights=model)
+    pairs = [(recs[q], recs[g]) for q, g in [("a1", "a2"), ("a1", "b"), ("a2", "a1"), ("b", "a2")]]
+    results = stage.verify(pairs)
+    whole = stage.features(results, pairs)
+    monkeypatch.setattr(stage_module, "WEIGHT_CHUNK", 1)
+    assert np.array_equal(stage.features(results, pairs), whole)
+    assert whole.shape == (4, len(FEATURE_NAMES) + len(WEIGHT_FEATURES))
+    assert np.array_equal(whole[:, :len(FEATURE_NAMES)], feature_matrix(results))
+    n = np.array([r.n_inliers for r in results])
+    assert n[0] >= 10 and n[2] >= 10 and n[1] == n[3] == 0  # A-A matched both ways, A-B not
+    mean, total = whole[:, len(FEATURE_NAMES)], whole[:, len(FEATURE_NAMES) + 1]
+    assert np.all(mean[n > 0] > 0) and not mean[n == 0].any() and np.allclose(total, mean * n, rtol=1e-5)
