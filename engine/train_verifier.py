@@ -24,9 +24,8 @@ from engine.config import VerifierTrainConfig
 from engine.pipeline import Engine, MatchConfig
 from engine.stages import MATCHERS, STAGES, matcher_class
 from keypoints.features import PRESETS as KEYPOINT_PRESETS
-from keypoints.inlier_weights import (WEIGHT_FEATURES, InlierWeightConfig, InlierWeights, fit_inlier_weights,
-                                      inlier_rows)
-from keypoints.stage import WEIGHT_CHUNK, KeypointStage, XFeatStage
+from keypoints.inlier_weights import InlierWeightConfig, InlierWeights, fit_inlier_weights, inlier_rows
+from keypoints.stage import WEIGHT_CHUNK, KeypointStage, XFeatStage, validator_features
 from keypoints.validator import INLIERS, VALIDATOR_PRESETS, Validator, heldout_auc
 from keypoints.verify import FEATURE_NAMES, VERIFY_PRESETS, feature_matrix
 from keypoints.whitening import WhiteningConfig, correct_matches, fit_whitening, same_flank_pairs
@@ -194,6 +193,9 @@ def main(cfg: VerifierTrainConfig, paths: Paths, threads: int | None = None, pro
     vconf = VALIDATOR_PRESETS[cfg.validator]
     summary = {"pairs": len(triples), "positives": int(y.sum()), "negatives": int((1 - y).sum()),
                "matchers": {}, "config": asdict(cfg)}
+    # config.json's inlier_weights: matcher -> its model's file and fingerprint (a matcher not refitted
+    # keeps its entry until the end, where it loses it with its validator)
+    weights: dict[str, dict] = dict(engine.run.config().get("inlier_weights") or {})
     for name in cfg.matchers:
         stage = matcher_stage(name, engine.run, cfg)
         if matcher_class(name) is KeypointStage:
@@ -210,18 +212,19 @@ def main(cfg: VerifierTrainConfig, paths: Paths, threads: int | None = None, pro
         tv = time.perf_counter()  # keypoints are cached now: this times matching and geometry alone
         results = stage.verify([(g.record(q), g.record(p)) for q, p, _ in triples], progress)
         ms_per_pair = 1000 * (time.perf_counter() - tv) / max(1, len(triples))
-        X, names = feature_matrix(results), list(FEATURE_NAMES)
+        X = feature_matrix(results)
         stage.inlier_weights_path(engine.run).unlink(missing_ok=True)  # the previous verifier's
-        weights_entry = None
+        weights.pop(name, None)
+        model = None
         if cfg.inlier_weights:
             model, W, summary.setdefault("inlier_weights", {})[name] = fit_stage_inlier_weights(
                 stage, engine, triples, results, y, groups, cfg)
             if model is not None:
                 model.save(stage.inlier_weights_path(engine.run))
-                weights_entry = {"file": stage.inlier_weights_path(engine.run).name, "fingerprint": model.fingerprint}
-                X, names = np.concatenate([X, W], axis=1), names + list(WEIGHT_FEATURES)
-        recorded = {k: v for k, v in (engine.run.config().get("inlier_weights") or {}).items() if k != name}
-        engine.run.update_config(inlier_weights={**recorded, **({name: weights_entry} if weights_entry else {})})
+                weights[name] = {"file": stage.inlier_weights_path(engine.run).name, "fingerprint": model.fingerprint}
+                X = np.concatenate([X, W], axis=1)
+        engine.run.update_config(inlier_weights=dict(weights))
+        names = validator_features(model is not None)
         auc = choose_validator(X, y, groups, cfg.seed, vconf, name, names)
         uses = INLIERS if auc["uses"] == "inliers" else None
         Validator(vconf, names, uses).fit(X, y, seed=cfg.seed).save(stage.validator_path(engine.run))
@@ -239,8 +242,7 @@ def main(cfg: VerifierTrainConfig, paths: Paths, threads: int | None = None, pro
             path.unlink()
         if other not in cfg.matchers:
             cls.inlier_weights_path(engine.run).unlink(missing_ok=True)
-    engine.run.update_config(inlier_weights={k: v for k, v in (engine.run.config().get("inlier_weights") or {}).items()
-                                             if k in cfg.matchers})
+    engine.run.update_config(inlier_weights={k: v for k, v in weights.items() if k in cfg.matchers})
     if engine.run.calibration_path.exists():
         log.warning("removing %s: it was fitted with the previous verifier (run calibrate again)",
                     engine.run.calibration_path)

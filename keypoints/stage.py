@@ -42,6 +42,11 @@ def _pair_key(q: Record, g: Record) -> str | None:
     return None if kq is None or kg is None else f"{kq}||{kg}"
 
 
+def validator_features(inlier_weights: bool) -> list[str]:
+    """The validator's features: the geometry's, then with a model of inliers the weights' summary."""
+    return list(FEATURE_NAMES) + (list(WEIGHT_FEATURES) if inlier_weights else [])
+
+
 def load_recorded(run, entry: dict | None, loader, what: str):
     """The file a config.json entry {"file", "fingerprint"} names in the run folder, read by `loader` and
     checked against the fingerprint recorded with it; None without an entry."""
@@ -169,8 +174,7 @@ class KeypointStage:
             return None
         weights = cls.load_inlier_weights(ctx.run, ctx.config)
         try:
-            validator = Validator.load(path, expected_features=list(FEATURE_NAMES) + (
-                list(WEIGHT_FEATURES) if weights is not None else []))
+            validator = Validator.load(path, expected_features=validator_features(weights is not None))
         except ValueError as e:
             raise UserError(f"{path} does not fit this engine ({e}): run train-verifier again") from None
         return cls(ctx.run, *cls.configs(ctx.config), validator, ctx.workers, ctx.executor, ctx.focus,
@@ -250,9 +254,8 @@ class KeypointStage:
             evidence = [{self.evidence_prefix + k: v for k, v in e.items()} for e in evidence]
         return StageOutput(np.asarray(probs, dtype=np.float64), evidence)
 
-
     def features(self, results: Sequence[PairResult], record_pairs: Sequence[tuple[Record, Record]]) -> np.ndarray:
-        """The validator's input for verification `results` of `record_pairs`: `feature_names` columns."""
+        """The validator's input for verification `results` of `record_pairs`: `validator_features` columns."""
         X = feature_matrix(results)
         if self.inlier_weights is None or not len(X):
             return X
