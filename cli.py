@@ -126,6 +126,11 @@ IndividualWeightOpt = Annotated[Optional[float], typer.Option(
                            "candidate individual's photos of that viewpoint, the rest its cosine to the photo "
                            f"(0: the photo alone). Default: calibrate fits {INDIVIDUAL_WEIGHT:g}; match and "
                            "evaluate use the calibration's.")]
+VoteWeightsOpt = Annotated[Optional[bool], typer.Option(
+    "--vote-weights/--no-vote-weights", help="Weigh each keypoint vote by the verifier's model of which "
+    "inliers tell individuals apart (train-verifier --inlier-weights), so that heads, legs and background "
+    "vote less than the coat pattern. Default: calibrate fits with it where the run has the model; match and "
+    "evaluate use the calibration's.", show_default=False)]
 QueryExpansionOpt = Annotated[int, typer.Option(min=0, help="Search again with each query averaged with its "
                                                 "best N gallery photos (query expansion; 0: off).")]
 RerankOpt = Annotated[int, typer.Option(min=0, help="k-reciprocal re-ranking of each shortlist with K "
@@ -323,6 +328,7 @@ def calibrate(
     per_individual: PerIndividualOpt = MatchConfig.per_individual,
     votes: VotesOpt = MatchConfig.votes,
     individual_weight: IndividualWeightOpt = None,
+    vote_weights: VoteWeightsOpt = None,
     threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads (default: all cores).")] = None,
     precision: PrecisionOpt = "auto",
     executor: ExecutorOpt = "local", ray_address: RayAddressOpt = None,
@@ -333,8 +339,8 @@ def calibrate(
     Uses the individuals held out of training, in open-set folds (each fold's individuals are new
     animals: their photos leave the gallery and are queries; every photo of the others is a query
     against the rest of the gallery); prints per-fold MAP@5 and its spread, then refits on all folds
-    (calibration.json). Calibrate with the --shortlist, --verify-top, --per-individual, --votes and
-    --individual-weight that match will use (match warns when they differ), and again after changing them.
+    (calibration.json). Calibrate with the --shortlist, --verify-top, --per-individual, --votes,
+    --individual-weight and --vote-weights that match will use (match warns when they differ), and again after changing them.
     """
     _setup_logging(verbose)
     _use_executor(executor, ray_address)
@@ -348,7 +354,7 @@ def calibrate(
                                              seed=seed, queries_per_individual=queries_per_individual),
                      command.Paths(run),
                      MatchConfig(shortlist=shortlist, verify_top=verify_top, per_individual=per_individual,
-                                 votes=votes, individual_weight=individual_weight),
+                                 votes=votes, individual_weight=individual_weight, vote_weights=vote_weights),
                      threads, progress=not quiet,
                      precision=precision)
     lines = ["score".ljust(12) + "MAP@5 (mean ± sd over folds)".rjust(30) + "new F1".rjust(10) + "tau".rjust(10)]
@@ -381,6 +387,7 @@ def match(
     per_individual: PerIndividualOpt = MatchConfig.per_individual,
     votes: VotesOpt = MatchConfig.votes,
     individual_weight: IndividualWeightOpt = None,
+    vote_weights: VoteWeightsOpt = None,
     tau: TauOpt = None,
     threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads (default: all cores).")] = None,
     precision: PrecisionOpt = "auto",
@@ -396,7 +403,8 @@ def match(
     from engine import match as command
 
     cfg = MatchConfig(shortlist=shortlist, verify_top=verify_top, per_individual=per_individual, votes=votes,
-                      individual_weight=individual_weight, tau=tau, query_expansion=query_expansion, rerank=rerank,
+                      individual_weight=individual_weight, vote_weights=vote_weights, tau=tau,
+                      query_expansion=query_expansion, rerank=rerank,
                       matchers=_names(matchers, "--matchers") if matchers is not None else None)
     typer.echo(command.main(cfg, command.Paths(test_dir, run, out, queries, report), threads, progress=not quiet,
                             precision=precision))
@@ -411,6 +419,7 @@ def evaluate(
     per_individual: PerIndividualOpt = MatchConfig.per_individual,
     votes: VotesOpt = MatchConfig.votes,
     individual_weight: IndividualWeightOpt = None,
+    vote_weights: VoteWeightsOpt = None,
     tau: TauOpt = None,
     threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads (default: all cores).")] = None,
     precision: PrecisionOpt = "auto",
@@ -430,7 +439,8 @@ def evaluate(
     from engine import evaluate as command
 
     cfg = MatchConfig(shortlist=shortlist, verify_top=verify_top, per_individual=per_individual, votes=votes,
-                      individual_weight=individual_weight, tau=tau, query_expansion=query_expansion, rerank=rerank,
+                      individual_weight=individual_weight, vote_weights=vote_weights, tau=tau,
+                      query_expansion=query_expansion, rerank=rerank,
                       matchers=_names(matchers, "--matchers") if matchers is not None else None)
     typer.echo(command.main(cfg, command.Paths(catalog, run, images), threads, progress=not quiet,
                             precision=precision))

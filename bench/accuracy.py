@@ -25,6 +25,7 @@ Prints a table and writes bench/results/accuracy.json (and a copy in --work, kep
                            [--network average,best]  # averaged weights or the best epoch's, one training
                            [--embedding-whitening off,on]  # the shortlist searches whitened embeddings or not, one network
                            [--individual-weight 0.25,0]  # embedding score a share per individual or not, one network
+                           [--vote-weights on,off]  # keypoint votes weighted by the model of inliers or not, one network
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ from ranker.fusion import FUSED  # noqa: E402
 from core.runtime import set_threads  # noqa: E402
 from siamese.config import views_problem  # noqa: E402
 from siamese.model import ModelConfig  # noqa: E402
-from engine.config import INDIVIDUAL_WEIGHT, VerifierTrainConfig  # noqa: E402
+from engine.config import INDIVIDUAL_WEIGHT, VOTE_WEIGHTS, VerifierTrainConfig  # noqa: E402
 from engine import train_siamese  # noqa: E402
 from engine.train_siamese import TrainConfig, heldout_roles  # noqa: E402
 from keypoints.features import PRESETS as KEYPOINT_PRESETS, config_to_dict  # noqa: E402
@@ -193,6 +194,10 @@ def main() -> None:
                     "(calibrate / match --individual-weight), comma-separated, e.g. '0.25,0': the first is the "
                     "run's own; each other one calibrates a copy of the same verified network (run label "
                     "trained+indivW)")
+    ap.add_argument("--vote-weights", default="on" if VOTE_WEIGHTS else "off",
+                    help="on / off: calibrate / match --vote-weights / --no-vote-weights (keypoint votes weighted by "
+                    "the verifier's model of inliers); 'on,off' compares both on the same verified network: the "
+                    "first is the run's own, the other calibrates a copy of it (run label trained+vweights-SETTING)")
     ap.add_argument("--data", type=Path, default=DATA,
                     help="the development set: catalog.csv, metadata.csv (flank side) and the photos (default: %(default)s)")
     ap.add_argument("--protocol", type=Path, default=PROTOCOL,
@@ -214,6 +219,7 @@ def main() -> None:
     mirrors = on_off("--mirror", args.mirror)
     whitening = on_off("--whitening", args.whitening)
     iweights = on_off("--inlier-weights", args.inlier_weights)
+    vweights = on_off("--vote-weights", args.vote_weights)
     ewhiten = on_off("--embedding-whitening", args.embedding_whitening)
     view_sets = [tuple(v.strip() for v in entry.split("+")) for entry in args.views.split(",")]
     problem = next((p for p in map(views_problem, view_sets) if p), None)
@@ -260,7 +266,8 @@ def main() -> None:
     try:  # (label suffix, MatchConfig) per setting
         if len(set(entries)) < len(entries) or any(v.count(":") > 2 for v in entries):
             raise ValueError
-        votes = [(v, dataclasses.replace(vote_setting(v), individual_weight=weights[0])) for v in entries]
+        votes = [(v, dataclasses.replace(vote_setting(v), individual_weight=weights[0],
+                                         vote_weights=vweights[0] == "on")) for v in entries]
     except ValueError:
         sys.exit(f"--votes {args.votes}: expected distinct VOTES[:V[:K]] entries separated by commas, "
                  "e.g. 0,20,20:20,100:300:200")
@@ -274,6 +281,8 @@ def main() -> None:
              for v, m in votes[1:]]
     jobs += [(f"{trained}+indiv{w:g}", "copy verified", presets[0],  # other individual weights
               dataclasses.replace(votes[0][1], individual_weight=w), verifier) for w in weights[1:]]
+    jobs += [(f"{trained}+vweights-{w}", "copy verified", presets[0],  # votes weighted or not
+              dataclasses.replace(votes[0][1], vote_weights=w == "on"), verifier) for w in vweights[1:]]
     jobs += [(f"{trained}+whiten-{w}", "copy network, shared cache", presets[0], votes[0][1],
               {**verifier, "whitening": w == "on"})
              for w in whitening[1:]]
@@ -338,12 +347,15 @@ def main() -> None:
             if keep and output == "calibration.json" and (run / output).is_file():
                 # a calibration holds for the match settings it was fitted with (one without a record: none)
                 fitted = json.loads((run / output).read_text()).get("match")
-                now = match_settings_of(mcfg, votes_available=True)
+                # (votes are weighted only where the run has a model of inliers)
+                now = match_settings_of(mcfg, votes_available=True, vote_weights_available=bool(
+                    RunFolder(run).config().get("inlier_weights", {}).get("sift")))
                 keep = bool(fitted) and fitted_settings(fitted, now) == now and not votes_rule_stale(fitted)
             if not (keep and (run / output).is_file()):
                 step()
         info[label] = {"build_seconds": round(time.perf_counter() - t0, 1), "keypoints": keypoints,
-                       "votes": mcfg.votes, "individual_weight": mcfg.individual_weight, "verify_top": mcfg.verify_top,
+                       "votes": mcfg.votes, "individual_weight": mcfg.individual_weight,
+                       "vote_weights": mcfg.vote_weights, "verify_top": mcfg.verify_top,
                        "shortlist": mcfg.shortlist, **vsettings}
         rows, timing = evaluate_run(run, qdir, qcsv, truth, args.work, label, options=isinstance(cfg, TrainConfig),
                                     cfg=mcfg)

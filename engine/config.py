@@ -12,6 +12,9 @@ from dataclasses import dataclass, replace
 # ones, where 0.5 and 0.75 were worse or mixed, MAP@5 +0.007 / +0.012, new F1 +0.020 / +0.018 (README
 # "Measured")
 INDIVIDUAL_WEIGHT = 0.25
+# `calibrate`'s vote weighting (MatchConfig.vote_weights): keypoint votes weighted by the model of inliers
+# where the run has one (measured: README "Measured", "Votes weighted by the model of inliers")
+VOTE_WEIGHTS = True
 
 
 @dataclass(frozen=True)
@@ -43,10 +46,17 @@ class MatchConfig:
     # photos of that viewpoint (Engine.individual_weight). A calibrated setting: None is the calibration's
     # (0 for calibrations from before it, and without calibration), and INDIVIDUAL_WEIGHT for `calibrate`
     individual_weight: float | None = None
+    # keypoint votes weighted by the model of inliers (keypoints.votes; where train-verifier fitted one). A
+    # calibrated setting like the individual weight: None is the calibration's (False for calibrations from
+    # before it; True without calibration), and VOTE_WEIGHTS for `calibrate`
+    vote_weights: bool | None = None
 
     def to_fit(self) -> "MatchConfig":
-        """These settings as `calibrate` fits them: an individual weight of None is INDIVIDUAL_WEIGHT."""
-        return self if self.individual_weight is not None else replace(self, individual_weight=INDIVIDUAL_WEIGHT)
+        """These settings as `calibrate` fits them: an individual weight of None is INDIVIDUAL_WEIGHT, a
+        vote weighting of None VOTE_WEIGHTS."""
+        return replace(self, individual_weight=INDIVIDUAL_WEIGHT if self.individual_weight is None
+                       else self.individual_weight,
+                       vote_weights=VOTE_WEIGHTS if self.vote_weights is None else self.vote_weights)
 
 
 @dataclass(frozen=True)

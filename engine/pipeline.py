@@ -30,7 +30,8 @@ from core.runfolder import RunFolder, atomic_write_bytes, atomic_write_json, rea
 from core.stage import ALL, PairBatch, StageContext, is_active
 from engine.config import MatchConfig
 from engine.stages import load_stages
-from keypoints.features import DESC_DIM
+from keypoints.features import DESC_DIM, Keypoints
+from keypoints.inlier_weights import relative_xy
 from keypoints.votes import VoteConfig, VoteIndex
 from ranker.fusion import FUSED, ScoreFusion, calibrated_scorers
 from ranker.rerank import gallery_reciprocal_sets, k_reciprocal_rescore
@@ -56,18 +57,21 @@ def votes_rule_stale(match: dict | None) -> bool:
     return bool(match) and match.get("votes", 0) > 0 and match.get("votes_rule") != VOTES_RULE
 
 
-def match_settings_of(cfg: MatchConfig, votes_available: bool) -> dict:
+def match_settings_of(cfg: MatchConfig, votes_available: bool, vote_weights_available: bool = True) -> dict:
     """The settings a calibration holds for (recorded in calibration.json's "match", compared by
-    `Engine.tau`): votes count only where the run can count them (`Engine.votes_available`); an
-    individual weight of None is `calibrate`'s (`MatchConfig.to_fit`; `Engine.match_settings` gives the
-    engine's own)."""
-    weight = cfg.to_fit().individual_weight
+    `Engine.tau`): votes count only where the run can count them (`Engine.votes_available`), and are
+    weighted only where counted and the run has a model of inliers (`vote_weights_available`); an
+    individual weight or vote weighting of None is `calibrate`'s (`MatchConfig.to_fit`;
+    `Engine.match_settings` gives the engine's own)."""
+    fit = cfg.to_fit()
+    votes = cfg.votes if votes_available else 0
     return {"shortlist": cfg.shortlist, "verify_top": cfg.verify_top, "per_individual": cfg.per_individual,
-            "votes": cfg.votes if votes_available else 0, "individual_weight": float(weight)}
+            "votes": votes, "individual_weight": float(fit.individual_weight),
+            "vote_weights": bool(fit.vote_weights and votes > 0 and vote_weights_available)}
 
 
 # settings calibration.json's "match" did not record before they existed: each was off (0)
-SETTINGS_ADDED = ("per_individual", "votes", "individual_weight")
+SETTINGS_ADDED = ("per_individual", "votes", "individual_weight", "vote_weights")
 
 
 def fitted_settings(match: dict | None, now: dict) -> dict:
@@ -210,7 +214,8 @@ class Engine:
                 self._warned_settings.add(tuple(now.items()))
 
                 def flags(d):
-                    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in d.items())
+                    return " ".join((f"--{'' if v else 'no-'}{k.replace('_', '-')}" if isinstance(v, bool)
+                                     else f"--{k.replace('_', '-')} {v}") for k, v in d.items())
                 log.warning("calibrated with %s; these settings differ (%s), so the calibrated threshold may "
                             "not fit", flags(fitted), flags(now))
             if now["votes"] and votes_rule_stale(match) and "votes_rule" not in self._warned_settings:
@@ -353,7 +358,27 @@ class Engine:
 
     def match_settings(self, cfg: MatchConfig) -> dict:
         """The settings a calibration holds for (`match_settings_of`), under this run and gallery."""
-        return match_settings_of(replace(cfg, individual_weight=self.individual_weight(cfg)), self.votes_available())
+        return match_settings_of(replace(cfg, individual_weight=self.individual_weight(cfg),
+                                         vote_weights=self.vote_weights(cfg)), self.votes_available(),
+                                 self.vote_model() is not None)
+
+    def vote_model(self):
+        """The model of inliers that weighs keypoint votes: the SIFT stage's, where train-verifier fitted one."""
+        stage = self.stage("keypoints")
+        return None if stage is None else stage.inlier_weights
+
+    def vote_weights(self, cfg: MatchConfig) -> bool:
+        """Whether keypoint votes are weighted by the model of inliers (`MatchConfig.vote_weights`): the
+        setting's, else the calibration's, which is False for a calibration from before the setting
+        existed (its votes stage was calibrated on plain votes), and True without calibration; only
+        where the run has the model (`vote_model`)."""
+        if cfg.vote_weights is not None:
+            on = cfg.vote_weights
+        elif self.calibration is not None:
+            on = bool((self.calibration.get("match") or {}).get("vote_weights", False))
+        else:
+            on = True
+        return on and self.vote_model() is not None
 
     def individual_weight(self, cfg: MatchConfig) -> float:
         """The share of the embedding stage's score that is the cosine to the candidate individual's mean
@@ -386,8 +411,9 @@ class Engine:
                 kps = stage.store.get(part, stage.workers, progress=progress and len(part) > 1,
                                       desc="gallery keypoints")
                 # None: missing for now (the index is then not saved); empty: a photo that cannot be read
-                return [kps[k].desc if (k := record_key(r)) in kps else
-                        (np.zeros((0, DESC_DIM), np.float32) if k in bad else None) for r in part]
+                return [kps[k] if (k := record_key(r)) in kps else
+                        (Keypoints(np.zeros((0, 2), np.float32), np.zeros((0, DESC_DIM), np.float32), (0, 0))
+                         if k in bad else None) for r in part]
             self._votes = VoteIndex.from_store(self.gallery.records(), descriptors, VoteConfig(),
                                                self.run.cache_dir / "votes", json.dumps(stage.config(), sort_keys=True))
         return self._votes
@@ -407,6 +433,7 @@ class Engine:
         if index is None or not pairs:
             return
         stage = self.stage("keypoints")
+        weights = self.vote_model() if self.vote_weights(cfg) else None
         t0 = time.perf_counter()
         kps = stage.store.get([qp.record for qp in pairs], stage.workers, progress=False)
         t1 = time.perf_counter()
@@ -421,7 +448,7 @@ class Engine:
                 continue
             allowed = base & self.index.meets(qp.record.viewpoint)
             allowed[hidden[qi]] = False
-            votes = index.votes(kp.desc, allowed)
+            votes = index.votes(kp.desc, allowed, relative_xy(kp), weights)
             top = np.argsort(-votes, kind="stable")[: cfg.votes]
             top = top[votes[top] > 0]
             new = top[~np.isin(top, qp.gallery_idx)]

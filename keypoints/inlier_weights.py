@@ -50,15 +50,27 @@ class InlierWeightConfig:
     folds: int = 5  # train-verifier's pairs get out-of-fold weights (folds by individual) for the validator
 
 
+def relative_xy(kp: Keypoints) -> np.ndarray:
+    """(n, 2) float32: each keypoint's x and y as a share of its photo's width and height."""
+    h, w = kp.image_size
+    return (np.asarray(kp.xy, np.float32) / np.array([max(w, 1), max(h, 1)], np.float32)).astype(np.float32)
+
+
+def rows_from(desc_query: np.ndarray, desc_gallery: np.ndarray, xy_query: np.ndarray,
+              xy_gallery: np.ndarray) -> np.ndarray:
+    """The model's rows of m correspondences, given both sides' descriptors and `relative_xy` positions
+    ((m, width) and (m, 2) each): both descriptors, both positions, then |x - 0.5| of each."""
+    pq, pg = np.asarray(xy_query, np.float32), np.asarray(xy_gallery, np.float32)
+    return np.concatenate([desc_query, desc_gallery, pq, pg, np.abs(pq[:, :1] - 0.5), np.abs(pg[:, :1] - 0.5)],
+                          axis=1).astype(np.float32)
+
+
 def inlier_rows(kp_query: Keypoints, kp_gallery: Keypoints, idx: np.ndarray) -> np.ndarray:
     """(m, 2 x width + POSITION_COLUMNS) float32: for each inlier (`idx` rows: query keypoint, gallery
     keypoint), both descriptors and both positions as a share of their photo's width and height."""
     idx = np.asarray(idx, dtype=np.int64).reshape(-1, 2)
-    (hq, wq), (hg, wg) = kp_query.image_size, kp_gallery.image_size
-    pq = kp_query.xy[idx[:, 0]] / np.array([max(wq, 1), max(hq, 1)], np.float32)
-    pg = kp_gallery.xy[idx[:, 1]] / np.array([max(wg, 1), max(hg, 1)], np.float32)
-    return np.concatenate([kp_query.desc[idx[:, 0]], kp_gallery.desc[idx[:, 1]], pq, pg,
-                           np.abs(pq[:, :1] - 0.5), np.abs(pg[:, :1] - 0.5)], axis=1).astype(np.float32)
+    return rows_from(kp_query.desc[idx[:, 0]], kp_gallery.desc[idx[:, 1]], relative_xy(kp_query)[idx[:, 0]],
+                     relative_xy(kp_gallery)[idx[:, 1]])
 
 
 def summarise(weights: np.ndarray, counts: Sequence[int]) -> np.ndarray:

@@ -285,6 +285,36 @@ def test_demo_end_to_end(tmp_path):
     assert InlierWeights.load(run / entry["file"]).fingerprint == entry["fingerprint"] == info["fingerprint"]
     verifier = json.loads((run / "verifier.json").read_text())
     assert verifier["feature_names"] == list(FEATURE_NAMES) + list(WEIGHT_FEATURES)
+    # calibrate weighed the keypoint votes by that model (and recorded it); the shortlist's votes are the
+    # weighted ones, which differ from the plain; a calibration from before weighted votes keeps them plain
+    from core.cache import record_key
+    from core.catalog import catalog_from_folder
+    from engine.pipeline import Engine, MatchConfig
+    from keypoints.inlier_weights import relative_xy
+
+    cal = json.loads((run / "calibration.json").read_text())
+    assert cal["match"]["vote_weights"] is True
+    engine = Engine.load(run)
+    records = catalog_from_folder(tmp_path / "demo" / "split" / "queries").records[:6]
+    emb = engine.embed(records, MatchConfig(), progress=False)
+    index, model = engine.vote_index(), engine.vote_model()
+    kps = engine.stage("keypoints").store.get(records, progress=False)
+    everything = np.ones(len(engine.gallery), bool)
+    differ = 0
+    for rec, qp in zip(records, engine.shortlist(records, emb, MatchConfig(votes=4))):
+        kp = kps[record_key(rec)]
+        weighted = index.votes(kp.desc, everything, relative_xy(kp), model)
+        np.testing.assert_allclose(qp.votes, weighted[qp.gallery_idx], rtol=1e-6)
+        differ += not np.allclose(weighted, index.votes(kp.desc, everything))
+    assert differ
+    plain = engine.shortlist(records, emb, MatchConfig(votes=4, vote_weights=False))
+    np.testing.assert_allclose(plain[0].votes, index.votes(kps[record_key(records[0])].desc, everything)[
+        plain[0].gallery_idx], rtol=1e-6)
+    old = {**cal, "match": {k: v for k, v in cal["match"].items() if k != "vote_weights"}}
+    (run / "calibration.json").write_text(json.dumps(old))
+    assert not Engine.load(run).vote_weights(MatchConfig()) and Engine.load(run).vote_weights(
+        MatchConfig(vote_weights=True))
+    (run / "calibration.json").write_text(json.dumps(cal))
     entry["fingerprint"] = "0" * 16
     cfg = json.loads((run / "config.json").read_text())
     cfg["inlier_weights"]["sift"] = entry

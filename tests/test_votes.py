@@ -4,8 +4,11 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import pytest
 
 from core.catalog import Record
+from keypoints.features import Keypoints
+from keypoints.inlier_weights import InlierWeights, rows_from
 from keypoints.votes import VoteConfig, VoteIndex
 
 
@@ -18,18 +21,23 @@ def _gallery(rng, photos=12, per_photo=40, d=128):
     return desc, np.repeat(np.arange(photos), per_photo)
 
 
-def brute_force_votes(desc, owner, n_photos, query, allowed, k):
+def _keypoints(desc, rng, size=(100, 200)):
+    return Keypoints((rng.random((len(desc), 2)) * [size[1], size[0]]).astype(np.float32), desc, size)
+
+
+def brute_force_votes(desc, owner, n_photos, query, allowed, k, weight=lambda i, j: 1.0):
     """The documented rule, spelled out: the k nearest allowed descriptors of each query
-    descriptor vote for their photos with d_(k+1) - d_j, one vote per photo (its best)."""
+    descriptor vote for their photos with d_(k+1) - d_j (times `weight(query row, gallery row)`),
+    one vote per photo (its best)."""
     keep = np.flatnonzero(allowed[owner])
     out = np.zeros(n_photos)
-    for q in query:
+    for i, q in enumerate(query):
         dist = np.linalg.norm(desc[keep] - q, axis=1)
         near = np.argsort(dist, kind="stable")[: k + 1]
         best = {}
         for j in near[:k]:
             p = owner[keep[j]]
-            best[p] = max(best.get(p, 0.0), dist[near[k]] - dist[j])
+            best[p] = max(best.get(p, 0.0), (dist[near[k]] - dist[j]) * weight(i, keep[j]))
         for p, w in best.items():
             out[p] += w
     return out
@@ -75,10 +83,12 @@ def test_the_index_is_saved_and_rebuilt_only_when_the_gallery_changes(tmp_path):
                for i in range(6)]
     calls = []
 
+    kps = [_keypoints(desc[owner == i], rng) for i in range(6)]
+
     def get_desc(part):
         calls.append(len(part))
-        # photo 2 cannot be read: no descriptors
-        return [desc[owner == int(r.individual_id)] if r.individual_id != "2" else desc[:0] for r in part]
+        # photo 2 cannot be read: no keypoints
+        return [kps[int(r.individual_id)] if r.individual_id != "2" else kps[2].top(0) for r in part]
 
     cfg = VoteConfig(nprobe=1000)
     first = VoteIndex.from_store(records, get_desc, cfg, tmp_path, "settings")
@@ -87,6 +97,8 @@ def test_the_index_is_saved_and_rebuilt_only_when_the_gallery_changes(tmp_path):
     again = VoteIndex.from_store(records, get_desc, cfg, tmp_path, "settings")
     assert calls == [6]  # loaded from the run's cache, not rebuilt
     np.testing.assert_array_equal(again.votes(query, np.ones(6, bool)), first.votes(query, np.ones(6, bool)))
+    # the keypoints' positions are kept with it, as a share of each photo's width and height
+    np.testing.assert_allclose(again.xy[again.owner == 4], kps[4].xy / [200, 100], rtol=1e-6)
     VoteIndex.from_store(records[:5], get_desc, cfg, tmp_path, "settings")  # the gallery changed
     VoteIndex.from_store(records[:5], get_desc, cfg, tmp_path, "other settings")
     assert calls == [6, 5, 5] and len(list(tmp_path.glob("votes-*.faiss"))) == 1  # the current one only
@@ -103,7 +115,8 @@ def test_an_index_missing_photos_for_now_is_not_saved(tmp_path):
     available = {0, 1, 2}
 
     def get_desc(part):
-        return [desc[owner == int(r.individual_id)] if int(r.individual_id) in available else None for r in part]
+        return [_keypoints(desc[owner == int(r.individual_id)], rng) if int(r.individual_id) in available else None
+                for r in part]
 
     partial = VoteIndex.from_store(records, get_desc, VoteConfig(), tmp_path, "settings")
     assert not partial.counts[3] and not list(tmp_path.glob("votes-*"))
@@ -120,3 +133,67 @@ def test_voted_photos_alternate_with_the_embeddings_ranking_for_verification():
     assert alternate(order, np.array([3, 1])).tolist() == [0, 3, 1, 2, 4]
     assert alternate(order, np.array([0, 4, 2])).tolist() == [0, 1, 4, 2, 3]
     assert alternate(order, np.array([], np.int64)).tolist() == order.tolist()
+
+
+def _pattern_model(d: int) -> InlierWeights:
+    """A model of inliers that knows one thing: a correspondence on a descriptor whose dimension 0 is
+    high is an animal's own pattern (probability near 1), one whose dimension 1 is high a part every
+    animal shares (near 0)."""
+    rng = np.random.default_rng(7)
+    desc = np.abs(rng.normal(0, 0.05, (400, d)))
+    own = np.arange(400) % 2 == 0
+    desc[own, 0] += rng.uniform(0.5, 1.0, own.sum())  # a spread of values: a split anywhere between the kinds
+    desc[~own, 1] += rng.uniform(0.5, 1.0, (~own).sum())
+    desc = _unit(desc)
+    X = rows_from(desc, desc, rng.random((400, 2)), rng.random((400, 2)))
+    return InlierWeights.fit(X, own.astype(np.float32))
+
+
+def test_votes_weighted_by_the_model_of_inliers_follow_the_pattern_not_the_shared_parts(tmp_path):
+    """Photo 0 shares many parts with the query (a head, a bush: descriptors every animal has), photo 1
+    a little of the query's own pattern: plain votes prefer photo 0, votes weighted by the model of
+    inliers (to the power VoteConfig.weight_power) photo 1; both equal the rule spelled out."""
+    rng = np.random.default_rng(4)
+    d = 16
+    noise = _unit(np.abs(rng.normal(size=(8 * 30, d))))  # photos 2-9: neither
+    shared = _unit(np.abs(rng.normal(0, 0.05, (30, d))) + np.eye(1, d, 1))
+    pattern = _unit(np.abs(rng.normal(0, 0.05, (8, d))) + np.eye(1, d, 0))
+    desc = np.concatenate([shared, _unit(np.concatenate([pattern, noise[:22]])), noise])
+    owner = np.repeat(np.arange(10), 30)[: len(desc)]
+    n = int(owner.max()) + 1
+    xy = rng.random((len(desc), 2)).astype(np.float32)
+    query = _unit(np.concatenate([shared + 0.01 * rng.normal(size=shared.shape),
+                                  pattern + 0.01 * rng.normal(size=pattern.shape)]))
+    query_xy = rng.random((len(query), 2)).astype(np.float32)
+    model = _pattern_model(d)
+    everything = np.ones(n, bool)
+    for cfg in (VoteConfig(k=3), VoteConfig(k=3, exact_max=0, nprobe=10_000)):  # flat and IVF
+        index = VoteIndex(desc, owner, n, cfg, xy=xy)
+        plain = index.votes(query, everything)
+        weighted = index.votes(query, everything, query_xy, model)
+        assert np.argmax(plain) == 0 and np.argmax(weighted) == 1
+
+        def weight(i, j):
+            row = rows_from(query[i:i + 1], desc[j:j + 1], query_xy[i:i + 1], xy[j:j + 1])
+            return model.predict(row)[0] ** cfg.weight_power
+        np.testing.assert_allclose(weighted, brute_force_votes(desc, owner, n, query, everything, 3, weight),
+                                   rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(plain, brute_force_votes(desc, owner, n, query, everything, 3), rtol=1e-4,
+                                   atol=1e-6)
+    # an index without positions cannot weigh its votes (it says so); one saved without them (by an
+    # engine before weighted votes) is built again with them
+    with pytest.raises(ValueError, match="no keypoint positions"):
+        VoteIndex(desc, owner, n, VoteConfig(k=3)).votes(query, everything, query_xy, model)
+    records = [Record(image=f"{i}.jpg", path=Path(f"/nowhere/{i}.jpg"), individual_id=str(i), key=f"k{i}")
+               for i in range(n)]
+    kps = [Keypoints(xy[owner == i] * [200, 100], desc[owner == i], (100, 200)) for i in range(n)]
+    built = VoteIndex.from_store(records, lambda part: [kps[int(r.individual_id)] for r in part], VoteConfig(k=3),
+                                 tmp_path)
+    (saved,) = tmp_path.glob("votes-*.xy.npy")
+    saved.unlink()
+    calls = []
+    again = VoteIndex.from_store(records, lambda part: calls.append(1) or [kps[int(r.individual_id)] for r in part],
+                                 VoteConfig(k=3), tmp_path)
+    assert calls and saved.is_file()
+    np.testing.assert_allclose(again.votes(query, everything, query_xy, model),
+                               built.votes(query, everything, query_xy, model), rtol=1e-6)
