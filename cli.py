@@ -130,7 +130,8 @@ VoteWeightsOpt = Annotated[Optional[bool], typer.Option(
     "--vote-weights/--no-vote-weights", help="Weigh each keypoint vote by the verifier's model of which "
     "inliers tell individuals apart (train-verifier --inlier-weights), so that heads, legs and background "
     "vote less than the coat pattern. Default: calibrate fits with it where the run has the model; match and "
-    "evaluate use the calibration's.", show_default=False)]
+    "evaluate use the calibration's (plain votes for a calibration made before the option or with --votes 0; "
+    "weighted without a calibration).", show_default=False)]
 QueryExpansionOpt = Annotated[int, typer.Option(min=0, help="Search again with each query averaged with its "
                                                 "best N gallery photos (query expansion; 0: off).")]
 RerankOpt = Annotated[int, typer.Option(min=0, help="k-reciprocal re-ranking of each shortlist with K "

@@ -349,7 +349,7 @@ def main() -> None:
                 fitted = json.loads((run / output).read_text()).get("match")
                 # (votes are weighted only where the run has a model of inliers)
                 now = match_settings_of(mcfg, votes_available=True, vote_weights_available=bool(
-                    RunFolder(run).config().get("inlier_weights", {}).get("sift")))
+                    (RunFolder(run).config().get("inlier_weights") or {}).get("sift")))
                 keep = bool(fitted) and fitted_settings(fitted, now) == now and not votes_rule_stale(fitted)
             if not (keep and (run / output).is_file()):
                 step()

@@ -70,15 +70,15 @@ def match_settings_of(cfg: MatchConfig, votes_available: bool, vote_weights_avai
             "vote_weights": bool(fit.vote_weights and votes > 0 and vote_weights_available)}
 
 
-# settings calibration.json's "match" did not record before they existed: each was off (0)
-SETTINGS_ADDED = ("per_individual", "votes", "individual_weight", "vote_weights")
+# settings calibration.json's "match" did not record before they existed, and what each was then: off
+SETTINGS_ADDED = {"per_individual": 0, "votes": 0, "individual_weight": 0, "vote_weights": False}
 
 
 def fitted_settings(match: dict | None, now: dict) -> dict:
     """The settings of calibration.json's "match" record, keyed like `now` (`match_settings_of`):
-    calibrations from before --per-individual, --votes and --individual-weight had none of them (0);
-    no record at all reads as `now`."""
-    return {k: match.get(k, 0 if k in SETTINGS_ADDED else None) for k in now} if match else now
+    calibrations from before --per-individual, --votes, --individual-weight and --vote-weights had none
+    of them (off: `SETTINGS_ADDED`); no record at all reads as `now`."""
+    return {k: match.get(k, SETTINGS_ADDED.get(k)) for k in now} if match else now
 
 
 @dataclass
@@ -407,14 +407,14 @@ class Engine:
             stage = self.stage("keypoints")
             bad = stage.store.cache.unreadable()
 
-            def descriptors(part):
+            def keypoints(part):
                 kps = stage.store.get(part, stage.workers, progress=progress and len(part) > 1,
                                       desc="gallery keypoints")
                 # None: missing for now (the index is then not saved); empty: a photo that cannot be read
                 return [kps[k] if (k := record_key(r)) in kps else
                         (Keypoints(np.zeros((0, 2), np.float32), np.zeros((0, DESC_DIM), np.float32), (0, 0))
                          if k in bad else None) for r in part]
-            self._votes = VoteIndex.from_store(self.gallery.records(), descriptors, VoteConfig(),
+            self._votes = VoteIndex.from_store(self.gallery.records(), keypoints, VoteConfig(),
                                                self.run.cache_dir / "votes", json.dumps(stage.config(), sort_keys=True))
         return self._votes
 

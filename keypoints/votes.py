@@ -5,7 +5,8 @@ query photo looks up its K nearest gallery descriptors and votes for their photo
 weight of HotSpotter (Crall et al. 2013): the distance to the (K+1)-th neighbour minus the distance
 to the neighbour, so a descriptor that is distinctive (far from the crowd) weighs more. A photo's
 score is the sum of its votes, one per query descriptor (the best). Where train-verifier fitted a
-model of which inliers tell animals apart (keypoints.inlier_weights), each vote is further weighted
+model of which inliers tell animals apart (keypoints.inlier_weights) and the engine weighs votes
+(`Engine.vote_weights`: the calibration's setting, on for a calibration made since), each vote is further weighted
 by that model's probability for the correspondence (query descriptor and position, the neighbour's
 descriptor and position), squared (`VoteConfig.weight_power`): a head, horns, legs or the bushes behind
 match across animals as well as the coat pattern does, and vote as loudly without it (on the
@@ -85,14 +86,19 @@ class VoteIndex:
         are missing for now (None: a photo not found, a read error that may pass) has no votes in
         this process, and the index is not saved, so that a later command builds it whole. An index
         saved without its positions (by an engine before weighted votes) is built again."""
-        tag = hashlib.sha1(json.dumps([fingerprint, asdict(cfg), [r.key or str(r.path) for r in records]])
+        # (the weighting's power scores votes, it does not shape the index)
+        shape = {k: v for k, v in asdict(cfg).items() if k != "weight_power"}
+        tag = hashlib.sha1(json.dumps([fingerprint, shape, [r.key or str(r.path) for r in records]])
                            .encode()).hexdigest()[:16]
         path = folder / f"votes-{tag}.faiss" if folder is not None else None
         if path is not None and all(f.is_file() for f in (path, path.with_suffix(".owner.npy"),
                                                             path.with_suffix(".xy.npy"))):
             try:
-                return cls(None, np.load(path.with_suffix(".owner.npy")), len(records), cfg,
-                           index=faiss.read_index(str(path)), xy=np.load(path.with_suffix(".xy.npy")))
+                owner, xy = np.load(path.with_suffix(".owner.npy")), np.load(path.with_suffix(".xy.npy"))
+                index = faiss.read_index(str(path))
+                if not len(owner) == len(xy) == index.ntotal:
+                    raise ValueError(f"{index.ntotal} descriptors, {len(owner)} owners, {len(xy)} positions")
+                return cls(None, owner, len(records), cfg, index=index, xy=xy)
             except (OSError, RuntimeError, ValueError) as e:  # unreadable: build again
                 log.warning("keypoint vote index %s unreadable (%s): building it again", path, e)
         descs, owner, xys, missing = [], [], [], 0

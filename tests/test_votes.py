@@ -197,3 +197,52 @@ def test_votes_weighted_by_the_model_of_inliers_follow_the_pattern_not_the_share
     assert calls and saved.is_file()
     np.testing.assert_allclose(again.votes(query, everything, query_xy, model),
                                built.votes(query, everything, query_xy, model), rtol=1e-6)
+
+
+def test_each_weighted_vote_reads_its_own_correspondence_through_an_approximate_search():
+    """The rows the model reads pair each query descriptor (and its position) with the gallery descriptor
+    (and position) it voted through, also where an IVF search probing one list leaves some query
+    descriptors without k + 1 neighbours (no vote), where some photos are hidden, and where the query
+    has more descriptors than `per_photo` (the strongest vote)."""
+    rng = np.random.default_rng(5)
+    desc, owner = _gallery(rng, photos=10, per_photo=40, d=16)
+    xy = rng.random((len(desc), 2)).astype(np.float32)
+    query = _unit(desc[rng.choice(len(desc), 60, replace=False)] + 0.05 * rng.normal(size=(60, 16)))
+    query_xy = rng.random((60, 2)).astype(np.float32)
+    cfg = VoteConfig(k=5, per_photo=50, exact_max=0, nprobe=1, lists=2.0)
+    index = VoteIndex(desc, owner, 10, cfg, xy=xy)
+    allowed = np.zeros(10, bool)
+    allowed[[0, 3]] = True  # most photos hidden: some probed lists hold fewer than k + 1 allowed
+    q_pos = {query[i].tobytes(): query_xy[i] for i in range(cfg.per_photo)}  # the strongest 50 vote
+    g_pos = {desc[j].tobytes(): (xy[j], owner[j]) for j in range(len(desc))}
+    seen = []
+
+    class Checking:  # a model that checks each row's pairing, and weighs nothing
+        def predict(self, rows):
+            for r in rows:
+                dq, dg = r[:16], r[16:32]
+                assert np.array_equal(r[32:34], q_pos[dq.tobytes()])
+                pos, photo = g_pos[dg.tobytes()]
+                assert np.array_equal(r[34:36], pos) and allowed[photo]
+                assert np.isclose(r[36], abs(r[32] - 0.5)) and np.isclose(r[37], abs(r[34] - 0.5))
+            seen.append(len(rows))
+            return np.ones(len(rows))
+
+    weighted = index.votes(query, allowed, query_xy, Checking())
+    assert seen and 0 < seen[0] < cfg.per_photo * cfg.k  # some descriptors had no vote through one list
+    np.testing.assert_allclose(weighted, index.votes(query, allowed))  # weight 1: the plain votes
+
+
+def test_votes_are_weighted_only_where_asked_counted_and_modelled():
+    """calibration.json's record of the vote weighting: on by calibrate's default, off with --votes 0 or
+    without a model of inliers; a calibration from before the setting reads as plain votes (False)."""
+    from engine.config import MatchConfig
+    from engine.pipeline import fitted_settings, match_settings_of
+
+    now = match_settings_of(MatchConfig(), votes_available=True, vote_weights_available=True)
+    assert now["vote_weights"] is True
+    assert match_settings_of(MatchConfig(votes=0), True, True)["vote_weights"] is False
+    assert match_settings_of(MatchConfig(), True, False)["vote_weights"] is False
+    assert match_settings_of(MatchConfig(vote_weights=False), True, True)["vote_weights"] is False
+    before = {k: v for k, v in now.items() if k != "vote_weights"}
+    assert fitted_settings(before, now)["vote_weights"] is False
