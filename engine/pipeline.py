@@ -367,29 +367,28 @@ class Engine:
         stage = self.stage("keypoints")
         return None if stage is None else stage.inlier_weights
 
+    def calibrated_setting(self, cfg: MatchConfig, name: str, uncalibrated):
+        """A calibrated match setting (`MatchConfig` field `name`): the setting's where given, else the
+        calibration's, which is off (`SETTINGS_ADDED`) for a calibration from before the setting existed
+        (it was fitted without it), else `uncalibrated`."""
+        value = getattr(cfg, name)
+        if value is not None:
+            return value
+        if self.calibration is not None:
+            return (self.calibration.get("match") or {}).get(name, SETTINGS_ADDED[name])
+        return uncalibrated
+
     def vote_weights(self, cfg: MatchConfig) -> bool:
-        """Whether keypoint votes are weighted by the model of inliers (`MatchConfig.vote_weights`): the
-        setting's, else the calibration's, which is False for a calibration from before the setting
-        existed (its votes stage was calibrated on plain votes), and True without calibration; only
-        where the run has the model (`vote_model`)."""
-        if cfg.vote_weights is not None:
-            on = cfg.vote_weights
-        elif self.calibration is not None:
-            on = bool((self.calibration.get("match") or {}).get("vote_weights", False))
-        else:
-            on = True
-        return on and self.vote_model() is not None
+        """Whether keypoint votes are weighted by the model of inliers (`MatchConfig.vote_weights`,
+        `calibrated_setting`: on without calibration, off for a calibration from before the setting, whose
+        votes stage was calibrated on plain votes); only where the run has the model (`vote_model`)."""
+        return bool(self.calibrated_setting(cfg, "vote_weights", True)) and self.vote_model() is not None
 
     def individual_weight(self, cfg: MatchConfig) -> float:
         """The share of the embedding stage's score that is the cosine to the candidate individual's mean
-        (`MatchConfig.individual_weight`): the setting's, else the calibration's, which is 0 for a
-        calibration from before the setting existed (its fusion was fitted on the photo's cosine alone),
-        and 0 without calibration."""
-        if cfg.individual_weight is not None:
-            return float(cfg.individual_weight)
-        if self.calibration is not None:
-            return float((self.calibration.get("match") or {}).get("individual_weight", 0.0))
-        return 0.0
+        (`MatchConfig.individual_weight`, `calibrated_setting`: 0 without calibration and for a calibration
+        from before the setting, whose fusion was fitted on the photo's cosine alone)."""
+        return float(self.calibrated_setting(cfg, "individual_weight", 0.0))
 
     def individual_means(self) -> IndividualMeans:
         """Each individual's mean embedding per viewpoint over the gallery (built once per gallery)."""

@@ -24,8 +24,8 @@ from engine.config import VerifierTrainConfig
 from engine.pipeline import Engine, MatchConfig
 from engine.stages import MATCHERS, STAGES, matcher_class
 from keypoints.features import PRESETS as KEYPOINT_PRESETS
-from keypoints.inlier_weights import InlierWeightConfig, InlierWeights, fit_inlier_weights, inlier_rows
-from keypoints.stage import WEIGHT_CHUNK, KeypointStage, XFeatStage, validator_features
+from keypoints.inlier_weights import InlierWeightConfig, InlierWeights, fit_inlier_weights, inlier_blocks
+from keypoints.stage import KeypointStage, XFeatStage, validator_features
 from keypoints.validator import INLIERS, VALIDATOR_PRESETS, Validator, heldout_auc
 from keypoints.verify import FEATURE_NAMES, VERIFY_PRESETS, feature_matrix
 from keypoints.whitening import WhiteningConfig, correct_matches, fit_whitening, same_flank_pairs
@@ -141,17 +141,8 @@ def fit_stage_inlier_weights(stage: KeypointStage, engine: Engine, triples, resu
     and the pairs' weight features out of fold (for the validator to be fitted on)."""
     t0 = time.perf_counter()
     g = engine.gallery
-    blocks, pairs = [], list(zip(triples, results))
-    for start in range(0, len(pairs), WEIGHT_CHUNK):  # the keypoints of a chunk of pairs at a time
-        part = pairs[start:start + WEIGHT_CHUNK]
-        kps = stage.store.get([g.record(i) for i in sorted({i for (q, p, _), _ in part for i in (q, p)})],
-                              stage.workers, progress=False)
-        for (q, p, _), res in part:
-            kq, kg = kps.get(record_key(g.record(q))), kps.get(record_key(g.record(p)))
-            ok = res.n_inliers and res.inlier_idx is not None and kq is not None and kg is not None
-            blocks.append(inlier_rows(kq, kg, res.inlier_idx) if ok else None)
-    width = next((b.shape[1] for b in blocks if b is not None), 0)
-    blocks = [b if b is not None else np.zeros((0, width), np.float32) for b in blocks]
+    blocks = inlier_blocks(results, [(g.record(q), g.record(p)) for q, p, _ in triples],
+                           lambda recs: stage.store.get(recs, stage.workers, progress=False), record_key)
     # one thread, as the validator: the same model whatever the machine's cores (~25 s on the development set)
     model, W, info = fit_inlier_weights(blocks, y, groups, InlierWeightConfig(), seed=cfg.seed)
     if model is None:

@@ -34,6 +34,7 @@ FORMAT_VERSION = 1
 # the validator's features a model adds, after keypoints.verify.FEATURE_NAMES
 WEIGHT_FEATURES: tuple[str, ...] = ("inlier_weight_mean", "inlier_weight_sum")
 POSITION_COLUMNS = 6  # x, y in the query photo and in the gallery photo (over width, height), |x - 0.5| of each
+WEIGHT_CHUNK = 128  # pairs whose photos' keypoints are read at once (`inlier_blocks`)
 
 
 @dataclass(frozen=True)
@@ -112,12 +113,10 @@ class InlierWeights:
             return np.zeros(0)
         return np.asarray(self.booster.inplace_predict(X), np.float64)
 
-    def pair_features(self, pairs: Sequence[tuple[Keypoints | None, Keypoints | None, np.ndarray | None]]) -> np.ndarray:
-        """`summarise` of the weights of each pair's inliers, given (query keypoints, gallery keypoints,
-        inlier indices); one prediction for all. A pair with a piece missing (no inliers, a photo without
-        keypoints) gets zeros."""
-        blocks = [inlier_rows(kq, kg, idx) if kq is not None and kg is not None and idx is not None and len(idx)
-                  else np.zeros((0, self.width), np.float32) for kq, kg, idx in pairs]
+    def pair_features(self, blocks: Sequence[np.ndarray | None]) -> np.ndarray:
+        """`summarise` of the weights of each pair's inliers, given each pair's `inlier_rows` (`inlier_blocks`;
+        None: no inliers or a photo without keypoints, zeros); one prediction for all."""
+        blocks = [np.zeros((0, self.width), np.float32) if b is None else b for b in blocks]
         if not blocks:
             return np.zeros((0, len(WEIGHT_FEATURES)), np.float32)
         return summarise(self.predict(np.concatenate(blocks)), [len(b) for b in blocks])
@@ -154,13 +153,13 @@ def fit_inlier_weights(blocks: Sequence[np.ndarray], y: np.ndarray, groups: np.n
                        cfg: InlierWeightConfig = InlierWeightConfig(), seed: int = 0,
                        ) -> tuple[InlierWeights | None, np.ndarray, dict]:
     """The model of single inliers fitted on the pairs' inlier rows (`blocks[i]`: pair i's `inlier_rows`,
-    empty without inliers; each row labelled with its pair's `y`), and the pairs' weight features out of
+    empty or None without inliers; each row labelled with its pair's `y`), and the pairs' weight features out of
     fold: pair i's from a model that saw no pair of an individual in i's query fold (folds by individual
     over `groups`, (n, 2) individuals of each pair, as keypoints.validator.heldout_auc deals them), so the
     validator fitted on them sees weights as they come for new photos. None and zeros, with the reason
     in the summary, when fewer than `cfg.min_pairs` true or false pairs have inliers."""
     y = np.asarray(y).astype(int).ravel()
-    counts = np.array([len(b) for b in blocks], dtype=np.int64)
+    counts = np.array([0 if b is None else len(b) for b in blocks], dtype=np.int64)
     has = counts > 0
     n_true, n_false = int(np.sum(has & (y == 1))), int(np.sum(has & (y == 0)))
     info = {"pairs_with_inliers_true": n_true, "pairs_with_inliers_false": n_false, "inliers": int(counts.sum())}
@@ -169,7 +168,7 @@ def fit_inlier_weights(blocks: Sequence[np.ndarray], y: np.ndarray, groups: np.n
         return None, zeros, {**info, "fitted": False,
                              "reason": f"{n_true} true and {n_false} false training pairs with inliers; it needs "
                                                        f"{cfg.min_pairs} of each"}
-    X = np.concatenate([b for b in blocks if len(b)])
+    X = np.concatenate([b for b in blocks if b is not None and len(b)])
     row_pair = np.repeat(np.arange(len(blocks)), counts)
     row_y = y[row_pair]
     g = np.asarray(groups).reshape(len(blocks), -1)
@@ -190,16 +189,25 @@ def fit_inlier_weights(blocks: Sequence[np.ndarray], y: np.ndarray, groups: np.n
     return model, summarise(oof, counts), {**model.info, "fitted": True, "fingerprint": model.fingerprint}
 
 
-def pair_weight_features(model: InlierWeights, results: Sequence, pairs: Sequence[tuple],
-                         keypoints: Callable[[Sequence], dict], key: Callable) -> np.ndarray:
-    """The weight features of verification `results` of record `pairs`: the keypoints of the photos of
-    pairs with inliers read through `keypoints(records) -> {key: Keypoints}` (`key(record)` their key)."""
-    wanted = {}
-    for res, (q, g) in zip(results, pairs):
-        if res.n_inliers and res.inlier_idx is not None:
-            for rec in (q, g):
-                wanted.setdefault(key(rec), rec)
-    wanted.pop(None, None)
-    kps = keypoints(list(wanted.values())) if wanted else {}
-    return model.pair_features([(kps.get(key(q)), kps.get(key(g)), res.inlier_idx if res.n_inliers else None)
-                                for res, (q, g) in zip(results, pairs)])
+def inlier_blocks(results: Sequence, pairs: Sequence[tuple], keypoints: Callable[[Sequence], dict],
+                  key: Callable) -> list[np.ndarray | None]:
+    """The `inlier_rows` of verification `results` of record `pairs` (None for a pair without inliers or a
+    photo without keypoints), for fitting the model (train-verifier) and for its pair features (the
+    stage): the keypoints of the photos of pairs with inliers read through `keypoints(records) -> {key:
+    Keypoints}` (`key(record)` their key) WEIGHT_CHUNK pairs at a time, so memory stays bounded however
+    many pairs a batch holds (a calibration scores all its folds' pairs at once)."""
+    blocks = []
+    for start in range(0, len(results), WEIGHT_CHUNK):
+        part = list(zip(results[start:start + WEIGHT_CHUNK], pairs[start:start + WEIGHT_CHUNK]))
+        wanted = {}
+        for res, (q, g) in part:
+            if res.n_inliers and res.inlier_idx is not None:
+                for rec in (q, g):
+                    wanted.setdefault(key(rec), rec)
+        wanted.pop(None, None)
+        kps = keypoints(list(wanted.values())) if wanted else {}
+        for res, (q, g) in part:
+            kq, kg = kps.get(key(q)), kps.get(key(g))
+            ok = res.n_inliers and res.inlier_idx is not None and kq is not None and kg is not None
+            blocks.append(inlier_rows(kq, kg, res.inlier_idx) if ok else None)
+    return blocks

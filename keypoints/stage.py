@@ -25,7 +25,7 @@ from core.executor import current_executor
 from core.gallery import Gallery
 from core.stage import TOP, PairBatch, StageContext, StageOutput
 from keypoints.features import Keypoints, config_from_dict, config_to_dict, extract_keypoints
-from keypoints.inlier_weights import WEIGHT_FEATURES, InlierWeights, pair_weight_features
+from keypoints.inlier_weights import WEIGHT_FEATURES, InlierWeights, inlier_blocks
 from keypoints.store import KeypointStore, WhitenedStore, verify_record_pairs
 from keypoints.validator import Validator
 from keypoints.verify import FEATURE_NAMES, PairResult, VerifyConfig, feature_matrix
@@ -34,7 +34,6 @@ from keypoints.whitening import Whitening
 log = logging.getLogger(__name__)
 _KP_QUERY, _KP_GALLERY = FEATURE_NAMES.index("log_kp_query"), FEATURE_NAMES.index("log_kp_gallery")
 WHITENING_FILE = "whitening.npz"  # in the run folder, written by train-verifier
-WEIGHT_CHUNK = 128  # pairs whose photos' keypoints are read at once for the inlier weights
 
 
 def _pair_key(q: Record, g: Record) -> str | None:
@@ -259,11 +258,9 @@ class KeypointStage:
         X = feature_matrix(results)
         if self.inlier_weights is None or not len(X):
             return X
-        # the photos' keypoints a chunk of pairs at a time, as verification reads them: bounded memory
-        W = [pair_weight_features(self.inlier_weights, results[i:i + WEIGHT_CHUNK], record_pairs[i:i + WEIGHT_CHUNK],
-                                  lambda recs: self.store.get(recs, self.workers, progress=False), record_key)
-             for i in range(0, len(results), WEIGHT_CHUNK)]
-        return np.concatenate([X, np.concatenate(W)], axis=1)
+        blocks = inlier_blocks(results, record_pairs, lambda recs: self.store.get(recs, self.workers, progress=False),
+                               record_key)
+        return np.concatenate([X, self.inlier_weights.pair_features(blocks)], axis=1)
 
 
 class XFeatStage(KeypointStage):

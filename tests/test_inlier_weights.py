@@ -137,7 +137,7 @@ def test_a_stage_reads_weights_a_chunk_of_pairs_at_a_time_with_the_same_result(p
     """The validator's input of a stage with a model of inliers: the geometry, then the mean and sum of
     the inlier weights, the same whether the photos' keypoints are read for all pairs at once or pair by
     pair (the chunk bounds memory on large batches)."""
-    import keypoints.stage as stage_module
+    import keypoints.inlier_weights as weights_module
     from core.catalog import Record
     from core.runfolder import RunFolder
     from keypoints.stage import KeypointStage
@@ -156,7 +156,7 @@ def test_a_stage_reads_weights_a_chunk_of_pairs_at_a_time_with_the_same_result(p
     pairs = [(recs[q], recs[g]) for q, g in [("a1", "a2"), ("a1", "b"), ("a2", "a1"), ("b", "a2")]]
     results = stage.verify(pairs)
     whole = stage.features(results, pairs)
-    monkeypatch.setattr(stage_module, "WEIGHT_CHUNK", 1)
+    monkeypatch.setattr(weights_module, "WEIGHT_CHUNK", 1)
     assert np.array_equal(stage.features(results, pairs), whole)
     assert whole.shape == (4, len(FEATURE_NAMES) + len(WEIGHT_FEATURES))
     assert np.array_equal(whole[:, :len(FEATURE_NAMES)], feature_matrix(results))
