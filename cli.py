@@ -121,6 +121,11 @@ VotesOpt = Annotated[int, typer.Option(min=0, help="Gallery photos proposed per 
                                        "voting for the photos of its nearest ones), added to the embedding's "
                                        "shortlist; they take every other one of the --verify-top checks by the "
                                        "local matchers. The votes are also a score of their own (0: off).")]
+CompleteOpt = Annotated[int, typer.Option(min=0, help="After the --verify-top checks, every photo (of the query's "
+                                          "viewpoint) of the N individuals whose checked photos scored best is "
+                                          "checked too: the shortlist holds one or two photos of most "
+                                          "candidates, often not the one taken closest to the query's angle "
+                                          "(0: off).")]
 IndividualWeightOpt = Annotated[Optional[float], typer.Option(
     min=0.0, max=1.0, help="Share of the embedding's score that is the query's cosine to the mean of the "
                            "candidate individual's photos of that viewpoint, the rest its cosine to the photo "
@@ -328,6 +333,7 @@ def calibrate(
     verify_top: VerifyTopOpt = MatchConfig.verify_top,
     per_individual: PerIndividualOpt = MatchConfig.per_individual,
     votes: VotesOpt = MatchConfig.votes,
+    complete: CompleteOpt = MatchConfig.complete,
     individual_weight: IndividualWeightOpt = None,
     vote_weights: VoteWeightsOpt = None,
     threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads (default: all cores).")] = None,
@@ -341,7 +347,7 @@ def calibrate(
     animals: their photos leave the gallery and are queries; every photo of the others is a query
     against the rest of the gallery); prints per-fold MAP@5 and its spread, then refits on all folds
     (calibration.json). Calibrate with the --shortlist, --verify-top, --per-individual, --votes,
-    --individual-weight and --vote-weights that match will use (match warns when they differ), and again after changing them.
+    --complete, --individual-weight and --vote-weights that match will use (match warns when they differ), and again after changing them.
     """
     _setup_logging(verbose)
     _use_executor(executor, ray_address)
@@ -355,7 +361,8 @@ def calibrate(
                                              seed=seed, queries_per_individual=queries_per_individual),
                      command.Paths(run),
                      MatchConfig(shortlist=shortlist, verify_top=verify_top, per_individual=per_individual,
-                                 votes=votes, individual_weight=individual_weight, vote_weights=vote_weights),
+                                 votes=votes, complete=complete, individual_weight=individual_weight,
+                                 vote_weights=vote_weights),
                      threads, progress=not quiet,
                      precision=precision)
     lines = ["score".ljust(12) + "MAP@5 (mean ± sd over folds)".rjust(30) + "new F1".rjust(10) + "tau".rjust(10)]
@@ -387,6 +394,7 @@ def match(
     verify_top: VerifyTopOpt = MatchConfig.verify_top,
     per_individual: PerIndividualOpt = MatchConfig.per_individual,
     votes: VotesOpt = MatchConfig.votes,
+    complete: CompleteOpt = MatchConfig.complete,
     individual_weight: IndividualWeightOpt = None,
     vote_weights: VoteWeightsOpt = None,
     tau: TauOpt = None,
@@ -404,7 +412,7 @@ def match(
     from engine import match as command
 
     cfg = MatchConfig(shortlist=shortlist, verify_top=verify_top, per_individual=per_individual, votes=votes,
-                      individual_weight=individual_weight, vote_weights=vote_weights, tau=tau,
+                      complete=complete, individual_weight=individual_weight, vote_weights=vote_weights, tau=tau,
                       query_expansion=query_expansion, rerank=rerank,
                       matchers=_names(matchers, "--matchers") if matchers is not None else None)
     typer.echo(command.main(cfg, command.Paths(test_dir, run, out, queries, report), threads, progress=not quiet,
@@ -419,6 +427,7 @@ def evaluate(
     verify_top: VerifyTopOpt = MatchConfig.verify_top,
     per_individual: PerIndividualOpt = MatchConfig.per_individual,
     votes: VotesOpt = MatchConfig.votes,
+    complete: CompleteOpt = MatchConfig.complete,
     individual_weight: IndividualWeightOpt = None,
     vote_weights: VoteWeightsOpt = None,
     tau: TauOpt = None,
@@ -440,7 +449,7 @@ def evaluate(
     from engine import evaluate as command
 
     cfg = MatchConfig(shortlist=shortlist, verify_top=verify_top, per_individual=per_individual, votes=votes,
-                      individual_weight=individual_weight, vote_weights=vote_weights, tau=tau,
+                      complete=complete, individual_weight=individual_weight, vote_weights=vote_weights, tau=tau,
                       query_expansion=query_expansion, rerank=rerank,
                       matchers=_names(matchers, "--matchers") if matchers is not None else None)
     typer.echo(command.main(cfg, command.Paths(catalog, run, images), threads, progress=not quiet,

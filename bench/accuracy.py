@@ -26,6 +26,7 @@ Prints a table and writes bench/results/accuracy.json (and a copy in --work, kep
                            [--embedding-whitening off,on]  # the shortlist searches whitened embeddings or not, one network
                            [--individual-weight 0.25,0]  # embedding score a share per individual or not, one network
                            [--vote-weights on,off]  # keypoint votes weighted by the model of inliers or not, one network
+                           [--complete 0,5]  # every photo of the N best verified individuals verified too, one network
 """
 from __future__ import annotations
 
@@ -198,6 +199,10 @@ def main() -> None:
                     help="on / off: calibrate / match --vote-weights / --no-vote-weights (keypoint votes weighted by "
                     "the verifier's model of inliers); 'on,off' compares both on the same verified network: the "
                     "first is the run's own, the other calibrates a copy of it (run label trained+vweights-SETTING)")
+    ap.add_argument("--complete", default=str(MatchConfig.complete),
+                    help="calibrate / match --complete N (every photo of the N best verified individuals verified too), "
+                    "comma-separated, e.g. '0,5': the first is the run's own, each other one calibrates a copy of the "
+                    "same verified network (run label trained+completeN)")
     ap.add_argument("--data", type=Path, default=DATA,
                     help="the development set: catalog.csv, metadata.csv (flank side) and the photos (default: %(default)s)")
     ap.add_argument("--protocol", type=Path, default=PROTOCOL,
@@ -220,6 +225,12 @@ def main() -> None:
     whitening = on_off("--whitening", args.whitening)
     iweights = on_off("--inlier-weights", args.inlier_weights)
     vweights = on_off("--vote-weights", args.vote_weights)
+    try:
+        completes = [int(c) for c in args.complete.split(",")]
+        if len(set(completes)) < len(completes) or min(completes) < 0:
+            raise ValueError
+    except ValueError:
+        sys.exit(f"--complete {args.complete}: expected distinct counts >= 0 separated by commas, e.g. 0,5")
     ewhiten = on_off("--embedding-whitening", args.embedding_whitening)
     view_sets = [tuple(v.strip() for v in entry.split("+")) for entry in args.views.split(",")]
     problem = next((p for p in map(views_problem, view_sets) if p), None)
@@ -267,7 +278,8 @@ def main() -> None:
         if len(set(entries)) < len(entries) or any(v.count(":") > 2 for v in entries):
             raise ValueError
         votes = [(v, dataclasses.replace(vote_setting(v), individual_weight=weights[0],
-                                         vote_weights=vweights[0] == "on")) for v in entries]
+                                         vote_weights=vweights[0] == "on", complete=completes[0]))
+                 for v in entries]
     except ValueError:
         sys.exit(f"--votes {args.votes}: expected distinct VOTES[:V[:K]] entries separated by commas, "
                  "e.g. 0,20,20:20,100:300:200")
@@ -283,6 +295,8 @@ def main() -> None:
               dataclasses.replace(votes[0][1], individual_weight=w), verifier) for w in weights[1:]]
     jobs += [(f"{trained}+vweights-{w}", "copy verified", presets[0],  # votes weighted or not
               dataclasses.replace(votes[0][1], vote_weights=w == "on"), verifier) for w in vweights[1:]]
+    jobs += [(f"{trained}+complete{c}", "copy verified", presets[0],  # photos of the best individuals verified too
+              dataclasses.replace(votes[0][1], complete=c), verifier) for c in completes[1:]]
     jobs += [(f"{trained}+whiten-{w}", "copy network, shared cache", presets[0], votes[0][1],
               {**verifier, "whitening": w == "on"})
              for w in whitening[1:]]
@@ -355,7 +369,7 @@ def main() -> None:
                 step()
         info[label] = {"build_seconds": round(time.perf_counter() - t0, 1), "keypoints": keypoints,
                        "votes": mcfg.votes, "individual_weight": mcfg.individual_weight,
-                       "vote_weights": mcfg.vote_weights, "verify_top": mcfg.verify_top,
+                       "vote_weights": mcfg.vote_weights, "verify_top": mcfg.verify_top, "complete": mcfg.complete,
                        "shortlist": mcfg.shortlist, **vsettings}
         rows, timing = evaluate_run(run, qdir, qcsv, truth, args.work, label, options=isinstance(cfg, TrainConfig),
                                     cfg=mcfg)

@@ -67,11 +67,12 @@ def match_settings_of(cfg: MatchConfig, votes_available: bool, vote_weights_avai
     votes = cfg.votes if votes_available else 0
     return {"shortlist": cfg.shortlist, "verify_top": cfg.verify_top, "per_individual": cfg.per_individual,
             "votes": votes, "individual_weight": float(fit.individual_weight),
-            "vote_weights": bool(fit.vote_weights and votes > 0 and vote_weights_available)}
+            "vote_weights": bool(fit.vote_weights and votes > 0 and vote_weights_available),
+            "complete": cfg.complete if cfg.verify_top > 0 else 0}
 
 
 # settings calibration.json's "match" did not record before they existed, and what each was then: off
-SETTINGS_ADDED = {"per_individual": 0, "votes": 0, "individual_weight": 0, "vote_weights": False}
+SETTINGS_ADDED = {"per_individual": 0, "votes": 0, "individual_weight": 0, "vote_weights": False, "complete": 0}
 
 
 def fitted_settings(match: dict | None, now: dict) -> dict:
@@ -117,6 +118,12 @@ class QueryPairs:
     individual: np.ndarray | None = None
     voted: np.ndarray | None = None  # positions of the photos keypoint votes proposed, most votes first
     votes: np.ndarray | None = None  # (k,) each photo's keypoint votes (None: not counted)
+    # what `complete` needs to add photos after the shortlist: the query's own photo(s) (gallery indices,
+    # never matched with it), every gallery photo's keypoint votes (None: not counted; dropped once
+    # `pair_scores` is done), its embedding as searched
+    hidden: np.ndarray | None = None
+    gallery_votes: np.ndarray | None = None
+    query_emb: np.ndarray | None = None
 
 
 @dataclass
@@ -159,6 +166,7 @@ class Engine:
         self._reciprocal: dict = {}  # (k, gallery subset) -> the gallery's k-th neighbour similarity and sets
         self._votes: VoteIndex | None = None  # keypoint votes over the gallery, built when first needed
         self._by_path: tuple | None = None  # (gallery, its indices by path): photos_by_path
+        self._by_individual: dict[str, np.ndarray] | None = None  # photos_by_individual
         self._means: IndividualMeans | None = None  # each individual's mean embedding, built when first needed
 
     def searchable(self, embeddings: np.ndarray) -> np.ndarray:
@@ -298,7 +306,8 @@ class Engine:
                          cfg.per_individual, int(short.sum()), k, depth)
                 break
             depth = min(4 * depth, max_depth)
-        pairs = [QueryPairs(rec, idx[qi][keep[qi]][:k], {}, similarity=sims[qi][keep[qi]][:k].astype(np.float64))
+        pairs = [QueryPairs(rec, idx[qi][keep[qi]][:k], {}, similarity=sims[qi][keep[qi]][:k].astype(np.float64),
+                            hidden=hidden[qi], query_emb=query_emb[qi])
                  for qi, rec in enumerate(recs)]
         self.seconds["shortlist"] += time.perf_counter() - t0
         if cfg.votes > 0:
@@ -337,6 +346,15 @@ class Engine:
                 by_path[p].append(g)
             self._by_path = (self.gallery, dict(by_path))
         return self._by_path[1]
+
+    def photos_by_individual(self) -> dict[str, np.ndarray]:
+        """Gallery indices by individual (built once per gallery)."""
+        if self._by_individual is None:
+            by: dict[str, list[int]] = defaultdict(list)
+            for g, ind in enumerate(self.gallery.ids):
+                by[ind].append(g)
+            self._by_individual = {k: np.array(v, np.int64) for k, v in by.items()}
+        return self._by_individual
 
     def votes_available(self) -> bool:
         """Keypoint votes need the SIFT stage (its descriptors) and a gallery small enough for the
@@ -458,6 +476,7 @@ class Engine:
             position = {int(g): j for j, g in enumerate(qp.gallery_idx)}
             qp.voted = np.array([position[int(g)] for g in top], dtype=np.int64)
             qp.votes = votes[qp.gallery_idx]
+            qp.gallery_votes = votes
         self.seconds["votes"] += time.perf_counter() - t1
 
     def within_cap(self, idx: np.ndarray, keep: np.ndarray, cap: int) -> np.ndarray:
@@ -510,40 +529,91 @@ class Engine:
                     gallery_subset: np.ndarray | None = None, progress: bool = False,
                     own: np.ndarray | None = None) -> list[QueryPairs]:
         """Every stage's score for each query's shortlist of gallery photos (`shortlist`). A TOP
-        stage scores each query's V pairs of `verify_picks` (NaN elsewhere). The embedding stage's score
-        is the shortlist's cosine to the photo, blended with the cosine to the photo's individual's mean
-        (`qp.individual`) by `individual_weight`."""
+        stage scores each query's V pairs of `verify_picks` (NaN elsewhere); with `cfg.complete` N, the
+        photos `complete` then adds (every photo of the N best verified individuals) are scored by every
+        stage. The embedding stage's score is the shortlist's cosine to the photo, blended with the
+        cosine to the photo's individual's mean (`qp.individual`) by `individual_weight`."""
         pairs = self.shortlist(records, emb, cfg, gallery_subset, own, progress)  # (it books its seconds)
+        running = [s for s in self.stages if s.scope == ALL or cfg.verify_top > 0]
+        for stage in running:
+            for qp in pairs:
+                qp.stages[stage.name] = np.full(len(qp.gallery_idx), np.nan)
+            self.score_stage(stage, pairs, [np.arange(len(qp.gallery_idx)) if stage.scope == ALL else
+                                            self.verify_picks(qp, cfg.verify_top) for qp in pairs], cfg,
+                             emb.embeddings, progress)
+        if cfg.complete > 0 and any(s.scope != ALL for s in running):
+            added = self.complete(pairs, cfg, gallery_subset)
+            for stage in running:
+                self.score_stage(stage, pairs, added, cfg, emb.embeddings, progress)
+        for qp in pairs:
+            qp.gallery_votes = None  # (a gallery's worth per query: calibrate keeps thousands of shortlists)
+        return pairs
+
+    def score_stage(self, stage, pairs: Sequence[QueryPairs], picks: Sequence[np.ndarray], cfg: MatchConfig,
+                    query_embeddings: np.ndarray, progress: bool = False) -> None:
+        """`stage`'s scores (and evidence) of the pairs at positions `picks[q]` of each query's shortlist
+        (`query_embeddings`: the queries' as the network gives them, one row per query of `pairs`)."""
+        if not sum(len(p) for p in picks):
+            return
         weight = self.individual_weight(cfg)
         # the embedding's score of each pair: the cosine to the photo, `weight` of it to its individual's mean
         similarity = [qp.similarity if qp.individual is None else (1 - weight) * qp.similarity + weight * qp.individual
                       for qp in pairs]
-        for stage in self.stages:
-            if stage.scope != ALL and cfg.verify_top <= 0:
-                continue
-            picks = []
-            for qp in pairs:
-                qp.stages[stage.name] = np.full(len(qp.gallery_idx), np.nan)
-                picks.append(np.arange(len(qp.gallery_idx)) if stage.scope == ALL else
-                             self.verify_picks(qp, cfg.verify_top))
-            if not sum(len(p) for p in picks):
-                continue
-            qpos = np.concatenate([np.full(len(p), qi) for qi, p in enumerate(picks)]).astype(np.int64)
-            pos = np.concatenate(picks).astype(np.int64)
-            batch = PairBatch([qp.record for qp in pairs], emb.embeddings, qpos,
-                              np.array([pairs[q].gallery_idx[j] for q, j in zip(qpos, pos)], dtype=np.int64),
-                              np.array([similarity[q][j] for q, j in zip(qpos, pos)], dtype=np.float64),
-                              np.array([np.nan if pairs[q].votes is None else pairs[q].votes[j]
-                                        for q, j in zip(qpos, pos)], dtype=np.float64))
-            t0 = time.perf_counter()
-            out = stage.score(batch, self.gallery, progress)
-            self.seconds[stage.name] += time.perf_counter() - t0
-            for i, (q, j) in enumerate(zip(qpos, pos)):
-                qp = pairs[q]
-                qp.stages[stage.name][j] = out.scores[i]
-                if out.evidence is not None:
-                    qp.evidence.setdefault(int(qp.gallery_idx[j]), {}).update(out.evidence[i])
-        return pairs
+        qpos = np.concatenate([np.full(len(p), qi) for qi, p in enumerate(picks)]).astype(np.int64)
+        pos = np.concatenate(picks).astype(np.int64)
+        batch = PairBatch([qp.record for qp in pairs], query_embeddings, qpos,
+                          np.array([pairs[q].gallery_idx[j] for q, j in zip(qpos, pos)], dtype=np.int64),
+                          np.array([similarity[q][j] for q, j in zip(qpos, pos)], dtype=np.float64),
+                          np.array([np.nan if pairs[q].votes is None else pairs[q].votes[j]
+                                    for q, j in zip(qpos, pos)], dtype=np.float64))
+        t0 = time.perf_counter()
+        out = stage.score(batch, self.gallery, progress)
+        self.seconds[stage.name] += time.perf_counter() - t0
+        for i, (q, j) in enumerate(zip(qpos, pos)):
+            qp = pairs[q]
+            qp.stages[stage.name][j] = out.scores[i]
+            if out.evidence is not None:
+                qp.evidence.setdefault(int(qp.gallery_idx[j]), {}).update(out.evidence[i])
+
+    def complete(self, pairs: Sequence[QueryPairs], cfg: MatchConfig, gallery_subset: np.ndarray | None) -> list[np.ndarray]:
+        """Adds to each query's shortlist the photos of the `cfg.complete` individuals whose verified
+        photos scored best (each pair's best TOP-stage score, per individual its best photo) that are not
+        in it yet and that the query may meet (its viewpoint, `gallery_subset`, never its own photo);
+        returns their positions in the shortlist, for every stage to score. The shortlist holds one or two
+        photos of most candidates, often not the one taken closest to the query's angle and distance."""
+        t0 = time.perf_counter()
+        verifying = [s.name for s in self.stages if s.scope != ALL]
+        by_individual = self.photos_by_individual()
+        base = np.ones(len(self.gallery), bool)
+        if gallery_subset is not None:
+            base[:] = False
+            base[gallery_subset] = True
+        means = self.individual_means() if any(qp.individual is not None for qp in pairs) else None
+        added = []
+        for qp in pairs:
+            got = [qp.stages[name] for name in verifying if name in qp.stages]
+            best = np.fmax.reduce(np.stack(got)) if got else np.full(len(qp.gallery_idx), np.nan)
+            ranked = aggregate_per_individual([self.gallery.ids[g] for g in qp.gallery_idx], best)[:cfg.complete]
+            allowed = base & self.index.meets(qp.record.viewpoint)
+            allowed[qp.hidden] = False
+            allowed[qp.gallery_idx] = False
+            new = np.concatenate([by_individual[r.individual_id] for r in ranked] + [np.zeros(0, np.int64)])
+            new = new[allowed[new]]
+            start = len(qp.gallery_idx)
+            if len(new):
+                qp.gallery_idx = np.concatenate([qp.gallery_idx, new])
+                qp.similarity = np.concatenate([qp.similarity, (self.search_embeddings[new] @ qp.query_emb)
+                                                .astype(np.float64)])
+                if qp.individual is not None:
+                    qp.individual = np.concatenate([qp.individual, means.cosines(qp.query_emb, new, qp.hidden,
+                                                                                 gallery_subset)])
+                if qp.votes is not None:
+                    qp.votes = np.concatenate([qp.votes, qp.gallery_votes[new]])
+                for name in qp.stages:
+                    qp.stages[name] = np.concatenate([qp.stages[name], np.full(len(new), np.nan)])
+            added.append(np.arange(start, len(qp.gallery_idx)))
+        self.seconds["shortlist"] += time.perf_counter() - t0
+        return added
 
     def verify_picks(self, qp: QueryPairs, v: int) -> np.ndarray:
         """The positions in `qp`'s shortlist of the V photos a TOP stage verifies: the ranking by

@@ -155,7 +155,8 @@ def test_tau_rule_follows_the_number_of_individuals(chain, monkeypatch, caplog):
     assert rate["tau"] == rate["tau_all_folds"]  # the rate's tau, not lowered
     assert rate["match"] == {"shortlist": 50, "verify_top": 50, "per_individual": 1, "votes": MatchConfig.votes,
                              "individual_weight": INDIVIDUAL_WEIGHT, "votes_rule": "share_v",
-                             "vote_weights": False}  # (the sample gives too few pairs for a model of inliers)
+                             "vote_weights": False,  # (the sample gives too few pairs for a model of inliers)
+                             "complete": MatchConfig.complete}
     # match warns when its settings differ from the calibrated ones; a calibration from before
     # --per-individual had no cap
     from engine.pipeline import Engine
@@ -860,3 +861,54 @@ def test_train_verifier_focus_is_recorded_and_read_back(trained, tmp_path):
     assert Engine.load(run).stage("keypoints").focus is None
     r = runner.invoke(app, ["train-verifier", "--run", str(run), "--focus", "0", "-q"])
     assert r.exit_code == 2 and "--focus" in r.output
+
+
+def test_complete_verifies_every_photo_of_the_best_individuals(chain, caplog):
+    """--complete N: after the --verify-top checks, the photos of the N individuals whose checked photos
+    scored best (the keypoint stage's score, per individual its best photo) that the query may meet
+    and that are not in the shortlist yet join it, scored by every stage; what was there stays as it
+    was. Never the query's own photo, never outside a fold's gallery subset. Calibrate records it."""
+    from core.aggregate import aggregate_per_individual
+    from core.catalog import catalog_from_folder
+    from engine.pipeline import Engine, MatchConfig
+    from siamese.embed import EmbedResult
+
+    root, run, qdir, truth = chain
+    engine = Engine.load(run)
+    ids = np.asarray(engine.gallery.ids)
+    n = len(engine.gallery)
+    records = catalog_from_folder(qdir).records
+    emb = engine.embed(records, MatchConfig(), progress=False)
+    own = np.arange(0, n, 5)  # gallery photos as queries, as calibrate's folds ask: never matched with themselves
+    cases = [(records, emb, None, None),
+             (records, emb, np.arange(0, n, 2), None),
+             ([engine.gallery.record(int(g)) for g in own], EmbedResult(engine.gallery.embeddings[own],
+                                                                       np.arange(len(own))), None, own)]
+    plain_cfg = MatchConfig(shortlist=3, votes=0, verify_top=2)
+    added_any = 0
+    for recs, e, subset, mine in cases:
+        plain = engine.pair_scores(recs, e, plain_cfg, gallery_subset=subset, own=mine)
+        done = engine.pair_scores(recs, e, MatchConfig(shortlist=3, votes=0, verify_top=2, complete=2),
+                                  gallery_subset=subset, own=mine)
+        allowed = np.ones(n, bool) if subset is None else np.isin(np.arange(n), subset)
+        for qi, (p, d) in enumerate(zip(plain, done)):
+            k = len(p.gallery_idx)
+            assert list(d.gallery_idx[:k]) == list(p.gallery_idx)
+            for name in p.stages:
+                np.testing.assert_array_equal(d.stages[name][:k], p.stages[name])
+            best = aggregate_per_individual(ids[p.gallery_idx], p.stages["keypoints"])[:2]
+            want = [g for g in range(n) if ids[g] in {b.individual_id for b in best} and allowed[g]
+                    and g not in p.gallery_idx and (mine is None or g != mine[qi])]
+            assert sorted(d.gallery_idx[k:].tolist()) == want
+            for name in ("embedding", "siamese", "keypoints"):  # every stage scored the added photos
+                assert not np.isnan(d.stages[name][k:]).any()
+            np.testing.assert_allclose(d.similarity[k:], engine.search_embeddings[d.gallery_idx[k:]]
+                                       @ engine.searchable(e.embeddings)[qi], atol=1e-5)
+            added_any += len(want)
+    assert added_any  # the shortlists of 3 left photos of the best individuals out
+    invoke("calibrate", "--run", run, "--complete", 2, "-q")
+    assert json.loads((run / "calibration.json").read_text())["match"]["complete"] == 2
+    logging.getLogger().handlers = [caplog.handler]  # the CLI's logging setup replaced pytest's
+    with caplog.at_level("WARNING", logger="engine.pipeline"):
+        Engine.load(run).tau(MatchConfig(complete=0))
+    assert "--complete 2" in caplog.text and "--complete 0" in caplog.text
