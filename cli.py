@@ -121,11 +121,12 @@ VotesOpt = Annotated[int, typer.Option(min=0, help="Gallery photos proposed per 
                                        "voting for the photos of its nearest ones), added to the embedding's "
                                        "shortlist; they take every other one of the --verify-top checks by the "
                                        "local matchers. The votes are also a score of their own (0: off).")]
-CompleteOpt = Annotated[int, typer.Option(min=0, help="After the --verify-top checks, every photo (of the query's "
-                                          "viewpoint) of the N individuals whose checked photos scored best is "
-                                          "checked too: the shortlist holds one or two photos of most "
-                                          "candidates, often not the one taken closest to the query's angle "
-                                          "(0: off).")]
+CompleteOpt = Annotated[int, typer.Option(min=0, help="After the --verify-top checks, the photos (of the query's "
+                                          "viewpoint) of the N individuals whose checked photos scored best "
+                                          "are checked too, up to 10 per individual (those nearest the query): "
+                                          "the shortlist holds one or two photos of most candidates, often not "
+                                          "the one taken closest to the query's angle (0: off). A setting "
+                                          "calibrate records.")]
 IndividualWeightOpt = Annotated[Optional[float], typer.Option(
     min=0.0, max=1.0, help="Share of the embedding's score that is the query's cosine to the mean of the "
                            "candidate individual's photos of that viewpoint, the rest its cosine to the photo "

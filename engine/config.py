@@ -39,11 +39,12 @@ class MatchConfig:
     # Intel Xeon), with the votes fused as a stage: closed top-1 0.361 -> 0.417 / 0.361 -> 0.431, MAP@5
     # 0.536 -> 0.570 / 0.539 -> 0.560, at 0.08 s of vote search per query (README "Measured")
     votes: int = 20
-    # after verification, every photo (of the query's viewpoint) of the N individuals whose verified photos
-    # scored best is added to the shortlist and scored by every stage (Engine.complete); 0: none. Off by
-    # default: development set, same networks, seeds 0 / 1, N = 5, each calibrated with it: closed top-1
-    # 0.542 -> 0.549 / 0.583 -> 0.590, new F1 0.619 -> 0.622 / 0.584 -> 0.606, but known top-5 0.694 -> 0.688
-    # / 0.688 -> 0.674, and 0.40 -> 0.58 s per query at V = 20 (README "Measured")
+    # after verification, the photos (of the query's viewpoint) of the N individuals whose verified photos
+    # scored best that were not verified are verified too, up to engine.pipeline.COMPLETE_PHOTOS each; those
+    # not in the shortlist join it, scored by every stage (Engine.complete); 0: none. Off by default:
+    # development set, same networks, seeds 0 / 1, N = 5, each calibrated with it: new F1 0.619 -> 0.622 /
+    # 0.584 -> 0.604, closed top-1 0.542 -> 0.542 / 0.583 -> 0.590, but known top-5 0.694 -> 0.688 / 0.688 ->
+    # 0.674, and 0.40 -> 0.70 s per query at V = 20 (README "Measured")
     complete: int = 0
     tau: float | None = None  # None: calibration.json's, else the last ALL stage's default_tau
     batch_size: int = 32

@@ -47,6 +47,9 @@ CAP_MAX_DEPTH = 2048
 # above this many gallery photos keypoint votes are off: their index (IVF-Flat, 1000 RootSIFT
 # descriptors of 0.5 KB per photo) would take ~10 GB of memory
 VOTES_MAX_PHOTOS = 20_000
+# --complete checks at most this many photos of one individual per query (those nearest the query in the
+# embedding): a catalog may hold hundreds of one animal (the development set: at most ~15 per flank)
+COMPLETE_PHOTOS = 10
 # How voted photos meet --verify-top, recorded in calibration.json's "match": they share its V checks
 # (verify_picks). Calibrations fitted when they were verified on top of V have no "votes_rule".
 VOTES_RULE = "share_v"
@@ -57,10 +60,12 @@ def votes_rule_stale(match: dict | None) -> bool:
     return bool(match) and match.get("votes", 0) > 0 and match.get("votes_rule") != VOTES_RULE
 
 
-def match_settings_of(cfg: MatchConfig, votes_available: bool, vote_weights_available: bool = True) -> dict:
+def match_settings_of(cfg: MatchConfig, votes_available: bool, vote_weights_available: bool = True,
+                      verifier_available: bool = True) -> dict:
     """The settings a calibration holds for (recorded in calibration.json's "match", compared by
     `Engine.tau`): votes count only where the run can count them (`Engine.votes_available`), and are
-    weighted only where counted and the run has a model of inliers (`vote_weights_available`); an
+    weighted only where counted and the run has a model of inliers (`vote_weights_available`), photos are
+    completed only where a local matcher checks them (`verifier_available`, and V > 0); an
     individual weight or vote weighting of None is `calibrate`'s (`MatchConfig.to_fit`;
     `Engine.match_settings` gives the engine's own)."""
     fit = cfg.to_fit()
@@ -68,7 +73,7 @@ def match_settings_of(cfg: MatchConfig, votes_available: bool, vote_weights_avai
     return {"shortlist": cfg.shortlist, "verify_top": cfg.verify_top, "per_individual": cfg.per_individual,
             "votes": votes, "individual_weight": float(fit.individual_weight),
             "vote_weights": bool(fit.vote_weights and votes > 0 and vote_weights_available),
-            "complete": cfg.complete if cfg.verify_top > 0 else 0}
+            "complete": cfg.complete if cfg.verify_top > 0 and verifier_available else 0}
 
 
 # settings calibration.json's "match" did not record before they existed, and what each was then: off
@@ -378,7 +383,7 @@ class Engine:
         """The settings a calibration holds for (`match_settings_of`), under this run and gallery."""
         return match_settings_of(replace(cfg, individual_weight=self.individual_weight(cfg),
                                          vote_weights=self.vote_weights(cfg)), self.votes_available(),
-                                 self.vote_model() is not None)
+                                 self.vote_model() is not None, any(s.scope != ALL for s in self.stages))
 
     def vote_model(self):
         """The model of inliers that weighs keypoint votes: the SIFT stage's, where train-verifier fitted one."""
@@ -530,8 +535,8 @@ class Engine:
                     own: np.ndarray | None = None) -> list[QueryPairs]:
         """Every stage's score for each query's shortlist of gallery photos (`shortlist`). A TOP
         stage scores each query's V pairs of `verify_picks` (NaN elsewhere); with `cfg.complete` N, the
-        photos `complete` then adds (every photo of the N best verified individuals) are scored by every
-        stage. The embedding stage's score is the shortlist's cosine to the photo, blended with the
+        photos of the N best checked individuals not checked yet (`complete`) are then checked too, those
+        it adds to the shortlist scored by every stage. The embedding stage's score is the shortlist's cosine to the photo, blended with the
         cosine to the photo's individual's mean (`qp.individual`) by `individual_weight`."""
         pairs = self.shortlist(records, emb, cfg, gallery_subset, own, progress)  # (it books its seconds)
         running = [s for s in self.stages if s.scope == ALL or cfg.verify_top > 0]
@@ -542,9 +547,11 @@ class Engine:
                                             self.verify_picks(qp, cfg.verify_top) for qp in pairs], cfg,
                              emb.embeddings, progress)
         if cfg.complete > 0 and any(s.scope != ALL for s in running):
-            added = self.complete(pairs, cfg, gallery_subset)
-            for stage in running:
-                self.score_stage(stage, pairs, added, cfg, emb.embeddings, progress)
+            added, unchecked = self.complete(pairs, cfg, gallery_subset)
+            for stage in running:  # the added photos by every stage; the shortlisted ones by the TOP stages
+                self.score_stage(stage, pairs, added if stage.scope == ALL else
+                                 [np.concatenate([u, a]) for u, a in zip(unchecked, added)], cfg, emb.embeddings,
+                                 progress)
         for qp in pairs:
             qp.gallery_votes = None  # (a gallery's worth per query: calibrate keeps thousands of shortlists)
         return pairs
@@ -575,12 +582,16 @@ class Engine:
             if out.evidence is not None:
                 qp.evidence.setdefault(int(qp.gallery_idx[j]), {}).update(out.evidence[i])
 
-    def complete(self, pairs: Sequence[QueryPairs], cfg: MatchConfig, gallery_subset: np.ndarray | None) -> list[np.ndarray]:
-        """Adds to each query's shortlist the photos of the `cfg.complete` individuals whose verified
-        photos scored best (each pair's best TOP-stage score, per individual its best photo) that are not
-        in it yet and that the query may meet (its viewpoint, `gallery_subset`, never its own photo);
-        returns their positions in the shortlist, for every stage to score. The shortlist holds one or two
-        photos of most candidates, often not the one taken closest to the query's angle and distance."""
+    def complete(self, pairs: Sequence[QueryPairs], cfg: MatchConfig,
+                 gallery_subset: np.ndarray | None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """The photos of the `cfg.complete` individuals whose checked photos scored best (each pair's best
+        TOP-stage score, per individual its best photo) that no TOP stage has checked yet and that the query
+        may meet (its viewpoint, `gallery_subset`, never its own photo), at most COMPLETE_PHOTOS per
+        individual (those nearest the query in the embedding). Those not in the shortlist join it (after
+        its photos). Returns per query the positions of the added photos (for every stage to score) and
+        of the shortlisted ones not checked yet (for the TOP stages). The shortlist holds one or two photos
+        of most candidates, often not the one taken closest to the query's angle and distance. The added
+        photos carry the query's cosine as searched (without query expansion or re-ranking), like voted ones."""
         t0 = time.perf_counter()
         verifying = [s.name for s in self.stages if s.scope != ALL]
         by_individual = self.photos_by_individual()
@@ -589,16 +600,25 @@ class Engine:
             base[:] = False
             base[gallery_subset] = True
         means = self.individual_means() if any(qp.individual is not None for qp in pairs) else None
-        added = []
+        added, unchecked = [], []
         for qp in pairs:
             got = [qp.stages[name] for name in verifying if name in qp.stages]
             best = np.fmax.reduce(np.stack(got)) if got else np.full(len(qp.gallery_idx), np.nan)
             ranked = aggregate_per_individual([self.gallery.ids[g] for g in qp.gallery_idx], best)[:cfg.complete]
             allowed = base & self.index.meets(qp.record.viewpoint)
             allowed[qp.hidden] = False
-            allowed[qp.gallery_idx] = False
-            new = np.concatenate([by_individual[r.individual_id] for r in ranked] + [np.zeros(0, np.int64)])
-            new = new[allowed[new]]
+            allowed[qp.gallery_idx[~np.isnan(best)]] = False  # checked already
+            position = {int(g): j for j, g in enumerate(qp.gallery_idx)}
+            new, old = [], []
+            for r in ranked:
+                photos = by_individual[r.individual_id]
+                photos = photos[allowed[photos]]
+                if len(photos) > COMPLETE_PHOTOS:
+                    near = np.argsort(-(self.search_embeddings[photos] @ qp.query_emb), kind="stable")
+                    photos = np.sort(photos[near[:COMPLETE_PHOTOS]])
+                for g in photos.tolist():
+                    (old.append(position[g]) if g in position else new.append(g))
+            new = np.array(new, np.int64)
             start = len(qp.gallery_idx)
             if len(new):
                 qp.gallery_idx = np.concatenate([qp.gallery_idx, new])
@@ -612,8 +632,9 @@ class Engine:
                 for name in qp.stages:
                     qp.stages[name] = np.concatenate([qp.stages[name], np.full(len(new), np.nan)])
             added.append(np.arange(start, len(qp.gallery_idx)))
+            unchecked.append(np.array(old, np.int64))
         self.seconds["shortlist"] += time.perf_counter() - t0
-        return added
+        return added, unchecked
 
     def verify_picks(self, qp: QueryPairs, v: int) -> np.ndarray:
         """The positions in `qp`'s shortlist of the V photos a TOP stage verifies: the ranking by

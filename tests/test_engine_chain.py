@@ -863,11 +863,14 @@ def test_train_verifier_focus_is_recorded_and_read_back(trained, tmp_path):
     assert r.exit_code == 2 and "--focus" in r.output
 
 
-def test_complete_verifies_every_photo_of_the_best_individuals(chain, caplog):
+def test_complete_verifies_every_photo_of_the_best_individuals(chain, caplog, monkeypatch):
     """--complete N: after the --verify-top checks, the photos of the N individuals whose checked photos
-    scored best (the keypoint stage's score, per individual its best photo) that the query may meet
-    and that are not in the shortlist yet join it, scored by every stage; what was there stays as it
-    was. Never the query's own photo, never outside a fold's gallery subset. Calibrate records it."""
+    scored best (the keypoint stage's score, per individual its best photo) that the query may meet and
+    that were not checked are checked: those in the shortlist by the keypoint stage, the others join it
+    and every stage scores them; what was scored stays as it was. Never the query's own photo, never
+    outside a fold's gallery subset, at most COMPLETE_PHOTOS per individual (the nearest in the
+    embedding). Calibrate records it."""
+    import engine.pipeline as pipeline
     from core.aggregate import aggregate_per_individual
     from core.catalog import catalog_from_folder
     from engine.pipeline import Engine, MatchConfig
@@ -880,32 +883,46 @@ def test_complete_verifies_every_photo_of_the_best_individuals(chain, caplog):
     records = catalog_from_folder(qdir).records
     emb = engine.embed(records, MatchConfig(), progress=False)
     own = np.arange(0, n, 5)  # gallery photos as queries, as calibrate's folds ask: never matched with themselves
-    cases = [(records, emb, None, None),
-             (records, emb, np.arange(0, n, 2), None),
+    cases = [(records, emb, None, None, 10),
+             (records, emb, np.arange(0, n, 2), None, 10),
              ([engine.gallery.record(int(g)) for g in own], EmbedResult(engine.gallery.embeddings[own],
-                                                                       np.arange(len(own))), None, own)]
+                                                                       np.arange(len(own))), None, own, 10),
+             (records, emb, None, None, 1)]  # one photo per individual: the nearest unchecked one
     plain_cfg = MatchConfig(shortlist=3, votes=0, verify_top=2)
-    added_any = 0
-    for recs, e, subset, mine in cases:
+    added_any = shortlisted_any = 0
+    for recs, e, subset, mine, cap in cases:
+        monkeypatch.setattr(pipeline, "COMPLETE_PHOTOS", cap)
         plain = engine.pair_scores(recs, e, plain_cfg, gallery_subset=subset, own=mine)
         done = engine.pair_scores(recs, e, MatchConfig(shortlist=3, votes=0, verify_top=2, complete=2),
                                   gallery_subset=subset, own=mine)
         allowed = np.ones(n, bool) if subset is None else np.isin(np.arange(n), subset)
+        query_emb = engine.searchable(e.embeddings)
         for qi, (p, d) in enumerate(zip(plain, done)):
             k = len(p.gallery_idx)
             assert list(d.gallery_idx[:k]) == list(p.gallery_idx)
-            for name in p.stages:
+            checked = set(p.gallery_idx[~np.isnan(p.stages["keypoints"])].tolist())
+            best = {b.individual_id for b in aggregate_per_individual(ids[p.gallery_idx], p.stages["keypoints"])[:2]}
+            want = []
+            for ind in sorted(best):
+                photos = [g for g in range(n) if ids[g] == ind and allowed[g] and g not in checked
+                          and (mine is None or g != mine[qi])]
+                near = sorted(photos, key=lambda g: -float(engine.search_embeddings[g] @ query_emb[qi]))
+                want += near[:cap]
+            in_list = [g for g in want if g in p.gallery_idx]
+            assert sorted(d.gallery_idx[k:].tolist()) == sorted(set(want) - set(in_list))
+            now_checked = set(d.gallery_idx[~np.isnan(d.stages["keypoints"])].tolist())
+            assert now_checked == checked | set(want)  # the best individuals' photos, and no other one
+            for name in ("embedding", "siamese"):  # what was scored stays; the added photos are scored
                 np.testing.assert_array_equal(d.stages[name][:k], p.stages[name])
-            best = aggregate_per_individual(ids[p.gallery_idx], p.stages["keypoints"])[:2]
-            want = [g for g in range(n) if ids[g] in {b.individual_id for b in best} and allowed[g]
-                    and g not in p.gallery_idx and (mine is None or g != mine[qi])]
-            assert sorted(d.gallery_idx[k:].tolist()) == want
-            for name in ("embedding", "siamese", "keypoints"):  # every stage scored the added photos
                 assert not np.isnan(d.stages[name][k:]).any()
+            was = ~np.isnan(p.stages["keypoints"])
+            np.testing.assert_array_equal(d.stages["keypoints"][:k][was], p.stages["keypoints"][was])
             np.testing.assert_allclose(d.similarity[k:], engine.search_embeddings[d.gallery_idx[k:]]
-                                       @ engine.searchable(e.embeddings)[qi], atol=1e-5)
-            added_any += len(want)
-    assert added_any  # the shortlists of 3 left photos of the best individuals out
+                                       @ query_emb[qi], atol=1e-5)
+            added_any += len(d.gallery_idx) - k
+            shortlisted_any += len(in_list)
+    assert added_any and shortlisted_any  # the shortlists of 3 (2 checked) left photos of the best individuals
+    monkeypatch.undo()
     invoke("calibrate", "--run", run, "--complete", 2, "-q")
     assert json.loads((run / "calibration.json").read_text())["match"]["complete"] == 2
     logging.getLogger().handlers = [caplog.handler]  # the CLI's logging setup replaced pytest's
