@@ -26,7 +26,7 @@ Prints a table and writes bench/results/accuracy.json (and a copy in --work, kep
                            [--embedding-whitening off,on]  # the shortlist searches whitened embeddings or not, one network
                            [--individual-weight 0.25,0]  # embedding score a share per individual or not, one network
                            [--vote-weights on,off]  # keypoint votes weighted by the model of inliers or not, one network
-                           [--complete 0,5]  # every photo of the N best verified individuals verified too, one network
+                           [--complete 0,5]  # the photos of the N best verified individuals verified too, one network
 """
 from __future__ import annotations
 
@@ -200,8 +200,8 @@ def main() -> None:
                     "the verifier's model of inliers); 'on,off' compares both on the same verified network: the "
                     "first is the run's own, the other calibrates a copy of it (run label trained+vweights-SETTING)")
     ap.add_argument("--complete", default=str(MatchConfig.complete),
-                    help="calibrate / match --complete N (every photo of the N best verified individuals verified too), "
-                    "comma-separated, e.g. '0,5': the first is the run's own, each other one calibrates a copy of the "
+                    help="calibrate / match --complete N (the photos of the N best verified individuals verified "
+                    "too), comma-separated, e.g. '0,5': the first is the run's own, each other one calibrates a copy of the "
                     "same verified network (run label trained+completeN)")
     ap.add_argument("--data", type=Path, default=DATA,
                     help="the development set: catalog.csv, metadata.csv (flank side) and the photos (default: %(default)s)")

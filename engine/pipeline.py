@@ -536,8 +536,9 @@ class Engine:
         """Every stage's score for each query's shortlist of gallery photos (`shortlist`). A TOP
         stage scores each query's V pairs of `verify_picks` (NaN elsewhere); with `cfg.complete` N, the
         photos of the N best checked individuals not checked yet (`complete`) are then checked too, those
-        it adds to the shortlist scored by every stage. The embedding stage's score is the shortlist's cosine to the photo, blended with the
-        cosine to the photo's individual's mean (`qp.individual`) by `individual_weight`."""
+        it adds to the shortlist scored by every stage. The embedding stage's score is the shortlist's
+        cosine to the photo, blended with the cosine to the photo's individual's mean (`qp.individual`)
+        by `individual_weight`."""
         pairs = self.shortlist(records, emb, cfg, gallery_subset, own, progress)  # (it books its seconds)
         running = [s for s in self.stages if s.scope == ALL or cfg.verify_top > 0]
         for stage in running:

@@ -889,7 +889,7 @@ def test_complete_verifies_every_photo_of_the_best_individuals(chain, caplog, mo
                                                                        np.arange(len(own))), None, own, 10),
              (records, emb, None, None, 1)]  # one photo per individual: the nearest unchecked one
     plain_cfg = MatchConfig(shortlist=3, votes=0, verify_top=2)
-    added_any = shortlisted_any = 0
+    added_any = shortlisted_any = capped = 0
     for recs, e, subset, mine, cap in cases:
         monkeypatch.setattr(pipeline, "COMPLETE_PHOTOS", cap)
         plain = engine.pair_scores(recs, e, plain_cfg, gallery_subset=subset, own=mine)
@@ -908,6 +908,7 @@ def test_complete_verifies_every_photo_of_the_best_individuals(chain, caplog, mo
                           and (mine is None or g != mine[qi])]
                 near = sorted(photos, key=lambda g: -float(engine.search_embeddings[g] @ query_emb[qi]))
                 want += near[:cap]
+                capped += len(near) > cap
             in_list = [g for g in want if g in p.gallery_idx]
             assert sorted(d.gallery_idx[k:].tolist()) == sorted(set(want) - set(in_list))
             now_checked = set(d.gallery_idx[~np.isnan(d.stages["keypoints"])].tolist())
@@ -921,7 +922,8 @@ def test_complete_verifies_every_photo_of_the_best_individuals(chain, caplog, mo
                                        @ query_emb[qi], atol=1e-5)
             added_any += len(d.gallery_idx) - k
             shortlisted_any += len(in_list)
-    assert added_any and shortlisted_any  # the shortlists of 3 (2 checked) left photos of the best individuals
+    # the shortlists of 3 (2 checked) left photos of the best individuals, and more than one of some
+    assert added_any and shortlisted_any and capped
     monkeypatch.undo()
     invoke("calibrate", "--run", run, "--complete", 2, "-q")
     assert json.loads((run / "calibration.json").read_text())["match"]["complete"] == 2
