@@ -130,6 +130,19 @@ class QueryPairs:
     gallery_votes: np.ndarray | None = None
     query_emb: np.ndarray | None = None
 
+    def append(self, photos: np.ndarray, similarity: np.ndarray, individual: np.ndarray | None = None) -> None:
+        """Gallery `photos` join the shortlist after its photos, with their cosine (`similarity`) and, where
+        the shortlist has them, their cosine to their individual's mean (`individual`) and their votes
+        (`gallery_votes`); no stage has scored them yet (NaN)."""
+        self.gallery_idx = np.concatenate([self.gallery_idx, photos])
+        self.similarity = np.concatenate([self.similarity, np.asarray(similarity, np.float64)])
+        if self.individual is not None:
+            self.individual = np.concatenate([self.individual, individual])
+        if self.votes is not None:
+            self.votes = np.concatenate([self.votes, self.gallery_votes[photos]])
+        for name in self.stages:
+            self.stages[name] = np.concatenate([self.stages[name], np.full(len(photos), np.nan)])
+
 
 @dataclass
 class QueryResult:
@@ -316,7 +329,7 @@ class Engine:
                  for qi, rec in enumerate(recs)]
         self.seconds["shortlist"] += time.perf_counter() - t0
         if cfg.votes > 0:
-            self.add_votes(pairs, query_emb, cfg, gallery_subset, hidden, progress)
+            self.add_votes(pairs, cfg, gallery_subset, progress)
         if self.individual_weight(cfg) > 0:
             t0 = time.perf_counter()
             means = self.individual_means()
@@ -351,6 +364,22 @@ class Engine:
                 by_path[p].append(g)
             self._by_path = (self.gallery, dict(by_path))
         return self._by_path[1]
+
+    def gallery_mask(self, gallery_subset: np.ndarray | None) -> np.ndarray:
+        """(gallery,) True for the photos of `gallery_subset` (gallery indices; None: all)."""
+        if gallery_subset is None:
+            return np.ones(len(self.gallery), bool)
+        mask = np.zeros(len(self.gallery), bool)
+        mask[gallery_subset] = True
+        return mask
+
+    def may_meet(self, qp: QueryPairs, members: np.ndarray) -> np.ndarray:
+        """(gallery,) the photos query `qp` may be matched with: among `members` (`gallery_mask`), those of
+        its viewpoint (`EmbeddingIndex.meets`), never its own photo(s) (`qp.hidden`). The keypoint votes and
+        `complete` meet the same photos as the embedding's search."""
+        allowed = members & self.index.meets(qp.record.viewpoint)
+        allowed[qp.hidden] = False
+        return allowed
 
     def photos_by_individual(self) -> dict[str, np.ndarray]:
         """Gallery indices by individual (built once per gallery)."""
@@ -440,15 +469,13 @@ class Engine:
                                                self.run.cache_dir / "votes", json.dumps(stage.config(), sort_keys=True))
         return self._votes
 
-    def add_votes(self, pairs: Sequence[QueryPairs], query_emb: np.ndarray, cfg: MatchConfig,
-                  gallery_subset: np.ndarray | None, hidden: Sequence[np.ndarray], progress: bool = False) -> None:
+    def add_votes(self, pairs: Sequence[QueryPairs], cfg: MatchConfig, gallery_subset: np.ndarray | None,
+                  progress: bool = False) -> None:
         """Each query's `cfg.votes` gallery photos with the most keypoint votes (at least one) join its
-        shortlist (after the embedding's photos; those already in it stay where they are; `query_emb`: the
-        queries' embeddings as searched, `searchable`), in
-        `qp.voted` for `verify_picks`; every shortlisted photo gets its vote count (the `votes` stage). A
-        query meets the same photos as in the embedding's search: its viewpoint, the subset, never
-        its own photo(s) (`hidden[i]`, gallery indices, for query i). Loading or building the vote
-        index counts as the votes' time."""
+        shortlist (after the embedding's photos, with the query's cosine as searched; those already in it
+        stay where they are), in `qp.voted` for `verify_picks`; every shortlisted photo gets its vote count
+        (the `votes` stage). A query meets the same photos as in the embedding's search (`may_meet`).
+        Loading or building the vote index counts as the votes' time."""
         t0 = time.perf_counter()
         index = self.vote_index(progress)
         self.seconds["votes"] += time.perf_counter() - t0
@@ -460,24 +487,17 @@ class Engine:
         kps = stage.store.get([qp.record for qp in pairs], stage.workers, progress=False)
         t1 = time.perf_counter()
         self.seconds["keypoints"] += t1 - t0  # the queries' keypoints: the keypoint stage's work, done early
-        base = np.ones(len(self.gallery), bool)
-        if gallery_subset is not None:
-            base[:] = False
-            base[gallery_subset] = True
-        for qi, qp in enumerate(pairs):
+        members = self.gallery_mask(gallery_subset)
+        for qp in pairs:
             kp = kps.get(record_key(qp.record))
             if kp is None or not len(kp):
                 continue
-            allowed = base & self.index.meets(qp.record.viewpoint)
-            allowed[hidden[qi]] = False
-            votes = index.votes(kp.desc, allowed, relative_xy(kp), weights)
+            votes = index.votes(kp.desc, self.may_meet(qp, members), relative_xy(kp), weights)
             top = np.argsort(-votes, kind="stable")[: cfg.votes]
             top = top[votes[top] > 0]
             new = top[~np.isin(top, qp.gallery_idx)]
             if len(new):
-                sims = self.search_embeddings[new] @ np.asarray(query_emb[qi], np.float32)
-                qp.gallery_idx = np.concatenate([qp.gallery_idx, new])
-                qp.similarity = np.concatenate([qp.similarity, sims.astype(np.float64)])
+                qp.append(new, self.search_embeddings[new] @ qp.query_emb)
             position = {int(g): j for j, g in enumerate(qp.gallery_idx)}
             qp.voted = np.array([position[int(g)] for g in top], dtype=np.int64)
             qp.votes = votes[qp.gallery_idx]
@@ -596,18 +616,14 @@ class Engine:
         t0 = time.perf_counter()
         verifying = [s.name for s in self.stages if s.scope != ALL]
         by_individual = self.photos_by_individual()
-        base = np.ones(len(self.gallery), bool)
-        if gallery_subset is not None:
-            base[:] = False
-            base[gallery_subset] = True
+        members = self.gallery_mask(gallery_subset)
         means = self.individual_means() if any(qp.individual is not None for qp in pairs) else None
         added, unchecked = [], []
         for qp in pairs:
             got = [qp.stages[name] for name in verifying if name in qp.stages]
             best = np.fmax.reduce(np.stack(got)) if got else np.full(len(qp.gallery_idx), np.nan)
             ranked = aggregate_per_individual([self.gallery.ids[g] for g in qp.gallery_idx], best)[:cfg.complete]
-            allowed = base & self.index.meets(qp.record.viewpoint)
-            allowed[qp.hidden] = False
+            allowed = self.may_meet(qp, members)
             allowed[qp.gallery_idx[~np.isnan(best)]] = False  # checked already
             position = {int(g): j for j, g in enumerate(qp.gallery_idx)}
             new, old = [], []
@@ -622,16 +638,8 @@ class Engine:
             new = np.array(new, np.int64)
             start = len(qp.gallery_idx)
             if len(new):
-                qp.gallery_idx = np.concatenate([qp.gallery_idx, new])
-                qp.similarity = np.concatenate([qp.similarity, (self.search_embeddings[new] @ qp.query_emb)
-                                                .astype(np.float64)])
-                if qp.individual is not None:
-                    qp.individual = np.concatenate([qp.individual, means.cosines(qp.query_emb, new, qp.hidden,
-                                                                                 gallery_subset)])
-                if qp.votes is not None:
-                    qp.votes = np.concatenate([qp.votes, qp.gallery_votes[new]])
-                for name in qp.stages:
-                    qp.stages[name] = np.concatenate([qp.stages[name], np.full(len(new), np.nan)])
+                qp.append(new, self.search_embeddings[new] @ qp.query_emb, None if qp.individual is None else
+                          means.cosines(qp.query_emb, new, qp.hidden, gallery_subset))
             added.append(np.arange(start, len(qp.gallery_idx)))
             unchecked.append(np.array(old, np.int64))
         self.seconds["shortlist"] += time.perf_counter() - t0
