@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -18,6 +16,7 @@ import numpy as np
 import xgboost as xgb
 
 from core.metrics import roc_auc
+from core.runfolder import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -167,15 +166,10 @@ class Validator:
     def save(self, path: str | Path) -> Path:
         """Write one JSON file atomically (temporary name in the same folder, then rename)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(self.to_json(), fh)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # core's atomic writer, as for every file of a run folder: the file gets the user's usual
+        # permissions (a temporary file from tempfile.mkstemp would stay readable by its owner only)
+        with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(self.to_json(), fh)
         return path
 
     @classmethod

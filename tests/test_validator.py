@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -45,6 +46,9 @@ def test_save_load_round_trips_predictions_exactly(tmp_path):
     v = Validator(SMALL, NAMES).fit(X, y, seed=3)
     path = v.save(tmp_path / "run" / "verifier.json")
     assert path.name == "verifier.json" and [p.name for p in path.parent.iterdir()] == ["verifier.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not owner-only, as a tempfile.mkstemp file is
     doc = json.loads(path.read_text())
     assert doc["format"] == "keypoint-verifier" and doc["feature_names"] == NAMES
     json.loads(doc["booster_json"])  # XGBoost's own JSON model, embedded as written
