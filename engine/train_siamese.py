@@ -20,6 +20,7 @@ from core.runfolder import RunFolder, atomic_write_json, read_json
 from core.runtime import seed_everything, set_threads, torch_device
 from engine.calibrate import CalibrateConfig, epoch_chosen, heldout_fraction_needed, individuals_needed
 from engine.pipeline import MatchConfig, build_gallery
+from engine.stages import MATCHERS
 from siamese.index import MIN_WHITENING_PHOTOS, fit_embedding_whitening
 from siamese.model import SiameseNet, save_model
 from siamese.precision import resolve as resolve_precision
@@ -187,8 +188,10 @@ def main(cfg: TrainConfig, paths: Paths, resume: bool = False, progress: bool = 
     elif not overwrite:
         check_not_trained(run)
     set_aside_enrolled(run)  # (nothing to do for a new run folder)
-    for stale in (run.verifier_path, run.calibration_path):
-        if stale.exists():  # fitted on the previous network's scores
+    # fitted on the previous network's scores: every matcher's validator and model of inliers, the calibration
+    stale_files = [p for cls in MATCHERS.values() for p in (cls.validator_path(run), cls.inlier_weights_path(run))]
+    for stale in stale_files + [run.calibration_path]:
+        if stale.exists():
             log.warning("removing %s: it was fitted for the previous network (run train-verifier and "
                         "calibrate again)", stale)
             stale.unlink()

@@ -201,6 +201,10 @@ def test_retraining_drops_the_stale_verifier_and_calibration(chain, tmp_path):
     shutil.copytree(run, rerun)
     assert (rerun / "verifier.json").exists()
     (rerun / "calibration.json").write_text("{}")
+    # every matcher's validator and model of inliers, as train-verifier --matchers sift,xfeat leaves them
+    others = ["inlier_weights.json", "verifier-xfeat.json", "inlier_weights-xfeat.json"]
+    for name in others:
+        (rerun / name).write_text("{}")
     weights = (rerun / "siamese.pt").read_bytes()
     args = ["train-siamese", "--catalog", root / "split" / "gallery.csv", "--out", rerun, "--epochs", 0,
             "--input-size", "64x96", "--heldout-fraction", 0.4, "-q"]
@@ -216,6 +220,7 @@ def test_retraining_drops_the_stale_verifier_and_calibration(chain, tmp_path):
     assert r.exit_code == 0 and "the previous gallery had 1 enrolled photo(s)" in r.output, r.output
     assert "whitened" not in r.output and not (rerun / "embedding_whitening.npz").exists()  # (the old one removed)
     assert not (rerun / "verifier.json").exists() and not (rerun / "calibration.json").exists()
+    assert not any((rerun / name).exists() for name in others)
     assert not (rerun / "enrolled.csv").exists()
     [aside] = rerun.glob("enrolled-before-retraining-*.csv")
     assert aside.read_text() == enrolled and f"enroll --catalog {aside}" in r.output
