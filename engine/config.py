@@ -9,13 +9,12 @@ from dataclasses import dataclass, replace
 # development set, against weight 0 on the same networks (protocol seeds 0 / 1, AMD EPYC fp32, V = 50):
 # two fresh networks, MAP@5 0.603 -> 0.617 / 0.626 -> 0.627, new F1 0.571 -> 0.583 / 0.580 -> 0.580,
 # closed top-1 0.472 -> 0.486 / 0.542 -> 0.549, known top-5 0.639 -> 0.646 / 0.674 -> 0.660; on two earlier
-# ones, where 0.5 and 0.75 were worse or mixed, MAP@5 +0.007 / +0.012, new F1 +0.020 / +0.018 (README
-# "Measured")
+# ones, where 0.5 and 0.75 were worse or mixed, MAP@5 +0.007 / +0.012, new F1 +0.020 / +0.018 (docs/measured.md)
 INDIVIDUAL_WEIGHT = 0.25
 # `calibrate`'s vote weighting (MatchConfig.vote_weights): keypoint votes weighted by the model of inliers
 # where the run has one. Development set, the same verified networks calibrated both ways (seeds 0 / 1, AMD
 # EPYC fp32): known top-5 0.646 -> 0.694 / 0.660 -> 0.688, MAP@5 0.646 -> 0.673 / 0.662 -> 0.658, closed
-# top-1 0.528 -> 0.542 / 0.590 -> 0.583, new F1 0.597 -> 0.619 / 0.601 -> 0.584 (README "Measured", "Votes
+# top-1 0.528 -> 0.542 / 0.590 -> 0.583, new F1 0.597 -> 0.619 / 0.601 -> 0.584 (docs/measured.md, "Votes
 # weighted by the model of inliers")
 VOTE_WEIGHTS = True
 
@@ -37,14 +36,14 @@ class MatchConfig:
     # RootSIFT descriptors), added to the shortlist, where they take every other one of the V checks;
     # 0: the embedding's shortlist only. 20 on the development set (same networks, seeds 0 / 1, V = 50,
     # Intel Xeon), with the votes fused as a stage: closed top-1 0.361 -> 0.417 / 0.361 -> 0.431, MAP@5
-    # 0.536 -> 0.570 / 0.539 -> 0.560, at 0.08 s of vote search per query (README "Measured")
+    # 0.536 -> 0.570 / 0.539 -> 0.560, at 0.08 s of vote search per query (docs/measured.md)
     votes: int = 20
     # after verification, the photos (of the query's viewpoint) of the N individuals whose verified photos
     # scored best that were not verified are verified too, up to engine.pipeline.COMPLETE_PHOTOS each; those
     # not in the shortlist join it, scored by every stage (Engine.complete); 0: none. Off by default:
     # development set, same networks, seeds 0 / 1, N = 5, each calibrated with it: new F1 0.619 -> 0.622 /
     # 0.584 -> 0.604, closed top-1 0.542 -> 0.542 / 0.583 -> 0.590, but known top-5 0.694 -> 0.688 / 0.688 ->
-    # 0.674, and 0.40 -> 0.70 s per query at V = 20 (README "Measured")
+    # 0.674, and 0.40 -> 0.70 s per query at V = 20 (docs/measured.md)
     complete: int = 0
     tau: float | None = None  # None: calibration.json's, else the last ALL stage's default_tau
     batch_size: int = 32

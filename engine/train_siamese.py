@@ -44,7 +44,7 @@ def heldout_roles(heldout: list[str], epochs: int, average_from: float | None) -
     calibration gets only the others, so that tau is never fitted on individuals that picked the
     network; averaged weights are chosen by none, so every held-out individual calibrates (twice as
     many: on seven development networks MAP@5 0.622 -> 0.626, new-individual F1 0.571 -> 0.580, not
-    on every network; README "Measured")."""
+    on every network; docs/measured.md)."""
     validation = heldout[1::2] if epochs > 0 else []
     calibration = sorted(set(heldout) - set(validation)) if epoch_chosen(epochs, average_from) else sorted(heldout)
     return validation, calibration

@@ -156,7 +156,7 @@ def choose_validator(X, y, groups, seed: int, vconf, name: str, feature_names=FE
     inlier count alone (a logistic model: keypoints.validator.INLIERS) where that scores the held-out
     pairs better by more than 0.02 of AUC. On a small catalog the whole model learns its few true pairs
     by heart (12 individuals: 0.585 against 0.638 for the count's model, and probabilities of ~0.9 for
-    pairs without a geometry); on the development set it is kept (README "Measured")."""
+    pairs without a geometry); on the development set it is kept (docs/measured.md)."""
     whole = heldout_auc(X, y, groups, seed=seed, cfg=vconf, feature_names=list(feature_names))
     inliers = heldout_auc(X, y, groups, seed=seed, cfg=vconf, feature_names=list(feature_names), uses=INLIERS)
     use_count = inliers["auc_validator"] > whole["auc_validator"] + 0.02

@@ -11,7 +11,7 @@ accepted homographies between same-flank photos of the same training individual)
 
 shrinks the directions in which a correct match differs and keeps the ones that tell photos apart.
 Matching, votes and geometry then run on `P (d - mean)`, L2-normalised, with the same ratio test.
-Development set (the same networks with and without, README "Measured", seeds 0 / 1): the keypoint
+Development set (the same networks with and without, docs/measured.md, seeds 0 / 1): the keypoint
 stage's closed top-1 0.403 -> 0.424 / 0.389 -> 0.451, the validator's held-out AUC 0.671 -> 0.701 /
 0.657 -> 0.713, at no cost per query.
 """

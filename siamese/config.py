@@ -150,7 +150,7 @@ class TrainConfig:
     freeze_blocks: int = 3
     # the network kept: the mean of the weights at the ends of the epochs from this share of the training
     # on (stochastic weight averaging; 1.0: the last epoch's), or None: the epoch with the best
-    # validation MAP@5 of the held-out individuals (see README "Measured")
+    # validation MAP@5 of the held-out individuals (see docs/measured.md)
     average_from: float | None = 0.75
     # after training, fit a whitening of the embedding for the shortlist search on the gallery photos of
     # the individuals trained on (siamese.index.fit_embedding_whitening; see README "Embedding whitening")

@@ -23,7 +23,7 @@ network kept is the mean of the weights at the ends of the last quarter of the e
 (`average_from`: stochastic weight averaging), or with `average_from=None` the epoch with the best
 held-out validation MAP@5, the untrained network included. On the development set the validation
 (20 individuals) could not tell epochs apart, and the average put the right animal first more often
-than either the best or the last epoch (README "Measured").
+than either the best or the last epoch (docs/measured.md).
 """
 from __future__ import annotations
 
