@@ -183,13 +183,13 @@ def train_siamese_cmd(
                                       "response) or none (the whole photo).")] = _TRAIN.model.crop,
     mirror: Annotated[bool, typer.Option(help="Embed each photo as the mean of its features and its mirror "
                                          "image's (twice the network's work per photo; more often the right "
-                                         "animal among the nearest photos, see README 'Measured').")] =
+                                         "animal among the nearest photos, see docs/measured.md).")] =
     _TRAIN.model.mirror,
     views: Annotated[str, typer.Option(help="What of each photo is embedded, comma-separated, the features "
                                        "averaged: box (what --crop gives), centre (the middle 80% of the box), "
                                        "photo (the whole photo, or its catalog bbox; with --crop none or a bbox "
                                        "it is the box and counts once). Each view costs one more pass of the "
-                                       "network per photo (see README 'Three views').")] =
+                                       "network per photo (see 'Three views' in docs/measured.md).")] =
     ",".join(_TRAIN.model.views),
     epochs: Annotated[int, typer.Option(min=0, help="Training epochs (the time budget usually stops first); "
                                         "0 = the pretrained network, retrieval only.")] = _TRAIN.epochs,
@@ -213,7 +213,7 @@ def train_siamese_cmd(
     whiten_embedding: Annotated[bool, typer.Option(
         help="After training, learn a whitening of the embedding from the gallery photos of the individuals "
              "trained on (the directions in which one animal's photos differ are shrunk) and search the "
-             "whitened embeddings for the shortlist (see README 'Embedding whitening').")] = _TRAIN.whiten_embedding,
+             "whitened embeddings for the shortlist (see 'Embedding whitening' in docs/measured.md).")] = _TRAIN.whiten_embedding,
     resume: Annotated[bool, typer.Option(help="Continue from the run folder's last checkpoint, with the same "
                                          "settings (only --epochs and --max-minutes may change, and how photos "
                                          "are embedded and searched: --views, --mirror, --whiten-embedding).")] = False,

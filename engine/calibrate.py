@@ -154,7 +154,7 @@ def tau_rule(cfg: CalibrateConfig, n_individuals: int) -> str:
     "fold_min": the lowest of that tau and the taus chosen on each fold's complement. Few new animals
     make MAP@5's best tau a guess that errs towards answering new_individual too often (the cow faces
     above); the lowest fold tau is the most cautious choice the data supports. On the development
-    set (then 20 calibration individuals, 4 networks) it measured level with the MAP@5 tau (see README)."""
+    set (then 20 calibration individuals, 4 networks) it measured level with the MAP@5 tau (see docs/measured.md)."""
     if cfg.target_new_rate is not None:
         return "rate"
     return "map5" if n_individuals >= MIN_NEW_INDIVIDUALS else "fold_min"

@@ -35,7 +35,7 @@ class VerifyConfig:
     # has a close second: 0.9 keeps more of them and MAGSAC removes the rest. Development set, keypoints
     # in focus, engine closed-set top-1 seed 0 / 1: 0.8 -> 0.278 / 0.285, 0.9 -> 0.285 / 0.312, at
     # ~1.7x the matching cost per pair (~12 ms on one core). Raw accepted inliers on seed 0's verified
-    # test pairs: 0.85, 0.95, 1.0 (none) and 0.9 without the mutual check all rank worse (README)
+    # test pairs: 0.85, 0.95, 1.0 (none) and 0.9 without the mutual check all rank worse (docs/measured.md)
     ratio: float = 0.9
     mutual: bool = True
     homography: HomographyConfig = field(default_factory=HomographyConfig)

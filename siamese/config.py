@@ -55,7 +55,7 @@ class ModelConfig:
     # embed each photo (gallery, queries, validation) as the mean of the pooled features of it and of its
     # mirror image, which the network never sees in training (a mirrored flank is another pattern):
     # the embedding keeps what both share, the coat's texture more than its layout. On the development
-    # set (README "Mirror-image embedding": the same trained network with and without, seed 0 / 1) the
+    # set (docs/measured.md, "Mirror-image embedding": the same trained network with and without, seed 0 / 1) the
     # engine's closed top-1 0.472 / 0.451 -> 0.472 / 0.507, MAP@5 0.591 / 0.602 -> 0.601 / 0.615.
     # Twice the network's work per photo embedded. Run folders from before this setting read back as
     # False.
@@ -63,7 +63,7 @@ class ModelConfig:
     # the views of each photo (VIEWS) embedded, their features averaged (each with its mirror image's):
     # the animal at three framings, so that a photo framed tighter or looser than the gallery's still
     # meets it. Training is unchanged (it sees the whole photo's random crops); the held-out validation
-    # during training embeds the box alone. On the development set (README "Three views": five
+    # during training embeds the box alone. On the development set (docs/measured.md, "Three views": five
     # trained networks, each with the box alone and with the three views, verified and calibrated on
     # its own) closed-set MAP@5 rose on all five (mean 0.555 -> 0.567) and known animals' top-5 on
     # four, level on one (0.614 -> 0.640); new-individual F1 fell on four (0.592 -> 0.577). Three
@@ -153,7 +153,7 @@ class TrainConfig:
     # validation MAP@5 of the held-out individuals (see docs/measured.md)
     average_from: float | None = 0.75
     # after training, fit a whitening of the embedding for the shortlist search on the gallery photos of
-    # the individuals trained on (siamese.index.fit_embedding_whitening; see README "Embedding whitening")
+    # the individuals trained on (siamese.index.fit_embedding_whitening; see docs/measured.md, "Embedding whitening")
     whiten_embedding: bool = True
 
     def to_dict(self) -> dict:

@@ -66,7 +66,7 @@ def focus_box(focus: np.ndarray, shape: tuple[int, ...], k: float = 2.0,
     per axis, the centre of the map's weight above its median +- `k` standard deviations, clipped
     to the photo (and at least `min_side` of its side). A flat map gives the whole photo.
 
-    On the development set (144 known queries per seed, the trained networks of the README, at test
+    On the development set (144 known queries per seed, the trained networks of docs/measured.md, at test
     time only) the embedding's closed-set top-1 went from 0.125 / 0.146 (whole photo) to 0.153 /
     0.243 with k = 2 (69% of the area kept on average); the box of the cells above the median: 0.160
     / 0.208."""
