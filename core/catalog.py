@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +81,20 @@ def row_record(row: dict[str, str], where: str, line: int, image: str, path: Pat
                   bbox=_parse_bbox(row.get("bbox", ""), where), line=line)
 
 
+def _not_utf8(csv_path: Path, error: UnicodeDecodeError) -> str:
+    """Where a CSV stops being UTF-8 (the line), and what it was saved as when that is plain."""
+    raw = Path(csv_path).read_bytes()
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return f"{csv_path}: saved as UTF-16; save it as UTF-8 (in a spreadsheet: CSV UTF-8)"
+    try:
+        raw.decode("utf-8-sig")
+        at = ""
+    except UnicodeDecodeError as e:
+        at = ":" + str(raw[:e.start].count(b"\n") + 1)
+    return (f"{csv_path}{at}: not a UTF-8 text CSV ({error.reason}; a file saved as Latin-1 or Windows-1252 "
+            f"reads so): save it as UTF-8 (in a spreadsheet: CSV UTF-8)")
+
+
 def read_rows(csv_path: Path, required: tuple[str, ...],
               optional: tuple[str, ...] = ()) -> list[tuple[int, dict[str, str]]]:
     """(line number, row) of a UTF-8 CSV with a header naming at least `required`; cells stripped.
@@ -97,10 +112,12 @@ def read_rows(csv_path: Path, required: tuple[str, ...],
                     raise UserError(f"{csv_path}:{reader.line_num}: {len(columns) + len(raw[None])} cells where the "
                                     f"header has {len(columns)} ({', '.join(columns)}); a cell holding a comma "
                                     f"(a file name, a bbox) must be in double quotes")
-                rows.append((reader.line_num, {(key or "").strip(): (val or "").strip() if isinstance(val, str)
-                                               else "" for key, val in raw.items()}))
+                row = {(key or "").strip(): (val or "").strip() if isinstance(val, str) else ""
+                       for key, val in raw.items()}
+                if any(row.values()):  # a row of empty cells (",,", as spreadsheets save them) is no row
+                    rows.append((reader.line_num, row))
     except UnicodeDecodeError as e:
-        raise UserError(f"{csv_path}: not a UTF-8 text CSV ({e.reason})") from None
+        raise UserError(_not_utf8(csv_path, e)) from None
     except csv.Error as e:
         raise UserError(f"{csv_path}: malformed CSV ({e})") from None
     missing = [c for c in required if c not in columns]
@@ -126,6 +143,8 @@ def load_catalog(csv_path: Path, images_dir: Path | None = None, require_labels:
                  check_files: bool = True, allow_new: bool = False) -> Catalog:
     """`allow_new`: labelled queries (evaluate) may carry the truth `new_individual`."""
     csv_path = Path(csv_path)
+    if csv_path.is_dir():
+        raise UserError(f"catalog {csv_path} is a folder: give the CSV file that lists its photos")
     if not csv_path.is_file():
         raise UserError(f"catalog {csv_path} does not exist")
     root = Path(images_dir) if images_dir is not None else csv_path.parent
@@ -153,7 +172,29 @@ def load_catalog(csv_path: Path, images_dir: Path | None = None, require_labels:
         at = [r.line for r in records if r.image == dup[0]]
         raise UserError(f"{csv_path}:{at[1]}: image {dup[0]} is listed more than once (lines "
                         f"{', '.join(map(str, at))}; {len(dup)} duplicated path(s)); one row per photo")
+    if check_files:  # one photo under two spellings ("a.jpg", "./a.jpg", an absolute path, a link)
+        first: dict[str, Record] = {}
+        for r in records:
+            same = first.setdefault(os.path.normcase(os.path.realpath(r.path)), r)
+            if same is not r:
+                raise UserError(f"{csv_path}:{r.line}: image {r.image} is the photo of line {same.line} "
+                                f"({same.image}) under another path; one row per photo")
     return Catalog(source=csv_path, records=records)
+
+
+def _files_below(folder: Path) -> list[Path]:
+    """Every file below `folder`, through linked folders too (each real folder once), hidden files
+    (".DS_Store", "._x.jpg" of macOS) left out."""
+    out, seen = [], set()
+    for top, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:  # a link back up the tree, or a second link to one folder
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        out += [Path(top) / n for n in names if not n.startswith(".") and os.path.isfile(os.path.join(top, n))]
+    return out
 
 
 def catalog_from_folder(folder: Path) -> Catalog:
@@ -163,7 +204,13 @@ def catalog_from_folder(folder: Path) -> Catalog:
         raise UserError(f"test folder {folder} is a file: give the folder that holds the new photos")
     if not folder.is_dir():
         raise UserError(f"test folder {folder} does not exist")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    found = _files_below(folder)
+    files = sorted(p for p in found if p.suffix.lower() in IMAGE_SUFFIXES)
+    other = Counter(p.suffix.lower() or "(no suffix)" for p in found if p.suffix.lower() not in IMAGE_SUFFIXES)
+    if other:
+        log.warning("%d file(s) in %s are not of a photo type read here (%s), skipped: %s", sum(other.values()),
+                    folder, ", ".join(sorted(IMAGE_SUFFIXES)),
+                    ", ".join(f"{n} {suffix}" for suffix, n in sorted(other.items())))
     # the thumbnails of a review page written into the folder (`match --report`: X.html + X_files/)
     # are not new photos
     pages = {d for d in folder.rglob("*_files") if d.is_dir() and d.with_name(d.name[:-6] + ".html").is_file()}

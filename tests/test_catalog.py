@@ -1,3 +1,6 @@
+import logging
+import os
+
 import pytest
 
 from core.catalog import catalog_from_folder, load_catalog
@@ -47,6 +50,13 @@ def test_bad_bbox_and_duplicates(tmp_path):
     p = write(tmp_path, "image,individual_id\na.jpg,w1\nb.jpg,w1\na.jpg,w2\n")
     with pytest.raises(UserError, match=r":4: image a.jpg is listed more than once \(lines 2, 4"):
         load_catalog(p)
+    # one photo under another spelling of its path: the same photo twice, under two IDs
+    (tmp_path / "sub").mkdir()
+    for twin in ("./a.jpg", "sub/../a.jpg", str(tmp_path / "a.jpg")):
+        p = write(tmp_path, f"image,individual_id\na.jpg,w1\nb.jpg,w1\n{twin},w2\n")
+        with pytest.raises(UserError, match=r"catalog.csv:4: image .*a.jpg is the photo of line 2 \(a.jpg\) under "
+                                            r"another path; one row per photo"):
+            load_catalog(p)
 
 
 def test_row_with_more_cells_than_the_header_names_the_line(tmp_path):
@@ -55,9 +65,9 @@ def test_row_with_more_cells_than_the_header_names_the_line(tmp_path):
     with pytest.raises(UserError, match=r"catalog.csv:3: 6 cells where the header has 3 \(image, individual_id, "
                                         r"bbox\); a cell holding a comma .* must be in double quotes"):
         load_catalog(p)
-    # trailing empty cells (as spreadsheets export them) are no extra data
-    p = write(tmp_path, "image,individual_id\na.jpg,w1,,\nb.jpg,w2\n")
-    assert [r.individual_id for r in load_catalog(p).records] == ["w1", "w2"]
+    # trailing empty cells (as spreadsheets export them) are no extra data, and rows of empty cells no rows
+    p = write(tmp_path, "image,individual_id\na.jpg,w1,,\n,,\nb.jpg,w2\n,\n")
+    assert [(r.individual_id, r.line) for r in load_catalog(p).records] == [("w1", 2), ("w2", 4)]
 
 
 @pytest.mark.parametrize("sep,name", [(";", "semicolon"), ("\t", "tab")])
@@ -85,6 +95,18 @@ def test_images_folder_option_and_missing_catalog(tmp_path):
     assert load_catalog(p, tmp_path / "imgs").records[0].path == tmp_path / "imgs" / "a.jpg"
     with pytest.raises(UserError, match="does not exist"):
         load_catalog(tmp_path / "absent.csv")
+    with pytest.raises(UserError, match="catalog .*imgs is a folder: give the CSV file that lists its photos"):
+        load_catalog(tmp_path / "imgs")
+
+
+def test_a_catalog_not_saved_as_utf8_names_its_line_and_the_fix(tmp_path):
+    p = tmp_path / "catalog.csv"
+    p.write_bytes("image,individual_id\na.jpg,w1\nb.jpg,Müller\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"catalog.csv:3: not a UTF-8 text CSV .*Latin-1.*save it as UTF-8"):
+        load_catalog(p, check_files=False)
+    p.write_text("image,individual_id\na.jpg,w1\n", encoding="utf-16")
+    with pytest.raises(UserError, match=r"catalog.csv: saved as UTF-16; save it as UTF-8"):
+        load_catalog(p, check_files=False)
 
 
 def test_query_folder(tmp_path):
@@ -95,6 +117,21 @@ def test_query_folder(tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"x")
     (tmp_path / "notes.txt").write_text("x")
     assert [r.image for r in catalog_from_folder(tmp_path).records] == ["a.jpg", "sub/b.PNG"]
+
+
+def test_query_folder_follows_linked_folders_and_counts_what_it_skips(tmp_path, caplog):
+    q, elsewhere = tmp_path / "q", tmp_path / "elsewhere"
+    (q / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    for f in (q / "a.jpg", q / "sub" / "b.jpg", elsewhere / "c.jpg", q / "anim.gif", q / "x.heic", q / "._a.jpg"):
+        f.write_bytes(b"x")
+    (q / "notes.txt").write_text("x")
+    os.symlink(elsewhere, q / "linked")
+    os.symlink(q, q / "sub" / "loop")  # a link back up the tree: each real folder is read once
+    with caplog.at_level(logging.WARNING):
+        records = catalog_from_folder(q).records
+    assert [r.image for r in records] == ["a.jpg", "linked/c.jpg", "sub/b.jpg"]  # no hidden "._a.jpg"
+    assert "3 file(s) in" in caplog.text and "skipped: 1 .gif, 1 .heic, 1 .txt" in caplog.text
 
 
 def test_a_utf8_bom_is_read_as_usual(tmp_path):
