@@ -57,6 +57,9 @@ def _use_executor(kind: str, address: str | None) -> None:
     use_executor(ExecutorConfig(kind=kind, ray_address=address))
 
 
+INTERRUPTED = 130  # the exit code of a command stopped by Ctrl-C (128 + SIGINT), as shells report it
+
+
 def user_errors(fn):
     """A user's mistake ends in one sentence on stderr and exit code 2, never a traceback."""
 
@@ -71,10 +74,12 @@ def user_errors(fn):
             typer.echo(f"error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), err=True)
             raise typer.Exit(2)
         except KeyboardInterrupt:
+            resume = (" `train-siamese` with the same options and --resume continues the training from its last "
+                      "finished epoch" if fn.__name__ == "train_siamese_cmd" else "")
             typer.echo("interrupted: every file written before now is complete (each is written whole, then "
                        "renamed); the interrupted step left no partial file, and the feature caches keep "
-                       "what they had finished", err=True)
-            raise typer.Exit(130)
+                       f"what they had finished.{resume}", err=True)
+            raise typer.Exit(INTERRUPTED)
 
     return wrapper
 
@@ -103,7 +108,7 @@ _FUSION = FusionConfig()  # the calibrator calibrate uses by default (ranker.fus
 
 
 def _names(text: str, option: str) -> tuple[str, ...]:
-    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    names = tuple(n.strip().lower() for n in text.split(",") if n.strip())  # (matcher names are lower-case)
     if not names:
         raise UserError(f"{option} {text!r}: give at least one name")
     return names
@@ -194,7 +199,7 @@ def train_siamese_cmd(
     epochs: Annotated[int, typer.Option(min=0, help="Training epochs (the time budget usually stops first); "
                                         "0 = the pretrained network, retrieval only.")] = _TRAIN.epochs,
     max_minutes: Annotated[Optional[float], typer.Option(
-        help="Stop training after this many minutes; the learning rate and LAP noise follow the clock then. "
+        min=0.0, help="Stop training after this many minutes; the learning rate and LAP noise follow the clock then. "
              "0 = no time budget: the schedule follows epochs only, so two runs give the same bits.")
     ] = _TRAIN.max_minutes,
     seed: Annotated[int, typer.Option(help="Seed for splits, mining and initialisation.")] = _TRAIN.seed,
@@ -219,7 +224,8 @@ def train_siamese_cmd(
                                          "are embedded and searched: --views, --mirror, --whiten-embedding).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace the trained run already in --out (its network, "
                                             "gallery, verifier and calibration; photos enrolled since are "
-                                            "dropped unless they are in --catalog).")] = False,
+                                            "dropped unless they are in --catalog), or start an interrupted "
+                                            "training over.")] = False,
     threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads (default: all cores).")] = None,
     precision: PrecisionOpt = "auto",
     executor: ExecutorOpt = "local", ray_address: RayAddressOpt = None,
@@ -381,7 +387,9 @@ def calibrate(
 @app.command()
 @user_errors
 def match(
-    test_dir: Annotated[Path, typer.Argument(metavar="TEST_DIR", help="Folder of new photos (searched recursively).")],
+    test_dir: Annotated[Path, typer.Argument(metavar="TEST_DIR", help="Folder of new photos (searched "
+                                             "recursively, through linked folders; hidden files and folders "
+                                             "are skipped).")],
     run: RunOpt,
     out: Annotated[Path, typer.Option("--out", help="Predictions CSV to write (image,predictions); a JSON "
                                       "with the same stem gets the per-candidate evidence.")],
@@ -512,5 +520,19 @@ def demo(
                             progress=not quiet, precision=precision))
 
 
+def main() -> None:
+    try:
+        app()
+    except SystemExit as e:
+        if e.code == INTERRUPTED:
+            # Ctrl-C: leave without the interpreter's teardown. Every file is complete by now, but worker
+            # threads of OpenCV, torch or faiss may still be inside native code, and tearing the process
+            # down under them can abort it ("terminate called without an active exception", exit 134).
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(INTERRUPTED)
+        raise
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -59,6 +59,7 @@ def check_writable(path: Path, option: str = "--out") -> Path:
     existing = next((p for p in path.parents if p.exists()), None)
     if existing is not None and not existing.is_dir():
         raise UserError(f"{option} {path} cannot be written: {existing} is a file, not a folder")
+    created = [p for p in path.parents if not p.exists()]  # deepest first
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         probe = path.with_name(path.name + f".probe{os.getpid()}")
@@ -66,6 +67,12 @@ def check_writable(path: Path, option: str = "--out") -> Path:
         probe.unlink()
     except OSError as e:
         raise UserError(f"{option} {path} cannot be written ({e.strerror or e})") from None
+    finally:  # the folders come back with the file; a command that fails before then leaves none behind
+        for p in created:
+            try:
+                p.rmdir()
+            except OSError:
+                break
     return path
 
 
@@ -78,14 +85,22 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode("utf-8"))
 
 
+# the command that writes each JSON file of a run folder, named when one cannot be read
+WRITTEN_BY = {"config.json": "train-siamese", "heldout.json": "train-siamese",
+              "verifier.json": "train-verifier", "calibration.json": "calibrate"}
+
+
 def read_json(path: Path) -> Any:
+    name = Path(path).name
+    cmd = WRITTEN_BY.get(name, "train-verifier" if name.startswith(("verifier", "inlier_weights")) else None)
+    again = f"; run `cli.py {cmd}` again to write it anew" if cmd else ""
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        raise UserError(f"{path}: not valid JSON ({e}){again}") from None
     except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (byte {e.start}): not a file this engine wrote") from None
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}): not a file this engine wrote{again}") from None
 
 
 class RunFolder:

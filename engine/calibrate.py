@@ -96,9 +96,11 @@ def fold_pairs(engine: Engine, cfg: CalibrateConfig, mcfg: MatchConfig, progress
         # a run folder from before averaged weights records none)
         train = engine.run.config().get("train") or {}
         chosen = epoch_chosen(train.get("epochs") or 0, train.get("average_from"))
+        have = len(set(g.ids[i] for i in h_idx))
+        fewer = f"Calibrate with --folds {have}, or t" if 2 <= have < cfg.folds else "T"
         raise UserError(f"calibrate needs at least {individuals_needed(cfg)} held-out individuals (one per fold, "
-                        f"--folds); this run has {len(set(g.ids[i] for i in h_idx))}: train-siamese held out "
-                        f"too few{' (half of them chose the training epoch)' if chosen else ''}. Train again "
+                        f"--folds); this run has {have}: train-siamese held out "
+                        f"too few{' (half of them chose the training epoch)' if chosen else ''}. {fewer}rain again "
                         f"with --heldout-fraction {heldout_fraction_needed(eligible, chosen, cfg):.2f} "
                         f"--overwrite (your gallery has {eligible} individuals with 2 or more photos)")
     folds = open_set_folds([g.ids[i] for i in h_idx], cfg.folds, cfg.seed)

@@ -155,9 +155,29 @@ def set_aside_enrolled(run: RunFolder) -> None:
                     aside, shlex.quote(str(aside)), shlex.quote(str(run.path)))
 
 
+# what a run folder holds from its first moments (config.json and heldout.json come first; a killed
+# training may have left only its checkpoint or caches)
+RUN_FOLDER_MARKS = ("config.json", "heldout.json", "checkpoint.pt", "siamese.pt", "gallery.h5", "cache")
+
+
+def check_run_folder(out: Path) -> None:
+    """--out is a new or empty folder, or a run folder: never a folder of the user's own files, which the
+    run's files and caches would be written among."""
+    if not out.is_dir() or any((out / m).exists() for m in RUN_FOLDER_MARKS):
+        return
+    own = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    if own:
+        raise UserError(f"--out {out} holds other files ({', '.join(own[:3])}{', ...' if len(own) > 3 else ''}) "
+                        f"and is not a run folder: give a new or empty folder for the run")
+
+
 def check_not_trained(run: RunFolder) -> None:
-    """Without --resume or --overwrite, a folder that already holds a trained run is not replaced."""
+    """Without --resume or --overwrite, a folder that already holds a trained run, or a training
+    that was interrupted, is not replaced."""
     if not run.weights_path.is_file():
+        if run.checkpoint_path.is_file():
+            raise UserError(f"--out {run.path} holds an interrupted training (checkpoint.pt): --resume continues "
+                            f"it from its last finished epoch, --overwrite starts it over; or give another --out")
         return
     n = enrolled_rows(run)
     lost = f" (its {n} enrolled photo(s) would be dropped unless they are in --catalog)" if n else ""
@@ -175,9 +195,13 @@ def main(cfg: TrainConfig, paths: Paths, resume: bool = False, progress: bool = 
     seed_everything(cfg.seed)
     if Path(out).is_file():
         raise UserError(f"--out {out} is a file: give the run folder to create")
+    check_run_folder(Path(out))
     catalog = load_catalog(catalog_csv, images_dir)
     run = RunFolder(out)
     heldout = choose_heldout(catalog, cfg.heldout_fraction, cfg.seed)
+    model_cfg = cfg.model.resolved()
+    if not Path(model_cfg.weights).is_file():  # said before anything in --out changes
+        raise UserError(f"backbone weights {model_cfg.weights} not found (--weights)")
     recorded_precision = None
     if resume:
         check_resume(run, cfg, heldout)
@@ -197,7 +221,6 @@ def main(cfg: TrainConfig, paths: Paths, resume: bool = False, progress: bool = 
             stale.unlink()
     # fitted for the previous network's embeddings; fitted again after the gallery (a killed run keeps none)
     run.embedding_whitening_path.unlink(missing_ok=True)
-    model_cfg = cfg.model.resolved()
     cfg = replace(cfg, model=model_cfg)
     root = Path(images_dir if images_dir is not None else Path(catalog_csv).parent).resolve()
     run.create({"catalog": str(Path(catalog_csv).resolve()),

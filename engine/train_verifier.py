@@ -235,7 +235,7 @@ def main(cfg: VerifierTrainConfig, paths: Paths, threads: int | None = None, pro
             cls.inlier_weights_path(engine.run).unlink(missing_ok=True)
     engine.run.update_config(inlier_weights={k: v for k, v in weights.items() if k in cfg.matchers})
     if engine.run.calibration_path.exists():
-        log.warning("removing %s: it was fitted with the previous verifier (run calibrate again)",
+        log.warning("removing %s: it was fitted before this verifier (run calibrate again)",
                     engine.run.calibration_path)
         engine.run.calibration_path.unlink()
     summary["seconds"] = round(time.perf_counter() - t0, 1)

@@ -214,7 +214,8 @@ def embed_records(model: SiameseNet, records: Sequence[Record], cache_path: Path
         for batch, out in zip(batches, done):
             for i, (f, message, permanent) in zip(batch, out):
                 if f is None:
-                    log.warning("skipped %s", message)
+                    line = records[i].line  # (0: a photo of a folder, not of a catalog)
+                    log.warning("skipped %s%s", message, f" (catalog line {line})" if line else "")
                     _NAMED_UNREADABLE.add(keys[i])
                     skipped.append((records[i], message))
                     if permanent and keys[i]:

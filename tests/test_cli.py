@@ -134,6 +134,7 @@ def test_evaluate_open_set(sample, run_dir, tmp_path):
         f.write(f"{tmp_path / 'broken.jpg'},{rows[0]['individual_id']}\n")
     r = invoke("evaluate", "--catalog", lab, "--run", run_dir, "-q")
     assert r.exit_code == 0 and "1 unreadable photo(s) counted as wrong answers" in r.output, r.output
+    assert "broken.jpg: cannot decode image" in r.output and "(catalog line 6)" in r.output, r.output
     again = json.loads((run_dir / "metrics.json").read_text())["evaluate"]
     assert again["queries"] == 5 and again["map5"] == pytest.approx(metrics["map5"] * 4 / 5)
 
@@ -142,7 +143,9 @@ def test_evaluate_open_set(sample, run_dir, tmp_path):
                                   "old_run", "no_run", "bad_size", "non_utf8_config", "bad_calibration",
                                   "truncated_gallery", "out_is_a_folder", "evidence_json_is_a_folder",
                                   "out_under_a_file", "test_dir_is_a_file", "negative_threads", "tau_above_1",
-                                  "bad_crop", "bad_views", "repeated_view"])
+                                  "bad_crop", "bad_views", "repeated_view", "calibration_not_json",
+                                  "negative_max_minutes", "out_among_photos", "interrupted_training",
+                                  "empty_test_dir_out_in_new_folders", "missing_weights"])
 def test_bad_input_exits_2_with_one_sentence(case, sample, run_dir, tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"x")
     if case == "bad_column":
@@ -169,7 +172,25 @@ def test_bad_input_exits_2_with_one_sentence(case, sample, run_dir, tmp_path):
         (old / "config.json").write_text(json.dumps(cfg))
         args = ["match", tmp_path, "--run", old, "--out", tmp_path / "p.csv"]
         expect = "format version 0"
-    elif case in ("non_utf8_config", "bad_calibration", "truncated_gallery"):
+    elif case == "empty_test_dir_out_in_new_folders":  # refused after --out was checked: no folder left
+        (tmp_path / "empty").mkdir()
+        args = ["match", tmp_path / "empty", "--run", run_dir, "--out", tmp_path / "new" / "sub" / "p.csv"]
+        expect = "has no images"
+    elif case == "missing_weights":
+        args = ["train-siamese", "--catalog", sample, "--out", tmp_path / "r", "--weights", tmp_path / "no.pth"]
+        expect = f"backbone weights {tmp_path / 'no.pth'} not found (--weights)"
+    elif case == "negative_max_minutes":
+        args = ["train-siamese", "--catalog", sample, "--out", tmp_path / "r", "--max-minutes", -1]
+        expect = "Invalid value for '--max-minutes'"
+    elif case == "out_among_photos":  # the run's files are not written among the user's own
+        args = ["train-siamese", "--catalog", sample, "--out", tmp_path]
+        expect = f"--out {tmp_path} holds other files (a.jpg) and is not a run folder: give a new or empty folder"
+    elif case == "interrupted_training":
+        (tmp_path / "r").mkdir()
+        (tmp_path / "r" / "checkpoint.pt").write_bytes(b"x")
+        args = ["train-siamese", "--catalog", sample, "--out", tmp_path / "r"]
+        expect = "holds an interrupted training (checkpoint.pt): --resume continues it from its last finished epoch"
+    elif case in ("non_utf8_config", "bad_calibration", "truncated_gallery", "calibration_not_json"):
         broken = tmp_path / "broken"
         shutil.copytree(run_dir, broken)
         if case == "non_utf8_config":
@@ -179,6 +200,10 @@ def test_bad_input_exits_2_with_one_sentence(case, sample, run_dir, tmp_path):
             data = (broken / "gallery.h5").read_bytes()
             (broken / "gallery.h5").write_bytes(data[:1000])
             expect = "gallery.h5 cannot be read (OSError"
+        elif case == "calibration_not_json":
+            (broken / "calibration.json").write_text('{"broken')
+            expect = "calibration.json: not valid JSON (Unterminated string starting at: line 1 column 2 (char 1)); " \
+                     "run `cli.py calibrate` again to write it anew"
         else:
             (broken / "calibration.json").write_text('{"fusion": {"kind": "score_fusion"}}')
             expect = "calibration.json is malformed"
@@ -222,7 +247,11 @@ def test_bad_input_exits_2_with_one_sentence(case, sample, run_dir, tmp_path):
     assert r.exit_code == 2, r.output
     assert expect in r.output and "Traceback" not in r.output
     assert not (tmp_path / "p.csv").is_file() and not list(tmp_path.glob("*.tmp*"))
-    assert not (tmp_path / "r").exists()  # train-siamese refused before making its run folder
+    if case == "interrupted_training":
+        assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["checkpoint.pt"]  # nothing started over
+    else:
+        assert not (tmp_path / "r").exists()  # train-siamese refused before making its run folder
+    assert not (tmp_path / "new").exists()  # (match refused after checking --out, which made no folder)
 
 
 def test_help_explains_every_command():
@@ -494,7 +523,8 @@ def test_too_few_calibration_individuals_are_announced_with_the_fraction_that_gi
     assert "leaves 2 individual(s) to calibrate on; calibrate needs 3" in r.output
     assert "--heldout-fraction 0.38 gives them" in r.output  # 3 of 8 held out
     r = invoke("calibrate", "--run", run, "-q")
-    assert r.exit_code == 2 and "Train again with --heldout-fraction 0.38 --overwrite" in r.output, r.output
+    assert r.exit_code == 2 and "Calibrate with --folds 2, or train again with --heldout-fraction 0.38 " \
+                                "--overwrite" in r.output, r.output
     assert "chose the training epoch" not in r.output
     # a network kept as its best epoch by validation (TrainConfig.average_from=None): half of the held-out
     # individuals chose it, so the advice holds out twice as many (5 of 8: 2 for the epoch, 3 to calibrate)
@@ -502,7 +532,7 @@ def test_too_few_calibration_individuals_are_announced_with_the_fraction_that_gi
     (run / "config.json").write_text(json.dumps({**config, "train": {**config["train"], "average_from": None}}))
     r = invoke("calibrate", "--run", run, "-q")
     assert r.exit_code == 2 and "(half of them chose the training epoch)" in r.output, r.output
-    assert "Train again with --heldout-fraction 0.63 --overwrite" in r.output
+    assert "Calibrate with --folds 2, or train again with --heldout-fraction 0.63 --overwrite" in r.output
     r = invoke(*base[:-1], "--heldout-fraction", 0.38, "--overwrite", "-q")
     assert r.exit_code == 0 and "calibrate on" not in r.output
     assert len(json.loads((run / "heldout.json").read_text())["calibration"]) == 3

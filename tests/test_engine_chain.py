@@ -242,7 +242,7 @@ def test_match_refuses_clashing_outputs_and_matchers_without_a_verifier(chain, t
         r = runner.invoke(app, [str(a) for a in base + ["--report", tmp_path / clash]])
         assert r.exit_code == 2 and "its own file name" in r.output, r.output
     assert not (tmp_path / "p.csv").exists()
-    r = runner.invoke(app, [str(a) for a in base + ["--matchers", "xfeat"]])
+    r = runner.invoke(app, [str(a) for a in base + ["--matchers", " XFeat"]])  # (names in any case)
     assert r.exit_code == 2 and "no verifier for it (verifier-xfeat.json)" in r.output
     r = runner.invoke(app, [str(a) for a in base + ["--matchers", ""]])
     assert r.exit_code == 2 and "at least one name" in r.output
@@ -269,13 +269,18 @@ def test_enroll_makes_a_new_individual_matchable(chain, tmp_path):
     newcat = make_dataset(tmp_path / "new", n_individuals=1, photos_per_individual=3, seed=77, size=(96, 128))
     rows = list(csv.DictReader(open(newcat)))
     enroll_csv = tmp_path / "new" / "enroll.csv"
+    (tmp_path / "new" / "broken.jpg").write_bytes(b"not a photo")
     with open(enroll_csv, "w") as f:
         f.write("image,individual_id\n")
         for r in rows[:2]:
             f.write(f"{r['image']},zebra_77\n")
+        f.write("broken.jpg,zebra_77\n")
     out = invoke("enroll", "--catalog", enroll_csv, "--run", run, "-q")
-    assert "enrolled 2 photos (1 new individuals" in out
-    assert "nothing to enroll" in invoke("enroll", "--catalog", enroll_csv, "--run", run, "-q")
+    assert "enrolled 2 photos (1 new individuals, 1 unreadable photo(s) skipped" in out, out
+    # the same catalog again: nothing new, which is no error (the unreadable photo is said again)
+    assert "nothing new to enroll: 2 confirmed photos of" in (out := invoke("enroll", "--catalog", enroll_csv,
+                                                                            "--run", run, "-q"))
+    assert "the other 1 could not be read (first: " in out and "broken.jpg: cannot decode image" in out, out
     qd = tmp_path / "q"
     qd.mkdir()
     shutil.copyfile(tmp_path / "new" / rows[0]["image"], qd / "again.jpg")

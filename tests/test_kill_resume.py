@@ -164,3 +164,29 @@ def test_resume_refuses_a_changed_catalog(data, tmp_path):
     out = tmp_path / "log2"
     assert cli([*base[:2], changed, *base[3:], "--resume"], out) == 2
     assert "the training photos differ from those of the checkpoint" in out.read_text()
+
+
+def test_ctrl_c_exits_130_and_a_plain_rerun_does_not_start_the_training_over(data, tmp_path):
+    """Ctrl-C (SIGINT) mid-training: exit 130, without the native abort a teardown under busy worker
+    threads can give (134), and the message says how to continue; run again without --resume, the
+    command refuses rather than train from scratch over the finished epochs."""
+    root, gallery, qdir = data
+    run = tmp_path / "run"
+    args = ["train-siamese", "--catalog", gallery, "--out", run, "--epochs", 40, "--input-size", "64x96",
+            "--batch-size", 16, "--heldout-fraction", 0.5, "--seed", 3, "--max-minutes", 0, "--precision", "fp32"]
+    with open(tmp_path / "log", "wb") as out:
+        proc = subprocess.Popen([sys.executable, "cli.py", *map(str, args), "-q"], cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while not (run / "checkpoint.pt").is_file() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, (tmp_path / "log").read_text()[-3000:]  # 40 epochs: still training
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=120)
+    text = (tmp_path / "log").read_text()
+    assert code == 130, text[-3000:]
+    assert "interrupted: every file written before now is complete" in text and "--resume continues" in text
+    assert (run / "checkpoint.pt").is_file() and not (run / "siamese.pt").exists()
+    again = tmp_path / "again"
+    assert cli(args, again) == 2
+    assert "holds an interrupted training (checkpoint.pt): --resume continues it" in again.read_text()
