@@ -14,8 +14,6 @@ from typing import Protocol
 
 import numpy as np
 from scipy.special import expit
-from sklearn.isotonic import IsotonicRegression
-from sklearn.linear_model import LogisticRegression
 
 from core.metrics import roc_auc
 from core.runfolder import atomic_write_json
@@ -71,6 +69,8 @@ class IsotonicCalibrator(JsonFile):
         s, y = _finite_pairs(scores, labels)
         # scikit-learn pools equal scores first and keeps both ends of every constant block, so
         # interpolating between its thresholds rises only between blocks
+        from sklearn.isotonic import IsotonicRegression  # (imported when fitting: `--help` starts faster)
+
         iso = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip").fit(s, y)
         self.x_ = np.asarray(iso.X_thresholds_, dtype=np.float64)
         self.y_ = np.clip(np.asarray(iso.y_thresholds_, dtype=np.float64), 0.0, 1.0)
@@ -119,6 +119,8 @@ def fit_logistic(X: np.ndarray, y: np.ndarray, l2: float = 1e-3,
         p = float(np.clip(y[0], 1e-6, 1 - 1e-6))
         return np.zeros(k), float(np.log(p / (1 - p)))
     # sum(sw) = 1, so C = 1 / l2 gives mean log-loss + l2/2 |w|^2
+    from sklearn.linear_model import LogisticRegression
+
     lr = LogisticRegression(C=1.0 / l2, tol=1e-10, max_iter=1000).fit((X - mu) / sd, y, sample_weight=sw)
     w = lr.coef_.ravel() / sd
     b = float(lr.intercept_[0] - w @ mu)
