@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -75,7 +76,7 @@ def user_errors(fn):
             raise typer.Exit(2)
         except KeyboardInterrupt:
             resume = (" `train-siamese` with the same options and --resume continues the training from its last "
-                      "finished epoch" if fn.__name__ == "train_siamese_cmd" else "")
+                      "finished epoch." if fn.__name__ == "train_siamese_cmd" else "")
             typer.echo("interrupted: every file written before now is complete (each is written whole, then "
                        "renamed); the interrupted step left no partial file, and the feature caches keep "
                        f"what they had finished.{resume}", err=True)
@@ -528,8 +529,13 @@ def main() -> None:
             # Ctrl-C: leave without the interpreter's teardown. Every file is complete by now, but worker
             # threads of OpenCV, torch or faiss may still be inside native code, and tearing the process
             # down under them can abort it ("terminate called without an active exception", exit 134).
-            sys.stdout.flush()
-            sys.stderr.flush()
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):  # (a closed pipe: nothing more to say)
+                    stream.flush()
+            ray = sys.modules.get("ray")  # a Ray job is ended, not left to the cluster's timeouts
+            if ray is not None and ray.is_initialized():
+                with contextlib.suppress(Exception):
+                    ray.shutdown()
             os._exit(INTERRUPTED)
         raise
 

@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 REQUIRED = ("image", "individual_id")
 OPTIONAL = ("viewpoint", "bbox", "species")  # read where the header names them (lower-case)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+# photo formats a folder of new photos may hold that are not read: skipped with a warning
+UNREAD_PHOTO_SUFFIXES = {".gif", ".heic", ".heif", ".avif", ".jxl", ".jp2", ".psd", ".dng", ".cr2", ".cr3", ".nef",
+                         ".arw", ".orf", ".rw2", ".raf", ".pef", ".srw"}
 
 
 @dataclass(frozen=True)
@@ -86,8 +89,9 @@ def _not_utf8(csv_path: Path, error: UnicodeDecodeError) -> str:
     raw = Path(csv_path).read_bytes()
     if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
         return f"{csv_path}: saved as UTF-16; save it as UTF-8 (in a spreadsheet: CSV UTF-8)"
+    raw = raw.removeprefix(b"\xef\xbb\xbf")  # (a UTF-8 BOM: lines count from after it)
     try:
-        raw.decode("utf-8-sig")
+        raw.decode("utf-8")
         at = ""
     except UnicodeDecodeError as e:
         at = ":" + str(raw[:e.start].count(b"\n") + 1)
@@ -101,6 +105,9 @@ def read_rows(csv_path: Path, required: tuple[str, ...],
     Errors name the file (and the columns found, with a hint for a semicolon- or tab-separated file,
     or for a column named in other case, e.g. `Image`; one of the `optional` ones, e.g. `Viewpoint`,
     would otherwise be read as no column at all)."""
+    with open(csv_path, "rb") as f:
+        if f.read(4) in (b"PK\x03\x04", b"\xd0\xcf\x11\xe0"):  # zip (.xlsx) or OLE (.xls) signature
+            raise UserError(f"{csv_path}: a spreadsheet workbook (.xlsx, .xls), not a CSV: save it as CSV UTF-8")
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
@@ -206,14 +213,20 @@ def catalog_from_folder(folder: Path) -> Catalog:
         raise UserError(f"test folder {folder} does not exist")
     found = _files_below(folder)
     files = sorted(p for p in found if p.suffix.lower() in IMAGE_SUFFIXES)
-    other = Counter(p.suffix.lower() or "(no suffix)" for p in found if p.suffix.lower() not in IMAGE_SUFFIXES)
-    if other:
-        log.warning("%d file(s) in %s are not of a photo type read here (%s), skipped: %s", sum(other.values()),
-                    folder, ", ".join(sorted(IMAGE_SUFFIXES)),
-                    ", ".join(f"{n} {suffix}" for suffix, n in sorted(other.items())))
+    # photos of a type not read here are said (a warning); other files (notes, CSVs, this engine's
+    # predictions and review pages) are not photos, and only counted in the log
+    other = Counter(p.suffix.lower() for p in found if p.suffix.lower() not in IMAGE_SUFFIXES)
+    photos = {k: n for k, n in other.items() if k in UNREAD_PHOTO_SUFFIXES}
+    if photos:
+        log.warning("%d photo(s) in %s are of a type not read here, skipped: %s (read: %s; convert them to JPEG)",
+                    sum(photos.values()), folder, ", ".join(f"{n} {suffix}" for suffix, n in sorted(photos.items())),
+                    ", ".join(sorted(IMAGE_SUFFIXES)))
+    if sum(other.values()) > sum(photos.values()):
+        log.info("%d file(s) in %s that are not photos skipped", sum(other.values()) - sum(photos.values()), folder)
     # the thumbnails of a review page written into the folder (`match --report`: X.html + X_files/)
     # are not new photos
-    pages = {d for d in folder.rglob("*_files") if d.is_dir() and d.with_name(d.name[:-6] + ".html").is_file()}
+    pages = {d for p in files for d in p.parents
+             if d.name.endswith("_files") and folder in d.parents and d.with_name(d.name[:-6] + ".html").is_file()}
     if pages:
         kept = [p for p in files if not any(d in p.parents for d in pages)]
         log.info("%d thumbnail(s) of review pages in %s skipped (%s)", len(files) - len(kept), folder,

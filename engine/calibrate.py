@@ -97,12 +97,13 @@ def fold_pairs(engine: Engine, cfg: CalibrateConfig, mcfg: MatchConfig, progress
         train = engine.run.config().get("train") or {}
         chosen = epoch_chosen(train.get("epochs") or 0, train.get("average_from"))
         have = len(set(g.ids[i] for i in h_idx))
-        fewer = f"Calibrate with --folds {have}, or t" if 2 <= have < cfg.folds else "T"
+        train_again = (f"train again with --heldout-fraction {heldout_fraction_needed(eligible, chosen, cfg):.2f} "
+                       f"--overwrite (your gallery has {eligible} individuals with 2 or more photos)")
+        remedy = (f"Calibrate with --folds {have}, or {train_again}" if 2 <= have < cfg.folds
+                  else train_again[0].upper() + train_again[1:])
         raise UserError(f"calibrate needs at least {individuals_needed(cfg)} held-out individuals (one per fold, "
                         f"--folds); this run has {have}: train-siamese held out "
-                        f"too few{' (half of them chose the training epoch)' if chosen else ''}. {fewer}rain again "
-                        f"with --heldout-fraction {heldout_fraction_needed(eligible, chosen, cfg):.2f} "
-                        f"--overwrite (your gallery has {eligible} individuals with 2 or more photos)")
+                        f"too few{' (half of them chose the training epoch)' if chosen else ''}. {remedy}")
     folds = open_set_folds([g.ids[i] for i in h_idx], cfg.folds, cfg.seed)
     n = cfg.queries_per_individual
     out = []
@@ -180,7 +181,7 @@ def main(cfg: CalibrateConfig, paths: Paths, mcfg: MatchConfig = MatchConfig(), 
     t0 = time.perf_counter()
     set_threads(threads)
     mcfg = mcfg.to_fit()  # the default weight, whatever the calibration it replaces had
-    engine = Engine.load(run, precision)
+    engine = Engine.load(run, precision, replaces_calibration=True)
     data = fold_pairs(engine, cfg, mcfg, progress)
     # only the stages that score under these settings (the votes stage only where votes are counted:
     # its scores are all missing otherwise)

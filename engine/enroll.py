@@ -145,7 +145,8 @@ def main(cfg: MatchConfig, paths: Paths, threads: int | None = None, progress: b
         return (f"nothing to enroll: all {already} confirmed photos of {source} are already in the gallery"
                 f"{extra}")
     emb = engine.embed(records, cfg, progress, "embedding new photos")
-    if len(emb.ok) == 0 and already:  # enrolled before, bar the unreadable ones (as that run reported)
+    if len(emb.ok) == 0 and already and emb.known_unreadable == len(emb.skipped):
+        # enrolled before, bar the photos that earlier run found unreadable (and reported)
         return (f"nothing new to enroll: {already} confirmed photos of {source} are already in the gallery and "
                 f"the other {len(records)} could not be read (first: {emb.skipped[0][1]}){extra}")
     if len(emb.ok) == 0:

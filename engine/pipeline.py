@@ -156,24 +156,33 @@ class Engine:
     """A loaded run folder, ready to match: its network, gallery, index, stages and calibration."""
 
     def __init__(self, run: RunFolder, model: SiameseNet, gallery: Gallery, config: dict,
-                 stages: Sequence[str] | None = None):
+                 stages: Sequence[str] | None = None, replaces_calibration: bool = False):
+        """`replaces_calibration` (calibrate, train-verifier): an unreadable calibration.json is set aside
+        with a warning, not refused, as the command writes it anew (or removes it)."""
         self.run, self.model, self.config = run, model, config
         # the embedding's whitening for search, or None
         self.whitening = load_embedding_whitening(run, gallery.embeddings.shape[1])
         self.stages = load_stages(StageContext(run, config, gallery, model, focus=FocusMap()), stages)
-        self.calibration = read_json(run.calibration_path) if run.calibration_path.is_file() else None
         self.seconds: dict[str, float] = defaultdict(float)  # time spent in the shortlist and each stage
         self.scorers: dict = {}
         self._warned_settings: set = set()  # match settings `tau` has already warned about (once each)
         self._warned_views: set = set()  # query viewpoints the gallery lacks, warned about (once each)
         self.set_gallery(gallery)
-        if self.calibration is not None:
-            try:
-                self.scorers = calibrated_scorers(ScoreFusion.from_dict(self.calibration["fusion"]))
-                float(self.calibration["tau"]["fused"])
-            except (KeyError, TypeError, ValueError, IndexError) as e:
-                raise UserError(f"{run.calibration_path} is malformed ({e.__class__.__name__}: {e}): run "
-                                f"`cli.py calibrate` again") from None
+        self.calibration = None
+        try:
+            if run.calibration_path.is_file():
+                self.calibration = read_json(run.calibration_path)
+                try:
+                    self.scorers = calibrated_scorers(ScoreFusion.from_dict(self.calibration["fusion"]))
+                    float(self.calibration["tau"]["fused"])
+                except (KeyError, TypeError, ValueError, IndexError) as e:
+                    raise UserError(f"{run.calibration_path} is malformed ({e.__class__.__name__}: {e}): "
+                                    f"`cli.py calibrate` writes it anew") from None
+        except UserError as e:
+            if not replaces_calibration:
+                raise
+            log.warning("%s; set aside (it is replaced)", e)
+            self.calibration, self.scorers = None, {}
 
     def set_gallery(self, gallery: Gallery) -> None:
         """Match against `gallery`: its embeddings as searched (`searchable`) and their index; what
@@ -193,13 +202,15 @@ class Engine:
         return embeddings if self.whitening is None else self.whitening.apply(embeddings)
 
     @classmethod
-    def load(cls, run_path: Path, precision: str = "auto", stages: Sequence[str] | None = None) -> "Engine":
+    def load(cls, run_path: Path, precision: str = "auto", stages: Sequence[str] | None = None,
+             replaces_calibration: bool = False) -> "Engine":
         """The run folder's engine, its network in `precision` (auto: chosen for this machine), with
-        the run's stages (only those named in `stages`, if given)."""
+        the run's stages (only those named in `stages`, if given); `replaces_calibration`: see `Engine`."""
         run = RunFolder(run_path)
         config = run.config()
         model = load_model(run.weights_path)
-        engine = cls(run, model, Gallery.load(run.gallery_path, run.images_root()), config, stages)
+        engine = cls(run, model, Gallery.load(run.gallery_path, run.images_root()), config, stages,
+                     replaces_calibration)
         engine.precision = resolve_precision(model, precision, config.get("precision"))
         return engine
 

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from core.catalog import Catalog, load_catalog, queryable
+from core.catalog import IMAGE_SUFFIXES, Catalog, load_catalog, queryable
 from core.errors import UserError
 from core.gallery import Gallery
 from core.runfolder import RunFolder, atomic_write_json, read_json
@@ -155,19 +155,20 @@ def set_aside_enrolled(run: RunFolder) -> None:
                     aside, shlex.quote(str(aside)), shlex.quote(str(run.path)))
 
 
-# what a run folder holds from its first moments (config.json and heldout.json come first; a killed
-# training may have left only its checkpoint or caches)
+# what a run folder holds from its first moments (config.json comes first; a killed training may have
+# left only its checkpoint or caches)
 RUN_FOLDER_MARKS = ("config.json", "heldout.json", "checkpoint.pt", "siamese.pt", "gallery.h5", "cache")
 
 
 def check_run_folder(out: Path) -> None:
-    """--out is a new or empty folder, or a run folder: never a folder of the user's own files, which the
-    run's files and caches would be written among."""
+    """--out is never a folder of photos (e.g. the catalog's own), which the run's files and caches
+    would be written among. Other files are no reason to refuse: a log the shell opened there first
+    (`> runs/r1/train.log`), notes, a file manager's leftovers."""
     if not out.is_dir() or any((out / m).exists() for m in RUN_FOLDER_MARKS):
         return
-    own = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
-    if own:
-        raise UserError(f"--out {out} holds other files ({', '.join(own[:3])}{', ...' if len(own) > 3 else ''}) "
+    photos = sorted(p.name for p in out.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if photos:
+        raise UserError(f"--out {out} holds photos ({', '.join(photos[:3])}{', ...' if len(photos) > 3 else ''}) "
                         f"and is not a run folder: give a new or empty folder for the run")
 
 
@@ -177,7 +178,7 @@ def check_not_trained(run: RunFolder) -> None:
     if not run.weights_path.is_file():
         if run.checkpoint_path.is_file():
             raise UserError(f"--out {run.path} holds an interrupted training (checkpoint.pt): --resume continues "
-                            f"it from its last finished epoch, --overwrite starts it over; or give another --out")
+                            f"it from its last finished epoch, --overwrite starts over; or give another --out")
         return
     n = enrolled_rows(run)
     lost = f" (its {n} enrolled photo(s) would be dropped unless they are in --catalog)" if n else ""
@@ -201,7 +202,8 @@ def main(cfg: TrainConfig, paths: Paths, resume: bool = False, progress: bool = 
     heldout = choose_heldout(catalog, cfg.heldout_fraction, cfg.seed)
     model_cfg = cfg.model.resolved()
     if not Path(model_cfg.weights).is_file():  # said before anything in --out changes
-        raise UserError(f"backbone weights {model_cfg.weights} not found (--weights)")
+        raise UserError(f"backbone weights {model_cfg.weights} not found (" + (
+            "--weights)" if cfg.model.weights else "the bundled ones: is the installation complete? or pass --weights)"))
     recorded_precision = None
     if resume:
         check_resume(run, cfg, heldout)
@@ -214,6 +216,9 @@ def main(cfg: TrainConfig, paths: Paths, resume: bool = False, progress: bool = 
     set_aside_enrolled(run)  # (nothing to do for a new run folder)
     # fitted on the previous network's scores: every matcher's validator and model of inliers, the calibration
     stale_files = [p for cls in MATCHERS.values() for p in (cls.validator_path(run), cls.inlier_weights_path(run))]
+    if not resume and run.checkpoint_path.exists():  # an earlier training's: never resumed into this one
+        log.info("removing %s: the checkpoint of the training --overwrite replaces", run.checkpoint_path)
+        run.checkpoint_path.unlink()
     for stale in stale_files + [run.calibration_path]:
         if stale.exists():
             log.warning("removing %s: it was fitted for the previous network (run train-verifier and "

@@ -176,7 +176,8 @@ def main(cfg: VerifierTrainConfig, paths: Paths, threads: int | None = None, pro
     t0 = time.perf_counter()
     set_threads(threads)
     # shortlists by the stages that score every pair (the embedding's)
-    engine = Engine.load(run_path, precision, stages=[s.name for s in STAGES if s.scope == ALL])
+    engine = Engine.load(run_path, precision, stages=[s.name for s in STAGES if s.scope == ALL],
+                         replaces_calibration=True)
     triples = build_training_pairs(engine, cfg)
     g = engine.gallery
     y = np.array([t[2] for t in triples])

@@ -52,6 +52,7 @@ class EmbedResult:
     computed: int = 0  # how many were computed (not read from the cache)
     seconds: float = 0.0
     features: np.ndarray | None = None  # (n_ok, D) raw pooled features, before centring
+    known_unreadable: int = 0  # of `skipped`: found unreadable by an earlier command (not tried again)
 
     @property
     def images_per_second(self) -> float:
@@ -191,6 +192,7 @@ def embed_records(model: SiameseNet, records: Sequence[Record], cache_path: Path
                                                                     else "")
         log.warning("skipped %d photo(s) found unreadable before (%s): %s", len(unnamed), unnamed[0][1], names)
         _NAMED_UNREADABLE.update(record_key(r) for r, _ in unnamed)
+    known_unreadable = len(skipped)
     todo = [i for i, k in enumerate(keys) if i not in vectors and k not in known_bad]
     failed: dict[str, str] = {}
     new: dict[str, dict[str, np.ndarray]] = {}
@@ -215,7 +217,7 @@ def embed_records(model: SiameseNet, records: Sequence[Record], cache_path: Path
             for i, (f, message, permanent) in zip(batch, out):
                 if f is None:
                     line = records[i].line  # (0: a photo of a folder, not of a catalog)
-                    log.warning("skipped %s%s", message, f" (catalog line {line})" if line else "")
+                    log.warning("skipped %s%s", message, f" (line {line} of its CSV)" if line else "")
                     _NAMED_UNREADABLE.add(keys[i])
                     skipped.append((records[i], message))
                     if permanent and keys[i]:
@@ -237,4 +239,4 @@ def embed_records(model: SiameseNet, records: Sequence[Record], cache_path: Path
     dim = model.dim
     feats = np.stack([vectors[i] for i in ok]).astype(np.float32) if len(ok) else np.zeros((0, dim), np.float32)
     computed = sum(1 for i in todo if i in vectors)
-    return EmbedResult(normalize_features(model, feats), ok, skipped, computed, seconds, feats)
+    return EmbedResult(normalize_features(model, feats), ok, skipped, computed, seconds, feats, known_unreadable)

@@ -172,6 +172,8 @@ def test_ctrl_c_exits_130_and_a_plain_rerun_does_not_start_the_training_over(dat
     command refuses rather than train from scratch over the finished epochs."""
     root, gallery, qdir = data
     run = tmp_path / "run"
+    run.mkdir()
+    (run / "train.log").write_text("")  # a log the shell opened in --out first: no reason to refuse it
     args = ["train-siamese", "--catalog", gallery, "--out", run, "--epochs", 40, "--input-size", "64x96",
             "--batch-size", 16, "--heldout-fraction", 0.5, "--seed", 3, "--max-minutes", 0, "--precision", "fp32"]
     with open(tmp_path / "log", "wb") as out:
@@ -190,3 +192,7 @@ def test_ctrl_c_exits_130_and_a_plain_rerun_does_not_start_the_training_over(dat
     again = tmp_path / "again"
     assert cli(args, again) == 2
     assert "holds an interrupted training (checkpoint.pt): --resume continues it" in again.read_text()
+    # --overwrite starts over: the interrupted training's checkpoint is not kept to be resumed later
+    args[args.index("--epochs") + 1] = 0
+    assert cli(args + ["--overwrite"], again) == 0, again.read_text()[-3000:]
+    assert not (run / "checkpoint.pt").exists() and (run / "siamese.pt").is_file()
