@@ -202,8 +202,9 @@ def main(cfg: TrainConfig, paths: Paths, resume: bool = False, progress: bool = 
     heldout = choose_heldout(catalog, cfg.heldout_fraction, cfg.seed)
     model_cfg = cfg.model.resolved()
     if not Path(model_cfg.weights).is_file():  # said before anything in --out changes
-        raise UserError(f"backbone weights {model_cfg.weights} not found (" + (
-            "--weights)" if cfg.model.weights else "the bundled ones: is the installation complete? or pass --weights)"))
+        given = ("--weights" if cfg.model.weights
+                 else "the bundled ones: is the installation complete? or pass --weights")
+        raise UserError(f"backbone weights {model_cfg.weights} not found ({given})")
     recorded_precision = None
     if resume:
         check_resume(run, cfg, heldout)
