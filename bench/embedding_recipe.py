@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Training recipes for the Siamese network, side by side on the development set (../shared/data/nyala).
+"""Training recipes for the Siamese network, side by side on the development set (the folder `NYALA_DATA` names).
 
 Each recipe trains `train-siamese` for the same time budget on the protocol's gallery (seeded split),
 then the protocol's known queries are ranked by the embedding cosine and by the pair head over the

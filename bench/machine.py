@@ -1,9 +1,14 @@
 """What every benchmark prints first: the machine it measured on (the CPU changes between sessions)."""
 from __future__ import annotations
 
-import torch
+import sys
+from pathlib import Path
 
-from siamese.precision import cpu_info, cpuinfo_fields
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script too: `python bench/machine.py`
+
+import torch  # noqa: E402
+
+from siamese.precision import cpu_info, cpuinfo_fields  # noqa: E402
 
 
 def cpu_generation(cpuinfo: str | None = None) -> str:
@@ -31,3 +36,13 @@ def headline(info: dict | None = None) -> str:
     return (f"machine: {info['cpu']}{generation} ({info['torch_cpu_capability']}, native bf16: "
             f"{', '.join(info['native_bf16']) or 'no'}), {info['threads']} threads"
             + (f", GPU {info['gpu']}" if "gpu" in info else "") + f"; torch {info['torch']}")
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--json", action="store_true", help="the whole description as JSON")
+    args = ap.parse_args()
+    print(json.dumps(describe(), indent=1) if args.json else headline())

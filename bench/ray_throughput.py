@@ -3,7 +3,7 @@
 extraction + verification, Ray's start-up and per-task overhead, the crossover gallery size, and
 the faiss index's memory per 100k photos.
 
-Photos are the development set's (../shared/data/nyala); nothing is cached (each side computes
+Photos are the development set's (the folder `NYALA_DATA` names); nothing is cached (each side computes
 everything). Verification pairs are consecutive photos (half of them the same individual).
 Crossover: the number of gallery photos (embedding + keypoints) beyond which Ray's start-up is paid
 back, if Ray's throughput beats the local one's; on a single machine it may never be.

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Speed and memory of matching at gallery sizes of 1k, 10k and 100k photos, features cached.
 
-The galleries are the real development photos (../shared/data/nyala) plus **feature-level
+The galleries are the real development photos (the folder `NYALA_DATA` names) plus **feature-level
 replicas**: each replica is a real gallery photo's embedding with noise added (cosine ~0.7 to its
 source, renormalised) under a new individual ID, and that photo's real keypoints (HDF5 hard links
 in the run's keypoint cache, so 100k entries cost no 40 GB of disk). What a query costs depends on

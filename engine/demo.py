@@ -14,7 +14,8 @@ from core.metrics import NEW_INDIVIDUAL
 from core.runfolder import RunFolder
 from engine import calibrate, train_siamese, train_verifier
 from engine.config import DemoConfig, MatchConfig, VerifierTrainConfig
-from engine.matching import evaluate_pairs, format_metrics, match_pairs
+from engine.evaluate import evaluated_settings
+from engine.matching import evaluate_pairs, evaluate_results, format_metrics, match_pairs
 from engine.pipeline import Engine, write_predictions
 from engine.review import write_review
 from engine.synthetic import make_dataset, split_open_set
@@ -134,6 +135,10 @@ def main(cfg: DemoConfig, paths: Paths, threads: int | None = None, progress: bo
     report = write_review(engine, results, out / "report.html", tau, truth)
     log.info("5/5 evaluate")
     table = evaluate_pairs(engine, pairs, truth, mcfg)
+    # saved as `evaluate` saves its figures (the command it prints below replaces them)
+    engine.run.update_metrics("evaluate", {"catalog": str(truth_csv), "tau": tau,
+                                           "settings": evaluated_settings(engine, mcfg),
+                                           **evaluate_results(results, truth), "ablation": table})
     n_new = sum(1 for t in truth.values() if t == NEW_INDIVIDUAL)
     return "\n".join([
         f"demo on {source}: gallery {summary['gallery_photos']} photos of "

@@ -8,6 +8,7 @@ from pathlib import Path
 from core.catalog import load_catalog
 from core.metrics import NEW_INDIVIDUAL
 from core.runtime import set_threads
+from core.stage import ALL
 from engine.config import MatchConfig
 from engine.matching import (embed_queries, evaluate_pairs, evaluate_results, format_metrics, format_places,
                              right_animal_places, skipped_note, truths_in_gallery)
@@ -20,6 +21,13 @@ class Paths:
     catalog: Path  # labelled queries (image,individual_id[,viewpoint])
     run: Path
     images: Path | None = None  # image root (default: the catalog's folder)
+
+
+def evaluated_settings(engine: Engine, cfg: MatchConfig) -> dict:
+    """The match settings the figures were measured with (as calibration.json records them, plus the
+    re-ranking options and the local matchers), saved beside them: another evaluate replaces them."""
+    return {**engine.match_settings(cfg), "query_expansion": cfg.query_expansion, "rerank": cfg.rerank,
+            "matchers": [s.name for s in engine.stages if s.scope != ALL]}
 
 
 def main(cfg: MatchConfig, paths: Paths, threads: int | None = None, progress: bool = True,
@@ -38,7 +46,8 @@ def main(cfg: MatchConfig, paths: Paths, threads: int | None = None, progress: b
     metrics = evaluate_results(engine.rank(pairs, engine.tau(cfg)), truth)
     places = right_animal_places(engine, pairs, truth)
     per_query = {k: v / max(1, len(pairs)) for k, v in {**seconds, **engine.seconds}.items()}
-    engine.run.update_metrics("evaluate", {"catalog": str(paths.catalog), "tau": engine.tau(cfg), **metrics,
+    engine.run.update_metrics("evaluate", {"catalog": str(paths.catalog), "tau": engine.tau(cfg),
+                                           "settings": evaluated_settings(engine, cfg), **metrics,
                                            "ablation": table, "right_animal": places,
                                            "seconds_per_query": per_query})
     n_new = sum(1 for t in truth.values() if t == NEW_INDIVIDUAL)

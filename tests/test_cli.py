@@ -125,6 +125,12 @@ def test_evaluate_open_set(sample, run_dir, tmp_path):
     assert "MAP@5" in r.output and "evaluated 4 labelled photos (2 of individuals absent" in r.output
     metrics = json.loads((run_dir / "metrics.json").read_text())["evaluate"]
     assert metrics["queries"] == 4 and metrics["new_share_truth"] == pytest.approx(0.5)
+    # the settings beside the figures, so that two evaluations with other options can be told apart
+    assert metrics["settings"]["shortlist"] == 50 and metrics["settings"]["rerank"] == 0
+    r = invoke("evaluate", "--catalog", lab, "--run", run_dir, "--shortlist", 7, "--rerank", 3, "-q")
+    assert r.exit_code == 0, r.output
+    settings = json.loads((run_dir / "metrics.json").read_text())["evaluate"]["settings"]
+    assert settings["shortlist"] == 7 and settings["rerank"] == 3 and settings["matchers"] == []
     # where the right animal of each of the two known photos ended up: counted once each, and said
     assert sum(metrics["right_animal"].values()) == 2
     assert "the right animal of the 2 known queries (closed set): first" in r.output
@@ -282,6 +288,11 @@ def test_demo_end_to_end(tmp_path):
     assert len(rows) == len(truth) and any(t["individual_id"] == NEW_INDIVIDUAL for t in truth)
     map5 = float(next(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("MAP@5")))
     assert map5 > 0.3  # chance on 20 known + new_individual is far below
+    # the printed figures are saved as evaluate saves them: the engine's, and each stage's
+    saved = json.loads((tmp_path / "demo" / "run" / "metrics.json").read_text())["evaluate"]
+    fused = next(line.split()[-2] for line in proc.stdout.splitlines() if line.startswith("MAP@5"))
+    assert f"{saved['map5']:.3f}" == fused == f"{saved['ablation']['fused']['map5']:.3f}"
+    assert saved["settings"]["verify_top"] == 50 and saved["queries"] == len(truth)
     # the command it prints to score the queries again works as printed
     again = next(line.split(": ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("score them again"))
     rerun = subprocess.run([sys.executable, *shlex.split(again)[1:], "-q"], cwd=ROOT, capture_output=True, text=True,
