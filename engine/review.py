@@ -25,12 +25,22 @@ def _image(record):
         return None  # the report shows a placeholder
 
 
+def _shown_name(path, root: Path | None) -> str:
+    """A gallery photo as the catalog lists it, relative to the gallery's images folder ("ind004/4.jpg":
+    a file name alone recurs in every animal's folder); its whole path where it lies elsewhere."""
+    try:
+        return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+    except (TypeError, ValueError):  # (no root, or a photo enrolled from another folder)
+        return str(path)
+
+
 def write_review(engine: Engine, results: Sequence[QueryResult], path: Path, tau: float,
                  truth: dict[str, str] | None = None, unreadable: Sequence[tuple] = ()) -> Path:
     """Queries are ordered by how close their best score is to the threshold: the answers a
     person should check first are those the engine was least sure of, either way. `unreadable`:
     (record, reason) of the photos that could not be read, listed on the page."""
     entries = []
+    root = engine.run.images_root()
     for r in results:
         cands = []
         for c in r.candidates:
@@ -39,7 +49,7 @@ def write_review(engine: Engine, results: Sequence[QueryResult], path: Path, tau
             cands.append(ReportCandidate(
                 individual_id=c.individual_id, fused=c.score, stage_scores=dict(c.stages),
                 gallery_image=partial(_image, record), gallery_key=f"{c.gallery_index}",
-                gallery_name=Path(c.gallery_image).name,
+                gallery_name=_shown_name(record.path, root),
                 inliers_xy=np.asarray(xy, np.float32).reshape(-1, 4) if xy is not None and len(xy) else None))
         top = r.candidates[0].score if r.candidates else 0.0
         entries.append(ReportQuery(query_image=partial(_image, r.record), query_name=r.name,

@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -62,6 +63,10 @@ def test_match_exact_copies_finds_their_individual(sample, run_dir, tmp_path):
     # the review page lists it with the reason, beside the matched photos
     page = (tmp_path / "review.html").read_text()
     assert f"{len(rows)} queries · 1 unreadable" in page and "broken.jpg: cannot decode image" in page
+    # gallery photos are named as the catalog lists them (with their folder), not by file name alone
+    shown = set(re.findall(r'"name":"([^"]*)"', page))
+    assert any("/" in row["image"] and row["image"] in shown for row in read_csv(sample)), sorted(shown)[:5]
+    assert not any(name.startswith("/") for name in shown)
     pred = {p["image"]: p["predictions"].split() for p in read_csv(out)}
     # the unreadable photo keeps its row (empty predictions), in the folder's sorted order
     assert [p["image"] for p in read_csv(out)] == sorted(["broken.jpg"] + [f"photo{k}.jpg" for k in range(len(rows))])
