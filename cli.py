@@ -61,8 +61,11 @@ def _use_executor(kind: str, address: str | None) -> None:
 INTERRUPTED = 130  # the exit code of a command stopped by Ctrl-C (128 + SIGINT), as shells report it
 
 
-def user_errors(fn):
-    """A user's mistake ends in one sentence on stderr and exit code 2, never a traceback."""
+def user_errors(fn=None, *, on_interrupt: str = ""):
+    """A user's mistake ends in one sentence on stderr and exit code 2, never a traceback; Ctrl-C in
+    exit code 130 and what the files are, then `on_interrupt` (how the command continues)."""
+    if fn is None:  # (used as @user_errors(on_interrupt=...))
+        return functools.partial(user_errors, on_interrupt=on_interrupt)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -75,11 +78,9 @@ def user_errors(fn):
             typer.echo(f"error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), err=True)
             raise typer.Exit(2)
         except KeyboardInterrupt:
-            resume = (" `train-siamese` with the same options and --resume continues the training from its last "
-                      "finished epoch." if fn.__name__ == "train_siamese_cmd" else "")
             typer.echo("interrupted: every file written before now is complete (each is written whole, then "
                        "renamed); the interrupted step left no partial file, and the feature caches keep "
-                       f"what they had finished.{resume}", err=True)
+                       f"what they had finished.{on_interrupt}", err=True)
             raise typer.Exit(INTERRUPTED)
 
     return wrapper
@@ -175,7 +176,8 @@ def _parse_views(text: str) -> tuple[str, ...]:
 
 
 @app.command("train-siamese")
-@user_errors
+@user_errors(on_interrupt=" `train-siamese` with the same options and --resume continues the training from its "
+                          "last finished epoch.")
 def train_siamese_cmd(
     catalog: CatalogOpt,
     out: Annotated[Path, typer.Option("--out", help="Run folder to create (or resume).")],

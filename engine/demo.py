@@ -14,7 +14,7 @@ from core.metrics import NEW_INDIVIDUAL
 from core.runfolder import RunFolder
 from engine import calibrate, train_siamese, train_verifier
 from engine.config import DemoConfig, MatchConfig, VerifierTrainConfig
-from engine.evaluate import evaluated_settings
+from engine.evaluate import save_evaluation
 from engine.matching import evaluate_pairs, evaluate_results, format_metrics, match_pairs
 from engine.pipeline import Engine, write_predictions
 from engine.review import write_review
@@ -136,9 +136,7 @@ def main(cfg: DemoConfig, paths: Paths, threads: int | None = None, progress: bo
     log.info("5/5 evaluate")
     table = evaluate_pairs(engine, pairs, truth, mcfg)
     # saved as `evaluate` saves its figures (the command it prints below replaces them)
-    engine.run.update_metrics("evaluate", {"catalog": str(truth_csv), "tau": tau,
-                                           "settings": evaluated_settings(engine, mcfg),
-                                           **evaluate_results(results, truth), "ablation": table})
+    save_evaluation(engine, mcfg, truth_csv, tau, evaluate_results(results, truth), table)
     n_new = sum(1 for t in truth.values() if t == NEW_INDIVIDUAL)
     return "\n".join([
         f"demo on {source}: gallery {summary['gallery_photos']} photos of "

@@ -23,11 +23,15 @@ class Paths:
     images: Path | None = None  # image root (default: the catalog's folder)
 
 
-def evaluated_settings(engine: Engine, cfg: MatchConfig) -> dict:
-    """The match settings the figures were measured with (as calibration.json records them, plus the
-    re-ranking options and the local matchers), saved beside them: another evaluate replaces them."""
-    return {**engine.match_settings(cfg), "query_expansion": cfg.query_expansion, "rerank": cfg.rerank,
-            "matchers": [s.name for s in engine.stages if s.scope != ALL]}
+def save_evaluation(engine: Engine, cfg: MatchConfig, catalog: Path, tau: float, metrics: dict, table: dict,
+                    **more) -> None:
+    """metrics.json's "evaluate" (evaluate's, or the demo's): the figures with the match settings they
+    were measured with (as calibration.json records them, plus the re-ranking options and the local
+    matchers), so that another evaluation, which replaces them, can be told apart."""
+    settings = {**engine.match_settings(cfg), "query_expansion": cfg.query_expansion, "rerank": cfg.rerank,
+                "matchers": [s.name for s in engine.stages if s.scope != ALL]}
+    engine.run.update_metrics("evaluate", {"catalog": str(catalog), "tau": tau, "settings": settings, **metrics,
+                                           "ablation": table, **more})
 
 
 def main(cfg: MatchConfig, paths: Paths, threads: int | None = None, progress: bool = True,
@@ -46,10 +50,8 @@ def main(cfg: MatchConfig, paths: Paths, threads: int | None = None, progress: b
     metrics = evaluate_results(engine.rank(pairs, engine.tau(cfg)), truth)
     places = right_animal_places(engine, pairs, truth)
     per_query = {k: v / max(1, len(pairs)) for k, v in {**seconds, **engine.seconds}.items()}
-    engine.run.update_metrics("evaluate", {"catalog": str(paths.catalog), "tau": engine.tau(cfg),
-                                           "settings": evaluated_settings(engine, cfg), **metrics,
-                                           "ablation": table, "right_animal": places,
-                                           "seconds_per_query": per_query})
+    save_evaluation(engine, cfg, paths.catalog, engine.tau(cfg), metrics, table, right_animal=places,
+                    seconds_per_query=per_query)
     n_new = sum(1 for t in truth.values() if t == NEW_INDIVIDUAL)
     dt = time.perf_counter() - t0
     answer = "fused" if engine.calibration is not None else engine.stage_order()[-1]

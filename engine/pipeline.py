@@ -152,6 +152,19 @@ class QueryResult:
     candidates: list[Candidate]
 
 
+def read_calibration(path: Path) -> tuple[dict, dict]:
+    """calibration.json and its calibrated scorers; UserError (naming what writes it anew) when it
+    cannot be read or lacks what the scorers need."""
+    calibration = read_json(path)
+    try:
+        scorers = calibrated_scorers(ScoreFusion.from_dict(calibration["fusion"]))
+        float(calibration["tau"]["fused"])
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise UserError(f"{path} is malformed ({e.__class__.__name__}: {e}): `cli.py calibrate` writes it "
+                        f"anew") from None
+    return calibration, scorers
+
+
 class Engine:
     """A loaded run folder, ready to match: its network, gallery, index, stages and calibration."""
 
@@ -169,20 +182,13 @@ class Engine:
         self._warned_views: set = set()  # query viewpoints the gallery lacks, warned about (once each)
         self.set_gallery(gallery)
         self.calibration = None
-        try:
-            if run.calibration_path.is_file():
-                self.calibration = read_json(run.calibration_path)
-                try:
-                    self.scorers = calibrated_scorers(ScoreFusion.from_dict(self.calibration["fusion"]))
-                    float(self.calibration["tau"]["fused"])
-                except (KeyError, TypeError, ValueError, IndexError) as e:
-                    raise UserError(f"{run.calibration_path} is malformed ({e.__class__.__name__}: {e}): "
-                                    f"`cli.py calibrate` writes it anew") from None
-        except UserError as e:
-            if not replaces_calibration:
-                raise
-            log.warning("%s; set aside (it is replaced)", e)
-            self.calibration, self.scorers = None, {}
+        if run.calibration_path.is_file():
+            try:
+                self.calibration, self.scorers = read_calibration(run.calibration_path)
+            except UserError as e:
+                if not replaces_calibration:
+                    raise
+                log.warning("%s; set aside (it is replaced)", e)
 
     def set_gallery(self, gallery: Gallery) -> None:
         """Match against `gallery`: its embeddings as searched (`searchable`) and their index; what

@@ -155,16 +155,16 @@ def set_aside_enrolled(run: RunFolder) -> None:
                     aside, shlex.quote(str(aside)), shlex.quote(str(run.path)))
 
 
-# what a run folder holds from its first moments (config.json comes first; a killed training may have
-# left only its checkpoint or caches)
-RUN_FOLDER_MARKS = ("config.json", "heldout.json", "checkpoint.pt", "siamese.pt", "gallery.h5", "cache")
-
-
-def check_run_folder(out: Path) -> None:
+def check_run_folder(run: RunFolder) -> None:
     """--out is never a folder of photos (e.g. the catalog's own), which the run's files and caches
     would be written among. Other files are no reason to refuse: a log the shell opened there first
-    (`> runs/r1/train.log`), notes, a file manager's leftovers."""
-    if not out.is_dir() or any((out / m).exists() for m in RUN_FOLDER_MARKS):
+    (`> runs/r1/train.log`), notes, a file manager's leftovers. A run folder (what it holds from its
+    first moments: config.json first; a killed training may have left only its checkpoint or caches)
+    is checked by the callers."""
+    out = run.path
+    marks = (run.config_path, run.heldout_path, run.checkpoint_path, run.weights_path, run.gallery_path,
+             run.cache_dir)
+    if not out.is_dir() or any(m.exists() for m in marks):
         return
     photos = sorted(p.name for p in out.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if photos:
@@ -196,9 +196,9 @@ def main(cfg: TrainConfig, paths: Paths, resume: bool = False, progress: bool = 
     seed_everything(cfg.seed)
     if Path(out).is_file():
         raise UserError(f"--out {out} is a file: give the run folder to create")
-    check_run_folder(Path(out))
-    catalog = load_catalog(catalog_csv, images_dir)
     run = RunFolder(out)
+    check_run_folder(run)
+    catalog = load_catalog(catalog_csv, images_dir)
     heldout = choose_heldout(catalog, cfg.heldout_fraction, cfg.seed)
     model_cfg = cfg.model.resolved()
     if not Path(model_cfg.weights).is_file():  # said before anything in --out changes
