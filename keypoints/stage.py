@@ -28,7 +28,7 @@ from keypoints.features import Keypoints, config_from_dict, config_to_dict, extr
 from keypoints.inlier_weights import WEIGHT_FEATURES, InlierWeights, inlier_blocks
 from keypoints.store import KeypointStore, WhitenedStore, verify_record_pairs
 from keypoints.validator import Validator
-from keypoints.verify import FEATURE_NAMES, PairResult, VerifyConfig, feature_matrix
+from keypoints.verify import SAME_PHOTO_PROBABILITY, FEATURE_NAMES, PairResult, VerifyConfig, feature_matrix, same_photo
 from keypoints.whitening import Whitening
 
 log = logging.getLogger(__name__)
@@ -243,7 +243,10 @@ class KeypointStage:
         record_pairs = [(batch.queries[qp], gallery.record(int(g))) for qp, g in zip(batch.query_pos,
                                                                                     batch.gallery_idx)]
         results = self.verify(record_pairs, progress)
-        probs = self.validator.predict(self.features(results, record_pairs)) if results else np.zeros(0)
+        X = self.features(results, record_pairs)
+        probs = self.validator.predict(X) if results else np.zeros(0)
+        # a copy of a gallery photo is certain, whatever the validator makes of its geometry (verify.same_photo)
+        probs = np.where(same_photo(X), np.maximum(probs, SAME_PHOTO_PROBABILITY), probs)
         evidence = [{
             "inliers": res.n_inliers,
             # compact until written: a match keeps these for every query it answers

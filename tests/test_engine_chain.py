@@ -941,3 +941,36 @@ def test_complete_verifies_every_photo_of_the_best_individuals(chain, caplog, mo
     with caplog.at_level("WARNING", logger="engine.pipeline"):
         Engine.load(run).tau(MatchConfig(complete=0))
     assert "--complete 2" in caplog.text and "--complete 0" in caplog.text
+
+
+def test_a_copy_of_a_gallery_photo_is_found_first_and_certain(chain, tmp_path):
+    """A query that is a gallery photo again (the same file, or the photo saved again at another size
+    and JPEG quality) gets its animal first, and the keypoint stage is certain of the pair
+    (keypoints.verify.same_photo): the validator never learns from such pairs, where every keypoint is
+    an inlier, and scored them below other photos of the animal."""
+    from engine.pipeline import Engine
+    from keypoints.verify import SAME_PHOTO_PROBABILITY
+
+    root, run, qdir, truth = chain
+    g = Engine.load(run).gallery
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    picks = {}
+    for i in range(0, len(g), max(1, len(g) // 4)):
+        path = Path(g.record(i).path)
+        shutil.copy(path, copies / f"same_{i}{path.suffix}")
+        img = cv2.imread(str(path))
+        h, w = img.shape[:2]
+        cv2.imwrite(str(copies / f"resaved_{i}.jpg"), cv2.resize(img, (w * 9 // 10, h * 9 // 10)),
+                    [cv2.IMWRITE_JPEG_QUALITY, 85])
+        picks[f"same_{i}{path.suffix}"] = picks[f"resaved_{i}.jpg"] = i
+    out = tmp_path / "p.csv"
+    invoke("match", copies, "--run", run, "--out", out, "-q")
+    queries = json.loads(out.with_suffix(".json").read_text())["queries"]
+    assert len(queries) == len(picks) >= 8
+    for q in queries:
+        i = picks[q["image"]]
+        assert q["predictions"][0] == g.ids[i], q
+        first = q["candidates"][0]
+        assert first["keypoints_score"] == SAME_PHOTO_PROBABILITY and first["inliers"] >= 30, first
+        assert first["score"] == max(c["score"] for c in q["candidates"])

@@ -11,8 +11,8 @@ from keypoints.features import (KeypointConfig, Keypoints, PRESETS, config_from_
                                 root_sift)
 from keypoints.homography import HomographyConfig, apply_h, double_homography
 from keypoints.matching import match_descriptors
-from keypoints.verify import (FEATURE_NAMES, N_FEATURES, VERIFY_PRESETS, VerifyConfig, feature_matrix, verify_pair,
-                             verify_pairs)
+from keypoints.verify import (FEATURE_NAMES, N_FEATURES, VERIFY_PRESETS, VerifyConfig, feature_matrix, same_photo,
+                             verify_pair, verify_pairs)
 from tests.conftest import NYALA, PHOTO_SIZE as SIZE
 
 F = {n: i for i, n in enumerate(FEATURE_NAMES)}
@@ -261,6 +261,23 @@ def test_mirrored_pattern_is_not_a_match(photos, kps):
     assert r.features[F["n_inliers_accepted"]] == 0
 
 
+def resaved(image: np.ndarray, scale: float = 0.9, quality: int = 85) -> np.ndarray:
+    """The photo saved again: resized and JPEG-compressed."""
+    h, w = image.shape[:2]
+    small = cv2.resize(image, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
+    return cv2.imdecode(cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, quality])[1], cv2.IMREAD_UNCHANGED)
+
+
+def test_same_photo_is_told_from_another_photo_of_the_animal(photos, kps):
+    """One photo twice (the same file, or saved again smaller) is `same_photo`; two photos of one animal
+    and photos of two animals are not."""
+    copy = extract_keypoints(resaved(photos["a1"]))
+    X = feature_matrix([verify_pair(kps["a1"], kps["a1"]), verify_pair(kps["a1"], copy),
+                        verify_pair(kps["a1"], kps["a2"]), verify_pair(kps["a1"], kps["b"])])
+    assert same_photo(X).tolist() == [True, True, False, False], X[:, [F["n_inliers_accepted"], F["inlier_ratio"],
+                                                                      F["inlier_frac"]]]
+
+
 def test_verify_pairs_keeps_order_and_equals_serial(kps):
     pairs = [("a1", "a2"), ("a1", "b"), ("b", "a2"), ("a2", "a1"), ("a1", "a1")]
     serial = [verify_pair(kps[q], kps[g]) for q, g in pairs]
@@ -321,6 +338,13 @@ def test_real_nyala_pairs():
     # measured: 25 and 16 accepted inliers for the same animal, 0 for every different one
     assert all(r.reject == "" and r.n_inliers >= 10 for r in same), [(r.n_inliers, r.reject) for r in same]
     assert all(r.n_inliers == 0 and r.H is None for r in diff), [(r.n_inliers, r.reject) for r in diff]
+    # each photo against itself and against itself saved again smaller: the same photo; never the pairs above
+    images = {n: load_image(NYALA / n) for n in names[:3]}
+    copies = extract_many([resaved(images[n]) for n in images], workers=2)
+    twice = feature_matrix([verify_pair(kp[n], kp[n]) for n in images] +
+                           [verify_pair(kp[n], c) for n, c in zip(images, copies)])
+    assert same_photo(twice).all(), twice[:, [F["n_inliers_accepted"], F["inlier_ratio"], F["inlier_frac"]]]
+    assert not same_photo(feature_matrix(same + diff)).any()
 
 
 def test_loading_lighterglue_leaves_kornias_lightglue_defaults_alone():
