@@ -114,7 +114,8 @@ def main(cfg: DemoConfig, paths: Paths, threads: int | None = None, progress: bo
         tcfg = replace(tcfg, heldout_fraction=heldout_fraction(gallery_csv, tcfg.heldout_fraction,
                                                                n_unseen, paths.catalog))
     log.info("1/5 train-siamese (%d epochs at most, %.0f min budget)", tcfg.epochs, tcfg.max_minutes)
-    summary = train_siamese.main(tcfg, train_siamese.Paths(gallery_csv, run), progress=progress, overwrite=True)
+    summary = train_siamese.main(tcfg, train_siamese.Paths(gallery_csv, run), progress=progress, overwrite=True,
+                                 refit="the demo fits it again")
     RunFolder(run).update_config(made_by="demo")  # (check_replaceable)
     log.info("2/5 train-verifier")
     verifier = train_verifier.main(VerifierTrainConfig(seed=seed), train_verifier.Paths(run), threads, progress,

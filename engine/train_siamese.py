@@ -187,9 +187,10 @@ def check_not_trained(run: RunFolder) -> None:
 
 
 def main(cfg: TrainConfig, paths: Paths, resume: bool = False, progress: bool = True,
-         overwrite: bool = False) -> dict:
+         overwrite: bool = False, refit: str = "run train-verifier and calibrate again") -> dict:
     """The train-siamese command: a run folder from a labelled catalog, the network trained
-    (cfg.epochs > 0) or pretrained (0), the gallery embedded."""
+    (cfg.epochs > 0) or pretrained (0), the gallery embedded. `refit`: what the user does about the
+    verifier and calibration of an earlier network, which are removed (the demo fits them itself)."""
     catalog_csv, out, images_dir = paths.catalog, paths.out, paths.images
     t0 = time.perf_counter()
     set_threads(cfg.threads)
@@ -222,8 +223,7 @@ def main(cfg: TrainConfig, paths: Paths, resume: bool = False, progress: bool = 
         run.checkpoint_path.unlink()
     for stale in stale_files + [run.calibration_path]:
         if stale.exists():
-            log.warning("removing %s: it was fitted for the previous network (run train-verifier and "
-                        "calibrate again)", stale)
+            log.warning("removing %s: it was fitted for the previous network (%s)", stale, refit)
             stale.unlink()
     # fitted for the previous network's embeddings; fitted again after the gallery (a killed run keeps none)
     run.embedding_whitening_path.unlink(missing_ok=True)

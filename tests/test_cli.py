@@ -395,6 +395,9 @@ def test_demo_on_a_small_catalog_of_your_own(tmp_path):
     r = invoke("demo", "--catalog", enough, "--out", moved, "-q")
     assert r.exit_code == 0 and "demo finished" in r.output, r.output
     assert (moved / "predictions.csv").read_text() != "stale"
+    # the earlier verifier goes, and the demo fits it again itself: no advice to run train-verifier
+    assert "fitted for the previous network (the demo fits it again)" in r.output, r.output
+    assert "run train-verifier" not in r.output
 
 
 def test_demo_replaces_only_its_own_run(sample, run_dir, tmp_path):
