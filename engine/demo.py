@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import shlex
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -95,24 +96,32 @@ def main(cfg: DemoConfig, paths: Paths, threads: int | None = None, progress: bo
     t0 = time.perf_counter()
     out = Path(out)
     check_replaceable(out / "run", out / "split" / "gallery.csv")
+    made_out, made_split = not out.exists(), not (out / "split").exists()
     out.mkdir(parents=True, exist_ok=True)
-    if catalog is None:
-        if images is not None:
-            raise UserError("--images goes with --catalog (the built-in sample needs neither)")
-        catalog = make_dataset(out / "sample", seed=seed, **SAMPLE)
-        n_unseen, source = SAMPLE_UNSEEN, "the built-in synthetic sample"
-    else:
-        full = load_catalog(catalog, images)  # validates before any work
-        n_unseen, source = unseen_of(len(full.individuals())), f"{catalog}"
-    # everything it writes goes under --out: the catalog's folder may be read-only or someone's files
-    gallery_csv, queries_dir, truth_csv = split_open_set(Path(catalog), out / "split", n_unseen=n_unseen, seed=seed,
-                                                         images_dir=images)
-    run = out / "run"
-    preset = train_siamese.PRESETS["demo"]
-    tcfg = replace(preset, seed=seed, threads=threads, precision=precision)
-    if paths.catalog is not None:  # your own catalog: enough held-out individuals for calibrate's folds
-        tcfg = replace(tcfg, heldout_fraction=heldout_fraction(gallery_csv, tcfg.heldout_fraction,
-                                                               n_unseen, paths.catalog))
+    try:
+        if catalog is None:
+            if images is not None:
+                raise UserError("--images goes with --catalog (the built-in sample needs neither)")
+            catalog = make_dataset(out / "sample", seed=seed, **SAMPLE)
+            n_unseen, source = SAMPLE_UNSEEN, "the built-in synthetic sample"
+        else:
+            full = load_catalog(catalog, images)  # validates before any work
+            n_unseen, source = unseen_of(len(full.individuals())), f"{catalog}"
+        # everything it writes goes under --out: the catalog's folder may be read-only or someone's files
+        gallery_csv, queries_dir, truth_csv = split_open_set(Path(catalog), out / "split", n_unseen=n_unseen,
+                                                             seed=seed, images_dir=images)
+        run = out / "run"
+        preset = train_siamese.PRESETS["demo"]
+        tcfg = replace(preset, seed=seed, threads=threads, precision=precision)
+        if paths.catalog is not None:  # your own catalog: enough held-out individuals for calibrate's folds
+            tcfg = replace(tcfg, heldout_fraction=heldout_fraction(gallery_csv, tcfg.heldout_fraction,
+                                                                   n_unseen, paths.catalog))
+    except UserError:  # refused (a catalog too small to split and train on): nothing of its own left behind
+        if made_split:
+            shutil.rmtree(out / "split", ignore_errors=True)
+        if made_out and not any(out.iterdir()):
+            out.rmdir()
+        raise
     log.info("1/5 train-siamese (%d epochs at most, %.0f min budget)", tcfg.epochs, tcfg.max_minutes)
     summary = train_siamese.main(tcfg, train_siamese.Paths(gallery_csv, run), progress=progress, overwrite=True,
                                  refit="the demo fits it again")

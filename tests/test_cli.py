@@ -370,7 +370,7 @@ def test_demo_end_to_end(tmp_path):
 @pytest.mark.slow
 def test_demo_on_a_small_catalog_of_your_own(tmp_path):
     """`demo --catalog`: a catalog too small for the demo's split stops before any work, with the
-    size it needs; one just large enough runs, holding out more than the usual 20% of the individuals
+    size it needs, and leaves nothing in --out; one just large enough runs, holding out more than the usual 20% of the individuals
     so that calibrate has its three folds."""
     from engine.demo import smallest_catalog
     from engine.synthetic import make_dataset
@@ -380,7 +380,7 @@ def test_demo_on_a_small_catalog_of_your_own(tmp_path):
     small = make_dataset(tmp_path / "small", n_individuals=n - 1, photos_per_individual=3, size=(96, 128))
     r = invoke("demo", "--catalog", small, "--out", tmp_path / "out_small", "-q")
     assert r.exit_code == 2 and f"A catalog of {n} or more individuals with 3 or more photos each is enough" in r.output, r.output
-    assert not (tmp_path / "out_small" / "run").exists()
+    assert not (tmp_path / "out_small").exists()  # nothing written: no run, no split of the catalog
     enough = make_dataset(tmp_path / "enough", n_individuals=n, photos_per_individual=3, size=(96, 128))
     r = invoke("demo", "--catalog", enough, "--out", tmp_path / "out", "-q")
     assert r.exit_code == 0 and "demo finished" in r.output, r.output
