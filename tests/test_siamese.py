@@ -336,3 +336,14 @@ def test_views_embedding_is_the_mean_of_each_views_features(tmp_path, monkeypatc
     monkeypatch.setattr("siamese.trainer.embed_records", recording)
     validation_map5(three, recs, 2)
     assert seen == [("box",)] and three.config.views == views
+
+
+def test_an_unreadable_training_photo_is_skipped_naming_its_csv_line(tmp_path, caplog):
+    from core.catalog import Record
+    from siamese.trainer import _load_resized
+
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\x00" * 10)
+    with caplog.at_level("WARNING", logger="siamese.trainer"):
+        assert _load_resized(Record("broken.jpg", broken, "a", line=7), (64, 96)) is None
+    assert "broken.jpg" in caplog.text and "(line 7 of its CSV)" in caplog.text, caplog.text
