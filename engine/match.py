@@ -54,6 +54,9 @@ def main(cfg: MatchConfig, paths: Paths, threads: int | None = None, progress: b
 
         json_path = f"{json_path}, {write_review(engine, results, report, engine.tau(cfg), unreadable=emb.skipped)}"
     n_new = sum(1 for r in results if r.predictions[:1] == [NEW_INDIVIDUAL])
+    # photos the catalog holds already (a copy, or the photo saved again): worth knowing before enrolling them
+    n_copies = sum(1 for r in results if any(c.evidence.get("same_photo") for c in r.candidates))
+    copies = f", {n_copies} the same photo as a gallery photo (same_photo in the JSON)" if n_copies else ""
     dt = time.perf_counter() - t0
-    return (f"matched {len(results)} photos ({n_new} new_individual first{skipped_note(emb)}) in {dt:.1f} s "
+    return (f"matched {len(results)} photos ({n_new} new_individual first{copies}{skipped_note(emb)}) in {dt:.1f} s "
             f"-> {out}, {json_path}")

@@ -49,7 +49,8 @@ def write_review(engine: Engine, results: Sequence[QueryResult], path: Path, tau
             cands.append(ReportCandidate(
                 individual_id=c.individual_id, fused=c.score, stage_scores=dict(c.stages),
                 gallery_image=partial(_image, record), gallery_key=f"{c.gallery_index}",
-                gallery_name=_shown_name(record.path, root),
+                gallery_name=_shown_name(record.path, root) + (" (the same photo)" if c.evidence.get("same_photo")
+                                                                else ""),
                 inliers_xy=np.asarray(xy, np.float32).reshape(-1, 4) if xy is not None and len(xy) else None))
         top = r.candidates[0].score if r.candidates else 0.0
         entries.append(ReportQuery(query_image=partial(_image, r.record), query_name=r.name,

@@ -28,7 +28,7 @@ from keypoints.features import Keypoints, config_from_dict, config_to_dict, extr
 from keypoints.inlier_weights import WEIGHT_FEATURES, InlierWeights, inlier_blocks
 from keypoints.store import KeypointStore, WhitenedStore, verify_record_pairs
 from keypoints.validator import Validator
-from keypoints.verify import SAME_PHOTO_PROBABILITY, FEATURE_NAMES, PairResult, VerifyConfig, feature_matrix, same_photo
+from keypoints.verify import FEATURE_NAMES, SAME_PHOTO_PROBABILITY, PairResult, VerifyConfig, feature_matrix, same_photo
 from keypoints.whitening import Whitening
 
 log = logging.getLogger(__name__)
@@ -246,7 +246,8 @@ class KeypointStage:
         X = self.features(results, record_pairs)
         probs = self.validator.predict(X) if results else np.zeros(0)
         # a copy of a gallery photo is certain, whatever the validator makes of its geometry (verify.same_photo)
-        probs = np.where(same_photo(X), np.maximum(probs, SAME_PHOTO_PROBABILITY), probs)
+        copies = same_photo(X)
+        probs = np.where(copies, np.maximum(probs, SAME_PHOTO_PROBABILITY), probs)
         evidence = [{
             "inliers": res.n_inliers,
             # compact until written: a match keeps these for every query it answers
@@ -254,6 +255,9 @@ class KeypointStage:
             np.zeros((0, 4), np.float32)} for res in results]
         if self.evidence_prefix:
             evidence = [{self.evidence_prefix + k: v for k, v in e.items()} for e in evidence]
+        for e, copy in zip(evidence, copies):
+            if copy:  # (one key whichever matcher saw it: the predictions JSON and the review page say so)
+                e["same_photo"] = True
         return StageOutput(np.asarray(probs, dtype=np.float64), evidence)
 
     def features(self, results: Sequence[PairResult], record_pairs: Sequence[tuple[Record, Record]]) -> np.ndarray:

@@ -947,7 +947,8 @@ def test_a_copy_of_a_gallery_photo_is_found_first_and_certain(chain, tmp_path):
     """A query that is a gallery photo again (the same file, or the photo saved again at another size
     and JPEG quality) gets its animal first, and the keypoint stage is certain of the pair
     (keypoints.verify.same_photo): the validator never learns from such pairs, where every keypoint is
-    an inlier, and scored them below other photos of the animal."""
+    an inlier, and scored them below other photos of the animal. The summary line, the JSON
+    (`same_photo`) and the review page say which photos the catalog holds already; a new photo is not one."""
     from engine.pipeline import Engine
     from keypoints.verify import SAME_PHOTO_PROBABILITY
 
@@ -964,13 +965,21 @@ def test_a_copy_of_a_gallery_photo_is_found_first_and_certain(chain, tmp_path):
         cv2.imwrite(str(copies / f"resaved_{i}.jpg"), cv2.resize(img, (w * 9 // 10, h * 9 // 10)),
                     [cv2.IMWRITE_JPEG_QUALITY, 85])
         picks[f"same_{i}{path.suffix}"] = picks[f"resaved_{i}.jpg"] = i
+    other = sorted(qdir.iterdir())[0]  # a photo the gallery does not hold
+    shutil.copy(other, copies / other.name)
     out = tmp_path / "p.csv"
-    invoke("match", copies, "--run", run, "--out", out, "-q")
-    queries = json.loads(out.with_suffix(".json").read_text())["queries"]
-    assert len(queries) == len(picks) >= 8
-    for q in queries:
-        i = picks[q["image"]]
+    said = invoke("match", copies, "--run", run, "--out", out, "--report", tmp_path / "review.html", "-q")
+    # the summary counts the photos the catalog holds already, and the JSON and the review page name them
+    assert f", {len(picks)} the same photo as a gallery photo (same_photo in the JSON)" in said, said
+    queries = {q["image"]: q for q in json.loads(out.with_suffix(".json").read_text())["queries"]}
+    assert len(queries) == len(picks) + 1 and len(picks) >= 8
+    assert not any(c.get("same_photo") for c in queries.pop(other.name)["candidates"])
+    for name, q in queries.items():
+        i = picks[name]
         assert q["predictions"][0] == g.ids[i], q
         first = q["candidates"][0]
         assert first["keypoints_score"] == SAME_PHOTO_PROBABILITY and first["inliers"] >= 30, first
-        assert first["score"] == max(c["score"] for c in q["candidates"])
+        assert first["score"] == max(c["score"] for c in q["candidates"]) and first["same_photo"] is True
+        assert not any(c.get("same_photo") for c in q["candidates"][1:])
+    shown = [c["name"] for q in page_data((tmp_path / "review.html").read_text())["queries"] for c in q["candidates"]]
+    assert sum(name.endswith(" (the same photo)") for name in shown) == len(picks), shown
