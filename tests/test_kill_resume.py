@@ -9,6 +9,7 @@ embeddings, the verifier, the calibration and the predictions, byte for byte whe
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import signal
@@ -177,8 +178,12 @@ def test_ctrl_c_exits_130_and_a_plain_rerun_does_not_start_the_training_over(dat
     args = ["train-siamese", "--catalog", gallery, "--out", run, "--epochs", 40, "--input-size", "64x96",
             "--batch-size", 16, "--heldout-fraction", 0.5, "--seed", 3, "--max-minutes", 0, "--precision", "fp32"]
     with open(tmp_path / "log", "wb") as out:
+        # SIGINT as a terminal gives it: a shell without job control starts background jobs (a CI runner's
+        # `cmd &`) with SIGINT ignored, which their children inherit and Python then keeps
         proc = subprocess.Popen([sys.executable, "cli.py", *map(str, args), "-q"], cwd=ROOT, stdout=out,
-                                stderr=subprocess.STDOUT)
+                                stderr=subprocess.STDOUT,
+                                preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if os.name == "posix"
+                                else None)
         deadline = time.monotonic() + 300
         while not (run / "checkpoint.pt").is_file() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
