@@ -37,6 +37,11 @@ class Record:
     line: int = 0  # 1-based line in the CSV (the header is line 1)
     key: str | None = None  # cache key recorded when the photo entered a gallery (see core/cache.py)
 
+    @property
+    def line_note(self) -> str:
+        """After a message about the photo: " (line N of its CSV)" where a catalog lists it, "" for one of a folder."""
+        return f" (line {self.line} of its CSV)" if self.line else ""
+
 
 @dataclass
 class Catalog:

@@ -46,11 +46,13 @@ def write_review(engine: Engine, results: Sequence[QueryResult], path: Path, tau
         for c in r.candidates:
             xy = c.evidence.get("inliers_xy")
             record = engine.gallery.record(c.gallery_index)
+            name = _shown_name(record.path, root)
+            if c.evidence.get("same_photo"):
+                name += " (the same photo)"
             cands.append(ReportCandidate(
                 individual_id=c.individual_id, fused=c.score, stage_scores=dict(c.stages),
                 gallery_image=partial(_image, record), gallery_key=f"{c.gallery_index}",
-                gallery_name=_shown_name(record.path, root) + (" (the same photo)" if c.evidence.get("same_photo")
-                                                                else ""),
+                gallery_name=name,
                 inliers_xy=np.asarray(xy, np.float32).reshape(-1, 4) if xy is not None and len(xy) else None))
         top = r.candidates[0].score if r.candidates else 0.0
         entries.append(ReportQuery(query_image=partial(_image, r.record), query_name=r.name,

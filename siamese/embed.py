@@ -216,8 +216,7 @@ def embed_records(model: SiameseNet, records: Sequence[Record], cache_path: Path
         for batch, out in zip(batches, done):
             for i, (f, message, permanent) in zip(batch, out):
                 if f is None:
-                    line = records[i].line  # (0: a photo of a folder, not of a catalog)
-                    log.warning("skipped %s%s", message, f" (line {line} of its CSV)" if line else "")
+                    log.warning("skipped %s%s", message, records[i].line_note)
                     _NAMED_UNREADABLE.add(keys[i])
                     skipped.append((records[i], message))
                     if permanent and keys[i]:

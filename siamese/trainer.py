@@ -64,7 +64,7 @@ def _load_resized(rec: Record, size: tuple[int, int]) -> np.ndarray | None:
     try:
         rgb = load_image(rec.path, rec.bbox, min_side=decode_side(size))
     except ImageError as e:
-        log.warning("skipped %s%s", e, f" (line {rec.line} of its CSV)" if rec.line else "")
+        log.warning("skipped %s%s", e, rec.line_note)
         return None
     return cv2.resize(rgb, (int(w * 1.15), int(h * 1.15)), interpolation=cv2.INTER_AREA)
 
