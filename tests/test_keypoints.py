@@ -332,17 +332,17 @@ def test_real_nyala_pairs():
     from core.images import load_image
 
     names = sorted({p for pair in REAL_SAME + REAL_DIFFERENT for p in pair})
-    kp = dict(zip(names, extract_many([load_image(NYALA / n) for n in names], workers=2)))
+    images = {n: load_image(NYALA / n) for n in names}
+    kp = dict(zip(names, extract_many(list(images.values()), workers=2)))
     same = verify_pairs(REAL_SAME, kp, workers=2)
     diff = verify_pairs(REAL_DIFFERENT, kp, workers=2)
     # measured: 25 and 16 accepted inliers for the same animal, 0 for every different one
     assert all(r.reject == "" and r.n_inliers >= 10 for r in same), [(r.n_inliers, r.reject) for r in same]
     assert all(r.n_inliers == 0 and r.H is None for r in diff), [(r.n_inliers, r.reject) for r in diff]
     # each photo against itself and against itself saved again smaller: the same photo; never the pairs above
-    images = {n: load_image(NYALA / n) for n in names[:3]}
-    smaller = [(n, resaved(images[n], scale, quality)) for n in images for scale, quality in ((0.9, 85), (0.5, 75))]
+    smaller = [(n, resaved(images[n], scale, quality)) for n in names[:3] for scale, quality in ((0.9, 85), (0.5, 75))]
     copies = extract_many([image for _, image in smaller], workers=2)
-    twice = feature_matrix([verify_pair(kp[n], kp[n]) for n in images] +
+    twice = feature_matrix([verify_pair(kp[n], kp[n]) for n in names[:3]] +
                            [verify_pair(kp[n], c) for (n, _), c in zip(smaller, copies)])
     assert same_photo(twice).all(), twice[:, [F["n_inliers_accepted"], F["inlier_ratio"], F["inlier_frac"]]]
     assert not same_photo(feature_matrix(same + diff)).any()
