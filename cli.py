@@ -1,5 +1,6 @@
 """Photo-identification of individual animals: match new photos against a labelled gallery.
 
+\b
   python cli.py train-siamese --catalog gallery.csv --out runs/r1   build (and train) a run folder
   python cli.py match photos/ --run runs/r1 --out predictions.csv   top-5 IDs or new_individual
   python cli.py evaluate --catalog labelled.csv --run runs/r1       MAP@5, top-1, top-5, new-individual P/R
@@ -26,7 +27,9 @@ from ranker.fusion import FusionConfig  # noqa: E402
 from siamese.config import TrainConfig  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__,
-                  context_settings={"help_option_names": ["-h", "--help"]}, pretty_exceptions_enable=False)
+                  context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120},
+                  pretty_exceptions_enable=False,
+                  rich_markup_mode=None)
 log = logging.getLogger("cli")
 
 

@@ -281,6 +281,24 @@ def test_help_explains_every_command():
         assert sub.exit_code == 0 and option in sub.output
 
 
+def test_help_fits_a_terminal_of_80_columns():
+    """Every option's name is shown whole and nothing runs past the edge (a table of options used to cut
+    names and words at 80 columns)."""
+    import typer.main
+    env = {**os.environ, "COLUMNS": "80"}
+    commands = typer.main.get_command(app).commands
+    for cmd in ("match", "train-siamese", "calibrate"):
+        proc = subprocess.run([sys.executable, "cli.py", cmd, "--help"], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        lines = proc.stdout.splitlines()
+        assert max(len(line) for line in lines) <= 80 and "\u2026" not in proc.stdout
+        for param in commands[cmd].params:
+            for name in param.opts + param.secondary_opts:
+                if name.startswith("--"):
+                    assert any(name in line.split() or f"{name}," in line.split() for line in lines), (cmd, name)
+
+
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path):
     """The README's first command, as a user runs it."""
