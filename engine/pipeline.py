@@ -256,9 +256,15 @@ class Engine:
                 # a command asks for tau several times (ranking, predictions file, review page): say it once
                 self._warned_settings.add(tuple(now.items()))
 
+                # only the settings that differ, and not those that follow from another (no votes weighed
+                # without votes, no photos completed without checks)
+                differ = [k for k in now if fitted[k] != now[k]]
+                implied = {"vote_weights": "votes", "complete": "verify_top"}
+                differ = [k for k in differ if not (k in implied and implied[k] in differ and not now[implied[k]])]
+
                 def flags(d):
-                    return " ".join((f"--{'' if v else 'no-'}{k.replace('_', '-')}" if isinstance(v, bool)
-                                     else f"--{k.replace('_', '-')} {v}") for k, v in d.items())
+                    return " ".join((f"--{'' if d[k] else 'no-'}{k.replace('_', '-')}" if isinstance(d[k], bool)
+                                     else f"--{k.replace('_', '-')} {d[k]}") for k in differ)
                 log.warning("calibrated with %s; these settings differ (%s), so the calibrated threshold may "
                             "not fit", flags(fitted), flags(now))
             if now["votes"] and votes_rule_stale(match) and "votes_rule" not in self._warned_settings:

@@ -169,6 +169,14 @@ def test_tau_rule_follows_the_number_of_individuals(chain, monkeypatch, caplog):
         engine.tau(MatchConfig())  # asked again by the same command: not repeated
         assert "--per-individual 1" in caplog.text and "--per-individual 0" in caplog.text
         assert caplog.text.count("calibrated with") == 1
+        assert "--shortlist" not in caplog.text  # only what differs
+        caplog.clear()
+        # without votes: said once, not again as the weighting of votes that no longer exist
+        engine.calibration["match"]["vote_weights"] = True
+        engine.tau(MatchConfig(per_individual=1, votes=0))
+        assert f"--votes {MatchConfig.votes}" in caplog.text and "--votes 0" in caplog.text
+        assert "vote-weights" not in caplog.text and "--per-individual" not in caplog.text
+        engine.calibration["match"]["vote_weights"] = False
         caplog.clear()
         del engine.calibration["match"]["per_individual"]
         engine.tau(MatchConfig())
