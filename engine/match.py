@@ -5,6 +5,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.catalog import IMAGE_SUFFIXES
 from core.errors import UserError
 from core.metrics import NEW_INDIVIDUAL
 from core.runfolder import check_writable
@@ -12,6 +13,7 @@ from core.runtime import set_threads
 from engine.config import MatchConfig
 from engine.matching import match_records, query_records, skipped_note
 from engine.pipeline import Engine, evidence_path, write_predictions
+from engine.report import check_report_path, thumbnails_folder
 from engine.stages import stage_names
 
 
@@ -24,13 +26,34 @@ class Paths:
     report: Path | None = None  # HTML review page
 
 
+def check_not_inputs(paths: Paths, records) -> None:
+    """Refuse, before any work, an output that would replace what match reads: a file of the run folder
+    (its own files and caches live there), a photo or the --queries CSV. (A review page may be written
+    among the photos: the next match skips the thumbnails of X.html in X_files/.)"""
+    run = Path(paths.run).resolve()
+    photos = {Path(r.path).resolve() for r in records}
+    queries = Path(paths.queries).resolve() if paths.queries is not None else None
+    outputs = [("--out", paths.out), ("the evidence JSON of --out", evidence_path(paths.out))]
+    if paths.report is not None:
+        outputs += [("--report", paths.report), ("the thumbnails of --report", thumbnails_folder(paths.report))]
+    for option, path in outputs:
+        where = Path(path).resolve()
+        if where == run or run in where.parents:
+            raise UserError(f"{option} {path} is inside the run folder {paths.run}, which holds the engine's own "
+                            "files: write it elsewhere")
+        if where in photos or where == queries:
+            raise UserError(f"{option} {path} is {'the --queries CSV' if where == queries else 'one of the photos'} "
+                            "match reads: write it elsewhere")
+
+
 def main(cfg: MatchConfig, paths: Paths, threads: int | None = None, progress: bool = True,
          precision: str = "auto") -> str:
     t0 = time.perf_counter()
     set_threads(threads)
     out, report = paths.out, paths.report
-    if Path(out).suffix.lower() == ".json":
-        raise UserError(f"--out {out}: the predictions are a CSV; the evidence JSON goes beside it")
+    if Path(out).suffix.lower() == ".json" or Path(out).suffix.lower() in IMAGE_SUFFIXES:
+        raise UserError(f"--out {out}: the predictions are a CSV (e.g. {Path(out).with_suffix('.csv').name}); the "
+                        "evidence JSON goes beside it")
     check_writable(out)
     evidence = evidence_path(out)
     if evidence.is_dir():
@@ -38,12 +61,14 @@ def main(cfg: MatchConfig, paths: Paths, threads: int | None = None, progress: b
                         f"move that folder or choose another --out")
     check_writable(evidence, "the evidence JSON of --out")
     if report is not None:
+        check_report_path(report)
         check_writable(report, "--report")
         taken = {Path(out).resolve(): "--out", evidence.resolve(): "the evidence JSON"}
         if Path(report).resolve() in taken:
             raise UserError(f"--report {report} is {taken[Path(report).resolve()]}'s path: give the review page "
                             f"its own file name (e.g. {Path(out).with_name(Path(out).stem + '_review.html')})")
     records = query_records(paths.test_dir, paths.queries)
+    check_not_inputs(paths, records)
     engine = Engine.load(paths.run, precision, stage_names(cfg.matchers))
     engine.warn_if_uncalibrated()
     results, emb = match_records(engine, records, cfg, progress)

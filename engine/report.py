@@ -25,6 +25,8 @@ from urllib.parse import quote
 import cv2
 import numpy as np
 
+from core.catalog import IMAGE_SUFFIXES
+from core.errors import UserError
 from core.metrics import NEW_INDIVIDUAL
 from core.runfolder import atomic_write_bytes
 
@@ -226,6 +228,26 @@ def _script_json(data) -> str:
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
+def thumbnails_folder(path: str | os.PathLike) -> Path:
+    """The folder of thumbnails a review page at `path` keeps beside it (`<stem>_files/`)."""
+    path = Path(path)
+    return path.with_name(path.stem + "_files")
+
+
+def check_report_path(path: str | os.PathLike, option: str = "--report") -> Path:
+    """Refuse, before any work, a review page that is named like a photo, or whose thumbnail folder would
+    replace a folder holding anything but an earlier page's thumbnails (WebP files)."""
+    path = Path(path)
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        raise UserError(f"{option} {path}: the review page is an HTML file (e.g. {path.with_suffix('.html').name})")
+    folder = thumbnails_folder(path)
+    if folder.is_symlink() or (folder.exists() and (not folder.is_dir() or any(
+            not (f.is_file() and f.suffix == ".webp") for f in folder.iterdir()))):
+        raise UserError(f"{option} {path} keeps its thumbnails in {folder}, which holds other files (it would be "
+                        "replaced): choose another name for the page")
+    return path
+
+
 def write_report(path: str | os.PathLike, entries: Sequence[ReportQuery], title: str = "Matches",
                  config: ReportConfig = ReportConfig(), skipped: Sequence[tuple[str, str]] = ()) -> Path:
     """Write the page and its thumbnail folder; return the page's path. The folder is filled under
@@ -233,8 +255,8 @@ def write_report(path: str | os.PathLike, entries: Sequence[ReportQuery], title:
     page whole. `skipped`: (name, reason) of the photos that could not be read, listed on the page."""
     import jinja2
 
-    path = Path(path)
-    folder = path.with_name(path.stem + "_files")
+    path = check_report_path(path, "review page")
+    folder = thumbnails_folder(path)
     tmp_folder = path.with_name(f".{path.stem}_files.tmp{os.getpid()}")
     shutil.rmtree(tmp_folder, ignore_errors=True)
     tmp_folder.mkdir(parents=True)

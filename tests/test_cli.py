@@ -156,7 +156,9 @@ def test_evaluate_open_set(sample, run_dir, tmp_path):
                                   "out_under_a_file", "test_dir_is_a_file", "negative_threads", "tau_above_1",
                                   "bad_crop", "bad_views", "repeated_view", "calibration_not_json",
                                   "negative_max_minutes", "out_among_photos", "interrupted_training",
-                                  "empty_test_dir_out_in_new_folders", "missing_weights"])
+                                  "empty_test_dir_out_in_new_folders", "missing_weights", "out_in_run",
+                                  "out_is_a_photo", "out_is_the_queries_csv", "report_named_like_a_photo",
+                                  "report_over_other_files"])
 def test_bad_input_exits_2_with_one_sentence(case, sample, run_dir, tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"x")
     if case == "bad_column":
@@ -219,6 +221,27 @@ def test_bad_input_exits_2_with_one_sentence(case, sample, run_dir, tmp_path):
             (broken / "calibration.json").write_text('{"fusion": {"kind": "score_fusion"}}')
             expect = "calibration.json is malformed"
         args = ["match", tmp_path, "--run", broken, "--out", tmp_path / "p.csv"]
+    elif case == "out_in_run":  # the predictions JSON beside it would have replaced the run's config.json
+        args = ["match", tmp_path, "--run", run_dir, "--out", run_dir / "config.csv"]
+        expect = f"--out {run_dir / 'config.csv'} is inside the run folder {run_dir}"
+    elif case == "out_is_a_photo":
+        args = ["match", tmp_path, "--run", run_dir, "--out", tmp_path / "a.jpg"]
+        expect = "the predictions are a CSV (e.g. a.csv)"
+    elif case == "out_is_the_queries_csv":
+        (tmp_path / "q.csv").write_text("image\na.jpg\n")
+        args = ["match", tmp_path, "--queries", tmp_path / "q.csv", "--run", run_dir, "--out", tmp_path / "q.csv"]
+        expect = f"--out {tmp_path / 'q.csv'} is the --queries CSV match reads"
+    elif case == "report_named_like_a_photo":  # (its thumbnails, in b_files/, would be new photos next time)
+        args = ["match", tmp_path, "--run", run_dir, "--out", tmp_path / "p.csv", "--report", tmp_path / "b.jpg"]
+        expect = "the review page is an HTML file (e.g. b.html)"
+    elif case == "report_over_other_files":  # a folder of the user's named like the page's thumbnails
+        (tmp_path / "photos").mkdir()
+        shutil.copyfile(tmp_path / "a.jpg", tmp_path / "photos" / "a.jpg")
+        (tmp_path / "r_files").mkdir()
+        (tmp_path / "r_files" / "notes.txt").write_text("mine")
+        args = ["match", tmp_path / "photos", "--run", run_dir, "--out", tmp_path / "p.csv", "--report",
+                tmp_path / "r.html"]
+        expect = f"keeps its thumbnails in {tmp_path / 'r_files'}, which holds other files"
     elif case == "out_is_a_folder":
         (tmp_path / "p.csv").mkdir()
         args = ["match", tmp_path, "--run", run_dir, "--out", tmp_path / "p.csv"]
@@ -254,9 +277,12 @@ def test_bad_input_exits_2_with_one_sentence(case, sample, run_dir, tmp_path):
     else:
         args = ["train-siamese", "--catalog", sample, "--out", tmp_path / "r", "--input-size", "big"]
         expect = "is not HEIGHTxWIDTH"
+    kept = {p: p.read_bytes() for p in [run_dir / "config.json", tmp_path / "a.jpg", tmp_path / "q.csv",
+                                        tmp_path / "r_files" / "notes.txt"] if p.is_file()}
     r = runner.invoke(app, [str(a) for a in args])
     assert r.exit_code == 2, r.output
     assert expect in r.output and "Traceback" not in r.output
+    assert {p: p.read_bytes() for p in kept} == kept and not (run_dir / "config.csv").exists()
     assert not (tmp_path / "p.csv").is_file() and not list(tmp_path.glob("*.tmp*"))
     if case in ("bad_calibration", "calibration_not_json"):  # the advice works: calibrate replaces the file
         assert "`cli.py calibrate` writes it anew" in r.output

@@ -114,6 +114,16 @@ def test_rewriting_replaces_the_folder(report, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".r_files")]  # no temp folder left
 
 
+def test_a_folder_of_other_files_is_never_replaced(tmp_path):
+    """`<stem>_files/` is replaced only where it holds an earlier page's thumbnails, never the user's files."""
+    from core.errors import UserError
+    (tmp_path / "r_files").mkdir()
+    (tmp_path / "r_files" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="which holds other files"):
+        write_report(tmp_path / "r.html", [ReportQuery(_texture(50, 50, 9), "one.jpg", None, 0.5, [])])
+    assert (tmp_path / "r_files" / "notes.txt").read_text() == "mine" and not (tmp_path / "r.html").exists()
+
+
 def test_200_queries_of_real_photos_fit_in_6_mb(nyala, tmp_path):
     """Worst case: every candidate a different gallery photo (no thumbnail shared)."""
     files = sorted((nyala / "images").rglob("*.jpg"))
