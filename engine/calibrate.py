@@ -29,7 +29,7 @@ from core.metrics import NEW_INDIVIDUAL, score_predictions
 from core.runfolder import atomic_write_json
 from core.runtime import set_threads
 from core.stage import is_active
-from engine.pipeline import Engine, MatchConfig, QueryPairs
+from engine.pipeline import Engine, MatchConfig, QueryPairs, scoring_files
 from core.aggregate import aggregate_per_individual
 from ranker.fusion import FUSED, FusionConfig, ScoreFusion, calibrated_scorers
 from ranker.threshold import open_set_folds, search_threshold, split_fold_images
@@ -222,7 +222,7 @@ def main(cfg: CalibrateConfig, paths: Paths, mcfg: MatchConfig = MatchConfig(), 
                    "tau": taus, "tau_rule": rule, "tau_all_folds": fitted_taus, "config": asdict(cfg),
                    "match": engine.calibration_match(mcfg), "per_fold": per_fold,
                    "summary": summary, "queries": len(all_truths), "new_queries": n_new,
-                   "individuals": n_individuals,
+                   "individuals": n_individuals, "fitted_for": scoring_files(engine.run),
                    "tau_folds": {"values": fold_taus, "std": float(np.std(fold_taus))}}
     atomic_write_json(engine.run.calibration_path, calibration)
     engine.run.update_metrics("calibrate", {"summary": summary, "tau": taus,

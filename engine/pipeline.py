@@ -29,7 +29,7 @@ from core.metrics import NEW_INDIVIDUAL
 from core.runfolder import RunFolder, atomic_write_bytes, atomic_write_json, read_json
 from core.stage import ALL, PairBatch, StageContext, is_active
 from engine.config import MatchConfig
-from engine.stages import load_stages
+from engine.stages import MATCHERS, load_stages
 from keypoints.features import DESC_DIM, Keypoints
 from keypoints.inlier_weights import relative_xy
 from keypoints.votes import VoteConfig, VoteIndex
@@ -152,6 +152,36 @@ class QueryResult:
     candidates: list[Candidate]
 
 
+def scoring_files(run: RunFolder) -> dict[str, str]:
+    """SHA-1 of each file of the run that the stages' scores depend on, where present: the network, the
+    embedding's whitening, and each local matcher's validator, model of inliers and descriptor whitening.
+    `calibrate` records them: its calibrators, fusion and tau hold for these files only."""
+    paths = [run.weights_path, run.embedding_whitening_path]
+    for cls in MATCHERS.values():
+        paths += [cls.validator_path(run), cls.inlier_weights_path(run)]
+        if hasattr(cls, "whitening_path"):
+            paths.append(cls.whitening_path(run))
+    return {p.name: hashlib.sha1(p.read_bytes()).hexdigest() for p in dict.fromkeys(paths) if p.is_file()}
+
+
+def check_calibration_fits(run: RunFolder, calibration: dict) -> None:
+    """Refuse a calibration fitted for other files than the run's (`scoring_files`): one copied from
+    another run, or kept after a verifier or network was removed or replaced by hand. Its fused scores
+    would rank on weights of stages that are not there, and its tau would not fit them (on the demo, with
+    verifier.json removed, every known query was answered new_individual). A calibration from before the
+    record is not checked."""
+    fitted = calibration.get("fitted_for")
+    if fitted is None:
+        return
+    now = scoring_files(run)
+    changed = sorted(name for name in set(fitted) | set(now) if fitted.get(name) != now.get(name))
+    if changed:
+        said = ", ".join(f"{name} {'missing' if name not in now else 'added' if name not in fitted else 'changed'}"
+                         for name in changed)
+        raise UserError(f"{run.calibration_path} was fitted for other files than this run's ({said}): "
+                        f"`cli.py calibrate --run {run.path}` fits it again")
+
+
 def read_calibration(path: Path) -> tuple[dict, dict]:
     """calibration.json and its calibrated scorers; UserError (naming what writes it anew) when it
     cannot be read or lacks what the scorers need."""
@@ -185,6 +215,7 @@ class Engine:
         if run.calibration_path.is_file():
             try:
                 self.calibration, self.scorers = read_calibration(run.calibration_path)
+                check_calibration_fits(run, self.calibration)
             except UserError as e:
                 if not replaces_calibration:
                     raise

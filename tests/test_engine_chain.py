@@ -183,6 +183,32 @@ def test_tau_rule_follows_the_number_of_individuals(chain, monkeypatch, caplog):
         assert not caplog.text
 
 
+def test_a_calibration_fitted_for_other_files_is_refused(chain, trained, tmp_path):
+    """calibration.json holds for the network and verifier it was fitted with: kept after verifier.json was
+    removed, or copied into a run without a verifier, it is refused, naming what differs (it ranked on a
+    stage that was not there: on the demo every known animal was answered new_individual), and calibrate
+    fits it again."""
+    root, run, qdir, truth = chain
+    invoke("calibrate", "--run", run, "-q")
+    fitted = json.loads((run / "calibration.json").read_text())["fitted_for"]
+    assert {"siamese.pt", "embedding_whitening.npz", "verifier.json"} <= set(fitted)  # (the sample is too small
+    # for a whitening of the descriptors or a model of inliers)
+    assert "matched" in invoke("match", qdir, "--run", run, "--out", tmp_path / "p.csv", "-q")
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken)
+    (broken / "verifier.json").unlink()
+    other = tmp_path / "plain"  # the same network, without a verifier
+    shutil.copytree(trained[1], other)
+    shutil.copyfile(run / "calibration.json", other / "calibration.json")
+    for target, said in [(broken, "verifier.json missing"), (other, "verifier.json missing")]:
+        r = runner.invoke(app, ["match", str(qdir), "--run", str(target), "--out", str(tmp_path / "q.csv")])
+        assert r.exit_code == 2 and f"was fitted for other files than this run's ({said})" in r.output, r.output
+        assert f"`cli.py calibrate --run {target}` fits it again" in r.output and not (tmp_path / "q.csv").exists()
+    out = invoke("calibrate", "--run", broken, "-q")  # the advice works: set aside and fitted again
+    assert "set aside (it is replaced)" in out
+    assert "matched" in invoke("match", qdir, "--run", broken, "--out", tmp_path / "q.csv", "-q")
+
+
 def test_train_verifier_pairs_do_not_depend_on_a_stale_calibration(chain):
     """train-verifier on a calibrated run (verified again) mines the same pairs as on a fresh one: the
     pair head's order, not the fusion of the calibration it is about to replace."""
