@@ -88,6 +88,10 @@ def fold_pairs(engine: Engine, cfg: CalibrateConfig, mcfg: MatchConfig, progress
     individual with at least two photos are queries against the rest of the gallery (each query's
     own photo left out, the individual's other photos kept, as in real use)."""
     g = engine.gallery
+    if not engine.run.heldout_path.is_file():  # (train-siamese always writes it)
+        raise UserError(f"{engine.run.heldout_path} is missing: it names the individuals train-siamese held out of "
+                        "training, on which calibrate fits; put it back from a copy of the run folder, or train "
+                        "again (`cli.py train-siamese --overwrite`)")
     heldout = engine.run.calibration_individuals()
     h_idx = np.array([i for i in range(len(g)) if g.ids[i] in heldout], dtype=np.int64)
     if len(set(g.ids[i] for i in h_idx)) < individuals_needed(cfg):
@@ -214,10 +218,10 @@ def main(cfg: CalibrateConfig, paths: Paths, mcfg: MatchConfig = MatchConfig(), 
     if rule == "fold_min":
         # a fold whose fit dropped a stage has no tau for it
         taus = {name: min([tau] + [r[name]["tau"] for r in per_fold if name in r]) for name, tau in taus.items()}
-        log.warning("tau rests on %d new-individual queries of %d individuals only (fold taus %s): it may not "
-                    "hold on new photos, so the lowest tau of the folds is used (%.3f: new_individual is "
-                    "answered less often); %s", n_new, n_individuals,
-                    ", ".join(f"{t:.3f}" for t in fold_taus), taus[FUSED], remedy)
+        log.warning("tau rests on %d new-individual queries of %d individuals only (fold taus %s; all folds "
+                    "together %.3f): it may not hold on new photos, so the lowest of these is used (%.3f: "
+                    "new_individual is answered less often); %s", n_new, n_individuals,
+                    ", ".join(f"{t:.3f}" for t in fold_taus), fitted_taus[FUSED], taus[FUSED], remedy)
     calibration = {"kind": "calibration", "version": 1, "stages": stages, "fusion": fusion.to_dict(),
                    "tau": taus, "tau_rule": rule, "tau_all_folds": fitted_taus, "config": asdict(cfg),
                    "match": engine.calibration_match(mcfg), "per_fold": per_fold,

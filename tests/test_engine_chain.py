@@ -95,6 +95,7 @@ def test_verifier_calibrate_match_evaluate(siamese_only):
     # tau rests on few animals: calibrate says so and takes the lowest tau of the folds, per score
     assert cal["individuals"] == len(held["calibration"]) < 30
     assert cal["tau_rule"] == "fold_min" and "lowest fold tau" in out
+    assert f"all folds together {cal['tau_all_folds']['fused']:.3f}" in out  # every tau the lowest is taken of
     for name, tau in cal["tau"].items():
         assert tau == min([cal["tau_all_folds"][name]] + [r[name]["tau"] for r in cal["per_fold"]])
     pred = root / "pred.csv"
@@ -207,6 +208,10 @@ def test_a_calibration_fitted_for_other_files_is_refused(chain, trained, tmp_pat
     out = invoke("calibrate", "--run", broken, "-q")  # the advice works: set aside and fitted again
     assert "set aside (it is replaced)" in out
     assert "matched" in invoke("match", qdir, "--run", broken, "--out", tmp_path / "q.csv", "-q")
+    # without heldout.json calibrate cannot tell its individuals: said, not "train with more held out"
+    (broken / "heldout.json").unlink()
+    r = runner.invoke(app, ["calibrate", "--run", str(broken)])
+    assert r.exit_code == 2 and f"{broken / 'heldout.json'} is missing" in r.output, r.output
 
 
 def test_train_verifier_pairs_do_not_depend_on_a_stale_calibration(chain):
