@@ -195,8 +195,8 @@ def load_catalog(csv_path: Path, images_dir: Path | None = None, require_labels:
 
 
 def _files_below(folder: Path) -> list[Path]:
-    """Every file below `folder`, through linked folders too (each real folder once), hidden files
-    (".DS_Store", "._x.jpg" of macOS) left out."""
+    """Every file below `folder`, through linked folders too (each real folder once), and links to nothing,
+    hidden files (".DS_Store", "._x.jpg" of macOS) left out."""
     out, seen = [], set()
     for top, dirs, names in os.walk(folder, followlinks=True):
         real = os.path.realpath(top)
@@ -205,7 +205,9 @@ def _files_below(folder: Path) -> list[Path]:
             continue
         seen.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        out += [Path(top) / n for n in names if not n.startswith(".") and os.path.isfile(os.path.join(top, n))]
+        # (a link to nothing is listed too: a photo of the folder the user expects answered, said unreadable)
+        out += [Path(top) / n for n in names if not n.startswith(".") and (
+            os.path.isfile(os.path.join(top, n)) or not os.path.exists(os.path.join(top, n)))]
     return out
 
 

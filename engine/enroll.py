@@ -16,7 +16,7 @@ from core.metrics import NEW_INDIVIDUAL
 from core.runfolder import RunFolder, atomic_write_bytes
 from core.runtime import set_threads
 from engine.config import MatchConfig
-from engine.matching import skipped_note
+from engine.matching import counted, skipped_note
 from engine.pipeline import Engine
 
 DECISION_COLUMNS = ("image", "decision", "individual_id", "note", "viewpoint", "bbox")  # the last two optional
@@ -161,6 +161,6 @@ def main(cfg: MatchConfig, paths: Paths, threads: int | None = None, progress: b
     rows = write_added(engine.run.path, added)
     new_ids = {r.individual_id for r in added} - before
     skipped = skipped_note(emb) + (f", {already} already in the gallery" if already else "") + extra
-    return (f"enrolled {len(added)} photos ({len(new_ids)} new individuals{skipped}); gallery now "
-            f"{len(gallery)} photos of {len(set(gallery.ids))} individuals; rows added to {rows} "
+    return (f"enrolled {counted(len(added), 'photo')} ({counted(len(new_ids), 'new individual')}{skipped}); "
+            f"gallery now {len(gallery)} photos of {len(set(gallery.ids))} individuals; rows added to {rows} "
             f"({time.perf_counter() - t0:.1f} s)")

@@ -11,7 +11,7 @@ from core.metrics import NEW_INDIVIDUAL
 from core.runfolder import check_writable
 from core.runtime import set_threads
 from engine.config import MatchConfig
-from engine.matching import match_records, query_records, skipped_note
+from engine.matching import counted, match_records, query_records, skipped_note
 from engine.pipeline import Engine, evidence_path, write_predictions
 from engine.report import check_report_path, thumbnails_folder
 from engine.stages import stage_names
@@ -83,5 +83,5 @@ def main(cfg: MatchConfig, paths: Paths, threads: int | None = None, progress: b
     n_copies = sum(1 for r in results if any(c.evidence.get("same_photo") for c in r.candidates))
     copies = f", {n_copies} the same photo as a gallery photo (same_photo in the JSON)" if n_copies else ""
     dt = time.perf_counter() - t0
-    return (f"matched {len(results)} photos ({n_new} new_individual first{copies}{skipped_note(emb)}) in {dt:.1f} s "
-            f"-> {out}, {json_path}")
+    return (f"matched {counted(len(results), 'photo')} ({n_new} new_individual first{copies}{skipped_note(emb)}) "
+            f"in {dt:.1f} s -> {out}, {json_path}")

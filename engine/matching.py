@@ -67,6 +67,11 @@ def match_records(engine: Engine, records: list[Record], cfg: MatchConfig, progr
     return results, emb
 
 
+def counted(n: int, noun: str) -> str:
+    """"1 photo", "2 photos": a count and its noun, plural but for one."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def skipped_note(emb, outcome: str = "skipped") -> str:
     return f", {len(emb.skipped)} unreadable photo(s) {outcome}" if emb.skipped else ""
 

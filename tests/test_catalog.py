@@ -137,9 +137,10 @@ def test_query_folder_follows_linked_folders_and_counts_what_it_skips(tmp_path, 
     (q / "notes.txt").write_text("x")
     os.symlink(elsewhere, q / "linked")
     os.symlink(q, q / "sub" / "loop")  # a link back up the tree: each real folder is read once
+    os.symlink(tmp_path / "moved.jpg", q / "gone.jpg")  # a link to nothing: listed (matching says it is unreadable)
     with caplog.at_level(logging.WARNING):
         records = catalog_from_folder(q).records
-    assert [r.image for r in records] == ["a.jpg", "linked/c.jpg", "sub/b.jpg"]  # no hidden "._a.jpg"
+    assert [r.image for r in records] == ["a.jpg", "gone.jpg", "linked/c.jpg", "sub/b.jpg"]  # no hidden "._a.jpg"
     assert "2 photo(s) in" in caplog.text and "type not read here, skipped: 1 .gif, 1 .heic (read: " in caplog.text
     assert ".txt" not in caplog.text  # (not a photo: only counted at the info level)
 

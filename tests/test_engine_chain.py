@@ -315,7 +315,7 @@ def test_enroll_makes_a_new_individual_matchable(chain, tmp_path):
             f.write(f"{r['image']},zebra_77\n")
         f.write("broken.jpg,zebra_77\n")
     out = invoke("enroll", "--catalog", enroll_csv, "--run", run, "-q")
-    assert "enrolled 2 photos (1 new individuals, 1 unreadable photo(s) skipped" in out, out
+    assert "enrolled 2 photos (1 new individual, 1 unreadable photo(s) skipped" in out, out
     # the same catalog again: nothing new, which is no error (the unreadable photo is said again)
     assert "nothing new to enroll: 2 confirmed photos of" in (out := invoke("enroll", "--catalog", enroll_csv,
                                                                             "--run", run, "-q"))
@@ -358,7 +358,7 @@ def test_review_page_decisions_enroll(chain, tmp_path, browser):
         (q[0]["path"], "match", q[0]["candidates"][0]["id"]), (q[1]["path"], "new", "newcomer_1"),
         (q[2]["path"], "unsure", "")]
     out = invoke("enroll", "--decisions", decisions, "--run", run, "-q")
-    assert "enrolled 2 photos (1 new individuals, 1 unsure left out)" in out
+    assert "enrolled 2 photos (1 new individual, 1 unsure left out)" in out
     added = list(csv.DictReader(open(run / "enrolled.csv")))
     assert [(r["image"], r["individual_id"]) for r in added] == [
         (q[0]["path"], q[0]["candidates"][0]["id"]), (q[1]["path"], "newcomer_1")]

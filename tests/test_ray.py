@@ -113,7 +113,7 @@ def test_evaluate_and_enroll_under_ray(ray_local, runs, sample, tmp_path):
         new = make_dataset(tmp_path / f"new_{ex}", n_individuals=1, photos_per_individual=3, seed=99,
                            size=(96, 128))
         summary = invoke("enroll", "--catalog", new, "--run", run, "--executor", ex, "-q")
-        assert "enrolled 3 photos (1 new individuals" in summary
+        assert "enrolled 3 photos (1 new individual" in summary
         with h5py.File(run / "gallery.h5") as f:
             outputs[ex] = ([line for line in table.splitlines() if "second" not in line and str(run) not in line], f["embeddings"][()],
                            len(cache_entries(run / "cache" / "keypoints")))
