@@ -1,10 +1,14 @@
 """Photo-identification of individual animals: match new photos against a labelled gallery.
 
 \b
-  python cli.py train-siamese --catalog gallery.csv --out runs/r1   build (and train) a run folder
-  python cli.py match photos/ --run runs/r1 --out predictions.csv   top-5 IDs or new_individual
-  python cli.py evaluate --catalog labelled.csv --run runs/r1       MAP@5, top-1, top-5, new-individual P/R
-  python cli.py demo                                                the whole path on a built-in sample
+  python cli.py train-siamese --catalog gallery.csv --out runs/r1
+      build (and train) a run folder
+  python cli.py match photos/ --run runs/r1 --out predictions.csv
+      top-5 IDs or new_individual for each photo
+  python cli.py evaluate --catalog labelled.csv --run runs/r1
+      MAP@5, top-1, top-5, new-individual precision / recall / F1
+  python cli.py demo
+      the whole path on a built-in sample
 """
 from __future__ import annotations
 

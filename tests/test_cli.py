@@ -313,13 +313,13 @@ def test_help_fits_a_terminal_of_80_columns():
     import typer.main
     env = {**os.environ, "COLUMNS": "80"}
     commands = typer.main.get_command(app).commands
-    for cmd in ("match", "train-siamese", "calibrate"):
-        proc = subprocess.run([sys.executable, "cli.py", cmd, "--help"], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=120)
+    for cmd in ("", "match", "train-siamese", "calibrate"):
+        proc = subprocess.run([sys.executable, "cli.py"] + ([cmd] if cmd else []) + ["--help"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-2000:]
         lines = proc.stdout.splitlines()
         assert max(len(line) for line in lines) <= 80 and "\u2026" not in proc.stdout
-        for param in commands[cmd].params:
+        for param in commands[cmd].params if cmd else []:
             for name in param.opts + param.secondary_opts:
                 if name.startswith("--"):
                     assert any(name in line.split() or f"{name}," in line.split() for line in lines), (cmd, name)
