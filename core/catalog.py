@@ -152,13 +152,14 @@ def read_rows(csv_path: Path, required: tuple[str, ...],
 
 
 def load_catalog(csv_path: Path, images_dir: Path | None = None, require_labels: bool = True,
-                 check_files: bool = True, allow_new: bool = False) -> Catalog:
-    """`allow_new`: labelled queries (evaluate) may carry the truth `new_individual`."""
+                 check_files: bool = True, allow_new: bool = False, what: str = "catalog") -> Catalog:
+    """`allow_new`: labelled queries (evaluate) may carry the truth `new_individual`. `what`: the file as
+    the user gave it, in errors (e.g. "--queries")."""
     csv_path = Path(csv_path)
     if csv_path.is_dir():
-        raise UserError(f"catalog {csv_path} is a folder: give the CSV file that lists its photos")
+        raise UserError(f"{what} {csv_path} is a folder: give the CSV file that lists its photos")
     if not csv_path.is_file():
-        raise UserError(f"catalog {csv_path} does not exist")
+        raise UserError(f"{what} {csv_path} does not exist")
     root = Path(images_dir) if images_dir is not None else csv_path.parent
     if not root.is_dir():
         raise UserError(f"images folder {root} does not exist")

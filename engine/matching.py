@@ -29,7 +29,7 @@ def query_records(test_dir: Path, queries_csv: Path | None) -> list[Record]:
         return catalog_from_folder(test_dir).records
     if not Path(test_dir).is_dir():
         raise UserError(f"test folder {test_dir} does not exist")
-    catalog = load_catalog(queries_csv, test_dir, require_labels=False)
+    catalog = load_catalog(queries_csv, test_dir, require_labels=False, what="--queries")
     if not any(r.viewpoint for r in catalog.records):
         log.warning("%s gives no viewpoint (a 'viewpoint' column, e.g. left/right): every photo is compared with "
                     "the whole gallery", queries_csv)

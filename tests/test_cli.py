@@ -157,7 +157,7 @@ def test_evaluate_open_set(sample, run_dir, tmp_path):
                                   "bad_crop", "bad_views", "repeated_view", "calibration_not_json",
                                   "negative_max_minutes", "out_among_photos", "interrupted_training",
                                   "empty_test_dir_out_in_new_folders", "missing_weights", "out_in_run",
-                                  "out_is_a_photo", "out_is_the_queries_csv", "report_named_like_a_photo",
+                                  "out_is_a_photo", "out_is_the_queries_csv", "report_named_like_a_photo", "queries_is_a_folder",
                                   "report_over_other_files"])
 def test_bad_input_exits_2_with_one_sentence(case, sample, run_dir, tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"x")
@@ -231,6 +231,9 @@ def test_bad_input_exits_2_with_one_sentence(case, sample, run_dir, tmp_path):
         (tmp_path / "q.csv").write_text("image\na.jpg\n")
         args = ["match", tmp_path, "--queries", tmp_path / "q.csv", "--run", run_dir, "--out", tmp_path / "q.csv"]
         expect = f"--out {tmp_path / 'q.csv'} is the --queries CSV match reads"
+    elif case == "queries_is_a_folder":  # named as the user gave it
+        args = ["match", tmp_path, "--queries", tmp_path, "--run", run_dir, "--out", tmp_path / "p.csv"]
+        expect = f"--queries {tmp_path} is a folder: give the CSV file that lists its photos"
     elif case == "report_named_like_a_photo":  # (its thumbnails, in b_files/, would be new photos next time)
         args = ["match", tmp_path, "--run", run_dir, "--out", tmp_path / "p.csv", "--report", tmp_path / "b.jpg"]
         expect = "the review page is an HTML file (e.g. b.html)"
