@@ -31,6 +31,19 @@ def test_auto_with_native_bf16_follows_the_measurement(fp32, bf16, expect):
     assert measured == rates
 
 
+def test_auto_measures_in_turns_so_a_load_that_starts_meanwhile_slows_both():
+    """A job that starts while fp32 is measured (and runs on) slowed bf16 alone when measured second."""
+    calls = []
+
+    def loaded_after_first(p):  # 100 / 300 images/s alone, a tenth of that once the load has started
+        calls.append(p.name)
+        rate = {"fp32": 100.0, "bf16": 300.0}[p.name]
+        return rate if len(calls) == 1 else rate / 10
+    chosen, measured = P.choose("auto", "cpu", native_bf16=True, cuda_bf16=False, measure=loaded_after_first)
+    assert calls[:4] == ["fp32", "bf16", "fp32", "bf16"] and len(calls) == 2 * P._ROUNDS
+    assert chosen.name == "bf16" and measured == {"fp32": 100.0, "bf16": 30.0}
+
+
 def test_explicit_choices_and_gpu_defaults():
     assert P.choose("bf16", "cpu", False, False, _never)[0] == P.Precision("bf16", True)
     assert P.choose("fp32", "cpu", True, False, _never)[0] == P.Precision("fp32", True)
