@@ -403,9 +403,10 @@ def match(
     run: RunOpt,
     out: Annotated[Path, typer.Option("--out", help="Predictions CSV to write (image,predictions); a JSON "
                                       "with the same stem gets the per-candidate evidence.")],
-    queries: Annotated[Optional[Path], typer.Option(help="CSV image,viewpoint[,bbox] (paths relative to "
-                                                    "TEST_DIR): compare each photo only with gallery photos "
-                                                    "of its viewpoint; a bbox x,y,w,h crops it first.")] = None,
+    queries: Annotated[Optional[Path], typer.Option(help="CSV image[,viewpoint][,bbox] (paths relative to "
+                                                    "TEST_DIR): match only the photos it lists; a viewpoint "
+                                                    "compares a photo only with gallery photos of its "
+                                                    "viewpoint; a bbox x,y,w,h crops it first.")] = None,
     report: Annotated[Optional[Path], typer.Option(help="Also write a self-contained HTML review page: each "
                                                    "photo beside its top-5 with scores and keypoint "
                                                    "matches, least certain first.")] = None,
