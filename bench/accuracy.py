@@ -27,6 +27,7 @@ Prints a table and writes bench/results/accuracy.json (and a copy in --work, kep
                            [--individual-weight 0.25,0]  # embedding score a share per individual or not, one network
                            [--vote-weights on,off]  # keypoint votes weighted by the model of inliers or not, one network
                            [--complete 0,5]  # the photos of the N best verified individuals verified too, one network
+                           [--verifier-queries 600,2000]  # train-verifier --max-queries side by side, one network
 """
 from __future__ import annotations
 
@@ -203,6 +204,10 @@ def main() -> None:
                     help="calibrate / match --complete N (the photos of the N best verified individuals verified "
                     "too), comma-separated, e.g. '0,5': the first is the run's own, each other one calibrates a copy of the "
                     "same verified network (run label trained+completeN)")
+    ap.add_argument("--verifier-queries", default=str(VerifierTrainConfig.max_queries),
+                    help="train-verifier --max-queries (training photos used as queries to build its pairs), "
+                    "comma-separated, e.g. '600,2000': the first is the run's own; each other one verifies and "
+                    "calibrates a copy of the same trained network (run label trained+vq-N)")
     ap.add_argument("--data", type=Path, default=DATA,
                     help="the development set: catalog.csv, metadata.csv (flank side) and the photos (default: %(default)s)")
     ap.add_argument("--protocol", type=Path, default=PROTOCOL,
@@ -231,6 +236,13 @@ def main() -> None:
             raise ValueError
     except ValueError:
         sys.exit(f"--complete {args.complete}: expected distinct counts >= 0 separated by commas, e.g. 0,5")
+    try:
+        vqueries = [int(c) for c in args.verifier_queries.split(",")]
+        if len(set(vqueries)) < len(vqueries) or min(vqueries) < 10:
+            raise ValueError
+    except ValueError:
+        sys.exit(f"--verifier-queries {args.verifier_queries}: expected distinct counts >= 10 separated by commas, "
+                 "e.g. 600,2000")
     ewhiten = on_off("--embedding-whitening", args.embedding_whitening)
     view_sets = [tuple(v.strip() for v in entry.split("+")) for entry in args.views.split(",")]
     problem = next((p for p in map(views_problem, view_sets) if p), None)
@@ -284,7 +296,7 @@ def main() -> None:
         sys.exit(f"--votes {args.votes}: expected distinct VOTES[:V[:K]] entries separated by commas, "
                  "e.g. 0,20,20:20,100:300:200")
     # train-verifier's settings of the run's own verifier (the fifth element of a job)
-    verifier = {"whitening": whitening[0] == "on", "inlier_weights": iweights[0] == "on"}
+    verifier = {"whitening": whitening[0] == "on", "inlier_weights": iweights[0] == "on", "max_queries": vqueries[0]}
     trained = runs[-1][0]
     # (label, training or how to get the run, keypoint preset, match settings, train-verifier settings)
     jobs = [(label, cfg, presets[0], votes[0][1], verifier) for label, cfg in runs]
@@ -310,6 +322,8 @@ def main() -> None:
               verifier) for w in ewhiten[1:]]
     jobs += [(f"{trained}+iweights-{w}", "copy network, shared cache", presets[0], votes[0][1],
               {**verifier, "inlier_weights": w == "on"}) for w in iweights[1:]]
+    jobs += [(f"{trained}+vq-{n}", "copy network, shared cache", presets[0], votes[0][1],
+              {**verifier, "max_queries": n}) for n in vqueries[1:]]
     for label, cfg, keypoints, mcfg, vsettings in jobs:
         run = args.work / f"run_{label}"
         t0 = time.perf_counter()
@@ -358,6 +372,7 @@ def main() -> None:
                 metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
                 fitted_with = metrics.get("train_verifier", {}).get("config", {})
                 keep = keep and bool(fitted_with.get("inlier_weights", False)) == vsettings["inlier_weights"]
+                keep = keep and fitted_with.get("max_queries") == vsettings["max_queries"]
             if keep and output == "calibration.json" and (run / output).is_file():
                 # a calibration holds for the match settings it was fitted with (one without a record: none)
                 fitted = json.loads((run / output).read_text()).get("match")
@@ -540,7 +555,8 @@ def set_network(trained: Path, run: Path, keep: str) -> None:
 
 def post_training_steps(run: Path, matchers: tuple[str, ...] = ("sift",), keypoints: str = "default",
                         match: MatchConfig = MatchConfig(), whitening: bool = VerifierTrainConfig.whitening,
-                        inlier_weights: bool = VerifierTrainConfig.inlier_weights) -> list:
+                        inlier_weights: bool = VerifierTrainConfig.inlier_weights,
+                        max_queries: int = VerifierTrainConfig.max_queries) -> list:
     """After train-siamese, (the file it writes, step): the keypoint verifier, then calibration on the
     held-out individuals (with the `match` settings: --votes, --verify-top, --shortlist)."""
     from engine import calibrate as calibrate_command
@@ -548,7 +564,7 @@ def post_training_steps(run: Path, matchers: tuple[str, ...] = ("sift",), keypoi
 
     def verifier():
         s = verifier_command.main(VerifierTrainConfig(matchers=matchers, keypoints=keypoints, whitening=whitening,
-                                                      inlier_weights=inlier_weights),
+                                                      inlier_weights=inlier_weights, max_queries=max_queries),
                                   verifier_command.Paths(run), progress=False)
         if "whitening" in s:
             w = s["whitening"]
