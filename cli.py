@@ -485,7 +485,7 @@ def enroll(
     catalog: Annotated[Optional[Path], typer.Option("--catalog", help="Confirmed photos: CSV image,individual_id "
                                                     "(optional: viewpoint, bbox).")] = None,
     decisions: Annotated[Optional[Path], typer.Option(help="Or the review page's export: CSV image,decision,"
-                                                      "individual_id,note (optional: viewpoint, bbox); "
+                                                      "individual_id (optional: note, viewpoint, bbox); "
                                                       "'match' and 'new' rows are enrolled, 'unsure' ones "
                                                       "left out.")] = None,
     images: Annotated[Optional[Path], typer.Option("--images", help="Folder the image paths are relative to. "

@@ -19,7 +19,7 @@ from engine.config import MatchConfig
 from engine.matching import counted, skipped_note
 from engine.pipeline import Engine
 
-DECISION_COLUMNS = ("image", "decision", "individual_id", "note", "viewpoint", "bbox")  # the last two optional
+DECISION_COLUMNS = ("image", "decision", "individual_id", "note", "viewpoint", "bbox")  # the last three optional
 DECISIONS = ("match", "new", "unsure")
 
 
@@ -73,8 +73,11 @@ def decided_records(path: Path, images: Path | None, known: set[str],
             problems.append(f"{where}: decision {row.get('decision', '')!r} is not one of {', '.join(DECISIONS)}")
         elif decision == "unsure":
             unsure += 1
-        elif not ident or ident == NEW_INDIVIDUAL:
+        elif not ident:
             problems.append(f"{where}: decision {decision} needs an individual_id")
+        elif ident == NEW_INDIVIDUAL:
+            problems.append(f"{where}: decision {decision} needs the animal's own individual_id ({NEW_INDIVIDUAL} "
+                            "is the engine's answer for an animal the gallery lacks, not an ID to give it)")
         elif (was := in_gallery.get(str((root / image).resolve()))) is not None:
             if was != ident:
                 problems.append(f"{where}: image {image} is already in the gallery as individual {was}, not {ident}")

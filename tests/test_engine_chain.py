@@ -426,11 +426,13 @@ def test_enroll_decisions_refuses_bad_rows_naming_their_lines(chain, tmp_path):
                    f"{photo},maybe,,,,\n"
                    f"{photo.parent / 'other.jpg'},new,{gallery_id},,,\n"
                    f'{second},new,x2,,left,"1,2,inf,4"\n'
-                   f"{third},unsure,,,,nonsense\n")  # left out anyway: its box is not read
+                   f"{third},unsure,,,,nonsense\n"  # left out anyway: its box is not read
+                   f"{photo.parent / 'another.jpg'},new,new_individual,,,\n")  # the engine's answer is no ID
     r = runner.invoke(app, ["enroll", "--decisions", str(bad), "--run", str(run), "-q"])
     assert r.exit_code == 2
     text = " ".join(r.output.split())
-    assert "5 problem(s)" in text and "nothing enrolled" in text
+    assert "6 problem(s)" in text and "nothing enrolled" in text
+    assert f"{bad}:8: decision new needs the animal's own individual_id (new_individual is the engine's" in text
     assert f"{bad}:6: bbox '1,2,inf,4' is not four numbers" in text and f"{bad}:7" not in text
     assert f"{bad}:2: individual nobody_77 is not in the run's gallery" in text
     assert f"{bad}:3: image" in text and "not found" in text
