@@ -29,7 +29,7 @@ from core.metrics import NEW_INDIVIDUAL, score_predictions
 from core.runfolder import atomic_write_json
 from core.runtime import set_threads
 from core.stage import is_active
-from engine.pipeline import Engine, MatchConfig, QueryPairs, scoring_files
+from engine.pipeline import CALIBRATION_VERSION, Engine, MatchConfig, QueryPairs, scoring_files
 from core.aggregate import aggregate_per_individual
 from ranker.fusion import FUSED, FusionConfig, ScoreFusion, calibrated_scorers
 from ranker.threshold import open_set_folds, search_threshold, split_fold_images
@@ -222,7 +222,7 @@ def main(cfg: CalibrateConfig, paths: Paths, mcfg: MatchConfig = MatchConfig(), 
                     "together %.3f): it may not hold on new photos, so the lowest of these is used (%.3f: "
                     "new_individual is answered less often); %s", n_new, n_individuals,
                     ", ".join(f"{t:.3f}" for t in fold_taus), fitted_taus[FUSED], taus[FUSED], remedy)
-    calibration = {"kind": "calibration", "version": 1, "stages": stages, "fusion": fusion.to_dict(),
+    calibration = {"kind": "calibration", "version": CALIBRATION_VERSION, "stages": stages, "fusion": fusion.to_dict(),
                    "tau": taus, "tau_rule": rule, "tau_all_folds": fitted_taus, "config": asdict(cfg),
                    "match": engine.calibration_match(mcfg), "per_fold": per_fold,
                    "summary": summary, "queries": len(all_truths), "new_queries": n_new,

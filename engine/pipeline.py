@@ -182,10 +182,17 @@ def check_calibration_fits(run: RunFolder, calibration: dict) -> None:
                         f"`cli.py calibrate --run {run.path}` fits it again")
 
 
+CALIBRATION_VERSION = 1  # calibration.json's "version"
+
+
 def read_calibration(path: Path) -> tuple[dict, dict]:
     """calibration.json and its calibrated scorers; UserError (naming what writes it anew) when it
     cannot be read or lacks what the scorers need."""
     calibration = read_json(path)
+    version = calibration.get("version") if isinstance(calibration, dict) else None
+    if version is not None and version != CALIBRATION_VERSION:
+        raise UserError(f"{path} is of format version {version}, this engine reads version {CALIBRATION_VERSION}: "
+                        "`cli.py calibrate` writes it anew")
     try:
         scorers = calibrated_scorers(ScoreFusion.from_dict(calibration["fusion"]))
         float(calibration["tau"]["fused"])

@@ -158,6 +158,7 @@ def test_evaluate_open_set(sample, run_dir, tmp_path):
                                   "negative_max_minutes", "out_among_photos", "interrupted_training",
                                   "empty_test_dir_out_in_new_folders", "missing_weights", "out_in_run",
                                   "out_is_a_photo", "out_is_the_queries_csv", "report_named_like_a_photo", "queries_is_a_folder",
+                                  "calibration_of_a_newer_engine",
                                   "report_over_other_files"])
 def test_bad_input_exits_2_with_one_sentence(case, sample, run_dir, tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"x")
@@ -204,7 +205,8 @@ def test_bad_input_exits_2_with_one_sentence(case, sample, run_dir, tmp_path):
         (tmp_path / "r" / "checkpoint.pt").write_bytes(b"x")
         args = ["train-siamese", "--catalog", sample, "--out", tmp_path / "r"]
         expect = "holds an interrupted training (checkpoint.pt): --resume continues it from its last finished epoch"
-    elif case in ("non_utf8_config", "bad_calibration", "truncated_gallery", "calibration_not_json"):
+    elif case in ("non_utf8_config", "bad_calibration", "truncated_gallery", "calibration_not_json",
+                  "calibration_of_a_newer_engine"):
         broken = tmp_path / "broken"
         shutil.copytree(run_dir, broken)
         if case == "non_utf8_config":
@@ -217,6 +219,9 @@ def test_bad_input_exits_2_with_one_sentence(case, sample, run_dir, tmp_path):
         elif case == "calibration_not_json":
             (broken / "calibration.json").write_text('{"broken')
             expect = "calibration.json: not valid JSON ("
+        elif case == "calibration_of_a_newer_engine":
+            (broken / "calibration.json").write_text('{"kind": "calibration", "version": 2}')
+            expect = "calibration.json is of format version 2, this engine reads version 1"
         else:
             (broken / "calibration.json").write_text('{"fusion": {"kind": "score_fusion"}}')
             expect = "calibration.json is malformed"
