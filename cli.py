@@ -280,9 +280,10 @@ def train_verifier_cmd(
     matchers: Annotated[str, typer.Option(help="Local matchers to fit a validator for, comma-separated: sift "
                                           "(SIFT/RootSIFT), xfeat (XFeat + LighterGlue).")] =
     ",".join(VerifierTrainConfig.matchers),
-    max_queries: Annotated[int, typer.Option(min=10, help="Training photos used as queries to build pairs (each "
-                                             f"gives up to 2 true and {VerifierTrainConfig.negatives_per_query} "
-                                             "hard false pairs): all of them, up to this many.")] = VerifierTrainConfig.max_queries,
+    max_queries: Annotated[int, typer.Option(
+        min=10, help="Training photos used as queries to build pairs (each gives up to 2 true and "
+        f"{VerifierTrainConfig.negatives_per_query} hard false pairs): all of them, up to this many.")] = \
+        VerifierTrainConfig.max_queries,
     whitening: Annotated[bool, typer.Option(
         "--whitening/--no-whitening", help="Learn a whitening of the SIFT descriptors from the correct matches "
         "between photos of the same training individual and flank, and match the whitened descriptors "

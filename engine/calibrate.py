@@ -91,7 +91,8 @@ def fold_pairs(engine: Engine, cfg: CalibrateConfig, mcfg: MatchConfig, progress
     if not engine.run.heldout_path.is_file():  # (train-siamese always writes it)
         raise UserError(f"{engine.run.heldout_path} is missing: it names the individuals train-siamese held out of "
                         "training, on which calibrate fits; put it back from a copy of the run folder, or train "
-                        "again (`cli.py train-siamese --overwrite`)")
+                        f"again (`cli.py train-siamese --catalog YOUR_CATALOG.csv --out {engine.run.path} "
+                        "--overwrite`)")
     heldout = engine.run.calibration_individuals()
     h_idx = np.array([i for i in range(len(g)) if g.ids[i] in heldout], dtype=np.int64)
     if len(set(g.ids[i] for i in h_idx)) < individuals_needed(cfg):

@@ -44,6 +44,13 @@ def check_not_inputs(paths: Paths, records) -> None:
         if where in photos or where == queries:
             raise UserError(f"{option} {path} is {'the --queries CSV' if where == queries else 'one of the photos'} "
                             "match reads: write it elsewhere")
+    if paths.report is not None:  # the page replaces its thumbnail folder: never one that holds the photos
+        folder = thumbnails_folder(paths.report).resolve()
+        inside = next((p for p in sorted(photos) + ([queries] if queries else []) if folder in p.parents), None)
+        if inside is not None:
+            raise UserError(f"--report {paths.report} keeps its thumbnails in {thumbnails_folder(paths.report)}, "
+                            f"which holds what match reads ({inside}) and would be replaced: choose another name "
+                            "for the page")
 
 
 def main(cfg: MatchConfig, paths: Paths, threads: int | None = None, progress: bool = True,

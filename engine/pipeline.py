@@ -173,6 +173,9 @@ def check_calibration_fits(run: RunFolder, calibration: dict) -> None:
     fitted = calibration.get("fitted_for")
     if fitted is None:
         return
+    if not isinstance(fitted, dict):
+        raise UserError(f"{run.calibration_path} is malformed (fitted_for is not a mapping): `cli.py calibrate` "
+                        "writes it anew")
     now = scoring_files(run)
     changed = sorted(name for name in set(fitted) | set(now) if fitted.get(name) != now.get(name))
     if changed:
@@ -226,6 +229,7 @@ class Engine:
             except UserError as e:
                 if not replaces_calibration:
                     raise
+                self.calibration, self.scorers = None, {}  # (read, but for other files: not used either)
                 log.warning("%s; set aside (it is replaced)", e)
 
     def set_gallery(self, gallery: Gallery) -> None:
@@ -298,7 +302,8 @@ class Engine:
                 # without votes, no photos completed without checks)
                 differ = [k for k in now if fitted[k] != now[k]]
                 implied = {"vote_weights": "votes", "complete": "verify_top"}
-                differ = [k for k in differ if not (k in implied and implied[k] in differ and not now[implied[k]])]
+                differ = [k for k in differ if not (k in implied and implied[k] in differ
+                                                    and not (now[implied[k]] and fitted[implied[k]]))]
 
                 def flags(d):
                     return " ".join((f"--{'' if d[k] else 'no-'}{k.replace('_', '-')}" if isinstance(d[k], bool)

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,10 +243,15 @@ def check_report_path(path: str | os.PathLike, option: str = "--report") -> Path
         raise UserError(f"{option} {path}: the review page is an HTML file (e.g. {path.with_suffix('.html').name})")
     folder = thumbnails_folder(path)
     if folder.is_symlink() or (folder.exists() and (not folder.is_dir() or any(
-            not (f.is_file() and f.suffix == ".webp") for f in folder.iterdir()))):
+            not (_THUMBNAIL.fullmatch(f.name) and f.is_file()) for f in folder.iterdir()
+            if not (f.name.startswith(".") or f.name in _SYSTEM_FILES)))):
         raise UserError(f"{option} {path} keeps its thumbnails in {folder}, which holds other files (it would be "
                         "replaced): choose another name for the page")
     return path
+
+
+_THUMBNAIL = re.compile(r"[0-9a-f]{20}\.webp")  # the names _Thumbnails gives (a hash of the content)
+_SYSTEM_FILES = {"Thumbs.db", "desktop.ini"}  # what file browsers leave in a folder they showed (and .DS_Store)
 
 
 def write_report(path: str | os.PathLike, entries: Sequence[ReportQuery], title: str = "Matches",

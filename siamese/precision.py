@@ -121,15 +121,17 @@ def choose(requested: str, device_type: str, native_bf16: bool, cuda_bf16: bool,
     # in turns, compared within each turn (the median of the turns' ratios): a load that comes or goes while
     # measuring (another job starting on the machine) then slows one turn's two measurements alike, not
     # all of the precision measured second (once both measured 3.2 images/s under such a load, and fp32
-    # was chosen on a CPU with AMX where bf16 runs 3.5x faster). What is recorded: the best of each.
+    # was chosen on a CPU with AMX where bf16 runs 3.5x faster). Recorded: the best of each, and the median
+    # ratio that decided ("bf16_per_fp32").
     measured = {p.name: 0.0 for p in candidates}
     ratios = []
     for _ in range(_ROUNDS):
         turn = {p.name: measure(p) for p in candidates}
         ratios.append(turn["bf16"] / max(turn["fp32"], 1e-9))
         measured = {k: max(v, turn[k]) for k, v in measured.items()}
-    best = candidates[1] if float(np.median(ratios)) > _MIN_GAIN else candidates[0]
-    return best, {k: round(v, 1) for k, v in measured.items()}
+    ratio = float(np.median(ratios))
+    best = candidates[1] if ratio > _MIN_GAIN else candidates[0]
+    return best, {**{k: round(v, 1) for k, v in measured.items()}, "bf16_per_fp32": round(ratio, 2)}
 
 
 _memo: dict[tuple, tuple[Precision, dict]] = {}

@@ -157,8 +157,8 @@ def test_evaluate_open_set(sample, run_dir, tmp_path):
                                   "bad_crop", "bad_views", "repeated_view", "calibration_not_json",
                                   "negative_max_minutes", "out_among_photos", "interrupted_training",
                                   "empty_test_dir_out_in_new_folders", "missing_weights", "out_in_run",
-                                  "out_is_a_photo", "out_is_the_queries_csv", "report_named_like_a_photo", "queries_is_a_folder",
-                                  "calibration_of_a_newer_engine",
+                                  "out_is_a_photo", "out_is_the_queries_csv", "report_named_like_a_photo",
+                                  "queries_is_a_folder", "calibration_of_a_newer_engine", "report_over_the_photos",
                                   "report_over_other_files"])
 def test_bad_input_exits_2_with_one_sentence(case, sample, run_dir, tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"x")
@@ -236,6 +236,12 @@ def test_bad_input_exits_2_with_one_sentence(case, sample, run_dir, tmp_path):
         (tmp_path / "q.csv").write_text("image\na.jpg\n")
         args = ["match", tmp_path, "--queries", tmp_path / "q.csv", "--run", run_dir, "--out", tmp_path / "q.csv"]
         expect = f"--out {tmp_path / 'q.csv'} is the --queries CSV match reads"
+    elif case == "report_over_the_photos":  # its thumbnail folder is the folder of photos matched
+        (tmp_path / "s_files").mkdir()
+        (tmp_path / "s_files" / "0123456789abcdef0123.webp").write_bytes(b"x")  # (named like a thumbnail)
+        args = ["match", tmp_path / "s_files", "--run", run_dir, "--out", tmp_path / "p.csv", "--report",
+                tmp_path / "s.html"]
+        expect = "which holds what match reads"
     elif case == "queries_is_a_folder":  # named as the user gave it
         args = ["match", tmp_path, "--queries", tmp_path, "--run", run_dir, "--out", tmp_path / "p.csv"]
         expect = f"--queries {tmp_path} is a folder: give the CSV file that lists its photos"
@@ -286,7 +292,8 @@ def test_bad_input_exits_2_with_one_sentence(case, sample, run_dir, tmp_path):
         args = ["train-siamese", "--catalog", sample, "--out", tmp_path / "r", "--input-size", "big"]
         expect = "is not HEIGHTxWIDTH"
     kept = {p: p.read_bytes() for p in [run_dir / "config.json", tmp_path / "a.jpg", tmp_path / "q.csv",
-                                        tmp_path / "r_files" / "notes.txt"] if p.is_file()}
+                                        tmp_path / "r_files" / "notes.txt",
+                                        tmp_path / "s_files" / "0123456789abcdef0123.webp"] if p.is_file()}
     r = runner.invoke(app, [str(a) for a in args])
     assert r.exit_code == 2, r.output
     assert expect in r.output and "Traceback" not in r.output

@@ -177,7 +177,12 @@ def test_tau_rule_follows_the_number_of_individuals(chain, monkeypatch, caplog):
         engine.tau(MatchConfig(per_individual=1, votes=0))
         assert f"--votes {MatchConfig.votes}" in caplog.text and "--votes 0" in caplog.text
         assert "vote-weights" not in caplog.text and "--per-individual" not in caplog.text
-        engine.calibration["match"]["vote_weights"] = False
+        caplog.clear()
+        # calibrated without votes, matched with them: said as the votes alone too
+        engine.calibration["match"].update(votes=0)
+        engine.tau(MatchConfig(per_individual=1))
+        assert "--votes 0" in caplog.text and "vote-weights" not in caplog.text
+        engine.calibration["match"].update(votes=MatchConfig.votes, vote_weights=False)
         caplog.clear()
         del engine.calibration["match"]["per_individual"]
         engine.tau(MatchConfig())
@@ -201,10 +206,16 @@ def test_a_calibration_fitted_for_other_files_is_refused(chain, trained, tmp_pat
     other = tmp_path / "plain"  # the same network, without a verifier
     shutil.copytree(trained[1], other)
     shutil.copyfile(run / "calibration.json", other / "calibration.json")
-    for target, said in [(broken, "verifier.json missing"), (other, "verifier.json missing")]:
+    changed = tmp_path / "changed"  # a verifier replaced by hand (the same model, written another way)
+    shutil.copytree(run, changed)
+    (changed / "verifier.json").write_text(json.dumps(json.loads((run / "verifier.json").read_text()), indent=1))
+    for target, said in [(broken, "verifier.json missing"), (other, "verifier.json missing"),
+                         (changed, "verifier.json changed")]:
         r = runner.invoke(app, ["match", str(qdir), "--run", str(target), "--out", str(tmp_path / "q.csv")])
         assert r.exit_code == 2 and f"was fitted for other files than this run's ({said})" in r.output, r.output
         assert f"`cli.py calibrate --run {target}` fits it again" in r.output and not (tmp_path / "q.csv").exists()
+    r = runner.invoke(app, ["evaluate", "--catalog", str(truth), "--images", str(qdir), "--run", str(broken)])
+    assert r.exit_code == 2 and "(verifier.json missing)" in r.output, r.output
     out = invoke("calibrate", "--run", broken, "-q")  # the advice works: set aside and fitted again
     assert "set aside (it is replaced)" in out
     assert "matched" in invoke("match", qdir, "--run", broken, "--out", tmp_path / "q.csv", "-q")

@@ -28,7 +28,7 @@ def test_auto_with_native_bf16_follows_the_measurement(fp32, bf16, expect):
     chosen, measured = P.choose("auto", "cpu", native_bf16=True, cuda_bf16=False,
                                 measure=lambda p: rates[p.name])
     assert chosen.name == expect and chosen.channels_last
-    assert measured == rates
+    assert measured == {**rates, "bf16_per_fp32": round(bf16 / fp32, 2)}
 
 
 def test_auto_measures_in_turns_so_a_load_that_starts_meanwhile_slows_both():
@@ -41,7 +41,7 @@ def test_auto_measures_in_turns_so_a_load_that_starts_meanwhile_slows_both():
         return rate if len(calls) == 1 else rate / 10
     chosen, measured = P.choose("auto", "cpu", native_bf16=True, cuda_bf16=False, measure=loaded_after_first)
     assert calls[:4] == ["fp32", "bf16", "fp32", "bf16"] and len(calls) == 2 * P._ROUNDS
-    assert chosen.name == "bf16" and measured == {"fp32": 100.0, "bf16": 30.0}
+    assert chosen.name == "bf16" and measured == {"fp32": 100.0, "bf16": 30.0, "bf16_per_fp32": 3.0}
 
 
 def test_explicit_choices_and_gpu_defaults():

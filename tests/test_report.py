@@ -109,6 +109,7 @@ def test_text_is_escaped_and_nothing_is_fetched(report):
 
 
 def test_rewriting_replaces_the_folder(report, tmp_path):
+    (tmp_path / "r_files" / ".DS_Store").write_bytes(b"")  # what a file browser leaves there is no reason to refuse
     again = write_report(report, [ReportQuery(_texture(50, 50, 9), "one.jpg", None, 0.5, [])])
     assert len(list(again.with_name("r_files").iterdir())) == 1
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".r_files")]  # no temp folder left
@@ -118,10 +119,12 @@ def test_a_folder_of_other_files_is_never_replaced(tmp_path):
     """`<stem>_files/` is replaced only where it holds an earlier page's thumbnails, never the user's files."""
     from core.errors import UserError
     (tmp_path / "r_files").mkdir()
-    (tmp_path / "r_files" / "notes.txt").write_text("mine")
-    with pytest.raises(UserError, match="which holds other files"):
-        write_report(tmp_path / "r.html", [ReportQuery(_texture(50, 50, 9), "one.jpg", None, 0.5, [])])
-    assert (tmp_path / "r_files" / "notes.txt").read_text() == "mine" and not (tmp_path / "r.html").exists()
+    for mine in ("notes.txt", "photo.webp"):  # (a WebP photo of the user's is not named like a thumbnail)
+        (tmp_path / "r_files" / mine).write_text("mine")
+        with pytest.raises(UserError, match="which holds other files"):
+            write_report(tmp_path / "r.html", [ReportQuery(_texture(50, 50, 9), "one.jpg", None, 0.5, [])])
+        assert (tmp_path / "r_files" / mine).read_text() == "mine" and not (tmp_path / "r.html").exists()
+        (tmp_path / "r_files" / mine).unlink()
 
 
 def test_200_queries_of_real_photos_fit_in_6_mb(nyala, tmp_path):
