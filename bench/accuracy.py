@@ -52,7 +52,7 @@ from core.catalog import load_catalog  # noqa: E402
 from core.runfolder import RunFolder, atomic_write_json, read_json  # noqa: E402
 from engine.matching import evaluate_pairs, format_metrics, format_places, right_animal_places  # noqa: E402
 from engine.pipeline import (Engine, MatchConfig, fitted_settings, match_settings_of, votes_rule_stale,  # noqa: E402
-                             write_predictions)
+                             scoring_files, write_predictions)
 from ranker.fusion import FUSED  # noqa: E402
 from core.runtime import set_threads  # noqa: E402
 from siamese.config import views_problem  # noqa: E402
@@ -380,6 +380,9 @@ def main() -> None:
                 now = match_settings_of(mcfg, votes_available=True, vote_weights_available=bool(
                     (RunFolder(run).config().get("inlier_weights") or {}).get("sift")))
                 keep = bool(fitted) and fitted_settings(fitted, now) == now and not votes_rule_stale(fitted)
+                # and for the files it was fitted on (one without the record: kept, as match reads it)
+                recorded = json.loads((run / output).read_text()).get("fitted_for")
+                keep = keep and recorded in (None, scoring_files(RunFolder(run)))
             if not (keep and (run / output).is_file()):
                 step()
         info[label] = {"build_seconds": round(time.perf_counter() - t0, 1), "keypoints": keypoints,
@@ -433,8 +436,12 @@ def copy_trained(src: Path, dst: Path, share_cache: bool = False) -> None:
     if not (src / "siamese.pt").is_file():
         sys.exit(f"{src}: no trained network to copy (run without --reuse first)")
     dst.mkdir(parents=True, exist_ok=True)
+    fitted = ("verifier", "calibration", "whitening", "inlier_weights")
+    for f in dst.iterdir():  # a previous run's, fitted on what is replaced now
+        if f.is_file() and f.name.startswith(fitted):
+            f.unlink()
     for f in src.iterdir():
-        if f.is_file() and not f.name.startswith(("verifier", "calibration", "whitening", "inlier_weights")):
+        if f.is_file() and not f.name.startswith(fitted):
             shutil.copy2(f, dst / f.name)
     if share_cache and not (dst / "cache").exists():
         (dst / "cache").symlink_to((src / "cache").resolve(), target_is_directory=True)

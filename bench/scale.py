@@ -106,9 +106,10 @@ def build_scaled(base: Path, n: int, work: Path, seed: int) -> Path:
         return run
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
-    for name in ("config.json", "siamese.pt", "verifier.json", "calibration.json", "heldout.json",
-                 "embedding_whitening.npz", "whitening.npz"):
-        if (base / name).is_file():  # (the whitenings: where the base run has them)
+    for name in ("config.json", "siamese.pt", "verifier.json", "verifier-xfeat.json", "inlier_weights.json",
+                 "inlier_weights-xfeat.json", "calibration.json", "heldout.json", "embedding_whitening.npz",
+                 "whitening.npz"):
+        if (base / name).is_file():  # (the whitenings, XFeat's and the models of inliers: where the base run has them)
             shutil.copy2(base / name, run / name)
     g = Gallery.load(base / "gallery.h5")
     real = len(g)

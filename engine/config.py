@@ -84,7 +84,8 @@ class VerifierTrainConfig:
     negatives_per_query: int = 8  # hard false pairs from the top of each query's shortlist
     # training photos used as queries (each gives up to 2 true and `negatives_per_query` false pairs); all
     # of them up to this many. Development set, same networks, seeds 0 / 1 (Intel Xeon, bf16), 600 -> 2000
-    # (every eligible photo, ~1100: 5780 -> 9800 pairs, 1.7x the verifier's fitting time): new-individual
+    # (every eligible photo, ~1100: 5783 -> 9840 / 5770 -> 9730 pairs, 1.7x the verifier's fitting time here;
+    # up to 3.3x on a catalog of 2000 eligible photos or more): new-individual
     # F1 0.594 -> 0.613 / 0.594 -> 0.621, MAP@5 0.664 -> 0.673 / 0.670 -> 0.685, known top-5 0.688 -> 0.688
     # / 0.715 -> 0.722, closed top-1 0.556 -> 0.556 / 0.583 -> 0.576 (docs/measured.md)
     max_queries: int = 2000
