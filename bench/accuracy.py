@@ -52,7 +52,7 @@ from core.catalog import load_catalog  # noqa: E402
 from core.runfolder import RunFolder, atomic_write_json, read_json  # noqa: E402
 from engine.matching import evaluate_pairs, format_metrics, format_places, right_animal_places  # noqa: E402
 from engine.pipeline import (Engine, MatchConfig, fitted_settings, match_settings_of, votes_rule_stale,  # noqa: E402
-                             scoring_files, write_predictions)
+                             calibration_changes, write_predictions)
 from ranker.fusion import FUSED  # noqa: E402
 from core.runtime import set_threads  # noqa: E402
 from siamese.config import views_problem  # noqa: E402
@@ -375,14 +375,14 @@ def main() -> None:
                 keep = keep and fitted_with.get("max_queries") == vsettings["max_queries"]
             if keep and output == "calibration.json" and (run / output).is_file():
                 # a calibration holds for the match settings it was fitted with (one without a record: none)
-                fitted = json.loads((run / output).read_text()).get("match")
+                calibration = json.loads((run / output).read_text())
+                fitted = calibration.get("match")
                 # (votes are weighted only where the run has a model of inliers)
                 now = match_settings_of(mcfg, votes_available=True, vote_weights_available=bool(
                     (RunFolder(run).config().get("inlier_weights") or {}).get("sift")))
                 keep = bool(fitted) and fitted_settings(fitted, now) == now and not votes_rule_stale(fitted)
                 # and for the files it was fitted on (one without the record: kept, as match reads it)
-                recorded = json.loads((run / output).read_text()).get("fitted_for")
-                keep = keep and recorded in (None, scoring_files(RunFolder(run)))
+                keep = keep and not calibration_changes(RunFolder(run), calibration)
             if not (keep and (run / output).is_file()):
                 step()
         info[label] = {"build_seconds": round(time.perf_counter() - t0, 1), "keypoints": keypoints,

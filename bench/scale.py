@@ -45,8 +45,9 @@ from bench.machine import describe, headline  # noqa: E402
 from core.cache import FeatureCache, _group_name  # noqa: E402
 from core.catalog import load_catalog  # noqa: E402
 from core.gallery import Gallery  # noqa: E402
+from core.runfolder import RunFolder  # noqa: E402
 from engine import enroll, train_siamese  # noqa: E402
-from engine.pipeline import Engine, MatchConfig  # noqa: E402
+from engine.pipeline import Engine, MatchConfig, scoring_paths  # noqa: E402
 from core.runtime import set_threads  # noqa: E402
 from siamese.embed import model_fingerprint  # noqa: E402
 from siamese.index import EXACT_MAX, NPROBE, EmbeddingIndex, build_index  # noqa: E402
@@ -106,11 +107,11 @@ def build_scaled(base: Path, n: int, work: Path, seed: int) -> Path:
         return run
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
-    for name in ("config.json", "siamese.pt", "verifier.json", "verifier-xfeat.json", "inlier_weights.json",
-                 "inlier_weights-xfeat.json", "calibration.json", "heldout.json", "embedding_whitening.npz",
-                 "whitening.npz"):
-        if (base / name).is_file():  # (the whitenings, XFeat's and the models of inliers: where the base run has them)
-            shutil.copy2(base / name, run / name)
+    # the settings, the calibration and its individuals, and every file the scores depend on, where the base has it
+    for path in [base / name for name in ("config.json", "calibration.json", "heldout.json")] + \
+            scoring_paths(RunFolder(base)):
+        if path.is_file():
+            shutil.copy2(path, run / path.name)
     g = Gallery.load(base / "gallery.h5")
     real = len(g)
     rng = np.random.default_rng(seed)

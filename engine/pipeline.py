@@ -152,36 +152,45 @@ class QueryResult:
     candidates: list[Candidate]
 
 
-def scoring_files(run: RunFolder) -> dict[str, str]:
-    """SHA-1 of each file of the run that the stages' scores depend on, where present: the network, the
-    embedding's whitening, and each local matcher's validator, model of inliers and descriptor whitening.
-    `calibrate` records them: its calibrators, fusion and tau hold for these files only."""
+def scoring_paths(run: RunFolder) -> list[Path]:
+    """The files of the run that the stages' scores depend on, where present: the network, the embedding's
+    whitening, and each local matcher's validator, model of inliers and descriptor whitening."""
     paths = [run.weights_path, run.embedding_whitening_path]
     for cls in MATCHERS.values():
         paths += [cls.validator_path(run), cls.inlier_weights_path(run)]
         if hasattr(cls, "whitening_path"):
             paths.append(cls.whitening_path(run))
-    return {p.name: hashlib.sha1(p.read_bytes()).hexdigest() for p in dict.fromkeys(paths) if p.is_file()}
+    return [p for p in dict.fromkeys(paths) if p.is_file()]
 
 
-def check_calibration_fits(run: RunFolder, calibration: dict) -> None:
-    """Refuse a calibration fitted for other files than the run's (`scoring_files`): one copied from
-    another run, or kept after a verifier or network was removed or replaced by hand. Its fused scores
-    would rank on weights of stages that are not there, and its tau would not fit them (on the demo, with
-    verifier.json removed, every known query was answered new_individual). A calibration from before the
-    record is not checked."""
+def scoring_files(run: RunFolder) -> dict[str, str]:
+    """SHA-1 of each of `scoring_paths`. `calibrate` records them: its calibrators, fusion and tau hold
+    for these files only."""
+    return {p.name: hashlib.sha1(p.read_bytes()).hexdigest() for p in scoring_paths(run)}
+
+
+def calibration_changes(run: RunFolder, calibration: dict) -> list[str]:
+    """The files (`scoring_files`) that differ from those the calibration was fitted for, each said as
+    "NAME missing", "NAME added" or "NAME changed"; none for a calibration from before the record."""
     fitted = calibration.get("fitted_for")
     if fitted is None:
-        return
+        return []
     if not isinstance(fitted, dict):
         raise UserError(f"{run.calibration_path} is malformed (fitted_for is not a mapping): `cli.py calibrate` "
                         "writes it anew")
     now = scoring_files(run)
-    changed = sorted(name for name in set(fitted) | set(now) if fitted.get(name) != now.get(name))
-    if changed:
-        said = ", ".join(f"{name} {'missing' if name not in now else 'added' if name not in fitted else 'changed'}"
-                         for name in changed)
-        raise UserError(f"{run.calibration_path} was fitted for other files than this run's ({said}): "
+    return [f"{name} {'missing' if name not in now else 'added' if name not in fitted else 'changed'}"
+            for name in sorted(set(fitted) | set(now)) if fitted.get(name) != now.get(name)]
+
+
+def check_calibration_fits(run: RunFolder, calibration: dict) -> None:
+    """Refuse a calibration fitted for other files than the run's (`calibration_changes`): one copied from
+    another run, or kept after a verifier or network was removed or replaced by hand. Its fused scores
+    would rank on weights of stages that are not there, and its tau would not fit them (on the demo, with
+    verifier.json removed, every known query was answered new_individual)."""
+    changes = calibration_changes(run, calibration)
+    if changes:
+        raise UserError(f"{run.calibration_path} was fitted for other files than this run's ({', '.join(changes)}): "
                         f"`cli.py calibrate --run {run.path}` fits it again")
 
 
