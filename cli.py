@@ -365,7 +365,8 @@ def calibrate(
 
     Uses the individuals held out of training, in open-set folds (each fold's individuals are new
     animals: their photos leave the gallery and are queries; every photo of the others is a query
-    against the rest of the gallery); prints per-fold MAP@5 and its spread, then refits on all folds
+    against the rest of the gallery); prints per-fold MAP@5 and its spread (a little optimistic: a fold's
+    known animals are queries of the other folds too), then refits on all folds
     (calibration.json). Calibrate with the --shortlist, --verify-top, --per-individual, --votes,
     --complete, --individual-weight and --vote-weights that match will use (match warns when they differ), and again after changing them.
     """
