@@ -159,7 +159,7 @@ def test_evaluate_open_set(sample, run_dir, tmp_path):
                                   "empty_test_dir_out_in_new_folders", "missing_weights", "out_in_run",
                                   "out_is_a_photo", "out_is_the_queries_csv", "report_named_like_a_photo",
                                   "queries_is_a_folder", "calibration_of_a_newer_engine", "report_over_the_photos",
-                                  "report_over_other_files"])
+                                  "report_over_other_files", "no_photo_readable"])
 def test_bad_input_exits_2_with_one_sentence(case, sample, run_dir, tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"x")
     if case == "bad_column":
@@ -256,6 +256,11 @@ def test_bad_input_exits_2_with_one_sentence(case, sample, run_dir, tmp_path):
         args = ["match", tmp_path / "photos", "--run", run_dir, "--out", tmp_path / "p.csv", "--report",
                 tmp_path / "r.html"]
         expect = f"keeps its thumbnails in {tmp_path / 'r_files'}, which holds other files"
+    elif case == "no_photo_readable":  # nothing to answer: an error, not a CSV of empty rows
+        (tmp_path / "photos").mkdir()
+        shutil.copyfile(tmp_path / "a.jpg", tmp_path / "photos" / "a.jpg")
+        args = ["match", tmp_path / "photos", "--run", run_dir, "--out", tmp_path / "p.csv"]
+        expect = f"none of the 1 query photos could be read (first: {tmp_path / 'photos' / 'a.jpg'}"
     elif case == "out_is_a_folder":
         (tmp_path / "p.csv").mkdir()
         args = ["match", tmp_path, "--run", run_dir, "--out", tmp_path / "p.csv"]
@@ -298,6 +303,7 @@ def test_bad_input_exits_2_with_one_sentence(case, sample, run_dir, tmp_path):
     assert r.exit_code == 2, r.output
     assert expect in r.output and "Traceback" not in r.output
     assert {p: p.read_bytes() for p in kept} == kept and not (run_dir / "config.csv").exists()
+    assert not (tmp_path / "p.csv").is_file() and not (tmp_path / "p.json").is_file()
     assert not (tmp_path / "p.csv").is_file() and not list(tmp_path.glob("*.tmp*"))
     if case in ("bad_calibration", "calibration_not_json"):  # the advice works: calibrate replaces the file
         assert "`cli.py calibrate` writes it anew" in r.output
