@@ -76,26 +76,33 @@ def cpu_info() -> dict:
             "native_bf16": native, "threads": torch.get_num_threads()}
 
 
-def _images_per_second(model, precision: Precision, device: torch.device, input_size, batch: int = 8,
-                       repeats: int = 1) -> float:
-    """Forward passes of the real network on random input: one to warm up, then the best of `repeats`.
-    They run on a copy in eval mode: in train mode they would update the network's batch-norm
-    statistics with the random input (which once changed every embedding on CPUs with native bf16)."""
-    model = copy.deepcopy(model).eval()
-    x = torch.randn(batch, 3, *input_size, device=device)
-    fmt = torch.channels_last if precision.channels_last else torch.contiguous_format
-    model.to(memory_format=fmt)
-    x = x.contiguous(memory_format=fmt)
-    best = float("inf")
-    with torch.no_grad(), precision.autocast(device.type):
-        for k in range(repeats + 1):
-            t = time.perf_counter()
-            model.features(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if k:
-                best = min(best, time.perf_counter() - t)
-    return batch / best
+def _measurer(model, device: torch.device, input_size, batch: int = 8,
+              repeats: int = 1) -> Callable[[Precision], float]:
+    """`measure(precision) -> images/s`: forward passes of the real network on random input, one to warm
+    up, then the best of `repeats`. They run on one copy in eval mode, made at the first measurement and
+    reused by the others: in train mode they would update the network's batch-norm statistics with the
+    random input (which once changed every embedding on CPUs with native bf16)."""
+    copies: list = []
+
+    def measure(precision: Precision) -> float:
+        if not copies:
+            copies.append(copy.deepcopy(model).eval())
+        net = copies[0]
+        fmt = torch.channels_last if precision.channels_last else torch.contiguous_format
+        net.to(memory_format=fmt)
+        x = torch.randn(batch, 3, *input_size, device=device).contiguous(memory_format=fmt)
+        best = float("inf")
+        with torch.no_grad(), precision.autocast(device.type):
+            for k in range(repeats + 1):
+                t = time.perf_counter()
+                net.features(x)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if k:
+                    best = min(best, time.perf_counter() - t)
+        return batch / best
+
+    return measure
 
 
 def choose(requested: str, device_type: str, native_bf16: bool, cuda_bf16: bool,
@@ -154,7 +161,7 @@ def resolve(model, requested: str = "auto", recorded: dict | None = None, keep_g
     else:
         cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         precision, measured = choose(requested, device.type, bool(info.get("native_bf16")), cuda_bf16,
-                                     lambda p: _images_per_second(model, p, device, model.config.input_size))
+                                     _measurer(model, device, model.config.input_size))
         if measured:
             log.info("precision: %s chosen (measured images/s %s on %s)", precision.name, measured,
                      info.get("cpu"))

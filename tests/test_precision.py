@@ -82,8 +82,9 @@ def test_measuring_leaves_the_network_untouched():
     rewrite its batch-norm statistics (and so every embedding) on CPUs with native bf16."""
     model = SiameseNet(ModelConfig(input_size=(64, 64))).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    for p in (P.Precision("fp32", True), P.Precision("bf16", True)):
-        assert P._images_per_second(model, p, torch.device("cpu"), (64, 64), batch=2, repeats=1) > 0
+    measure = P._measurer(model, torch.device("cpu"), (64, 64), batch=2, repeats=1)
+    for p in (P.Precision("fp32", True), P.Precision("bf16", True), P.Precision("fp32", False)):
+        assert measure(p) > 0
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "a measurement changed the weights"
     assert model.training  # its mode as the caller left it
