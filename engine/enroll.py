@@ -13,7 +13,7 @@ from core.catalog import Record, format_bbox, load_catalog, read_rows, row_recor
 from core.errors import UserError
 from core.gallery import Gallery
 from core.metrics import NEW_INDIVIDUAL
-from core.runfolder import RunFolder, atomic_write_bytes
+from core.runfolder import RunFolder, atomic_write_bytes, check_writable
 from core.runtime import set_threads
 from engine.config import MatchConfig
 from engine.matching import counted, skipped_note
@@ -99,12 +99,15 @@ def decided_records(path: Path, images: Path | None, known: set[str],
 
 def write_added(run_dir: Path, records: list[Record]) -> Path:
     """Append the catalog rows (image,individual_id,viewpoint,bbox) of the photos just enrolled, by the
-    file's own column names (a file begun before the bbox column gets it in its header)."""
+    file's own column names (a file begun before the bbox column gets it in its header). A photo the file
+    lists already is not listed twice: enroll writes this file before the gallery, so an enroll stopped
+    between the two and run again finds its photos here."""
     out = RunFolder(run_dir).enrolled_path  # appended run after run
     old = out.read_text(encoding="utf-8-sig") if out.is_file() else ""
     header, _, body = old.partition("\n")
     columns = next(csv.reader([header]), []) if header.strip() else []
     columns = [c.strip() for c in columns] or ["image", "individual_id", "viewpoint"]
+    listed = {(row.get("image") or "").strip() for row in csv.DictReader(io.StringIO(body), fieldnames=columns)}
     if "bbox" not in columns:  # a file begun before the column: its rows read it as empty
         columns.append("bbox")
     buf = io.StringIO()
@@ -112,6 +115,8 @@ def write_added(run_dir: Path, records: list[Record]) -> Path:
     w.writeheader()
     buf.write(body if not body or body.endswith("\n") else body + "\n")
     for r in records:
+        if str(Path(r.path).resolve()) in listed:
+            continue
         w.writerow({"image": str(Path(r.path).resolve()), "individual_id": r.individual_id,
                     "viewpoint": r.viewpoint or "", "bbox": format_bbox(r.bbox)})
     atomic_write_bytes(out, buf.getvalue().encode("utf-8"))
@@ -128,6 +133,11 @@ def main(cfg: MatchConfig, paths: Paths, threads: int | None = None, progress: b
                         "not both")
     set_threads(threads)
     engine = Engine.load(paths.run, precision)
+    listing = engine.run.enrolled_path  # (refused before any work where it cannot be written)
+    if listing.is_dir():
+        raise UserError(f"{listing} is a folder: enroll lists the photos it adds in a file of that name; move the "
+                        "folder away")
+    check_writable(listing, "the list of enrolled photos")
     unsure = 0
     source = paths.catalog or paths.decisions
     in_gallery = {str(Path(p).resolve()): ident for p, ident in zip(engine.gallery.paths, engine.gallery.ids)}
@@ -160,8 +170,10 @@ def main(cfg: MatchConfig, paths: Paths, threads: int | None = None, progress: b
     for stage in engine.stages:  # local features now, so the first match does not pay for them
         if hasattr(stage, "store"):
             stage.store.get(added, stage.workers, progress=progress, desc=f"{stage.name} of new photos")
-    gallery.save(engine.run.gallery_path, engine.run.images_root())
+    # the record of what was enrolled first, the gallery then: stopped between the two (Ctrl-C, a full disk),
+    # the photos are listed for a new training's catalog, and a second enroll adds them to the gallery
     rows = write_added(engine.run.path, added)
+    gallery.save(engine.run.gallery_path, engine.run.images_root())
     new_ids = {r.individual_id for r in added} - before
     skipped = skipped_note(emb) + (f", {already} already in the gallery" if already else "") + extra
     return (f"enrolled {counted(len(added), 'photo')} ({counted(len(new_ids), 'new individual')}{skipped}); "

@@ -426,6 +426,37 @@ def test_enroll_decisions_keeps_the_photos_viewpoint_and_box(chain, tmp_path):
         "image,individual_id,viewpoint,bbox", "/photos/x.jpg,x1,", '/photos/y.jpg,y1,right,"1,2,3,4"']
 
 
+def test_enroll_lists_its_photos_before_the_gallery_takes_them(chain, tmp_path, monkeypatch):
+    """enroll writes enrolled.csv (the photos to put in a new training's catalog) before gallery.h5: one
+    stopped between the two lost nothing, and run again adds the photos to the gallery and lists them once.
+    A list that cannot be written is refused before any work."""
+    from core.gallery import Gallery
+    root, run, qdir, truth = chain
+    photos = sorted(qdir.rglob("*.jpg"))[:2]
+    catalog = tmp_path / "c.csv"
+    catalog.write_text("image,individual_id\n" + "".join(f"{p},late_{k}\n" for k, p in enumerate(photos)))
+    gallery = (run / "gallery.h5").read_bytes()
+    (run / "enrolled.csv").mkdir()
+    r = runner.invoke(app, ["enroll", "--catalog", str(catalog), "--run", str(run), "-q"])
+    assert r.exit_code == 2 and f"{run / 'enrolled.csv'} is a folder" in " ".join(r.output.split()), r.output
+    assert (run / "gallery.h5").read_bytes() == gallery
+    (run / "enrolled.csv").rmdir()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(Gallery, "save", full_disk)
+        r = runner.invoke(app, ["enroll", "--catalog", str(catalog), "--run", str(run), "-q"])
+    assert r.exit_code != 0 and (run / "gallery.h5").read_bytes() == gallery
+    listed = [(row["image"], row["individual_id"]) for row in csv.DictReader(open(run / "enrolled.csv"))]
+    assert listed == [(str(p.resolve()), f"late_{k}") for k, p in enumerate(photos)]
+    out = invoke("enroll", "--catalog", catalog, "--run", run, "-q")
+    assert "enrolled 2 photos (2 new individuals" in out, out
+    assert {"late_0", "late_1"} <= set(Gallery.load(run / "gallery.h5").ids)
+    assert [(row["image"], row["individual_id"]) for row in csv.DictReader(open(run / "enrolled.csv"))] == listed
+
+
 def test_enroll_decisions_refuses_bad_rows_naming_their_lines(chain, tmp_path):
     root, run, qdir, truth = chain
     photo, second, third = sorted(qdir.rglob("*.jpg"))[:3]
