@@ -1,7 +1,10 @@
 """The catalog CSV: `image,individual_id` plus optional `species`, `viewpoint`, `bbox`.
 
 `image` is a path relative to the images folder (default: the CSV's own folder). `bbox` is
-`x,y,w,h` in pixels and crops the photo before anything else. Other columns are kept and ignored.
+`x,y,w,h` in pixels and crops the photo before anything else. `species` is read to check that an ID
+names one animal (the same ID under two species is refused); queries are not told apart by species,
+so a gallery of several species is matched as one (give each species its own run to keep them apart).
+Other columns are kept and ignored.
 Every problem is reported with the file and line it comes from.
 """
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +71,42 @@ def _parse_bbox(text: str, where: str) -> tuple[int, int, int, int] | None:
     if w <= 0 or h <= 0 or x < 0 or y < 0:
         raise UserError(f"{where}: bbox {text!r} needs x,y >= 0 and w,h > 0")
     return x, y, w, h
+
+
+def id_problem(ident: str) -> str | None:
+    """Why `ident` cannot be an individual ID, or None: the predictions CSV lists the five answers separated
+    by spaces, so an ID holding a space (or a tab) would read as two."""
+    if any(c.isspace() for c in ident):
+        return (f"individual_id {ident!r} holds a space: the predictions list IDs separated by spaces, so an ID "
+                f"cannot hold one (write it e.g. {'_'.join(ident.split())})")
+    return None
+
+
+def lookalikes(ids: Iterable[str], known: Iterable[str] = ()) -> list[tuple[str, str]]:
+    """(id, other) pairs of distinct IDs that differ only in letter case or in how their accents are encoded
+    (Unicode NFC / NFD: `Zoé` typed on two systems): most likely one animal spelled twice. Among `ids` and
+    between `ids` and `known` (e.g. a gallery's); each id once, with the first other found."""
+    def key(ident: str) -> str:
+        return unicodedata.normalize("NFC", ident).casefold()
+
+    first: dict[str, str] = {}
+    for ident in sorted(set(known)):
+        first.setdefault(key(ident), ident)
+    out = []
+    for ident in sorted(set(ids) - set(known)):
+        other = first.setdefault(key(ident), ident)
+        if other != ident:
+            out.append((ident, other))
+    return out
+
+
+def warn_lookalikes(ids: Iterable[str], known: Iterable[str] = (), where: str = "the catalog") -> None:
+    """A warning naming the `lookalikes` (up to five), each of which is taken as an animal of its own."""
+    pairs = lookalikes(ids, known)
+    if pairs:
+        shown = ", ".join(f"{a!r} / {b!r}" for a, b in pairs[:5]) + (", ..." if len(pairs) > 5 else "")
+        log.warning("%d individual ID(s) in %s differ from another only in letter case or accent encoding, and each "
+                    "is taken as an animal of its own: %s (spell each animal one way)", len(pairs), where, shown)
 
 
 def queryable(ids: Iterable[str]) -> list[str]:
@@ -132,6 +172,11 @@ def read_rows(csv_path: Path, required: tuple[str, ...],
         raise UserError(_not_utf8(csv_path, e)) from None
     except csv.Error as e:
         raise UserError(f"{csv_path}: malformed CSV ({e})") from None
+    twice = next((c for c in (*required, *optional) if columns.count(c) > 1), None)
+    if twice is not None:  # csv reads the last such cell of each row: the first column would be ignored
+        at = [str(k + 1) for k, c in enumerate(columns) if c == twice]
+        raise UserError(f"{csv_path}: the header names column {twice} {len(at)} times (columns {', '.join(at)}): "
+                        "keep one of them, or rename the others")
     missing = [c for c in required if c not in columns]
     # names are lower-case: `Image` is not `image`
     cased = [(c, k) for k in (*missing, *optional) for c in columns if c != k and c.lower() == k]
@@ -164,7 +209,8 @@ def load_catalog(csv_path: Path, images_dir: Path | None = None, require_labels:
     if not root.is_dir():
         raise UserError(f"images folder {root} does not exist")
     rows = read_rows(csv_path, REQUIRED if require_labels else ("image",), OPTIONAL)
-    records = []
+    records, missing = [], []
+    species: dict[str, tuple[str, int]] = {}  # individual -> (species, line) where the catalog names one
     for line, row in rows:
         where = f"{csv_path}:{line}"
         image = row.get("image", "")
@@ -176,10 +222,26 @@ def load_catalog(csv_path: Path, images_dir: Path | None = None, require_labels:
         if require_labels and ind == NEW_INDIVIDUAL and not allow_new:
             raise UserError(f"{where}: {NEW_INDIVIDUAL!r} is the answer token for unseen animals, "
                             f"not an individual ID")
+        if ind is not None and (problem := id_problem(ind)):
+            raise UserError(f"{where}: {problem}")
+        kind = row.get("species", "")
+        if ind is not None and kind and ind != NEW_INDIVIDUAL:
+            other, at = species.setdefault(ind, (kind, line))
+            if other.casefold() != kind.casefold():
+                raise UserError(f"{where}: individual {ind} is a {kind} here and a {other} on line {at}: an ID names "
+                                f"one animal in a gallery (give each species its own IDs, e.g. {kind}-{ind}, or its "
+                                "own run)")
         path = root / image
         if check_files and not path.is_file():
-            raise UserError(f"{where}: image {image} not found (looked for {path})")
+            missing.append((where, image, path))
+            continue
         records.append(row_record(row, where, line, image, path, ind))
+    if missing:
+        where, image, path = missing[0]
+        more = (f"; {len(missing)} photos of the catalog not found, on lines "
+                f"{', '.join(w.rsplit(':', 1)[1] for w, _, _ in missing[:10])}{', ...' if len(missing) > 10 else ''}"
+                if len(missing) > 1 else "")
+        raise UserError(f"{where}: image {image} not found (looked for {path}){more}")
     dup = [img for img, n in Counter(r.image for r in records).items() if n > 1]
     if dup:
         at = [r.line for r in records if r.image == dup[0]]
@@ -195,9 +257,15 @@ def load_catalog(csv_path: Path, images_dir: Path | None = None, require_labels:
     return Catalog(source=csv_path, records=records)
 
 
+# folders that systems and file servers make beside the user's photos (a Synology NAS keeps a thumbnail of each
+# photo in @eaDir/, macOS's zip files a copy of each in __MACOSX/): never photos to match
+SYSTEM_FOLDERS = {"@eaDir", "#recycle", "#snapshot", "@Recycle", "@Recently-Snapshot", "__MACOSX",
+                  "$RECYCLE.BIN", "System Volume Information"}
+
+
 def _files_below(folder: Path) -> list[Path]:
     """Every file below `folder`, through linked folders too (each real folder once), and links to nothing,
-    hidden files (".DS_Store", "._x.jpg" of macOS) left out."""
+    hidden files (".DS_Store", "._x.jpg" of macOS) and the folders of SYSTEM_FOLDERS left out."""
     out, seen = [], set()
     for top, dirs, names in os.walk(folder, followlinks=True):
         real = os.path.realpath(top)
@@ -205,7 +273,7 @@ def _files_below(folder: Path) -> list[Path]:
             dirs[:] = []
             continue
         seen.add(real)
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in SYSTEM_FOLDERS)
         # (a link to nothing is listed too: a photo of the folder the user expects answered, said unreadable)
         out += [Path(top) / n for n in names if not n.startswith(".") and (
             os.path.isfile(os.path.join(top, n)) or not os.path.exists(os.path.join(top, n)))]

@@ -9,7 +9,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.catalog import Record, format_bbox, load_catalog, read_rows, row_record
+from core.catalog import Record, format_bbox, id_problem, load_catalog, read_rows, row_record, warn_lookalikes
 from core.errors import UserError
 from core.gallery import Gallery
 from core.metrics import NEW_INDIVIDUAL
@@ -75,6 +75,8 @@ def decided_records(path: Path, images: Path | None, known: set[str],
             unsure += 1
         elif not ident:
             problems.append(f"{where}: decision {decision} needs an individual_id")
+        elif problem := id_problem(ident):
+            problems.append(f"{where}: {problem}")
         elif ident == NEW_INDIVIDUAL:
             problems.append(f"{where}: decision {decision} needs the animal's own individual_id ({NEW_INDIVIDUAL} "
                             "is the engine's answer for an animal the gallery lacks, not an ID to give it)")
@@ -150,6 +152,7 @@ def main(cfg: MatchConfig, paths: Paths, threads: int | None = None, progress: b
                  if (k := str(Path(r.path).resolve())) in in_gallery and in_gallery[k] != r.individual_id]
         refuse(paths.catalog, clash)
     records = [r for r in given if str(Path(r.path).resolve()) not in in_gallery]
+    warn_lookalikes({r.individual_id for r in records}, engine.gallery.ids, f"{source} and the gallery")
     already = len(given) - len(records)
     extra = f", {unsure} unsure left out" if unsure else ""
     if not given:

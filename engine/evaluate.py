@@ -1,11 +1,12 @@
 """The evaluate command: every stage's ranking of labelled queries, scored side by side."""
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.catalog import load_catalog
+from core.catalog import load_catalog, warn_lookalikes
 from core.metrics import NEW_INDIVIDUAL
 from core.runtime import set_threads
 from core.stage import ALL
@@ -14,6 +15,8 @@ from engine.matching import (embed_queries, evaluate_pairs, evaluate_results, fo
                              right_animal_places, skipped_note, truths_in_gallery)
 from engine.pipeline import Engine
 from engine.stages import stage_names
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,11 @@ def main(cfg: MatchConfig, paths: Paths, threads: int | None = None, progress: b
     engine = Engine.load(paths.run, precision, stage_names(cfg.matchers))
     engine.warn_if_uncalibrated()
     truth = truths_in_gallery(engine.gallery, catalog.records)
+    labelled = {r.individual_id for r in catalog.records} - {NEW_INDIVIDUAL}
+    warn_lookalikes(labelled, engine.gallery.ids, f"{paths.catalog} and the gallery")
+    if labelled and not labelled & set(engine.gallery.ids):
+        log.warning("none of the %d individuals of %s is in the gallery: every photo is scored as a new individual "
+                    "(is it the catalog of this run's animals?)", len(labelled), paths.catalog)
     te = time.perf_counter()
     emb = embed_queries(engine, catalog.records, cfg, progress)
     seconds = {"embed": time.perf_counter() - te}

@@ -768,8 +768,13 @@ class Engine:
 
 
 def evidence_path(out_csv: Path) -> Path:
-    """The JSON of evidence `write_predictions` writes beside the predictions CSV."""
-    return Path(out_csv).with_suffix(".json")
+    """The JSON of evidence `write_predictions` writes beside the predictions CSV: `X.csv` -> `X.json`; a name
+    that does not end in .csv keeps all of it (`survey_2024.05` -> `survey_2024.05.json`: not the
+    `survey_2024.json` that `survey_2024.06` would share)."""
+    out_csv = Path(out_csv)
+    if out_csv.suffix.lower() == ".csv":
+        return out_csv.with_suffix(".json")
+    return out_csv.with_name(out_csv.name + ".json")
 
 
 def write_predictions(results: Sequence[QueryResult], out_csv: Path, extra: dict | None = None,

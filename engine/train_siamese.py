@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from core.catalog import IMAGE_SUFFIXES, Catalog, load_catalog, queryable
+from core.catalog import IMAGE_SUFFIXES, Catalog, load_catalog, queryable, warn_lookalikes
 from core.errors import UserError
 from core.gallery import Gallery
 from core.runfolder import RunFolder, atomic_write_json, read_json
@@ -200,6 +200,7 @@ def main(cfg: TrainConfig, paths: Paths, resume: bool = False, progress: bool = 
     run = RunFolder(out)
     check_run_folder(run)
     catalog = load_catalog(catalog_csv, images_dir)
+    warn_lookalikes(catalog.individuals(), where=str(catalog_csv))
     heldout = choose_heldout(catalog, cfg.heldout_fraction, cfg.seed)
     model_cfg = cfg.model.resolved()
     if not Path(model_cfg.weights).is_file():  # said before anything in --out changes

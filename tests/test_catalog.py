@@ -1,9 +1,10 @@
 import logging
 import os
+import unicodedata
 
 import pytest
 
-from core.catalog import catalog_from_folder, load_catalog
+from core.catalog import catalog_from_folder, load_catalog, lookalikes
 from core.errors import UserError
 
 
@@ -39,8 +40,44 @@ def test_empty_individual_id_names_the_line(tmp_path):
 
 def test_missing_image_names_the_line_and_path(tmp_path):
     p = write(tmp_path, "image,individual_id\na.jpg,w1\nnope.jpg,w2\n")
-    with pytest.raises(UserError, match=r"catalog.csv:3: image nope.jpg not found"):
+    with pytest.raises(UserError, match=r"catalog.csv:3: image nope.jpg not found") as e:
         load_catalog(p)
+    assert "photos of the catalog not found" not in str(e.value)  # (only one is missing)
+    # every missing photo's line, in one message: one pass fixes them all
+    p = write(tmp_path, "image,individual_id\nnope1.jpg,w1\na.jpg,w1\nnope2.jpg,w2\nnope3.jpg,w3\n")
+    with pytest.raises(UserError, match=r"catalog.csv:2: image nope1.jpg not found \(looked for .*\); 3 photos of "
+                                        r"the catalog not found, on lines 2, 4, 5$"):
+        load_catalog(p)
+
+
+@pytest.mark.parametrize("ident", ["Big Mama", "F 01", "a\tb"])
+def test_an_id_holding_a_space_is_refused(tmp_path, ident):
+    """The predictions CSV lists five IDs separated by spaces: `Big Mama` would read as two."""
+    p = write(tmp_path, f'image,individual_id\na.jpg,w1\nb.jpg,"{ident}"\n')
+    with pytest.raises(UserError, match=r"catalog.csv:3: individual_id .* holds a space: the predictions list IDs "
+                                        rf"separated by spaces, so an ID cannot hold one \(write it e.g. {ident.split()[0]}_"):
+        load_catalog(p)
+    # (queries without labels have no ID to check)
+    assert len(load_catalog(write(tmp_path, "image\na.jpg\n"), require_labels=False)) == 1
+
+
+def test_a_column_named_twice_is_refused(tmp_path):
+    """csv would read the last of the two: the IDs of the first column would be ignored without a word."""
+    p = write(tmp_path, "image,individual_id,notes,individual_id\na.jpg,w1,old tag,TMP-17\n")
+    with pytest.raises(UserError, match=r"catalog.csv: the header names column individual_id 2 times \(columns 2, "
+                                        r"4\): keep one of them"):
+        load_catalog(p)
+    # other columns are kept and ignored, twice too
+    assert load_catalog(write(tmp_path, "image,individual_id,note,note\na.jpg,w1,x,y\n")).records[0].individual_id == "w1"
+
+
+def test_an_id_under_two_species_is_refused(tmp_path):
+    p = write(tmp_path, "image,individual_id,species\na.jpg,F01,zebra\nb.jpg,F01,giraffe\n")
+    with pytest.raises(UserError, match=r"catalog.csv:3: individual F01 is a giraffe here and a zebra on line 2: an ID "
+                                        r"names one animal .*e.g. giraffe-F01"):
+        load_catalog(p)
+    p = write(tmp_path, "image,individual_id,species\na.jpg,F01,zebra\nb.jpg,F01,Zebra\n")  # (one species)
+    assert [r.individual_id for r in load_catalog(p).records] == ["F01", "F01"]
 
 
 def test_bad_bbox_and_duplicates(tmp_path):
@@ -125,6 +162,12 @@ def test_query_folder(tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"x")
     (tmp_path / "notes.txt").write_text("x")
     assert [r.image for r in catalog_from_folder(tmp_path).records] == ["a.jpg", "sub/b.PNG"]
+    # what a NAS or an unzipped archive adds beside the photos: thumbnails and copies, not new photos
+    for extra in ("@eaDir/a.jpg/SYNOPHOTO_THUMB_S.jpg", "sub/@eaDir/b.PNG/SYNOPHOTO_THUMB_M.jpg",
+                  "__MACOSX/sub/b.PNG", "$RECYCLE.BIN/old.jpg"):
+        (tmp_path / extra).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / extra).write_bytes(b"x")
+    assert [r.image for r in catalog_from_folder(tmp_path).records] == ["a.jpg", "sub/b.PNG"]
 
 
 @pytest.mark.skipif(os.name == "nt", reason="folder links need privileges on Windows")
@@ -148,3 +191,11 @@ def test_query_folder_follows_linked_folders_and_counts_what_it_skips(tmp_path, 
 def test_a_utf8_bom_is_read_as_usual(tmp_path):
     p = write(tmp_path, "\ufeffimage,individual_id\na.jpg,w1\n")
     assert [(r.image, r.individual_id) for r in load_catalog(p).records] == [("a.jpg", "w1")]
+
+
+def test_lookalike_ids_differ_only_in_case_or_accent_encoding():
+    nfc, nfd = unicodedata.normalize("NFC", "Zoé"), unicodedata.normalize("NFD", "Zoé")
+    assert nfc != nfd
+    assert lookalikes(["IND001", "ind002", nfd, "F1"], ["ind001", nfc, "F-1"]) == [("IND001", "ind001"), (nfd, nfc)]
+    assert lookalikes(["A", "a", "b"]) == [("a", "A")]
+    assert lookalikes(["ind001"], ["ind001"]) == []  # (the same ID is no lookalike)

@@ -457,6 +457,28 @@ def test_enroll_lists_its_photos_before_the_gallery_takes_them(chain, tmp_path, 
     assert [(row["image"], row["individual_id"]) for row in csv.DictReader(open(run / "enrolled.csv"))] == listed
 
 
+def test_ids_spelled_another_way_are_said(chain, tmp_path):
+    """A catalog whose IDs are the gallery's in other letter case scores every photo as a new individual:
+    evaluate says so, and enroll says which new IDs look like known ones (each stays an animal of its own)."""
+    root, run, qdir, truth = chain
+    rows = list(csv.DictReader(open(truth)))
+    upper = tmp_path / "upper.csv"
+    upper.write_text("image,individual_id\n" + "".join(
+        f"{r['image']},{r['individual_id'] if r['individual_id'] == 'new_individual' else r['individual_id'].upper()}\n"
+        for r in rows))
+    out = " ".join(invoke("evaluate", "--catalog", upper, "--images", qdir, "--run", run, "-q").split())
+    known = {r["individual_id"] for r in rows} - {"new_individual"}
+    assert f"none of the {len(known)} individuals of {upper} is in the gallery" in out, out
+    assert "differ from another only in letter case or accent encoding" in out
+    photo = sorted(qdir.rglob("*.jpg"))[0]
+    gallery_id = sorted(known)[0]
+    catalog = tmp_path / "c.csv"
+    catalog.write_text(f"image,individual_id\n{photo},{gallery_id.upper()}\n")
+    out = " ".join(invoke("enroll", "--catalog", catalog, "--run", run).split())
+    assert f"1 individual ID(s) in {catalog} and the gallery differ from another only in letter case" in out, out
+    assert f"'{gallery_id.upper()}' / '{gallery_id}'" in out and "enrolled 1 photo (1 new individual" in out
+
+
 def test_enroll_decisions_refuses_bad_rows_naming_their_lines(chain, tmp_path):
     root, run, qdir, truth = chain
     photo, second, third = sorted(qdir.rglob("*.jpg"))[:3]
@@ -469,11 +491,13 @@ def test_enroll_decisions_refuses_bad_rows_naming_their_lines(chain, tmp_path):
                    f"{photo.parent / 'other.jpg'},new,{gallery_id},,,\n"
                    f'{second},new,x2,,left,"1,2,inf,4"\n'
                    f"{third},unsure,,,,nonsense\n"  # left out anyway: its box is not read
-                   f"{photo.parent / 'another.jpg'},new,new_individual,,,\n")  # the engine's answer is no ID
+                   f"{photo.parent / 'another.jpg'},new,new_individual,,,\n"  # the engine's answer is no ID
+                   f"{photo.parent / 'third.jpg'},new,Big Mama,,,\n")  # the predictions would read two IDs
     r = runner.invoke(app, ["enroll", "--decisions", str(bad), "--run", str(run), "-q"])
     assert r.exit_code == 2
     text = " ".join(r.output.split())
-    assert "6 problem(s)" in text and "nothing enrolled" in text
+    assert "7 problem(s)" in text and "nothing enrolled" in text
+    assert f"{bad}:9: individual_id 'Big Mama' holds a space" in text and "(write it e.g. Big_Mama)" in text
     assert f"{bad}:8: decision new needs the animal's own individual_id (new_individual is the engine's" in text
     assert f"{bad}:6: bbox '1,2,inf,4' is not four numbers" in text and f"{bad}:7" not in text
     assert f"{bad}:2: individual nobody_77 is not in the run's gallery" in text
@@ -1066,3 +1090,12 @@ def test_a_copy_of_a_gallery_photo_is_found_first_and_certain(chain, tmp_path):
         assert not any(c.get("same_photo") for c in q["candidates"][1:])
     shown = [c["name"] for q in page_data((tmp_path / "review.html").read_text())["queries"] for c in q["candidates"]]
     assert sum(name.endswith(" (the same photo)") for name in shown) == len(picks), shown
+
+
+def test_the_evidence_json_of_an_out_not_ending_in_csv_keeps_its_whole_name():
+    """`--out survey_2024.05` and `--out survey_2024.06` once shared survey_2024.json: the second replaced the
+    first's evidence."""
+    from engine.pipeline import evidence_path
+    assert evidence_path(Path("o/p.csv")) == Path("o/p.json") and evidence_path(Path("o/P.CSV")) == Path("o/P.json")
+    assert evidence_path(Path("o/survey_2024.05")) == Path("o/survey_2024.05.json")
+    assert evidence_path(Path("o/week1")) == Path("o/week1.json")

@@ -171,7 +171,8 @@ def test_page_renders_and_records_decisions_by_keyboard(browser, report, tmp_pat
         assert page.locator("#q-3 .evidence svg line").count() == 3  # rank 1 of sure.jpg: 3 inliers drawn
         page.reload()  # decisions survive in the browser's storage
         assert page.text_content("#progress") == "3 of 4 decided"
-        assert page.locator("#q-2 [data-field=new-name]").input_value() == "Nyx, the 2nd"
+        # (spaces become _: an ID holds none, the predictions list IDs separated by spaces)
+        assert page.locator("#q-2 [data-field=new-name]").input_value() == "Nyx,_the_2nd"
         with page.expect_download() as dl:
             page.click("#export")
         assert dl.value.suggested_filename == "decisions.csv"
@@ -180,7 +181,7 @@ def test_page_renders_and_records_decisions_by_keyboard(browser, report, tmp_pat
         rows = list(csv.DictReader(open(target, newline="", encoding="utf-8")))
         assert [(r["image"], r["decision"], r["individual_id"], r["note"]) for r in rows] == [
             ("unlabelled.jpg", "unsure", "", ""), ("doubt.jpg", "match", "W9", ""),
-            ("<script>alert(1)</script>&.jpg", "new", "Nyx, the 2nd", 'says "hi"')]
+            ("<script>alert(1)</script>&.jpg", "new", "Nyx,_the_2nd", 'says "hi"')]
         # the photo's viewpoint and box as the queries catalog gave them, for enroll
         assert [(r["viewpoint"], r["bbox"]) for r in rows] == [("", ""), ("", ""), ("left", "10,20,150,90")]
         assert errors == []
