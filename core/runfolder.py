@@ -130,6 +130,9 @@ class RunFolder:
 
     def config(self) -> dict:
         """Read config.json, refusing run folders this engine cannot read."""
+        if self.path.is_file():
+            raise UserError(f"run folder {self.path} is a file: give the folder that holds it"
+                            f"{f' ({self.path.parent})' if self.path.name == 'config.json' else ''}")
         if not self.path.is_dir():
             raise UserError(f"run folder {self.path} does not exist (make one with `cli.py train-siamese`)")
         if not self.config_path.is_file():

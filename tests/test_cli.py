@@ -159,7 +159,7 @@ def test_evaluate_open_set(sample, run_dir, tmp_path):
                                   "empty_test_dir_out_in_new_folders", "missing_weights", "out_in_run",
                                   "out_is_a_photo", "out_is_the_queries_csv", "report_named_like_a_photo",
                                   "queries_is_a_folder", "calibration_of_a_newer_engine", "report_over_the_photos",
-                                  "report_over_other_files", "no_photo_readable"])
+                                  "report_over_other_files", "no_photo_readable", "run_is_its_config"])
 def test_bad_input_exits_2_with_one_sentence(case, sample, run_dir, tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"x")
     if case == "bad_column":
@@ -284,6 +284,9 @@ def test_bad_input_exits_2_with_one_sentence(case, sample, run_dir, tmp_path):
     elif case == "no_run":
         args = ["match", tmp_path, "--run", tmp_path / "nowhere", "--out", tmp_path / "p.csv"]
         expect = "does not exist"
+    elif case == "run_is_its_config":
+        args = ["match", tmp_path, "--run", run_dir / "config.json", "--out", tmp_path / "p.csv"]
+        expect = f"run folder {run_dir / 'config.json'} is a file: give the folder that holds it ({run_dir})"
     elif case == "bad_crop":
         args = ["train-siamese", "--catalog", sample, "--out", tmp_path / "r", "--crop", "tight"]
         expect = "crop 'tight': choose one of focus, none"
