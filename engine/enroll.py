@@ -9,6 +9,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from core.catalog import Record, format_bbox, id_problem, load_catalog, read_rows, row_record, warn_lookalikes
 from core.errors import UserError
 from core.gallery import Gallery
@@ -99,6 +101,26 @@ def decided_records(path: Path, images: Path | None, known: set[str],
     return records, unsure
 
 
+# a photo's embedding and that of a copy of its file (another name, another folder) agree to 6 decimals; photos
+# of one animal taken apart score below 0.8 (the demo's sample), so this finds copies, not look-alikes
+SAME_PHOTO_COSINE = 0.9999
+
+
+def copies_in_gallery(gallery: Gallery, records: list[Record], embeddings: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """For each new photo, the gallery index of a photo it is a copy of (its embedding the same: the same
+    pixels and crop), or -1."""
+    out = np.full(len(records), -1, np.int64)
+    if len(gallery) == 0:
+        return out
+    G = np.asarray(gallery.embeddings, np.float32)
+    for a in range(0, len(records), chunk):
+        S = np.asarray(embeddings[a:a + chunk], np.float32) @ G.T
+        best = S.argmax(axis=1)
+        hit = S[np.arange(len(best)), best] >= SAME_PHOTO_COSINE
+        out[a:a + chunk][hit] = best[hit]
+    return out
+
+
 def write_added(run_dir: Path, records: list[Record]) -> Path:
     """Append the catalog rows (image,individual_id,viewpoint,bbox) of the photos just enrolled, by the
     file's own column names (a file begun before the bbox column gets it in its header). A photo the file
@@ -167,9 +189,22 @@ def main(cfg: MatchConfig, paths: Paths, threads: int | None = None, progress: b
                 f"the other {len(records)} could not be read (first: {emb.skipped[0][1]}){extra}")
     if len(emb.ok) == 0:
         raise UserError(f"none of the {len(records)} photos could be read (first: {emb.skipped[0][1]})")
-    added = [records[i] for i in emb.ok]
+    added, vectors = [records[i] for i in emb.ok], emb.embeddings
+    # a copy of a gallery photo (another file name): refused under another individual, as the photo itself
+    # is; under its own individual it is there already
+    copies = copies_in_gallery(engine.gallery, added, vectors)
+    refuse(source, [f"{source}:{r.line}: image {r.image} is the same photo as {engine.gallery.paths[j]} in the "
+                    f"gallery, of individual {engine.gallery.ids[j]}, not {r.individual_id}"
+                    for r, j in zip(added, copies) if j >= 0 and engine.gallery.ids[j] != r.individual_id])
+    if (copies >= 0).any():
+        keep = np.flatnonzero(copies < 0)
+        already += len(added) - len(keep)
+        added, vectors = [added[i] for i in keep], vectors[keep]
+        if not added:
+            return (f"nothing to enroll: the {counted(already, 'confirmed photo')} of {source} are already in the "
+                    f"gallery (copies of its photos too){extra}")
     before = set(engine.gallery.ids)
-    gallery = engine.gallery.extend(Gallery.from_records(added, emb.embeddings))
+    gallery = engine.gallery.extend(Gallery.from_records(added, vectors))
     for stage in engine.stages:  # local features now, so the first match does not pay for them
         if hasattr(stage, "store"):
             stage.store.get(added, stage.workers, progress=progress, desc=f"{stage.name} of new photos")

@@ -479,6 +479,30 @@ def test_ids_spelled_another_way_are_said(chain, tmp_path):
     assert f"'{gallery_id.upper()}' / '{gallery_id}'" in out and "enrolled 1 photo (1 new individual" in out
 
 
+def test_enroll_knows_a_copy_of_a_gallery_photo(chain, tmp_path):
+    """The same photo under another file name: refused under another individual (as the photo itself is),
+    left out under its own (it is there already)."""
+    from core.gallery import Gallery
+    root, run, qdir, truth = chain
+    g = Gallery.load(run / "gallery.h5")
+    for k in (0, 1):
+        shutil.copyfile(g.paths[k], tmp_path / f"IMG_{k}.jpg")
+    other = next(i for i in g.ids if i != g.ids[0])
+    catalog = tmp_path / "c.csv"
+    catalog.write_text(f"image,individual_id\nIMG_0.jpg,{other}\nIMG_1.jpg,{g.ids[1]}\n")
+    before = (run / "gallery.h5").read_bytes()
+    r = runner.invoke(app, ["enroll", "--catalog", str(catalog), "--run", str(run), "-q"])
+    text = " ".join(r.output.split())
+    assert r.exit_code == 2 and "1 problem(s)" in text and "nothing enrolled" in text, r.output
+    assert f"{catalog}:2: image IMG_0.jpg is the same photo as {g.paths[0]} in the gallery, of individual " \
+           f"{g.ids[0]}, not {other}" in text
+    assert (run / "gallery.h5").read_bytes() == before
+    catalog.write_text(f"image,individual_id\nIMG_0.jpg,{g.ids[0]}\nIMG_1.jpg,{g.ids[1]}\n")
+    out = invoke("enroll", "--catalog", catalog, "--run", run, "-q")
+    assert "nothing to enroll: the 2 confirmed photos of" in out and "(copies of its photos too)" in out, out
+    assert len(Gallery.load(run / "gallery.h5")) == len(g)
+
+
 def test_enroll_decisions_refuses_bad_rows_naming_their_lines(chain, tmp_path):
     root, run, qdir, truth = chain
     photo, second, third = sorted(qdir.rglob("*.jpg"))[:3]
