@@ -79,6 +79,8 @@ def main(cfg: MatchConfig, paths: Paths, threads: int | None = None, progress: b
     engine = Engine.load(paths.run, precision, stage_names(cfg.matchers))
     engine.warn_if_uncalibrated()
     results, emb = match_records(engine, records, cfg, progress)
+    if report is not None:  # replaced below: a stop before then (Ctrl-C) leaves no page of earlier answers
+        Path(report).unlink(missing_ok=True)  # beside these predictions
     json_path = write_predictions(results, out, {"run": str(paths.run), "tau": engine.tau(cfg)},
                                   unreadable=emb.skipped)
     if report is not None:

@@ -503,6 +503,25 @@ def test_enroll_knows_a_copy_of_a_gallery_photo(chain, tmp_path):
     assert len(Gallery.load(run / "gallery.h5")) == len(g)
 
 
+def test_a_match_stopped_while_writing_its_page_leaves_no_page_of_earlier_answers(chain, tmp_path, monkeypatch):
+    import engine.review
+    root, run, qdir, truth = chain
+    out, page = tmp_path / "p.csv", tmp_path / "p.html"
+    invoke("match", qdir, "--run", run, "--out", out, "--report", page, "-q")
+    assert page.is_file()
+    fewer = tmp_path / "fewer"
+    fewer.mkdir()
+    shutil.copyfile(sorted(qdir.rglob("*.jpg"))[0], fewer / "one.jpg")
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine.review, "write_review", stopped)
+    r = runner.invoke(app, ["match", str(fewer), "--run", str(run), "--out", str(out), "--report", str(page), "-q"])
+    assert r.exit_code == 130, r.output
+    assert len(list(csv.DictReader(open(out)))) == 1 and not page.exists()  # (not the page of the first answers)
+
+
 def test_enroll_decisions_refuses_bad_rows_naming_their_lines(chain, tmp_path):
     root, run, qdir, truth = chain
     photo, second, third = sorted(qdir.rglob("*.jpg"))[:3]
