@@ -222,15 +222,15 @@ def load_catalog(csv_path: Path, images_dir: Path | None = None, require_labels:
         if require_labels and ind == NEW_INDIVIDUAL and not allow_new:
             raise UserError(f"{where}: {NEW_INDIVIDUAL!r} is the answer token for unseen animals, "
                             f"not an individual ID")
-        if ind is not None and (problem := id_problem(ind)):
+        if require_labels and (problem := id_problem(ind)):  # (a --queries CSV's labels are not read)
             raise UserError(f"{where}: {problem}")
         kind = row.get("species", "")
-        if ind is not None and kind and ind != NEW_INDIVIDUAL:
+        if require_labels and kind and ind != NEW_INDIVIDUAL:
             other, at = species.setdefault(ind, (kind, line))
             if other.casefold() != kind.casefold():
                 raise UserError(f"{where}: individual {ind} is a {kind} here and a {other} on line {at}: an ID names "
-                                f"one animal in a gallery (give each species its own IDs, e.g. {kind}-{ind}, or its "
-                                "own run)")
+                                f"one animal in a gallery (photos are not told apart by species: give each species "
+                                f"its own run, or each animal its own ID, e.g. {kind}-{ind})")
         path = root / image
         if check_files and not path.is_file():
             missing.append((where, image, path))
@@ -238,7 +238,7 @@ def load_catalog(csv_path: Path, images_dir: Path | None = None, require_labels:
         records.append(row_record(row, where, line, image, path, ind))
     if missing:
         where, image, path = missing[0]
-        more = (f"; {len(missing)} photos of the catalog not found, on lines "
+        more = (f"; {len(missing)} photos of the {what} not found, on lines "
                 f"{', '.join(w.rsplit(':', 1)[1] for w, _, _ in missing[:10])}{', ...' if len(missing) > 10 else ''}"
                 if len(missing) > 1 else "")
         raise UserError(f"{where}: image {image} not found (looked for {path}){more}")
@@ -259,8 +259,9 @@ def load_catalog(csv_path: Path, images_dir: Path | None = None, require_labels:
 
 # folders that systems and file servers make beside the user's photos (a Synology NAS keeps a thumbnail of each
 # photo in @eaDir/, macOS's zip files a copy of each in __MACOSX/): never photos to match
-SYSTEM_FOLDERS = {"@eaDir", "#recycle", "#snapshot", "@Recycle", "@Recently-Snapshot", "__MACOSX",
-                  "$RECYCLE.BIN", "System Volume Information"}
+# (compared in any case: NTFS spells the recycle bin $Recycle.Bin, FAT $RECYCLE.BIN)
+SYSTEM_FOLDERS = {name.casefold() for name in ("@eaDir", "#recycle", "#snapshot", "@Recycle", "@Recently-Snapshot",
+                                               "__MACOSX", "$RECYCLE.BIN", "System Volume Information")}
 
 
 def _files_below(folder: Path) -> list[Path]:
@@ -273,7 +274,7 @@ def _files_below(folder: Path) -> list[Path]:
             dirs[:] = []
             continue
         seen.add(real)
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in SYSTEM_FOLDERS)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d.casefold() not in SYSTEM_FOLDERS)
         # (a link to nothing is listed too: a photo of the folder the user expects answered, said unreadable)
         out += [Path(top) / n for n in names if not n.startswith(".") and (
             os.path.isfile(os.path.join(top, n)) or not os.path.exists(os.path.join(top, n)))]

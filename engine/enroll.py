@@ -77,7 +77,7 @@ def decided_records(path: Path, images: Path | None, known: set[str],
             unsure += 1
         elif not ident:
             problems.append(f"{where}: decision {decision} needs an individual_id")
-        elif problem := id_problem(ident):
+        elif ident not in known and (problem := id_problem(ident)):  # (an older run's gallery may hold such IDs)
             problems.append(f"{where}: {problem}")
         elif ident == NEW_INDIVIDUAL:
             problems.append(f"{where}: decision {decision} needs the animal's own individual_id ({NEW_INDIVIDUAL} "
@@ -101,9 +101,11 @@ def decided_records(path: Path, images: Path | None, known: set[str],
     return records, unsure
 
 
-# a photo's embedding and that of a copy of its file (another name, another folder) agree to 6 decimals; photos
-# of one animal taken apart score below 0.8 (the demo's sample), so this finds copies, not look-alikes
-SAME_PHOTO_COSINE = 0.9999
+# a photo's embedding and that of a copy of its file (another name, another folder) agree to 6 decimals in one
+# precision, to 0.9996 between fp32 and bf16 (a gallery embedded on a CPU with bf16, enrolled on one without);
+# two photos of the development set's galleries reach at most 0.856, of the demo's sample 0.78: this finds
+# copies, not look-alikes
+SAME_PHOTO_COSINE = 0.998
 
 
 def copies_in_gallery(gallery: Gallery, records: list[Record], embeddings: np.ndarray, chunk: int = 256) -> np.ndarray:
@@ -124,23 +126,23 @@ def copies_in_gallery(gallery: Gallery, records: list[Record], embeddings: np.nd
 def write_added(run_dir: Path, records: list[Record]) -> Path:
     """Append the catalog rows (image,individual_id,viewpoint,bbox) of the photos just enrolled, by the
     file's own column names (a file begun before the bbox column gets it in its header). A photo the file
-    lists already is not listed twice: enroll writes this file before the gallery, so an enroll stopped
-    between the two and run again finds its photos here."""
+    lists already is listed once, as enrolled now: enroll writes this file before the gallery, so an enroll
+    stopped between the two and run again (with an ID corrected meanwhile) finds its photos here."""
     out = RunFolder(run_dir).enrolled_path  # appended run after run
     old = out.read_text(encoding="utf-8-sig") if out.is_file() else ""
     header, _, body = old.partition("\n")
     columns = next(csv.reader([header]), []) if header.strip() else []
     columns = [c.strip() for c in columns] or ["image", "individual_id", "viewpoint"]
-    listed = {(row.get("image") or "").strip() for row in csv.DictReader(io.StringIO(body), fieldnames=columns)}
     if "bbox" not in columns:  # a file begun before the column: its rows read it as empty
         columns.append("bbox")
+    now = {str(Path(r.path).resolve()) for r in records}
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=columns, restval="", extrasaction="ignore", lineterminator="\n")
     w.writeheader()
-    buf.write(body if not body or body.endswith("\n") else body + "\n")
+    for row in csv.DictReader(io.StringIO(body), fieldnames=columns):
+        if (row.get("image") or "").strip() not in now:  # a row of a photo enrolled now is written anew (its ID
+            w.writerow(row)                              # corrected since an enroll that stopped, say)
     for r in records:
-        if str(Path(r.path).resolve()) in listed:
-            continue
         w.writerow({"image": str(Path(r.path).resolve()), "individual_id": r.individual_id,
                     "viewpoint": r.viewpoint or "", "bbox": format_bbox(r.bbox)})
     atomic_write_bytes(out, buf.getvalue().encode("utf-8"))
@@ -202,7 +204,7 @@ def main(cfg: MatchConfig, paths: Paths, threads: int | None = None, progress: b
         added, vectors = [added[i] for i in keep], vectors[keep]
         if not added:
             return (f"nothing to enroll: the {counted(already, 'confirmed photo')} of {source} are already in the "
-                    f"gallery (copies of its photos too){extra}")
+                    f"gallery (copies of its photos too){skipped_note(emb)}{extra}")
     before = set(engine.gallery.ids)
     gallery = engine.gallery.extend(Gallery.from_records(added, vectors))
     for stage in engine.stages:  # local features now, so the first match does not pay for them

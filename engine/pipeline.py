@@ -22,7 +22,7 @@ import torch
 
 from core.aggregate import aggregate_per_individual, top5_with_new
 from core.cache import record_key
-from core.catalog import Record
+from core.catalog import Record, id_problem
 from core.errors import UserError
 from core.gallery import Gallery
 from core.metrics import NEW_INDIVIDUAL
@@ -269,6 +269,13 @@ class Engine:
         engine = cls(run, model, Gallery.load(run.gallery_path, run.images_root()), config, stages,
                      replaces_calibration)
         engine.precision = resolve_precision(model, precision, config.get("precision"))
+        spaced = sorted({i for i in engine.gallery.ids if id_problem(i)})
+        if spaced:  # (catalogs holding such IDs are refused since; a run trained before keeps them)
+            log.warning("%d individual ID(s) of the gallery hold a space (%s): in the predictions CSV, whose five IDs "
+                        "are separated by spaces, each reads as two; train again from a catalog whose IDs hold none "
+                        "(e.g. %s)", len(spaced), ", ".join(repr(i) for i in spaced[:3]) + (", ..." if len(spaced) > 3
+                                                                                               else ""),
+                        "_".join(spaced[0].split()))
         return engine
 
     def warn_if_uncalibrated(self) -> None:

@@ -257,8 +257,9 @@ _SYSTEM_FILES = {"Thumbs.db", "desktop.ini"}  # what file browsers leave in a fo
 def write_report(path: str | os.PathLike, entries: Sequence[ReportQuery], title: str = "Matches",
                  config: ReportConfig = ReportConfig(), skipped: Sequence[tuple[str, str]] = ()) -> Path:
     """Write the page and its thumbnail folder; return the page's path. The folder is filled under
-    a temporary name and both are renamed into place, so an interrupted run leaves the previous
-    page whole. `skipped`: (name, reason) of the photos that could not be read, listed on the page."""
+    a temporary name and both are renamed into place, so an interrupted write leaves no half page (`match`
+    removes an earlier page before it writes new predictions: stopped meanwhile, it leaves none rather than
+    one of earlier answers). `skipped`: (name, reason) of the photos that could not be read, listed on the page."""
     import jinja2
 
     path = check_report_path(path, "review page")

@@ -307,7 +307,7 @@ def test_bad_input_exits_2_with_one_sentence(case, sample, run_dir, tmp_path):
     assert expect in r.output and "Traceback" not in r.output
     assert {p: p.read_bytes() for p in kept} == kept and not (run_dir / "config.csv").exists()
     assert not (tmp_path / "p.csv").is_file() and not (tmp_path / "p.json").is_file()
-    assert not (tmp_path / "p.csv").is_file() and not list(tmp_path.glob("*.tmp*"))
+    assert not list(tmp_path.glob("*.tmp*"))
     if case in ("bad_calibration", "calibration_not_json"):  # the advice works: calibrate replaces the file
         assert "`cli.py calibrate` writes it anew" in r.output
         r = runner.invoke(app, ["calibrate", "--run", str(broken), "--folds", "2", "-q"])
