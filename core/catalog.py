@@ -238,7 +238,7 @@ def load_catalog(csv_path: Path, images_dir: Path | None = None, require_labels:
         records.append(row_record(row, where, line, image, path, ind))
     if missing:
         where, image, path = missing[0]
-        more = (f"; {len(missing)} photos of the {what} not found, on lines "
+        more = (f"; {len(missing)} photos of {csv_path.name} not found, on lines "
                 f"{', '.join(w.rsplit(':', 1)[1] for w, _, _ in missing[:10])}{', ...' if len(missing) > 10 else ''}"
                 if len(missing) > 1 else "")
         raise UserError(f"{where}: image {image} not found (looked for {path}){more}")

@@ -42,11 +42,11 @@ def test_missing_image_names_the_line_and_path(tmp_path):
     p = write(tmp_path, "image,individual_id\na.jpg,w1\nnope.jpg,w2\n")
     with pytest.raises(UserError, match=r"catalog.csv:3: image nope.jpg not found") as e:
         load_catalog(p)
-    assert "photos of the catalog not found" not in str(e.value)  # (only one is missing)
+    assert "photos of catalog.csv not found" not in str(e.value)  # (only one is missing)
     # every missing photo's line, in one message: one pass fixes them all
     p = write(tmp_path, "image,individual_id\nnope1.jpg,w1\na.jpg,w1\nnope2.jpg,w2\nnope3.jpg,w3\n")
     with pytest.raises(UserError, match=r"catalog.csv:2: image nope1.jpg not found \(looked for .*\); 3 photos of "
-                                        r"the catalog not found, on lines 2, 4, 5$"):
+                                        r"catalog.csv not found, on lines 2, 4, 5$"):
         load_catalog(p)
 
 
