@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
@@ -806,7 +807,7 @@ def write_predictions(results: Sequence[QueryResult], out_csv: Path, extra: dict
         "inliers_xy": INLIERS_XY,
         "skipped": [{"image": rec.image, "reason": reason} for rec, reason in unreadable],
         "queries": [{
-            "image": r.name, "path": str(r.record.path), "predictions": r.predictions,
+            "image": r.name, "path": os.path.abspath(r.record.path), "predictions": r.predictions,
             **({"bbox": list(r.record.bbox)} if r.record.bbox else {}),
             "candidates": [{
                 "individual_id": c.individual_id, "score": round(c.score, 6), "gallery_image": c.gallery_image,

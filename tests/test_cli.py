@@ -81,6 +81,18 @@ def test_match_exact_copies_finds_their_individual(sample, run_dir, tmp_path):
     assert evidence["skipped"][0]["image"] == "broken.jpg"
 
 
+def test_the_evidence_names_each_query_photo_by_its_absolute_path(sample, run_dir, tmp_path, monkeypatch):
+    """A test folder given relative to the working folder: the JSON's `path` still finds the photo from
+    elsewhere (as the review page's and its decisions' paths do)."""
+    (tmp_path / "q").mkdir()
+    shutil.copyfile(sample.parent / read_csv(sample)[0]["image"], tmp_path / "q" / "0.jpg")
+    monkeypatch.chdir(tmp_path)
+    r = invoke("match", "q", "--run", run_dir, "--out", "p.csv", "-q")
+    assert r.exit_code == 0, r.output
+    path = json.loads((tmp_path / "p.json").read_text())["queries"][0]["path"]
+    assert os.path.isabs(path) and os.path.samefile(path, tmp_path / "q" / "0.jpg")
+
+
 def test_match_with_viewpoints(sample, run_dir, tmp_path):
     rows = [r for r in read_csv(sample) if r["viewpoint"] == "right"][:3]
     test_dir = tmp_path / "q"
