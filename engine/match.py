@@ -58,6 +58,9 @@ def main(cfg: MatchConfig, paths: Paths, threads: int | None = None, progress: b
     t0 = time.perf_counter()
     set_threads(threads)
     out, report = paths.out, paths.report
+    if str(out) == "-":
+        raise UserError("--out -: match writes a CSV file and its evidence JSON beside it, not to the terminal: give a "
+                        "file name (e.g. predictions.csv)")
     if Path(out).suffix.lower() == ".json" or Path(out).suffix.lower() in IMAGE_SUFFIXES:
         raise UserError(f"--out {out}: the predictions are a CSV (e.g. {Path(out).with_suffix('.csv').name}); the "
                         "evidence JSON goes beside it")

@@ -171,7 +171,7 @@ def test_evaluate_open_set(sample, run_dir, tmp_path):
                                   "empty_test_dir_out_in_new_folders", "missing_weights", "out_in_run",
                                   "out_is_a_photo", "out_is_the_queries_csv", "report_named_like_a_photo",
                                   "queries_is_a_folder", "calibration_of_a_newer_engine", "report_over_the_photos",
-                                  "report_over_other_files", "no_photo_readable", "run_is_its_config"])
+                                  "report_over_other_files", "no_photo_readable", "run_is_its_config", "out_is_a_dash"])
 def test_bad_input_exits_2_with_one_sentence(case, sample, run_dir, tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"x")
     if case == "bad_column":
@@ -273,6 +273,9 @@ def test_bad_input_exits_2_with_one_sentence(case, sample, run_dir, tmp_path):
         shutil.copyfile(tmp_path / "a.jpg", tmp_path / "photos" / "a.jpg")
         args = ["match", tmp_path / "photos", "--run", run_dir, "--out", tmp_path / "p.csv"]
         expect = f"none of the 1 query photos could be read (first: {tmp_path / 'photos' / 'a.jpg'}"
+    elif case == "out_is_a_dash":  # (a file named "-" would be written)
+        args = ["match", tmp_path, "--run", run_dir, "--out", "-"]
+        expect = "--out -: match writes a CSV file and its evidence JSON beside it, not to the terminal"
     elif case == "out_is_a_folder":
         (tmp_path / "p.csv").mkdir()
         args = ["match", tmp_path, "--run", run_dir, "--out", tmp_path / "p.csv"]
