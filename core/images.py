@@ -117,6 +117,7 @@ def load_image_reduced(path: Path, bbox: tuple[int, int, int, int] | None = None
     offset = (i0 * scale + base[0] + c - x0, j0 * scale + base[1] + c - y0)
     if H < 2 or W < 2:
         raise ImageError(f"{path}: image is only {W}x{H} pixels")
+    _warn_small(path, bbox, W, H)
     return np.ascontiguousarray(arr), Reduction((H, W), scale, offset)
 
 
@@ -145,6 +146,22 @@ def _warn_partly_outside(path: Path, bbox, inside: int, size: tuple[int, int], t
         hint = f"; it would fit the photo as stored ({H}x{W}, before its EXIF rotation): was it measured there?"
     log.warning("%s: bbox %s reaches past the %dx%d photo (as displayed, EXIF orientation applied): %d%% of it "
                 "is inside, and only that part is used%s", path, tuple(bbox), W, H, round(100 * inside / (w * h)), hint)
+
+
+# below this many pixels on its shorter side a photo (or its box) is a thumbnail: read, with a warning
+SMALL_SIDE = 64
+
+
+def _warn_small(path: Path, bbox, W: int, H: int) -> None:
+    """Once per photo: one too small to show a coat pattern is read, but its answers mean little."""
+    if min(W, H) >= SMALL_SIDE:
+        return
+    with _WARNED_LOCK:
+        if (path, bbox, "small") in _WARNED:
+            return
+        _WARNED.add((path, bbox, "small"))
+    log.warning("%s: only %dx%d pixels%s (a thumbnail?): too few to tell animals apart by, so its answers mean "
+                "little", path, W, H, " in its bbox" if bbox is not None else "")
 
 
 def _clip(bbox, W: int, H: int) -> tuple[int, int, int, int]:

@@ -1,4 +1,5 @@
 import itertools
+import logging
 
 import cv2
 import numpy as np
@@ -190,3 +191,19 @@ def test_a_bbox_reaching_past_the_photo_is_cropped_with_one_warning(tmp_path, ca
     assert len(warned) == 1 and "bbox (20, 10, 250, 380) reaches past the 400x300 photo" in warned[0]
     # 250x380 fits the photo as stored (300x400): the box was probably measured before the rotation
     assert "76% of it is inside" in warned[0] and "before its EXIF rotation" in warned[0]
+
+
+def test_a_thumbnail_is_read_with_a_warning_once(tmp_path, caplog):
+    """A 10x10 photo (or one whose box is that small) cannot show a coat pattern: read, said once."""
+    Image.fromarray(np.full((10, 10, 3), 128, np.uint8)).save(tmp_path / "tiny.png")
+    Image.fromarray(np.full((64, 80, 3), 128, np.uint8)).save(tmp_path / "ok.png")
+    with caplog.at_level(logging.WARNING):
+        assert load_image(tmp_path / "tiny.png").shape == (10, 10, 3)
+        load_image(tmp_path / "tiny.png")
+        load_image(tmp_path / "ok.png")
+        load_image(tmp_path / "ok.png", bbox=(0, 0, 40, 30))
+    warned = [r.getMessage() for r in caplog.records]
+    assert warned == [f"{tmp_path / 'tiny.png'}: only 10x10 pixels (a thumbnail?): too few to tell animals apart by, "
+                      "so its answers mean little",
+                      f"{tmp_path / 'ok.png'}: only 40x30 pixels in its bbox (a thumbnail?): too few to tell animals "
+                      "apart by, so its answers mean little"], warned
