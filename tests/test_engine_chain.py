@@ -418,12 +418,13 @@ def test_enroll_decisions_keeps_the_photos_viewpoint_and_box(chain, tmp_path):
     g = Gallery.load(run / "gallery.h5")
     i, j = g.ids.index("newcomer_2"), g.ids.index("newcomer_3")
     assert (g.viewpoints[i], g.bbox(i), g.viewpoints[j], g.bbox(j)) == ("left", (2, 3, w - 4, h - 6), "", None)
-    # an enrolled.csv begun before the bbox column (and without a final newline) gets the column
+    # an enrolled.csv begun before the bbox column (and without a final newline) gets the column (its rows an
+    # empty cell: the file is written anew)
     (run / "enrolled.csv").write_text("image,individual_id,viewpoint\n/photos/x.jpg,x1,")
     write_added(run, [Record(image="y.jpg", path=Path("/photos/y.jpg"), individual_id="y1", viewpoint="right",
                              bbox=(1, 2, 3, 4))])
     assert (run / "enrolled.csv").read_text().splitlines() == [
-        "image,individual_id,viewpoint,bbox", "/photos/x.jpg,x1,", '/photos/y.jpg,y1,right,"1,2,3,4"']
+        "image,individual_id,viewpoint,bbox", "/photos/x.jpg,x1,,", '/photos/y.jpg,y1,right,"1,2,3,4"']
 
 
 def test_enroll_lists_its_photos_before_the_gallery_takes_them(chain, tmp_path, monkeypatch):
