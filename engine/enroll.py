@@ -108,14 +108,14 @@ def decided_records(path: Path, images: Path | None, known: set[str],
 SAME_PHOTO_COSINE = 0.998
 
 
-def copies_in_gallery(gallery: Gallery, records: list[Record], embeddings: np.ndarray, chunk: int = 256) -> np.ndarray:
-    """For each new photo, the gallery index of a photo it is a copy of (its embedding the same: the same
-    pixels and crop), or -1."""
-    out = np.full(len(records), -1, np.int64)
+def copies_in_gallery(gallery: Gallery, embeddings: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """For each new photo (its row of `embeddings`), the gallery index of a photo it is a copy of (its
+    embedding the same: the same pixels and crop), or -1."""
+    out = np.full(len(embeddings), -1, np.int64)
     if len(gallery) == 0:
         return out
     G = np.asarray(gallery.embeddings, np.float32)
-    for a in range(0, len(records), chunk):
+    for a in range(0, len(embeddings), chunk):
         S = np.asarray(embeddings[a:a + chunk], np.float32) @ G.T
         best = S.argmax(axis=1)
         hit = S[np.arange(len(best)), best] >= SAME_PHOTO_COSINE
@@ -194,7 +194,7 @@ def main(cfg: MatchConfig, paths: Paths, threads: int | None = None, progress: b
     added, vectors = [records[i] for i in emb.ok], emb.embeddings
     # a copy of a gallery photo (another file name): refused under another individual, as the photo itself
     # is; under its own individual it is there already
-    copies = copies_in_gallery(engine.gallery, added, vectors)
+    copies = copies_in_gallery(engine.gallery, vectors)
     refuse(source, [f"{source}:{r.line}: image {r.image} is the same photo as {engine.gallery.paths[j]} in the "
                     f"gallery, of individual {engine.gallery.ids[j]}, not {r.individual_id}"
                     for r, j in zip(added, copies) if j >= 0 and engine.gallery.ids[j] != r.individual_id])

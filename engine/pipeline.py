@@ -270,7 +270,7 @@ class Engine:
         engine = cls(run, model, Gallery.load(run.gallery_path, run.images_root()), config, stages,
                      replaces_calibration)
         engine.precision = resolve_precision(model, precision, config.get("precision"))
-        spaced = sorted({i for i in engine.gallery.ids if id_problem(i)})
+        spaced = sorted(i for i in set(engine.gallery.ids) if id_problem(i))  # (each individual once)
         if spaced:  # (catalogs holding such IDs are refused since; a run trained before keeps them)
             log.warning("%d individual ID(s) of the gallery hold a space (%s): in the predictions CSV, whose five IDs "
                         "are separated by spaces, each reads as two; train again from a catalog whose IDs hold none "
